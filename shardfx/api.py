@@ -1,0 +1,99 @@
+"""compile_distributed: capture -> pipeline -> runtime -> Engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from shardfx.config import Config
+from shardfx.graphs.capture import capture
+from shardfx.graphs.program import DistProgram, Mesh
+from shardfx.passes.manager import PassContext, run_passes
+from shardfx.passes.pipeline import pipeline
+from shardfx.runtime.engine import Engine
+
+
+def compile_distributed(
+    model: nn.Module,
+    world_size: int | None = None,
+    *,
+    example_inputs: Sequence[torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor] | None = None,
+    optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    config: Config | dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Engine:
+    """Compile `model`'s training step for `world_size` ranks and return an Engine.
+
+    With a loss_fn, loss = loss_fn(model(*batch[:-1]), batch[-1]); without one,
+    model(*batch) returns the loss (a tensor, the first element of a tuple, or .loss).
+    `optimizer` is a factory called with each rank's local parameters.
+    """
+    config = _check_args(model, world_size, example_inputs, loss_fn, optimizer, config)
+    world = _resolve_world_size(world_size)
+    batch = tuple(example_inputs)
+    _check_batch_split(batch, world)
+    mesh = Mesh.of(dp=world)
+    # The graph is one rank's step: trace it at the per-rank batch shape.
+    local_batch = tuple(x[: x.shape[0] // world] for x in batch)
+    captured = capture(model, local_batch, loss_fn)
+    program = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
+    ctx = PassContext(config, log or (lambda line: None))
+    program, records = run_passes(program, pipeline(config, mesh), ctx, dump_dir=config.dump_dir)
+    if world_size is None:
+        raise NotImplementedError("world_size=None (a launched process group) needs the DistributedRuntime")
+    from shardfx.runtime.local import LocalRuntime
+
+    runtime = LocalRuntime(program, model, optimizer, timeout=config.collective_timeout)
+    return Engine(runtime, batch, records, captured.seconds)
+
+
+def _check_args(model: Any, world_size: Any, example_inputs: Any, loss_fn: Any, optimizer: Any, config: Any) -> Config:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if world_size is not None and (isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1):
+        raise ValueError(f"world_size must be an integer >= 1 (or None inside a launched job); got {world_size!r}")
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise TypeError(
+            f"example_inputs must be a non-empty tuple of tensors (one global batch); got {type(example_inputs).__name__}"
+        )
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable or None; got {type(loss_fn).__name__}")
+    if optimizer is not None and (isinstance(optimizer, torch.optim.Optimizer) or not callable(optimizer)):
+        raise TypeError(
+            "optimizer must be a factory that takes a rank's local parameters and returns a torch.optim.Optimizer, "
+            f"e.g. lambda params: torch.optim.AdamW(params, lr=1e-3); got {type(optimizer).__name__}"
+        )
+    if config is None:
+        return Config()
+    if isinstance(config, dict):
+        return Config.from_dict(config)
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a shardfx.Config or a dict; got {type(config).__name__}")
+    return config
+
+
+def _resolve_world_size(world_size: int | None) -> int:
+    if world_size is not None:
+        return world_size
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("world_size=None needs an initialized torch.distributed process group (start with torchrun)")
+    return dist.get_world_size()
+
+
+def _check_batch_split(batch: tuple[Any, ...], dp: int) -> None:
+    for i, x in enumerate(batch):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"example_inputs[{i}] must be a tensor; got {type(x).__name__}")
+        if x.dim() == 0:
+            raise ValueError(f"example_inputs[{i}] is a scalar; every batch element needs a batch dim 0 to split")
+        if x.shape[0] % dp != 0:
+            raise ValueError(
+                f"example_inputs[{i}] has batch size {x.shape[0]} (dim 0), which does not divide into "
+                f"{dp} data-parallel ranks; use a batch size that is a multiple of {dp}"
+            )

@@ -1,0 +1,145 @@
+"""The collective ops of the IR: `torch.ops.shardfx.*`, one graph node each.
+
+An op names a mesh axis ("dp", "tp"), never a process group, so one graph is
+valid on every rank and every backend. The graph layer only defines the ops
+and their fake (shape) implementations; the runtime binds a communicator to
+the running thread and the real implementation forwards to it.
+
+Volumes below use the ZeRO paper's unit (bytes of the full tensor that one
+rank's collective moves): all-gather counts its output, reduce-scatter its
+input, all-reduce twice its input (a reduce-scatter then an all-gather).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+REDUCE_OPS = ("sum", "avg", "max")
+
+
+class Communicator(Protocol):
+    """What the runtime provides to run collectives for one rank."""
+
+    def all_reduce(self, x: Tensor, axis: str, op: str) -> Tensor: ...
+    def all_gather(self, x: Tensor, axis: str, dim: int) -> Tensor: ...
+    def reduce_scatter(self, x: Tensor, axis: str, op: str, dim: int) -> Tensor: ...
+    def axis_size(self, axis: str) -> int: ...
+
+
+_bound = threading.local()
+
+
+@contextmanager
+def bind(comm: Communicator) -> Iterator[None]:
+    """Run the collective ops of this thread on `comm`."""
+    previous = getattr(_bound, "comm", None)
+    _bound.comm = comm
+    try:
+        yield
+    finally:
+        _bound.comm = previous
+
+
+def current() -> Communicator:
+    comm = getattr(_bound, "comm", None)
+    if comm is None:
+        raise RuntimeError(
+            "a shardfx collective ran with no communicator bound; run programs through a shardfx runtime"
+        )
+    return comm
+
+
+def _axis_size_for_fake(axis: str) -> int:
+    comm = getattr(_bound, "comm", None)
+    if comm is not None:
+        return comm.axis_size(axis)
+    sizes = getattr(_bound, "fake_axis_sizes", None)
+    if sizes is None or axis not in sizes:
+        raise RuntimeError(f"shape of a collective on axis {axis!r} needs the mesh; use collectives.mesh_sizes()")
+    return sizes[axis]
+
+
+@contextmanager
+def mesh_sizes(sizes: dict[str, int]) -> Iterator[None]:
+    """Axis sizes for the fake (shape-only) implementations, while passes build graphs."""
+    previous = getattr(_bound, "fake_axis_sizes", None)
+    _bound.fake_axis_sizes = dict(sizes)
+    try:
+        yield
+    finally:
+        _bound.fake_axis_sizes = previous
+
+
+@torch.library.custom_op("shardfx::all_reduce", mutates_args=())
+def all_reduce(x: Tensor, axis: str, op: str) -> Tensor:
+    return current().all_reduce(x, axis, op)
+
+
+@all_reduce.register_fake
+def _(x: Tensor, axis: str, op: str) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("shardfx::all_gather", mutates_args=())
+def all_gather(x: Tensor, axis: str, dim: int) -> Tensor:
+    return current().all_gather(x, axis, dim)
+
+
+@all_gather.register_fake
+def _(x: Tensor, axis: str, dim: int) -> Tensor:
+    shape = list(x.shape)
+    shape[dim] *= _axis_size_for_fake(axis)
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("shardfx::reduce_scatter", mutates_args=())
+def reduce_scatter(x: Tensor, axis: str, op: str, dim: int) -> Tensor:
+    return current().reduce_scatter(x, axis, op, dim)
+
+
+@reduce_scatter.register_fake
+def _(x: Tensor, axis: str, op: str, dim: int) -> Tensor:
+    n = _axis_size_for_fake(axis)
+    shape = list(x.shape)
+    assert shape[dim] % n == 0, f"reduce_scatter of dim {dim} size {shape[dim]} over {n} ranks"
+    shape[dim] //= n
+    return x.new_empty(shape)
+
+
+OPS = {
+    torch.ops.shardfx.all_reduce.default: "all_reduce",
+    torch.ops.shardfx.all_gather.default: "all_gather",
+    torch.ops.shardfx.reduce_scatter.default: "reduce_scatter",
+}
+
+
+def is_collective(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in OPS
+
+
+def kind(node: fx.Node) -> str:
+    return OPS[node.target]
+
+
+def axis_of(node: fx.Node) -> str:
+    return node.args[1]
+
+
+def volume_bytes(kind_name: str, in_bytes: int, out_bytes: int) -> int:
+    """Bytes of the full tensor moved, in the ZeRO paper's unit (see module docstring)."""
+    if kind_name == "all_gather":
+        return out_bytes
+    if kind_name == "reduce_scatter":
+        return in_bytes
+    return 2 * in_bytes
+
+
+def nbytes(val: Any) -> int:
+    return val.numel() * val.element_size() if isinstance(val, Tensor) else 0

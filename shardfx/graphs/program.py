@@ -1,0 +1,91 @@
+"""DistProgram: the per-rank graph plus everything needed to run it.
+
+The same program runs on every rank (SPMD). It holds the graph, its typed
+signature, the device mesh, the ShardSpec of every sharded parameter, and the
+FakeTensorMode the graph's `val`s live in (passes use it to give new nodes a
+`val`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+
+from shardfx.graphs.placement import ShardSpec
+from shardfx.graphs.signature import Signature
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Named mesh axes and their sizes, outermost first (e.g. {"dp": 2, "tp": 2})."""
+
+    axes: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def of(cls, **sizes: int) -> Mesh:
+        return cls(tuple(sizes.items()))
+
+    def size(self, axis: str) -> int:
+        for name, n in self.axes:
+            if name == axis:
+                return n
+        raise KeyError(f"mesh has no axis {axis!r}; axes: {self.names}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.axes)
+
+    @property
+    def world_size(self) -> int:
+        total = 1
+        for _, n in self.axes:
+            total *= n
+        return total
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """This rank's index along each axis (row-major: the last axis varies fastest)."""
+        out: dict[str, int] = {}
+        for name, n in reversed(self.axes):
+            out[name] = rank % n
+            rank //= n
+        return dict(reversed(list(out.items())))
+
+    def group(self, rank: int, axis: str) -> list[int]:
+        """The global ranks that share every coordinate with `rank` except `axis`."""
+        mine = self.coords(rank)
+        return [r for r in range(self.world_size) if all(v == mine[a] for a, v in self.coords(r).items() if a != axis)]
+
+    def __str__(self) -> str:
+        return " x ".join(f"{name}={n}" for name, n in self.axes)
+
+
+@dataclass
+class DistProgram:
+    gm: fx.GraphModule
+    signature: Signature
+    mesh: Mesh
+    fake_mode: Any
+    shard_specs: dict[str, ShardSpec] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)  # what passes decided, for tools
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def placeholders(self) -> list[fx.Node]:
+        return [n for n in self.graph.nodes if n.op == "placeholder"]
+
+    def output_node(self) -> fx.Node:
+        return next(n for n in reversed(self.graph.nodes) if n.op == "output")
+
+    def outputs(self) -> list[fx.Node]:
+        return list(self.output_node().args[0])
+
+    def set_outputs(self, values: list[fx.Node]) -> None:
+        self.output_node().args = (tuple(values),)
+
+    def recompile(self) -> None:
+        self.graph.lint()
+        self.gm.recompile()

@@ -1,0 +1,95 @@
+"""Helpers that passes use to add nodes, each new node with `val`, phase, module and origin.
+
+`insert_call` adds one op; `inline` traces a small Python function of torch
+ops (collectives included) at the shapes of its argument nodes and splices
+the resulting ATen nodes into the graph, so a pass can write its rewrite as
+ordinary tensor code.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from shardfx.graphs import collectives, meta
+from shardfx.graphs.program import DistProgram
+
+
+def _val(arg: Any) -> Any:
+    return arg.meta["val"] if isinstance(arg, fx.Node) else arg
+
+
+def insert_call(
+    program: DistProgram,
+    target: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any] | None = None,
+    *,
+    provenance: fx.Node,
+    origin: str,
+) -> fx.Node:
+    """Add `target(*args)` at the graph's current insertion point, with `val` computed on fake tensors."""
+    kwargs = kwargs or {}
+    node = program.graph.call_function(target, args, kwargs)
+    with program.fake_mode, collectives.mesh_sizes(dict(program.mesh.axes)):
+        node.meta["val"] = target(*fx.map_arg(args, _val), **fx.map_arg(kwargs, _val))
+    meta.copy_provenance(provenance, node, origin)
+    return node
+
+
+def inline(
+    program: DistProgram,
+    fn: Callable[..., Any],
+    args: Sequence[fx.Node | None],
+    *,
+    provenance: fx.Node,
+    origin: str,
+) -> list[fx.Node | None]:
+    """Trace `fn(*args)` to ATen and insert its nodes at the current insertion point.
+
+    Returns the nodes for fn's outputs (a tensor or a tuple of tensors/None).
+    """
+    graph = program.graph
+    fake_args = [a.meta["val"] if a is not None else None for a in args]
+    with program.fake_mode, collectives.mesh_sizes(dict(program.mesh.axes)):
+        sub = make_fx(fn, tracing_mode="real")(*fake_args)
+    env: dict[fx.Node, Any] = {}
+    placeholders = iter(args)
+    result: list[fx.Node | None] = []
+    for node in sub.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = next(placeholders)
+        elif node.op == "output":
+            outs = node.args[0]
+            outs = outs if isinstance(outs, (tuple, list)) else [outs]
+            result = [fx.map_arg(o, lambda n: env[n]) if o is not None else None for o in outs]
+        elif node.op == "call_function":
+            new = graph.node_copy(node, lambda n: env[n])
+            new.meta = {"val": node.meta.get("val")}
+            meta.copy_provenance(provenance, new, origin)
+            env[node] = new
+        else:
+            raise AssertionError(f"unexpected {node.op} in traced rewrite")
+    return result
+
+
+def replace_tuple_node(node: fx.Node, values: Sequence[fx.Node | None]) -> None:
+    """Point every `getitem(node, i)` user at values[i], then drop node and its getitems."""
+    graph = node.graph
+    for user in list(node.users):
+        assert user.target is operator.getitem, user.format_node()
+        index = user.args[1]
+        replacement = values[index]
+        assert replacement is not None, f"output {index} of {node.name} is used but was not computed"
+        user.replace_all_uses_with(replacement)
+        graph.erase_node(user)
+    graph.erase_node(node)
+
+
+def used_outputs(node: fx.Node) -> set[int]:
+    """Indices of a tuple-valued node's outputs that something reads."""
+    return {u.args[1] for u in node.users}

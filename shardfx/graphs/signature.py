@@ -1,0 +1,78 @@
+"""The typed signature of a training-step graph.
+
+The signature is data, not a naming convention: the i-th placeholder of the
+graph is `inputs[i]` and the i-th value the graph returns is `outputs[i]`.
+Passes that add or remove placeholders or outputs keep both lists in step
+(verify.py checks that they do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Input roles.
+PARAM = "param"  # a parameter (trainable or frozen)
+BUFFER = "buffer"  # a module buffer
+INPUT = "input"  # an element of the user's batch
+
+# Output roles.
+LOSS = "loss"  # the scalar loss of this rank's batch shard
+GRAD = "grad"  # gradient of parameter `target`
+BUFFER_UPDATE = "buffer_update"  # new value of buffer `target`
+
+INPUT_ROLES = (PARAM, BUFFER, INPUT)
+OUTPUT_ROLES = (LOSS, GRAD, BUFFER_UPDATE)
+
+
+@dataclass
+class InputSpec:
+    role: str
+    name: str  # fully qualified name in the user's model, or "batch[i]"
+    trainable: bool = False
+    aliases: tuple[str, ...] = ()  # other names of a tied parameter
+    batch_index: int = -1  # for INPUT: its position in the batch
+
+
+@dataclass
+class OutputSpec:
+    role: str
+    target: str = ""  # the param (GRAD) or buffer (BUFFER_UPDATE) it belongs to
+
+
+@dataclass
+class Signature:
+    inputs: list[InputSpec] = field(default_factory=list)
+    outputs: list[OutputSpec] = field(default_factory=list)
+
+    def params(self, trainable_only: bool = False) -> list[InputSpec]:
+        return [s for s in self.inputs if s.role == PARAM and (s.trainable or not trainable_only)]
+
+    def buffers(self) -> list[InputSpec]:
+        return [s for s in self.inputs if s.role == BUFFER]
+
+    def batch_inputs(self) -> list[InputSpec]:
+        return [s for s in self.inputs if s.role == INPUT]
+
+    def input_index(self, role: str, name: str) -> int:
+        for i, spec in enumerate(self.inputs):
+            if spec.role == role and spec.name == name:
+                return i
+        raise KeyError(f"no {role} input named {name!r}")
+
+    def output_index(self, role: str, target: str = "") -> int:
+        for i, spec in enumerate(self.outputs):
+            if spec.role == role and spec.target == target:
+                return i
+        raise KeyError(f"no {role} output for {target!r}")
+
+    def describe(self) -> str:
+        lines = ["inputs:"]
+        for spec in self.inputs:
+            extra = " (trainable)" if spec.trainable else ""
+            if spec.aliases:
+                extra += f" tied with {', '.join(spec.aliases)}"
+            lines.append(f"  {spec.role:<6} {spec.name}{extra}")
+        lines.append("outputs:")
+        for spec in self.outputs:
+            lines.append(f"  {spec.role:<13} {spec.target}".rstrip())
+        return "\n".join(lines)

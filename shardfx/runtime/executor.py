@@ -1,0 +1,73 @@
+"""Run one rank's step of a DistProgram: bind state and batch to placeholders, route outputs.
+
+The executor knows nothing about passes: it reads the signature, runs the
+graph with this rank's communicator bound, and hands back the loss, the
+gradients (by parameter name) and the new buffer values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from shardfx.graphs import collectives
+from shardfx.graphs.program import DistProgram
+from shardfx.graphs.signature import BUFFER, BUFFER_UPDATE, GRAD, INPUT, LOSS, PARAM
+
+
+@dataclass
+class StepOutputs:
+    loss: Tensor
+    grads: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+
+
+class Executor:
+    def __init__(self, program: DistProgram) -> None:
+        self.program = program
+        self.gm = program.gm
+        self.signature = program.signature
+        # The k-th collective a rank issues is the k-th collective node of the graph (SPMD,
+        # nodes run in graph order), so errors can name the node without an interpreter.
+        self.collective_sites = [
+            f"node {n.name} ({n.meta.get('shardfx.module') or 'root'})"
+            for n in program.graph.nodes
+            if collectives.is_collective(n)
+        ]
+
+    def run(
+        self,
+        comm: collectives.Communicator,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        batch: tuple[Tensor, ...],
+    ) -> StepOutputs:
+        args: list[Tensor] = []
+        for spec in self.signature.inputs:
+            if spec.role == PARAM:
+                args.append(params[spec.name].detach())
+            elif spec.role == BUFFER:
+                args.append(buffers[spec.name])
+            elif spec.role == INPUT:
+                args.append(batch[spec.batch_index])
+            else:  # pragma: no cover - signature roles are closed
+                raise AssertionError(spec.role)
+        sites = iter(self.collective_sites)
+        if hasattr(comm, "where"):
+            comm.where = lambda: next(sites, "(past the last collective node)")
+        with torch.no_grad(), collectives.bind(comm):
+            values = self.gm(*args)
+        loss: Tensor | None = None
+        grads: dict[str, Tensor] = {}
+        new_buffers: dict[str, Tensor] = {}
+        for spec, value in zip(self.signature.outputs, values):
+            if spec.role == LOSS:
+                loss = value
+            elif spec.role == GRAD:
+                grads[spec.target] = value
+            elif spec.role == BUFFER_UPDATE:
+                new_buffers[spec.target] = value
+        assert loss is not None
+        return StepOutputs(loss, grads, new_buffers)

@@ -1,0 +1,74 @@
+"""LocalRuntime: N ranks as threads of one process, on the `local` communicator.
+
+Deterministic (reductions add in rank order), needs no process group, and is
+what tests and the debugging tools use. Each step runs every rank's graph in
+its own thread; a failure on one rank aborts the others' collectives.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch.nn as nn
+from torch import Tensor
+
+from shardfx.errors import CollectiveError
+from shardfx.graphs.program import DistProgram
+from shardfx.runtime.executor import Executor
+from shardfx.runtime.local_comm import LocalWorld
+from shardfx.runtime.state import OptimizerFactory, RankState, full_state_dict
+
+
+class LocalRuntime:
+    def __init__(
+        self, program: DistProgram, model: nn.Module, optimizer: OptimizerFactory | None, timeout: float = 60.0
+    ) -> None:
+        self.program = program
+        self.model = model
+        self.world_size = program.mesh.world_size
+        self.world = LocalWorld(program.mesh, timeout=timeout)
+        self.comms = [self.world.comm(r) for r in range(self.world_size)]
+        self.states = [RankState(program, model, r, optimizer) for r in range(self.world_size)]
+        self.executor = Executor(program)
+        self._pool = ThreadPoolExecutor(max_workers=self.world_size, thread_name_prefix="shardfx-rank")
+
+    def step(self, shards: list[tuple[Tensor, ...]]) -> Tensor:
+        """Run one training step; `shards[r]` is rank r's part of the batch. Returns rank 0's loss."""
+        self.world.reset()
+        for comm in self.comms:
+            comm.stats.reset()
+        futures = [self._pool.submit(self._rank_step, r, shards[r]) for r in range(self.world_size)]
+        errors: list[tuple[int, BaseException]] = []
+        losses: list[Tensor] = []
+        for r, fut in enumerate(futures):
+            try:
+                losses.append(fut.result())
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, root cause first
+                errors.append((r, exc))
+        if errors:
+            # A rank's own failure comes before the CollectiveErrors it caused on the others.
+            errors.sort(key=lambda e: isinstance(e[1], CollectiveError))
+            raise errors[0][1]
+        return losses[0]
+
+    def _rank_step(self, rank: int, batch: tuple[Tensor, ...]) -> Tensor:
+        state = self.states[rank]
+        try:
+            out = self.executor.run(self.comms[rank], state.params, state.buffers, batch)
+            state.apply(out.grads, out.buffers)
+            return out.loss.detach()
+        except BaseException as exc:
+            self.world.abort(rank, exc)
+            raise
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return full_state_dict(self.program, self.model, self.states)
+
+    def comm_stats(self, rank: int = 0) -> dict[str, dict[str, int]]:
+        return self.comms[rank].stats.snapshot()
+
+    def memory(self, rank: int = 0) -> dict[str, int]:
+        return self.states[rank].local_bytes()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)

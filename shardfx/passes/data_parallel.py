@@ -12,40 +12,12 @@ meta[TARGET]=parameter, meta[PLACEMENT]={axis: R}.
 
 from __future__ import annotations
 
-import torch
-
-from shardfx.graphs import meta
-from shardfx.graphs.placement import Replicate
 from shardfx.graphs.program import DistProgram
-from shardfx.graphs.rewrite import insert_call
-from shardfx.graphs.signature import GRAD, LOSS
 from shardfx.passes.manager import PassContext, PassResult
-
-ALL_REDUCE = torch.ops.shardfx.all_reduce.default
+from shardfx.passes.sharding import sync_grads, sync_loss
 
 
 def data_parallel(program: DistProgram, ctx: PassContext, *, axis: str = "dp") -> PassResult:
-    graph = program.graph
-    outputs = program.outputs()
-    n_reduced = 0
-    nbytes = 0
-    for i, spec in enumerate(program.signature.outputs):
-        value = outputs[i]
-        if spec.role == GRAD:
-            with graph.inserting_after(value):
-                reduced = insert_call(
-                    program, ALL_REDUCE, (value, axis, "avg"), provenance=value, origin="data_parallel"
-                )
-            reduced.meta[meta.ROLE] = "grad_sync"
-            reduced.meta[meta.TARGET] = spec.target
-            reduced.meta[meta.PLACEMENT] = {axis: Replicate()}
-            outputs[i] = reduced
-            n_reduced += 1
-            nbytes += value.meta["val"].numel() * value.meta["val"].element_size()
-        elif spec.role == LOSS:
-            with graph.inserting_before(program.output_node()):
-                mean = insert_call(program, ALL_REDUCE, (value, axis, "avg"), provenance=value, origin="data_parallel")
-            mean.meta[meta.ROLE] = "loss"
-            outputs[i] = mean
-    program.set_outputs(outputs)
-    return PassResult(program, {"grad_all_reduces": n_reduced, "grad_bytes": nbytes})
+    _, n_ar = sync_grads(program, axis, "data_parallel", at_end=False)
+    sync_loss(program, axis, "data_parallel")
+    return PassResult(program, {"grad_all_reduces": n_ar})

@@ -11,6 +11,9 @@ from shardfx.config import Config
 from shardfx.graphs.program import Mesh
 from shardfx.passes.data_parallel import data_parallel
 from shardfx.passes.manager import Pass
+from shardfx.passes.shard_gradients import shard_gradients
+from shardfx.passes.shard_optimizer_state import shard_optimizer_state
+from shardfx.passes.shard_parameters import shard_parameters
 from shardfx.passes.sync_batch_norm import sync_batch_norm
 
 
@@ -25,7 +28,29 @@ def pipeline(config: Config, mesh: Mesh) -> list[Pass]:
                 "batch statistics over the global batch, as on one device",
             )
         )
-    passes.append(
-        Pass("data_parallel", partial(data_parallel, axis="dp"), "average every gradient across data-parallel ranks")
-    )
+    passes.append(_data_parallel_pass(config))
     return passes
+
+
+def _data_parallel_pass(config: Config) -> Pass:
+    """The one pass that decides how parameters, gradients and optimizer state lie on the dp axis."""
+    stage = config.zero_stage
+    if stage == 0:
+        return Pass("data_parallel", partial(data_parallel, axis="dp"), "average every gradient (DDP)")
+    if stage == 1:
+        return Pass(
+            "shard_optimizer_state",
+            partial(shard_optimizer_state, axis="dp"),
+            "ZeRO-1: each rank updates 1/N of every parameter; gradients reduce-scattered after the backward",
+        )
+    if stage == 2:
+        return Pass(
+            "shard_gradients",
+            partial(shard_gradients, axis="dp"),
+            "ZeRO-2: as ZeRO-1, each gradient reduce-scattered as soon as it is produced",
+        )
+    return Pass(
+        "shard_parameters",
+        partial(shard_parameters, axis="dp", reshard_after_forward=config.reshard_after_forward),
+        "ZeRO-3: parameters sharded, all-gathered around each use, gradients reduce-scattered",
+    )

@@ -1,0 +1,164 @@
+"""Shared steps of the ZeRO passes: shard a parameter placeholder, gather it back, reduce-scatter its gradient.
+
+Every sharded parameter is split along dim 0 over the data-parallel ranks,
+padded so every rank holds ceil(d0 / N) rows (ShardSpec). 0-dim parameters
+stay replicated and their gradients are all-reduced as in data_parallel.
+
+Costs (ring algorithms, N ranks, parameter of B bytes):
+  all_gather of the shard: each rank sends (N-1)/N * B
+  reduce_scatter of the padded gradient: each rank sends (N-1)/N * B
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from shardfx.graphs import meta
+from shardfx.graphs.placement import Replicate, Shard, ShardSpec
+from shardfx.graphs.program import DistProgram
+from shardfx.graphs.rewrite import insert_call
+from shardfx.graphs.signature import GRAD, LOSS, PARAM
+
+aten = torch.ops.aten
+ALL_GATHER = torch.ops.shardfx.all_gather.default
+REDUCE_SCATTER = torch.ops.shardfx.reduce_scatter.default
+ALL_REDUCE = torch.ops.shardfx.all_reduce.default
+
+# Ops that only re-view (or re-cast) their first argument: a parameter seen through
+# them is still "the parameter" and is re-derived from a fresh gather in backward.
+VIEW_OPS = {
+    aten.t.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.transpose.int,
+    aten.permute.default,
+    aten.expand.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.detach.default,
+    aten.alias.default,
+    aten._to_copy.default,
+}
+
+
+def sharded_params(program: DistProgram) -> list[tuple[int, fx.Node]]:
+    """(signature index, placeholder) of every parameter that can be dim-0 sharded (dim >= 1)."""
+    out = []
+    for i, (spec, node) in enumerate(zip(program.signature.inputs, program.placeholders())):
+        if spec.role == PARAM and node.meta["val"].dim() >= 1:
+            out.append((i, node))
+    return out
+
+
+def shard_placeholder(program: DistProgram, node: fx.Node, name: str, axis: str) -> ShardSpec:
+    """Make `node` hold this rank's shard: record the ShardSpec and give the placeholder the shard's val."""
+    full = node.meta["val"]
+    spec = ShardSpec(axis=axis, dim=0, world=program.mesh.size(axis), full_shape=tuple(full.shape))
+    with program.fake_mode:
+        node.meta["val"] = torch.empty(spec.shard_shape, dtype=full.dtype, device=full.device)
+    node.meta[meta.PLACEMENT] = {axis: Shard(0)}
+    program.shard_specs[name] = spec
+    return spec
+
+
+def gather(
+    program: DistProgram, shard: fx.Node, spec: ShardSpec, name: str, provenance: fx.Node, origin: str
+) -> fx.Node:
+    """all_gather the shard and drop the padding rows: the full parameter (at the insertion point)."""
+    full = insert_call(program, ALL_GATHER, (shard, spec.axis, 0), provenance=provenance, origin=origin)
+    full.meta[meta.ROLE] = "param_gather"
+    full.meta[meta.TARGET] = name
+    full.meta[meta.PLACEMENT] = {spec.axis: Replicate()}
+    if spec.padding:
+        # (padded_d0, ...) -> (d0, ...)
+        full = insert_call(
+            program, aten.slice.Tensor, (full, 0, 0, spec.full_shape[0]), provenance=provenance, origin=origin
+        )
+    return full
+
+
+def reduce_scatter_grad(program: DistProgram, grad: fx.Node, spec: ShardSpec, name: str, origin: str) -> fx.Node:
+    """Pad the full gradient to N * shard rows and reduce-scatter it (average): this rank's gradient shard."""
+    value = grad
+    if spec.padding:
+        # (d0, ...) -> (padded_d0, ...): pad spec lists the last dim first, dim 0 last
+        pad = [0, 0] * (len(spec.full_shape) - 1) + [0, spec.padding]
+        value = insert_call(program, aten.constant_pad_nd.default, (value, pad, 0.0), provenance=grad, origin=origin)
+    shard = insert_call(program, REDUCE_SCATTER, (value, spec.axis, "avg", 0), provenance=grad, origin=origin)
+    shard.meta[meta.ROLE] = "grad_sync"
+    shard.meta[meta.TARGET] = name
+    shard.meta[meta.PLACEMENT] = {spec.axis: Shard(0)}
+    return shard
+
+
+def all_reduce_grad(program: DistProgram, grad: fx.Node, axis: str, name: str, origin: str) -> fx.Node:
+    reduced = insert_call(program, ALL_REDUCE, (grad, axis, "avg"), provenance=grad, origin=origin)
+    reduced.meta[meta.ROLE] = "grad_sync"
+    reduced.meta[meta.TARGET] = name
+    reduced.meta[meta.PLACEMENT] = {axis: Replicate()}
+    return reduced
+
+
+def sync_loss(program: DistProgram, axis: str, origin: str) -> None:
+    """Return the global mean loss (one scalar all-reduce at the end of the step)."""
+    outputs = program.outputs()
+    i = next(i for i, s in enumerate(program.signature.outputs) if s.role == LOSS)
+    with program.graph.inserting_before(program.output_node()):
+        mean = insert_call(program, ALL_REDUCE, (outputs[i], axis, "avg"), provenance=outputs[i], origin=origin)
+    mean.meta[meta.ROLE] = "loss"
+    outputs[i] = mean
+    program.set_outputs(outputs)
+
+
+def sync_grads(program: DistProgram, axis: str, origin: str, *, at_end: bool) -> tuple[int, int]:
+    """Reduce every gradient: reduce-scatter sharded ones, all-reduce replicated ones.
+
+    at_end=False: right after the node that produces the gradient (ZeRO-2/3);
+    at_end=True: all together after the whole backward (ZeRO-1).
+    Returns (reduce_scatters, all_reduces).
+    """
+    outputs = program.outputs()
+    n_rs = n_ar = 0
+    for i, spec in enumerate(program.signature.outputs):
+        if spec.role != GRAD:
+            continue
+        grad = outputs[i]
+        where = (
+            program.graph.inserting_before(program.output_node())
+            if at_end
+            else program.graph.inserting_before(grad.next)
+        )
+        with where:
+            shard_spec = program.shard_specs.get(spec.target)
+            if shard_spec is not None:
+                outputs[i] = reduce_scatter_grad(program, grad, shard_spec, spec.target, origin)
+                n_rs += 1
+            else:
+                outputs[i] = all_reduce_grad(program, grad, axis, spec.target, origin)
+                n_ar += 1
+    program.set_outputs(outputs)
+    return n_rs, n_ar
+
+
+def param_name(program: DistProgram, index: int) -> str:
+    return program.signature.inputs[index].name
+
+
+def gather_all_at_top(program: DistProgram, axis: str, origin: str) -> int:
+    """Shard every parameter and all-gather the full replicas right after the placeholders (ZeRO-1/2)."""
+    first_op = next(n for n in program.graph.nodes if n.op != "placeholder")
+    gathered = 0
+    for index, node in sharded_params(program):
+        name = param_name(program, index)
+        users = list(node.users)
+        spec = shard_placeholder(program, node, name, axis)
+        with program.graph.inserting_before(first_op):
+            full = gather(program, node, spec, name, provenance=node, origin=origin)
+        for user in users:
+            user.replace_input_with(node, full)
+        gathered += 1
+    return gathered

@@ -18,7 +18,7 @@ def adamw(params: list[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-3)
 
 
-def eager_train(model: nn.Module, batch: tuple, loss_fn: Callable | None, steps: int, optimizer=adamw):
+def eager_train(model: nn.Module, batch: tuple, loss_fn: Callable | None, steps: int, optimizer=adamw, grad_clip=None):
     model = copy.deepcopy(model)
     opt = optimizer(list(model.parameters()))
     losses = []
@@ -29,6 +29,8 @@ def eager_train(model: nn.Module, batch: tuple, loss_fn: Callable | None, steps:
         else:
             loss = loss_fn(model(*batch[:-1]), batch[-1])
         loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
@@ -49,7 +51,8 @@ def shardfx_train(model, batch, loss_fn, steps, world_size, config=None, optimiz
 
 
 def assert_parity(model, batch, loss_fn, world_size, config=None, steps=5, rtol=RTOL, atol=ATOL, optimizer=adamw):
-    ref_losses, ref_state = eager_train(model, batch, loss_fn, steps, optimizer)
+    grad_clip = config.grad_clip if isinstance(config, shardfx.Config) else None
+    ref_losses, ref_state = eager_train(model, batch, loss_fn, steps, optimizer, grad_clip)
     losses, state, engine = shardfx_train(model, batch, loss_fn, steps, world_size, config, optimizer)
     torch.testing.assert_close(losses, ref_losses, rtol=rtol, atol=atol)
     assert list(state) == list(ref_state), "state_dict keys differ from model.state_dict()"

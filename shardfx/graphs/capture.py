@@ -17,6 +17,8 @@ torch's version is read here and nowhere else (DESIGN.md §3).
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -148,13 +150,35 @@ def _export(step: _TrainStep, batch: tuple[torch.Tensor, ...]) -> torch.export.E
         hooks.append(module.register_forward_pre_hook(enter(name)))
         hooks.append(module.register_forward_hook(leave))
     try:
-        return torch.export.export(step, batch, strict=False)
+        with _quiet_torch_logs():
+            return torch.export.export(step, batch, strict=False)
     except Exception as exc:  # noqa: BLE001 - turned into a TraceError with context
         module = stack[-1] if stack else None
         raise _trace_error(exc, "torch.export could not trace the model", module) from exc
     finally:
         for h in hooks:
             h.remove()
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Any:
+    """torch prints the half-traced graph on a failed export; our TraceError says what matters.
+
+    What torch writes to stderr is held back, and passed on only if the export succeeds.
+    """
+    names = ("torch", "torch.fx.experimental.symbolic_shapes")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    held = io.StringIO()
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    sys.stderr.write(held.getvalue())
 
 
 def _trace_error(exc: BaseException, what: str, module: str | None) -> TraceError:

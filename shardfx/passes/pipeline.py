@@ -9,6 +9,7 @@ from functools import partial
 
 from shardfx.config import Config
 from shardfx.graphs.program import Mesh
+from shardfx.passes.clip_gradients import clip_gradients
 from shardfx.passes.data_parallel import data_parallel
 from shardfx.passes.manager import Pass
 from shardfx.passes.shard_gradients import shard_gradients
@@ -29,6 +30,14 @@ def pipeline(config: Config, mesh: Mesh) -> list[Pass]:
             )
         )
     passes.append(_data_parallel_pass(config))
+    if config.grad_clip is not None:
+        passes.append(
+            Pass(
+                "clip_gradients",
+                partial(clip_gradients, max_norm=config.grad_clip, axis="dp"),
+                "scale gradients to a global norm, computed across shards",
+            )
+        )
     return passes
 
 

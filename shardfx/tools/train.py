@@ -1,0 +1,253 @@
+"""`shardfx train`: train a built-in model with shardfx.compile_distributed.
+
+The default trains a small GPT on the synthetic Markov token stream
+(shardfx.models.MarkovTokens) on 4 ranks of the local runtime. The chain's
+entropy rate is the lowest loss any model can reach, so the loss should fall
+from about log(vocab) toward that floor, never below it.
+
+    shardfx train                                   # GPT "small", 4 ranks, ZeRO stage 0
+    shardfx train --world-size 2 --steps 100 --zero-stage 1 --json run.json
+    shardfx train --preset tiny --set n_layer=4 --dump-dir dumps/
+
+`train(TrainOptions(...))` runs the same thing in-process and returns the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import shardfx
+from shardfx.models import MarkovTokens, build_model, num_params
+from shardfx.tools.options import DEFAULT_PRESET, add_model_arguments, model_kwargs, positive_float, positive_int
+
+NAME = "train"
+HELP = "train a built-in model (default: a small GPT on Markov tokens) on N local ranks"
+
+LAST_WINDOW = 10  # the summary's last loss is the mean of this many final steps
+
+
+@dataclass
+class TrainOptions:
+    """What `shardfx train` runs; the defaults are the command's defaults (about 40 s on 2 CPU cores)."""
+
+    world_size: int = 4
+    model: str = "gpt"
+    preset: str | None = None  # None: the model's default preset ("small" for gpt)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    steps: int = 300
+    batch_size: int = 32  # global; split over the ranks
+    lr: float = 3e-3
+    zero_stage: int = 0
+    seed: int = 0
+    dump_dir: str | None = None
+    progress: bool = True
+    json_path: str | None = None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    defaults = TrainOptions()
+    parser = subparsers.add_parser(NAME, help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--world-size", type=positive_int, default=defaults.world_size, help="number of ranks (default %(default)s)"
+    )
+    add_model_arguments(parser, model_default=defaults.model)
+    parser.add_argument(
+        "--steps", type=positive_int, default=defaults.steps, help="optimizer steps (default %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=defaults.batch_size,
+        help="global batch size in sequences; must divide by --world-size (default %(default)s)",
+    )
+    parser.add_argument("--lr", type=positive_float, default=defaults.lr, help="AdamW learning rate (default %(default)s)")
+    parser.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=defaults.zero_stage,
+        help="ZeRO stage: 0 data parallel, 1 shard optimizer states, 2 + gradients, 3 + parameters "
+        "(passed to shardfx.Config; default %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seeds the parameters and the batch stream (default %(default)s)"
+    )
+    parser.add_argument("--dump-dir", help="write the printed program after every pass into this folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (header and summary only)")
+    parser.add_argument("--json", dest="json_path", metavar="PATH", help="write the summary and per-step losses as JSON")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    options = TrainOptions(
+        world_size=args.world_size,
+        model=args.model,
+        preset=args.preset,
+        overrides=dict(args.overrides),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        zero_stage=args.zero_stage,
+        seed=args.seed,
+        dump_dir=args.dump_dir,
+        progress=not args.no_progress,
+        json_path=args.json_path,
+    )
+    train(options, echo=print)
+    return 0
+
+
+def train(options: TrainOptions, echo: Any = None) -> dict[str, Any]:
+    """Compile and train as `shardfx train` does; returns the summary (per-step losses under "losses").
+
+    `echo(line)` receives the header and summary lines (None: silent).
+    """
+    say = echo or (lambda line: None)
+    if options.batch_size % options.world_size != 0:
+        raise ValueError(
+            f"--batch-size {options.batch_size} does not divide into --world-size {options.world_size} ranks; "
+            f"use a multiple of {options.world_size}"
+        )
+    # Config validates zero_stage and the rest before any work is done.
+    config = shardfx.Config(zero_stage=options.zero_stage, dump_dir=options.dump_dir)
+    kwargs = model_kwargs(options.model, options.preset, options.overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)  # build_model initialises parameters from the global RNG
+        model, loss_fn, make_batch = build_model(options.model, **kwargs)
+    floor, uniform = _loss_floor(options.model, model, kwargs)
+    generator = torch.Generator().manual_seed(options.seed)
+    example = make_batch(options.batch_size, generator)
+
+    say(f"compiling {options.model} for {options.world_size} ranks ...")
+    t0 = time.perf_counter()
+    engine = shardfx.compile_distributed(
+        model,
+        options.world_size,
+        example_inputs=example,
+        loss_fn=loss_fn,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=options.lr),
+        config=config,
+    )
+    compile_seconds = time.perf_counter() - t0
+    summary: dict[str, Any] = {
+        "model": options.model,
+        "preset": options.preset or DEFAULT_PRESET.get(options.model),
+        "model_args": kwargs,
+        "params": num_params(model),
+        "world_size": options.world_size,
+        "zero_stage": options.zero_stage,
+        "passes": [r.name for r in engine.pass_records if not r.skipped],
+        "graph_nodes": len(engine.program.graph.nodes),
+        "compile_seconds": compile_seconds,
+        "steps": options.steps,
+        "batch_size": options.batch_size,
+        "lr": options.lr,
+        "seed": options.seed,
+        "floor": floor,
+        "uniform_loss": uniform,
+    }
+    say(_header(summary))
+    try:
+        losses, step_seconds, total_seconds = _loop(engine, make_batch, generator, example, options, floor)
+    finally:
+        close = getattr(engine.runtime, "close", None)
+        if close is not None:
+            close()
+    items, unit = _items_per_batch(example[0])
+    summary.update(
+        first_loss=losses[0],
+        last_loss=sum(losses[-LAST_WINDOW:]) / len(losses[-LAST_WINDOW:]),
+        train_seconds=total_seconds,
+        total_seconds=compile_seconds + total_seconds,
+        throughput=items * len(losses) / step_seconds,
+        throughput_unit=unit,
+        losses=losses,
+    )
+    say(_footer(summary))
+    if options.json_path:
+        with open(options.json_path, "w") as f:
+            json.dump(summary, f, indent=2)
+            f.write("\n")
+        say(f"summary written to {options.json_path}")
+    return summary
+
+
+def _loop(
+    engine: shardfx.Engine,
+    make_batch: Any,
+    generator: torch.Generator,
+    first: tuple,
+    options: TrainOptions,
+    floor: float | None,
+) -> tuple[list[float], float, float]:
+    """Run the steps; returns per-step losses, seconds inside train_step, and wall seconds of the loop."""
+    items, unit = _items_per_batch(first[0])
+    losses: list[float] = []
+    step_seconds = 0.0
+    start = time.perf_counter()
+    bar = tqdm(range(options.steps), desc="train", unit="step", disable=not options.progress, dynamic_ncols=True)
+    for step in bar:
+        batch = first if step == 0 else make_batch(options.batch_size, generator)
+        t0 = time.perf_counter()
+        loss = engine.train_step(*batch).item()
+        dt = time.perf_counter() - t0
+        step_seconds += dt
+        losses.append(loss)
+        postfix = {"loss": f"{loss:.3f}", unit: f"{items / dt:,.0f}"}
+        if floor is not None:
+            postfix["floor"] = f"{floor:.3f}"
+        bar.set_postfix(postfix, refresh=False)
+    bar.close()
+    return losses, step_seconds, time.perf_counter() - start
+
+
+def _loss_floor(name: str, model: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(lowest reachable loss, loss of a uniform guess) for the built-in data, None where unknown."""
+    if name == "gpt":
+        vocab = model.config.vocab_size
+        # The registry builds the same chain from (vocab_size, data_seed) but does not hand it out.
+        data = MarkovTokens(vocab_size=vocab, seed=kwargs.get("data_seed", 0))
+        return data.entropy_rate(), math.log(vocab)
+    if name == "mlp":
+        return 0.0, None  # a deterministic teacher: MSE can reach zero
+    return None, None
+
+
+def _items_per_batch(inputs: torch.Tensor) -> tuple[int, str]:
+    """Tokens in a batch of token ids (B, T); otherwise samples (dim 0)."""
+    if inputs.dtype in (torch.int32, torch.int64):
+        return inputs.numel(), "tok/s"
+    return inputs.shape[0], "samples/s"
+
+
+def _header(s: dict[str, Any]) -> str:
+    name = s["model"] if s["preset"] is None else f"{s['model']} {s['preset']}"
+    sizes = " ".join(f"{k}={v}" for k, v in s["model_args"].items() if k != "preset")
+    return "\n".join(
+        [
+            f"model       {name} ({sizes}): {s['params']:,} parameters",
+            f"ranks       world size {s['world_size']}, ZeRO stage {s['zero_stage']}, passes: {', '.join(s['passes'])}",
+            f"compiled    in {s['compile_seconds']:.1f} s, {s['graph_nodes']} graph nodes",
+            f"training    {s['steps']} steps, global batch {s['batch_size']}, AdamW lr {s['lr']}, seed {s['seed']}",
+        ]
+    )
+
+
+def _footer(s: dict[str, Any]) -> str:
+    floor = "n/a" if s["floor"] is None else f"{s['floor']:.4f}"
+    lines = [
+        f"loss        first {s['first_loss']:.4f}, last {s['last_loss']:.4f} (mean of last {LAST_WINDOW} steps), "
+        f"floor {floor}" + ("" if s["uniform_loss"] is None else f", uniform guess {s['uniform_loss']:.4f}"),
+        f"time        {s['total_seconds']:.1f} s total ({s['compile_seconds']:.1f} s compile), "
+        f"{s['throughput']:,.0f} {s['throughput_unit']} in train_step",
+    ]
+    return "\n".join(lines)

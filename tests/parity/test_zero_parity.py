@@ -11,6 +11,10 @@ from shardfx.models import MLP, gpt_loss
 from tests.parity.test_data_parallel_parity import FrozenFirst, gpt_batch, mlp_batch, tiny_gpt
 from tests.parity_util import assert_parity, eager_train
 
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.5)
+
+
 STAGES = [
     Config(zero_stage=1),
     Config(zero_stage=2),
@@ -47,8 +51,11 @@ def test_batchnorm(config: Config) -> None:
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_grad_clipping(stage: int) -> None:
-    """A clip norm small enough to bite every step: the global norm is computed across shards."""
-    assert_parity(tiny_gpt(), gpt_batch(), gpt_loss, 4, Config(zero_stage=stage, grad_clip=0.05))
-    clipped, _ = eager_train(tiny_gpt(), gpt_batch(), gpt_loss, 3, grad_clip=0.05)
-    unclipped, _ = eager_train(tiny_gpt(), gpt_batch(), gpt_loss, 3)
+    """A clip norm small enough to bite every step: the global norm is computed across shards.
+
+    SGD, not AdamW: Adam is nearly invariant to scaling all gradients, so it would hide a wrong norm.
+    """
+    assert_parity(tiny_gpt(), gpt_batch(), gpt_loss, 4, Config(zero_stage=stage, grad_clip=0.05), optimizer=sgd)
+    clipped, _ = eager_train(tiny_gpt(), gpt_batch(), gpt_loss, 3, sgd, grad_clip=0.05)
+    unclipped, _ = eager_train(tiny_gpt(), gpt_batch(), gpt_loss, 3, sgd)
     assert not torch.allclose(clipped, unclipped, rtol=1e-4), "the clip norm must bite for this test to mean anything"

@@ -43,12 +43,22 @@ def compile_distributed(
     program = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
     ctx = PassContext(config, log or (lambda line: None))
     program, records = run_passes(program, pipeline(config, mesh), ctx, dump_dir=config.dump_dir)
-    if world_size is None:
-        raise NotImplementedError("world_size=None (a launched process group) needs the DistributedRuntime")
-    from shardfx.runtime.local import LocalRuntime
+    runtime: Any
+    if _launched():
+        from shardfx.runtime.distributed import DistributedRuntime
 
-    runtime = LocalRuntime(program, model, optimizer, timeout=config.collective_timeout)
+        runtime = DistributedRuntime(program, model, optimizer, timeout=config.collective_timeout)
+    else:
+        from shardfx.runtime.local import LocalRuntime
+
+        runtime = LocalRuntime(program, model, optimizer, timeout=config.collective_timeout)
     return Engine(runtime, batch, records, captured.seconds)
+
+
+def _launched() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _check_args(model: Any, world_size: Any, example_inputs: Any, loss_fn: Any, optimizer: Any, config: Any) -> Config:
@@ -77,13 +87,19 @@ def _check_args(model: Any, world_size: Any, example_inputs: Any, loss_fn: Any, 
 
 
 def _resolve_world_size(world_size: int | None) -> int:
-    if world_size is not None:
-        return world_size
+    """world_size, or the launched process group's size (and they must agree when both are there)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("world_size=None needs an initialized torch.distributed process group (start with torchrun)")
-    return dist.get_world_size()
+    if not _launched():
+        if world_size is None:
+            raise ValueError(
+                "world_size=None needs an initialized torch.distributed process group (start with torchrun)"
+            )
+        return world_size
+    launched = dist.get_world_size()
+    if world_size is not None and world_size != launched:
+        raise ValueError(f"world_size={world_size} but this job was launched with {launched} ranks")
+    return launched
 
 
 def _check_batch_split(batch: tuple[Any, ...], dp: int) -> None:

@@ -41,7 +41,9 @@ def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float, a
 
     before = set(program.graph.nodes)
     with program.graph.inserting_before(program.output_node()):
-        clipped = inline(program, clip, [outputs[i] for i in indices], provenance=outputs[indices[-1]], origin="clip_gradients")
+        clipped = inline(
+            program, clip, [outputs[i] for i in indices], provenance=outputs[indices[-1]], origin="clip_gradients"
+        )
     for node in program.graph.nodes:
         if node not in before:
             node.meta[meta.PHASE] = meta.OPTIMIZER

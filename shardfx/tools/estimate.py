@@ -68,12 +68,18 @@ def zero_model_state_bytes(params: float, world_size: int, stage: int, k: int = 
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(NAME, help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        NAME, help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     size = parser.add_argument_group("model size (give --params or --model)")
     size.add_argument("--params", type=positive_float, help="number of parameters, e.g. 7.5e9")
     add_model_arguments(size, model_default=None)
     parser.add_argument(
-        "--world-size", type=positive_int, required=True, help="number of data-parallel ranks Nd that ZeRO shards over"
+        "--world-size",
+        type=positive_int,
+        metavar="N",
+        required=True,
+        help="number of data-parallel ranks Nd that ZeRO shards over",
     )
     parser.add_argument(
         "--k", type=non_negative_int, default=12, help="optimizer-state bytes per parameter (12: mixed-precision Adam)"
@@ -111,12 +117,12 @@ def format_table(params: float, world_size: int, k: int, source: str = "") -> st
         f"model states per rank, mixed-precision Adam (K={k}): {_count(params)} parameters"
         + (f" ({source})" if source else "")
         + f", Nd={world_size} data-parallel ranks",
-        f"{'stage':<6} {'sharded over Nd':<17} {'bytes/param':<14} {'per rank (GB)':>13}",
+        f"{'stage':<6} {'sharded over Nd':<17} {'bytes per parameter':<21} {'per rank (GB)':>13}",
     ]
     for stage in SHARDED:
         nbytes = zero_model_state_bytes(params, world_size, stage, k)
         per_param = f"{FORMULAS[stage]} = {nbytes / params:.3g}" if params else FORMULAS[stage]
-        lines.append(f"{stage:<6} {STAGE_NAMES[stage]:<17} {per_param:<14} {_gb(nbytes):>13}")
+        lines.append(f"{stage:<6} {STAGE_NAMES[stage]:<17} {per_param:<21} {_gb(nbytes):>13}")
     lines.append("GB = 1e9 bytes; activations, buffers and fragmentation are not included")
     return "\n".join(lines)
 

@@ -15,10 +15,11 @@ from about log(vocab) toward that floor, never below it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -54,13 +55,19 @@ class TrainOptions:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     defaults = TrainOptions()
-    parser = subparsers.add_parser(NAME, help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        NAME, help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
-        "--world-size", type=positive_int, default=defaults.world_size, help="number of ranks (default %(default)s)"
+        "--world-size",
+        type=positive_int,
+        metavar="N",
+        default=defaults.world_size,
+        help="number of ranks (default %(default)s)",
     )
     add_model_arguments(parser, model_default=defaults.model)
     parser.add_argument(
-        "--steps", type=positive_int, default=defaults.steps, help="optimizer steps (default %(default)s)"
+        "--steps", type=positive_int, metavar="N", default=defaults.steps, help="optimizer steps (default %(default)s)"
     )
     parser.add_argument(
         "--batch-size",
@@ -68,7 +75,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=defaults.batch_size,
         help="global batch size in sequences; must divide by --world-size (default %(default)s)",
     )
-    parser.add_argument("--lr", type=positive_float, default=defaults.lr, help="AdamW learning rate (default %(default)s)")
+    parser.add_argument(
+        "--lr", type=positive_float, default=defaults.lr, help="AdamW learning rate (default %(default)s)"
+    )
     parser.add_argument(
         "--zero-stage",
         type=int,
@@ -78,11 +87,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "(passed to shardfx.Config; default %(default)s)",
     )
     parser.add_argument(
-        "--seed", type=int, default=defaults.seed, help="seeds the parameters and the batch stream (default %(default)s)"
+        "--seed",
+        type=int,
+        default=defaults.seed,
+        help="seeds the parameters and the batch stream (default %(default)s)",
     )
     parser.add_argument("--dump-dir", help="write the printed program after every pass into this folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (header and summary only)")
-    parser.add_argument("--json", dest="json_path", metavar="PATH", help="write the summary and per-step losses as JSON")
+    parser.add_argument(
+        "--json", dest="json_path", metavar="PATH", help="write the summary and per-step losses as JSON"
+    )
     parser.set_defaults(run=run)
     return parser
 
@@ -142,6 +156,7 @@ def train(options: TrainOptions, echo: Any = None) -> dict[str, Any]:
         "model": options.model,
         "preset": options.preset or DEFAULT_PRESET.get(options.model),
         "model_args": kwargs,
+        "model_config": _model_config(model),
         "params": num_params(model),
         "world_size": options.world_size,
         "zero_stage": options.zero_stage,
@@ -166,6 +181,7 @@ def train(options: TrainOptions, echo: Any = None) -> dict[str, Any]:
     summary.update(
         first_loss=losses[0],
         last_loss=sum(losses[-LAST_WINDOW:]) / len(losses[-LAST_WINDOW:]),
+        last_window=len(losses[-LAST_WINDOW:]),
         train_seconds=total_seconds,
         total_seconds=compile_seconds + total_seconds,
         throughput=items * len(losses) / step_seconds,
@@ -222,6 +238,12 @@ def _loss_floor(name: str, model: torch.nn.Module, kwargs: dict[str, Any]) -> tu
     return None, None
 
 
+def _model_config(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The model's config dataclass as a dict (GPT has one), for the header and the JSON summary."""
+    config = getattr(model, "config", None)
+    return dataclasses.asdict(config) if dataclasses.is_dataclass(config) and not isinstance(config, type) else None
+
+
 def _items_per_batch(inputs: torch.Tensor) -> tuple[int, str]:
     """Tokens in a batch of token ids (B, T); otherwise samples (dim 0)."""
     if inputs.dtype in (torch.int32, torch.int64):
@@ -231,10 +253,11 @@ def _items_per_batch(inputs: torch.Tensor) -> tuple[int, str]:
 
 def _header(s: dict[str, Any]) -> str:
     name = s["model"] if s["preset"] is None else f"{s['model']} {s['preset']}"
-    sizes = " ".join(f"{k}={v}" for k, v in s["model_args"].items() if k != "preset")
+    sizes = " ".join(f"{k}={v}" for k, v in (s["model_config"] or s["model_args"]).items() if k != "preset")
+    name = f"{name} ({sizes})" if sizes else name
     return "\n".join(
         [
-            f"model       {name} ({sizes}): {s['params']:,} parameters",
+            f"model       {name}: {s['params']:,} parameters",
             f"ranks       world size {s['world_size']}, ZeRO stage {s['zero_stage']}, passes: {', '.join(s['passes'])}",
             f"compiled    in {s['compile_seconds']:.1f} s, {s['graph_nodes']} graph nodes",
             f"training    {s['steps']} steps, global batch {s['batch_size']}, AdamW lr {s['lr']}, seed {s['seed']}",
@@ -245,7 +268,7 @@ def _header(s: dict[str, Any]) -> str:
 def _footer(s: dict[str, Any]) -> str:
     floor = "n/a" if s["floor"] is None else f"{s['floor']:.4f}"
     lines = [
-        f"loss        first {s['first_loss']:.4f}, last {s['last_loss']:.4f} (mean of last {LAST_WINDOW} steps), "
+        f"loss        first {s['first_loss']:.4f}, last {s['last_loss']:.4f} (mean of last {s['last_window']} steps), "
         f"floor {floor}" + ("" if s["uniform_loss"] is None else f", uniform guess {s['uniform_loss']:.4f}"),
         f"time        {s['total_seconds']:.1f} s total ({s['compile_seconds']:.1f} s compile), "
         f"{s['throughput']:,.0f} {s['throughput_unit']} in train_step",

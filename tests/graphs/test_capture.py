@@ -38,7 +38,15 @@ def _capture_everything():
 def test_signature_roles() -> None:
     sig = _capture_everything().signature
     params = {s.name: s for s in sig.inputs if s.role == PARAM}
-    assert list(params) == ["emb.weight", "fc.weight", "fc.bias", "bn.weight", "bn.bias", "frozen.weight", "frozen.bias"]
+    assert list(params) == [
+        "emb.weight",
+        "fc.weight",
+        "fc.bias",
+        "bn.weight",
+        "bn.bias",
+        "frozen.weight",
+        "frozen.bias",
+    ]
     assert params["emb.weight"].aliases == ("head.weight",)  # tied: one input, both names
     assert not params["frozen.weight"].trainable and params["fc.weight"].trainable
     assert [s.name for s in sig.inputs if s.role == BUFFER] == [

@@ -11,6 +11,7 @@ from shardfx.models import MLP, gpt_loss
 from tests.parity.test_data_parallel_parity import FrozenFirst, gpt_batch, mlp_batch, tiny_gpt
 from tests.parity_util import assert_parity, eager_train
 
+
 def sgd(params):
     return torch.optim.SGD(params, lr=0.5)
 

@@ -1,0 +1,97 @@
+"""The `torch.distributed` backend: one rank per process (gloo on CPU, NCCL on CUDA).
+
+Axes bind to process groups once, when the communicator is built: for every
+mesh axis, every group of ranks that differ only along that axis gets a
+process group (all ranks create all groups, in the same order, as
+torch.distributed requires). Averages are a sum then a division, as in the
+local backend, so both backends do the same arithmetic.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from shardfx.graphs.collectives import volume_bytes
+from shardfx.graphs.program import Mesh
+from shardfx.runtime.accounting import CommStats
+
+_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+class DistComm:
+    def __init__(self, mesh: Mesh, timeout: float | None = None) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("the torch.distributed backend needs an initialized process group")
+        if dist.get_world_size() != mesh.world_size:
+            raise ValueError(
+                f"the process group has {dist.get_world_size()} ranks but the mesh {mesh} needs {mesh.world_size}"
+            )
+        self.mesh = mesh
+        self.rank = dist.get_rank()
+        self.stats = CommStats()
+        self.where = lambda: ""
+        self._groups: dict[str, dist.ProcessGroup | None] = {}
+        kwargs = {"timeout": timedelta(seconds=timeout)} if timeout else {}
+        for axis in mesh.names:
+            if mesh.size(axis) == mesh.world_size:
+                self._groups[axis] = None  # the default group
+                continue
+            seen: set[tuple[int, ...]] = set()
+            for r in range(mesh.world_size):
+                ranks = tuple(mesh.group(r, axis))
+                if ranks in seen:
+                    continue
+                seen.add(ranks)
+                group = dist.new_group(list(ranks), **kwargs)
+                if self.rank in ranks:
+                    self._groups[axis] = group
+
+    def axis_size(self, axis: str) -> int:
+        return self.mesh.size(axis)
+
+    def _record(self, kind: str, axis: str, x: Tensor, out: Tensor) -> None:
+        nb = lambda t: t.numel() * t.element_size()  # noqa: E731
+        self.stats.record(kind, volume_bytes(kind, nb(x), nb(out)), self.mesh.size(axis))
+
+    def all_reduce(self, x: Tensor, axis: str, op: str, where: str | None = None) -> Tensor:
+        out = x.detach().clone()
+        if self.mesh.size(axis) > 1:
+            dist.all_reduce(out, op=_OPS[op], group=self._groups[axis])
+            if op == "avg":
+                out.div_(self.mesh.size(axis))
+        self._record("all_reduce", axis, x, out)
+        return out
+
+    def all_gather(self, x: Tensor, axis: str, dim: int, where: str | None = None) -> Tensor:
+        n = self.mesh.size(axis)
+        x = x.contiguous()
+        if dim != 0:
+            x = x.movedim(dim, 0).contiguous()
+        out = torch.empty((x.shape[0] * n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        if n > 1:
+            dist.all_gather_into_tensor(out, x, group=self._groups[axis])
+        else:
+            out.copy_(x)
+        if dim != 0:
+            out = out.movedim(0, dim).contiguous()
+        self._record("all_gather", axis, x, out)
+        return out
+
+    def reduce_scatter(self, x: Tensor, axis: str, op: str, dim: int, where: str | None = None) -> Tensor:
+        n = self.mesh.size(axis)
+        src = x.movedim(dim, 0).contiguous() if dim != 0 else x.contiguous()
+        out = torch.empty((src.shape[0] // n, *src.shape[1:]), dtype=src.dtype, device=src.device)
+        if n > 1:
+            dist.reduce_scatter_tensor(out, src, op=_OPS[op], group=self._groups[axis])
+            if op == "avg":
+                out.div_(n)
+        else:
+            out.copy_(src)
+        if dim != 0:
+            out = out.movedim(0, dim).contiguous()
+        self._record("reduce_scatter", axis, x, out)
+        return out

@@ -1,0 +1,63 @@
+"""DistributedRuntime: this process is one rank of a torch.distributed job (torchrun or `shardfx train`).
+
+At start, rank 0's parameters and buffers are broadcast so every rank begins
+from the same model (as DDP does); then each rank keeps only its own state.
+`state_dict()` is a collective: every rank must call it; each gets the full
+tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+from shardfx.graphs.program import DistProgram
+from shardfx.runtime.dist_comm import DistComm
+from shardfx.runtime.executor import Executor
+from shardfx.runtime.state import OptimizerFactory, RankState
+
+
+class DistributedRuntime:
+    def __init__(
+        self, program: DistProgram, model: nn.Module, optimizer: OptimizerFactory | None, timeout: float | None = None
+    ) -> None:
+        self.program = program
+        self.model = model
+        self.comm = DistComm(program.mesh, timeout)
+        self.rank = self.comm.rank
+        self.world_size = program.mesh.world_size
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+        self.state = RankState(program, model, self.rank, optimizer)
+        self.executor = Executor(program)
+
+    def step(self, shards: list[tuple[Tensor, ...]]) -> Tensor:
+        self.comm.stats.reset()
+        out = self.executor.run(self.comm, self.state.params, self.state.buffers, shards[self.rank])
+        self.state.apply(out.grads, out.buffers)
+        return out.loss.detach()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for spec in self.program.signature.params():
+            local = self.state.params[spec.name].detach()
+            shard = self.program.shard_specs.get(spec.name)
+            if shard is None:
+                value = local.clone()
+            else:
+                gathered = self.comm.all_gather(local, shard.axis, shard.dim)
+                value = gathered.narrow(shard.dim, 0, shard.full_shape[shard.dim]).contiguous()
+            for name in (spec.name, *spec.aliases):
+                out[name] = value
+        for name, buf in self.state.buffers.items():
+            out[name] = buf.clone()
+        return {k: out[k] if k in out else v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def comm_stats(self, rank: int = 0) -> dict[str, dict[str, int]]:
+        return self.comm.stats.snapshot()
+
+    def memory(self, rank: int = 0) -> dict[str, int]:
+        return self.state.local_bytes()

@@ -1,0 +1,37 @@
+"""One rank per process over gloo: same results as the local runtime; a dead worker fails the job."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from shardfx.models import gpt_loss
+from shardfx.runtime.launch import WorkerFailed, launch
+from tests.parity_util import shardfx_train
+from tests.runtime import dist_workers
+
+pytestmark = pytest.mark.multiproc
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_zero3_on_gloo_matches_local_runtime(world_size: int) -> None:
+    results = launch(dist_workers.train_gpt, (3, 3), world_size, timeout=60)
+    model, batch = dist_workers.tiny_gpt_batch()
+    from shardfx import Config
+
+    local_losses, local_state, _ = shardfx_train(model, batch, gpt_loss, 3, world_size, Config(zero_stage=3))
+    for rank in range(world_size):
+        torch.testing.assert_close(torch.tensor(results[rank]["losses"]), local_losses, rtol=1e-5, atol=1e-6)
+    for key, value in local_state.items():
+        torch.testing.assert_close(results[0]["state"][key], value, rtol=1e-5, atol=1e-5)
+    calls = results[0]["stats"]["comm"]["calls"]
+    assert calls["reduce_scatter"] > 0 and calls["all_gather"] > calls["reduce_scatter"]
+
+
+def test_a_killed_worker_fails_the_job_naming_it() -> None:
+    start = time.monotonic()
+    with pytest.raises(WorkerFailed, match="rank 1 failed"):
+        launch(dist_workers.die_on_rank, (1,), 2, timeout=20)
+    assert time.monotonic() - start < 60

@@ -44,6 +44,8 @@ def verify(program: DistProgram) -> None:
             raise VerificationError(
                 f"collective names axis {collectives.axis_of(node)!r}; the mesh has {sorted(axes)}", node
             )
+        if collectives.is_collective(node) and not node.users:
+            raise VerificationError("collective whose result nothing reads (a dead transfer)", node)
         if node.op == "get_attr":
             sub = getattr(program.gm, str(node.target), None)
             if isinstance(sub, fx.GraphModule) and any(collectives.is_collective(n) for n in sub.graph.nodes):

@@ -56,6 +56,15 @@ def shard_parameters(
             if meta.phase(user) == meta.BACKWARD and user not in views
         ]
         spec = shard_placeholder(program, node, name, axis)
+        # Backward first, while the views still hang off the placeholder.
+        if backward_reads and (reshard_after_forward or not forward_users):
+            first = min((u for u, _ in backward_reads), key=order.__getitem__)
+            with program.graph.inserting_before(first):
+                full = gather(program, node, spec, name, provenance=first, origin=ORIGIN)
+                copies = _replay_views(program, node, full, views, {m for _, m in backward_reads}, first)
+            for user, member in backward_reads:
+                user.replace_input_with(member, copies[member])
+            gathers += 1
         if forward_users:
             first = min(forward_users, key=order.__getitem__)
             with program.graph.inserting_before(first):
@@ -66,14 +75,6 @@ def shard_parameters(
                 for user, member in backward_reads:
                     if member is node:
                         user.replace_input_with(node, full)
-            gathers += 1
-        if backward_reads and (reshard_after_forward or not forward_users):
-            first = min((u for u, _ in backward_reads), key=order.__getitem__)
-            with program.graph.inserting_before(first):
-                full = gather(program, node, spec, name, provenance=first, origin=ORIGIN)
-                copies = _replay_views(program, node, full, views, {m for _, m in backward_reads}, first)
-            for user, member in backward_reads:
-                user.replace_input_with(member, copies[member])
             gathers += 1
     n_rs, n_ar = sync_grads(program, axis, ORIGIN, at_end=False)
     sync_loss(program, axis, ORIGIN)

@@ -30,6 +30,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _worker(fn: Callable[..., Any], args: tuple[Any, ...], timeout: float, backend: str) -> Any:
+    # N processes on one machine: share its cores instead of each taking all of them.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     try:
         return fn(*args)
@@ -68,7 +71,9 @@ def launch(
         os.environ.setdefault("LOGLEVEL", "ERROR")
         import logging
 
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+        # The launcher logs each failed worker's traceback; WorkerFailed carries the message instead.
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+        logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
         return elastic_launch(config, _worker)(fn, args, timeout, backend)
     except ChildFailedError as exc:
@@ -85,7 +90,7 @@ def _describe_failure(exc: Any) -> str:
             message = msg.get("message", "")
         elif isinstance(msg, str):
             message = msg
-        if not message:
+        if not message or message.strip() == "<NONE>":  # killed: no error file was written
             message = f"exit code {failure.exitcode}" + (
                 f" (signal {failure.signal_name()})" if failure.exitcode < 0 else ""
             )

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from shardfx.errors import ShardfxError
+from shardfx.runtime.launch import WorkerFailed
 from shardfx.tools import estimate, train
 
 COMMANDS = (train, estimate)
@@ -71,6 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"shardfx {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_GRAPH_ERROR
+    except WorkerFailed as exc:
+        if args.debug:
+            raise
+        print(f"shardfx {args.command}: worker failed: {exc}", file=sys.stderr)
         return EXIT_GRAPH_ERROR
     except KeyboardInterrupt:
         print(f"shardfx {args.command}: interrupted", file=sys.stderr)

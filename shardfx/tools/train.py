@@ -1,7 +1,9 @@
 """`shardfx train`: train a built-in model with shardfx.compile_distributed.
 
 The default trains a small GPT on the synthetic Markov token stream
-(shardfx.models.MarkovTokens) on 4 ranks of the local runtime. The chain's
+(shardfx.models.MarkovTokens) on 4 ranks, each its own process, started through
+torch's elastic launcher (gloo on CPU); rank 0 prints the progress.
+`--runtime local` runs the ranks as threads of this process instead. The chain's
 entropy rate is the lowest loss any model can reach, so the loss should fall
 from about log(vocab) toward that floor, never below it.
 
@@ -30,7 +32,7 @@ from shardfx.models import MarkovTokens, build_model, num_params
 from shardfx.tools.options import DEFAULT_PRESET, add_model_arguments, model_kwargs, positive_float, positive_int
 
 NAME = "train"
-HELP = "train a built-in model (default: a small GPT on Markov tokens) on N local ranks"
+HELP = "train a built-in model (default: a small GPT on Markov tokens) on N ranks"
 
 LAST_WINDOW = 10  # the summary's last loss is the mean of this many final steps
 
@@ -51,6 +53,8 @@ class TrainOptions:
     dump_dir: str | None = None
     progress: bool = True
     json_path: str | None = None
+    runtime: str = "process"  # "process": one process per rank (torch.distributed); "local": threads
+    timeout: float = 60.0  # seconds a rank may wait in a collective before the job fails
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -92,6 +96,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=defaults.seed,
         help="seeds the parameters and the batch stream (default %(default)s)",
     )
+    parser.add_argument(
+        "--runtime",
+        choices=("process", "local"),
+        default=defaults.runtime,
+        help="process: one process per rank over torch.distributed (gloo/NCCL), started by torch's elastic "
+        "launcher; local: ranks are threads of this process (default %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=defaults.timeout,
+        help="seconds a rank waits in a collective before every rank fails (default %(default)s)",
+    )
     parser.add_argument("--dump-dir", help="write the printed program after every pass into this folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (header and summary only)")
     parser.add_argument(
@@ -115,24 +132,55 @@ def run(args: argparse.Namespace) -> int:
         dump_dir=args.dump_dir,
         progress=not args.no_progress,
         json_path=args.json_path,
+        runtime=args.runtime,
+        timeout=args.timeout,
     )
     train(options, echo=print)
     return 0
 
 
 def train(options: TrainOptions, echo: Any = None) -> dict[str, Any]:
-    """Compile and train as `shardfx train` does; returns the summary (per-step losses under "losses").
+    """Compile and train as `shardfx train` does; returns rank 0's summary (per-step losses under "losses").
 
     `echo(line)` receives the header and summary lines (None: silent).
     """
-    say = echo or (lambda line: None)
     if options.batch_size % options.world_size != 0:
         raise ValueError(
             f"--batch-size {options.batch_size} does not divide into --world-size {options.world_size} ranks; "
             f"use a multiple of {options.world_size}"
         )
-    # Config validates zero_stage and the rest before any work is done.
-    config = shardfx.Config(zero_stage=options.zero_stage, dump_dir=options.dump_dir)
+    # Config and the model options are checked here, before any worker starts.
+    _config(options)
+    model_kwargs(options.model, options.preset, options.overrides)
+    if options.runtime == "local":
+        return _train_here(options, echo)
+    from shardfx.runtime.launch import launch
+
+    if echo is not None:
+        echo(f"starting {options.world_size} worker processes (torch elastic launcher, rendezvous on 127.0.0.1) ...")
+    results = launch(_train_worker, (options, echo is not None), options.world_size, timeout=options.timeout)
+    return results[0]
+
+
+def _train_worker(options: TrainOptions, verbose: bool) -> dict[str, Any]:
+    """One rank of a multi-process run: rank 0 prints and shows the progress bar."""
+    import torch.distributed as dist
+
+    rank0 = dist.get_rank() == 0
+    options = dataclasses.replace(
+        options, progress=options.progress and rank0, json_path=options.json_path if rank0 else None
+    )
+    return _train_here(options, print if verbose and rank0 else None)
+
+
+def _config(options: TrainOptions) -> shardfx.Config:
+    return shardfx.Config(zero_stage=options.zero_stage, dump_dir=options.dump_dir, collective_timeout=options.timeout)
+
+
+def _train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
+    """Train with the runtime of this process: threads (local), or this rank of a launched job."""
+    say = echo or (lambda line: None)
+    config = _config(options)
     kwargs = model_kwargs(options.model, options.preset, options.overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)  # build_model initialises parameters from the global RNG
@@ -159,6 +207,7 @@ def train(options: TrainOptions, echo: Any = None) -> dict[str, Any]:
         "model_config": _model_config(model),
         "params": num_params(model),
         "world_size": options.world_size,
+        "runtime": options.runtime,
         "zero_stage": options.zero_stage,
         "passes": [r.name for r in engine.pass_records if not r.skipped],
         "graph_nodes": len(engine.program.graph.nodes),
@@ -258,7 +307,7 @@ def _header(s: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"model       {name}: {s['params']:,} parameters",
-            f"ranks       world size {s['world_size']}, ZeRO stage {s['zero_stage']}, passes: {', '.join(s['passes'])}",
+            f"ranks       world size {s['world_size']} ({s['runtime']} runtime), ZeRO stage {s['zero_stage']}, passes: {', '.join(s['passes'])}",
             f"compiled    in {s['compile_seconds']:.1f} s, {s['graph_nodes']} graph nodes",
             f"training    {s['steps']} steps, global batch {s['batch_size']}, AdamW lr {s['lr']}, seed {s['seed']}",
         ]

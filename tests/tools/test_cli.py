@@ -1,6 +1,7 @@
 """The `shardfx` command: help, the ZeRO memory estimate, input errors, and a tiny training run."""
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -101,7 +102,7 @@ def test_bad_input_exits_2_with_one_line(argv, message, capsys):
 
 
 def test_tiny_training_run_learns(tmp_path, capsys):
-    summary = train(TrainOptions(world_size=2, preset="tiny", steps=20, batch_size=8, progress=False))
+    summary = train(TrainOptions(world_size=2, preset="tiny", steps=20, batch_size=8, progress=False, runtime="local"))
     losses = summary["losses"]
     assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
     assert summary["first_loss"] == losses[0]
@@ -115,10 +116,21 @@ def test_tiny_training_run_learns(tmp_path, capsys):
 
 def test_train_command_writes_json(tmp_path, capsys):
     path = tmp_path / "run.json"
-    argv = ["train", "--world-size", "2", "--preset", "tiny", "--steps", "3", "--batch-size", "4"]
+    argv = ["train", "--world-size", "2", "--preset", "tiny", "--steps", "3", "--batch-size", "4", "--runtime", "local"]
     assert main([*argv, "--no-progress", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     for field in ("parameters", "world size 2", "ZeRO stage 0", "graph nodes", "first", "last", "floor", "tok/s"):
         assert field in out
     summary = json.loads(path.read_text())
     assert len(summary["losses"]) == 3 and summary["world_size"] == 2
+
+
+@pytest.mark.multiproc
+def test_train_on_worker_processes_matches_threads(tmp_path):
+    """The main job's default runtime (one process per rank) gives the losses of the local runtime."""
+    options = TrainOptions(world_size=2, preset="tiny", steps=4, batch_size=8, progress=False, zero_stage=3)
+    path = tmp_path / "run.json"
+    on_processes = train(dataclasses.replace(options, json_path=str(path)))
+    on_threads = train(dataclasses.replace(options, runtime="local"))
+    assert on_processes["runtime"] == "process" and json.loads(path.read_text())["runtime"] == "process"
+    assert on_processes["losses"] == pytest.approx(on_threads["losses"], rel=1e-5)

@@ -1,0 +1,41 @@
+"""Golden printed programs for tiny models after the full pipeline.
+
+When a change alters them on purpose, rewrite with
+    SHARDFX_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py
+and review the diff of tests/golden/ like code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import shardfx
+from shardfx.graphs.capture import TORCH_VERSION
+from shardfx.graphs.format import format_program
+from shardfx.models import MLP
+
+GOLDEN = Path(__file__).parent / "golden"
+CASES = {
+    "mlp_dp2": shardfx.Config(zero_stage=0),
+    "mlp_zero3_dp2": shardfx.Config(zero_stage=3),
+}
+
+
+@pytest.mark.skipif(TORCH_VERSION != (2, 13), reason="node names follow the torch version the goldens were made with")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden_program(name: str) -> None:
+    torch.manual_seed(0)
+    model = MLP(4, (5,), 3)  # 5 rows do not divide over 2 ranks: padding shows
+    batch = (torch.randn(4, 4), torch.randn(4, 3))
+    engine = shardfx.compile_distributed(model, 2, example_inputs=batch, loss_fn=F.mse_loss, config=CASES[name])
+    text = format_program(engine.program, f"{name}: MLP(4, (5,), 3), world_size 2")
+    path = GOLDEN / f"{name}.txt"
+    if os.environ.get("SHARDFX_UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert path.exists(), f"no golden file {path}; run with SHARDFX_UPDATE_GOLDEN=1"
+    assert text == path.read_text()

@@ -39,7 +39,8 @@ def compile_distributed(
     mesh = Mesh.of(dp=world)
     # The graph is one rank's step: trace it at the per-rank batch shape.
     local_batch = tuple(x[: x.shape[0] // world] for x in batch)
-    captured = capture(model, local_batch, loss_fn)
+    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
+    captured = capture(model, local_batch, loss_fn, compute_dtype)
     program = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
     ctx = PassContext(config, log or (lambda line: None))
     program, records = run_passes(program, pipeline(config, mesh), ctx, dump_dir=config.dump_dir)

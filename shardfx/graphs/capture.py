@@ -60,15 +60,22 @@ class Captured:
 class _TrainStep(nn.Module):
     """model + loss_fn as one module whose forward returns the scalar loss."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[..., torch.Tensor] | None) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable[..., torch.Tensor] | None, compute_dtype: torch.dtype | None
+    ) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
+        self.compute_dtype = compute_dtype
 
     def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        if self.compute_dtype is not None:  # mixed precision: float inputs in the compute dtype, loss in fp32
+            batch = tuple(x.to(self.compute_dtype) if x.is_floating_point() else x for x in batch)
         if self.loss_fn is not None:
-            return self.loss_fn(self.model(*batch[:-1]), batch[-1])
-        return extract_loss(self.model(*batch))
+            loss = self.loss_fn(self.model(*batch[:-1]), batch[-1])
+        else:
+            loss = extract_loss(self.model(*batch))
+        return loss.float() if self.compute_dtype is not None else loss
 
 
 def extract_loss(out: Any) -> torch.Tensor:
@@ -90,8 +97,13 @@ def capture(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor],
     loss_fn: Callable[..., torch.Tensor] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> Captured:
-    """Trace one training step of `model` on `example_inputs` into a joint graph with a signature."""
+    """Trace one training step of `model` on `example_inputs` into a joint graph with a signature.
+
+    With a compute_dtype (mixed precision), the step is traced on a copy of the model whose
+    floating-point parameters have that dtype; buffers keep theirs.
+    """
     import time
 
     if not (SUPPORTED_TORCH[0] <= TORCH_VERSION <= SUPPORTED_TORCH[1]):
@@ -101,7 +113,9 @@ def capture(
     for i, x in enumerate(batch):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"example_inputs[{i}] must be a tensor; got {type(x).__name__}")
-    step = _TrainStep(model, loss_fn)
+    if compute_dtype is not None:
+        model = _cast_params(model, compute_dtype)
+    step = _TrainStep(model, loss_fn, compute_dtype)
     exported = _export(step, batch)
     _check_loss(exported)
     with contextlib.ExitStack() as stack:
@@ -115,11 +129,22 @@ def capture(
         fake_mode = joint.fake_mode
     gm.graph._codegen = fx.graph.CodeGen()  # plain positional placeholders, flat tuple output
     signature = _build_signature(gm, model)
+    _drop_runtime_asserts(gm)
     _annotate(gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     return Captured(gm, signature, fake_mode, time.perf_counter() - start)
+
+
+def _cast_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    import copy
+
+    traced = copy.deepcopy(model)
+    for p in traced.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return traced
 
 
 def _check_loss(exported: torch.export.ExportedProgram) -> None:
@@ -317,6 +342,19 @@ def _build_signature(gm: fx.GraphModule, model: nn.Module) -> Signature:
     for _, node in inputs:
         node.meta.pop("desc", None)
     return Signature([s for s, _ in inputs], outputs)
+
+
+_ASSERTS = {
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten._assert_scalar.default,
+}
+
+
+def _drop_runtime_asserts(gm: fx.GraphModule) -> None:
+    """export's dtype/shape asserts hold by construction for our static graph; they carry no value."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _ASSERTS and not node.users:
+            gm.graph.erase_node(node)
 
 
 def _rename(node: fx.Node, name: str) -> None:

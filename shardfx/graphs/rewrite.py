@@ -93,3 +93,9 @@ def replace_tuple_node(node: fx.Node, values: Sequence[fx.Node | None]) -> None:
 def used_outputs(node: fx.Node) -> set[int]:
     """Indices of a tuple-valued node's outputs that something reads."""
     return {u.args[1] for u in node.users}
+
+
+def refresh_val(program: DistProgram, node: fx.Node) -> None:
+    """Recompute a node's `val` after its inputs changed shape or dtype."""
+    with program.fake_mode, collectives.mesh_sizes(dict(program.mesh.axes)):
+        node.meta["val"] = node.target(*fx.map_arg(node.args, _val), **fx.map_arg(node.kwargs, _val))

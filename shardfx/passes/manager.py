@@ -92,8 +92,8 @@ def run_passes(
             program = result.program
             program.recompile()
             verify(program)
-        except ShardfxError as exc:
-            raise _pass_error(p.name, done, exc, exc.node) from exc
+        except ShardfxError as exc:  # its message already names the node
+            raise _pass_error(p.name, done, exc, None) from exc
         except Exception as exc:  # noqa: BLE001 - re-raised with the pass named
             raise _pass_error(p.name, done, exc, None) from exc
         seconds = time.perf_counter() - start

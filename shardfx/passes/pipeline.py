@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
+
 from shardfx.config import Config
 from shardfx.graphs.program import Mesh
+from shardfx.passes.apply_mixed_precision import apply_mixed_precision
 from shardfx.passes.clip_gradients import clip_gradients
 from shardfx.passes.data_parallel import data_parallel
 from shardfx.passes.manager import Pass
@@ -30,6 +33,16 @@ def pipeline(config: Config, mesh: Mesh) -> list[Pass]:
             )
         )
     passes.append(_data_parallel_pass(config))
+    if config.mixed_precision == "bf16":
+        reduce_dtype = torch.float32 if config.reduce_dtype == "fp32" else torch.bfloat16
+        passes.append(
+            Pass(
+                "apply_mixed_precision",
+                partial(apply_mixed_precision, param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype),
+                "fp32 master shards; bf16 compute and all-gathers; gradients reduced in reduce_dtype",
+                exact=False,
+            )
+        )
     if config.grad_clip is not None:
         passes.append(
             Pass(

@@ -47,7 +47,7 @@ def shard_parameters(
     gathers = 0
     for index, node in sharded_params(program):
         name = param_name(program, index)
-        views = _param_views(node)  # node and the forward nodes that only re-view it
+        views = _param_views(node, order)  # node and the forward nodes that only re-view it
         forward_users = [u for u in node.users if meta.phase(u) == meta.FORWARD]
         backward_reads = [
             (user, member)
@@ -81,21 +81,23 @@ def shard_parameters(
     return PassResult(program, {"all_gathers": gathers, "reduce_scatters": n_rs, "all_reduces": n_ar})
 
 
-def _param_views(param: fx.Node) -> list[fx.Node]:
+def _param_views(param: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node]:
     """The parameter and every forward node reached from it through view-like ops only, in graph order."""
-    members = [param]
-    seen = {param}
-    for node in param.graph.nodes:
-        if (
-            node.op == "call_function"
-            and node.target in VIEW_OPS
-            and meta.phase(node) == meta.FORWARD
-            and node.args
-            and node.args[0] in seen
-        ):
-            members.append(node)
-            seen.add(node)
-    return members
+    members = {param}
+    frontier = [param]
+    while frontier:  # walks only the parameter's users: linear in the graph, not params x nodes
+        node = frontier.pop()
+        for user in node.users:
+            if (
+                user not in members
+                and user.op == "call_function"
+                and user.target in VIEW_OPS
+                and meta.phase(user) == meta.FORWARD
+                and user.args[0] is node
+            ):
+                members.add(user)
+                frontier.append(user)
+    return sorted(members, key=order.__getitem__)
 
 
 def _replay_views(

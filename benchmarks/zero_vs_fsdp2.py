@@ -355,7 +355,10 @@ def main() -> None:
         "--steps", type=int, default=10, help="timed steps per strategy; the median is reported (default %(default)s)"
     )
     parser.add_argument(
-        "--warmup", type=int, default=2, help="untimed steps per strategy before measuring, >= 1 (default %(default)s)"
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps per strategy before measuring, >= 2: DDP rebuilds its gradient buckets in its second step (default %(default)s)",
     )
     parser.add_argument(
         "--batch", type=int, default=8, help="global batch size, split over the ranks (default %(default)s)"
@@ -389,8 +392,8 @@ def main() -> None:
         help="also write the raw numbers (every step time, memory breakdowns, collective counts) here",
     )
     args = parser.parse_args()
-    if args.warmup < 1 or args.steps < 1:
-        parser.error(f"--warmup and --steps must be >= 1; got {args.warmup} and {args.steps}")
+    if args.warmup < 2 or args.steps < 1:
+        parser.error(f"--warmup must be >= 2 and --steps >= 1; got {args.warmup} and {args.steps}")
     world_sizes = [int(w) for w in args.world_sizes.split(",")]
     for w in world_sizes:
         if w < 1 or args.batch % w:

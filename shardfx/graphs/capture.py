@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from shardfx.errors import TraceError
+from shardfx.errors import TraceError, node_source
 from shardfx.graphs import meta
 from shardfx.graphs.signature import (
     BUFFER,
@@ -124,7 +124,7 @@ def capture(
 
             joint = aot_export_joint_with_descriptors(stack, exported.module(), batch)
         except Exception as exc:  # noqa: BLE001 - turned into a TraceError with context
-            raise _trace_error(exc, "AOTAutograd could not trace the backward", None) from exc
+            raise _trace_error(exc, "AOTAutograd could not trace the backward", None, exported.graph) from exc
         gm = joint.graph_module
         fake_mode = joint.fake_mode
     gm.graph._codegen = fx.graph.CodeGen()  # plain positional placeholders, flat tuple output
@@ -159,12 +159,12 @@ def _check_loss(exported: torch.export.ExportedProgram) -> None:
 
 
 def _export(step: _TrainStep, batch: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
-    stack: list[str] = []
+    stack: list[tuple[str, str]] = []  # (module path, class name) of the modules being run
     hooks = []
 
     def enter(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
-            stack.append(name)
+            stack.append((name, type(module).__name__))
 
         return hook
 
@@ -178,8 +178,7 @@ def _export(step: _TrainStep, batch: tuple[torch.Tensor, ...]) -> torch.export.E
         with _quiet_torch_logs():
             return torch.export.export(step, batch, strict=False)
     except Exception as exc:  # noqa: BLE001 - turned into a TraceError with context
-        module = stack[-1] if stack else None
-        raise _trace_error(exc, "torch.export could not trace the model", module) from exc
+        raise _trace_error(exc, "torch.export could not trace the model", stack[-1] if stack else None) from exc
     finally:
         for h in hooks:
             h.remove()
@@ -206,18 +205,30 @@ def _quiet_torch_logs() -> Any:
     sys.stderr.write(held.getvalue())
 
 
-def _trace_error(exc: BaseException, what: str, module: str | None) -> TraceError:
+def _trace_error(
+    exc: BaseException, what: str, module: tuple[str, str] | None, graph: fx.Graph | None = None
+) -> TraceError:
     """A short error naming the module, the op and the user's source line instead of a torch stack."""
     frames = traceback.extract_tb(exc.__traceback__)
     user = [f for f in frames if "/torch/" not in f.filename and "/shardfx/" not in f.filename]
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     lines = [f"{what}: {type(exc).__name__}: {first}"]
+    op = _op_name(str(exc))
+    node = _node_of_op(graph, op) if graph is not None and op else None
+    if node is not None:  # the failure is in a later stage: the exported graph knows where the op came from
+        stack = node.meta.get("nn_module_stack") or {}
+        path, cls = list(stack.values())[-1] if stack else ("", "")
+        path = path[len(_ROOT) + 1 :] if path.startswith(_ROOT + ".") else ("" if path == _ROOT else path)
+        module = (path, str(getattr(cls, "__name__", cls)).split(".")[-1])
     if module is not None:
-        lines.append(f"  module: {module or '(root)'} ({_module_type(module)})")
-    if user:
+        lines.append(f"  module: {module[0] or '(root)'} ({module[1]})")
+    if node is not None:
+        source = node_source(node)
+        if source:
+            lines.append(f"  source: {source}")
+    elif user:
         f = user[-1]
         lines.append(f'  source: File "{f.filename}", line {f.lineno}, in {f.name}: {f.line}')
-    op = _op_name(str(exc))
     if op:
         lines.append(f"  op: {op}")
     hint = _hint(str(exc))
@@ -226,8 +237,11 @@ def _trace_error(exc: BaseException, what: str, module: str | None) -> TraceErro
     return TraceError("\n".join(lines))
 
 
-def _module_type(path: str) -> str:
-    return "model" if not path else path.split(".")[-1]
+def _node_of_op(graph: fx.Graph, op: str) -> fx.Node | None:
+    for node in graph.nodes:
+        if node.op == "call_function" and str(node.target).replace("::", ".").startswith(op.replace("::", ".")):
+            return node
+    return None
 
 
 def _op_name(text: str) -> str:

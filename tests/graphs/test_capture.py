@@ -125,7 +125,7 @@ def test_untraceable_model_names_module_and_line() -> None:
     with pytest.raises(TraceError) as info:
         capture(DataDependent(), (torch.randn(2, 4),))
     text = str(info.value)
-    assert "module: inner.1" in text
+    assert "module: inner.1 (Branchy)" in text
     assert "if x.sum() > 0" in text and "test_capture.py" in text
     assert "Traceback" not in text
     assert len(text.splitlines()) < 10
@@ -143,3 +143,28 @@ def test_model_output_without_loss() -> None:
 
     with pytest.raises(TraceError, match="loss_fn"):
         capture(NoLoss(), (torch.randn(3, 4),))
+
+
+class NonZero(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.pick = Picker()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pick(self.fc(x))
+
+
+class Picker(nn.Module):
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        rows = torch.nonzero(h > 0)  # output shape depends on the data
+        return h[rows[:, 0]].sum()
+
+
+def test_unsupported_op_names_op_module_and_line() -> None:
+    with pytest.raises(TraceError) as info:
+        capture(NonZero(), (torch.randn(2, 4),))
+    text = str(info.value)
+    assert "op: aten.nonzero" in text
+    assert "module: pick (Picker)" in text
+    assert "torch.nonzero(h > 0)" in text

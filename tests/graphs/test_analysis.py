@@ -33,7 +33,7 @@ def test_chain_timeline() -> None:
     # nodes: x, a, v, b, c, output
     assert t.held == 400
     assert t.live == [400, 800, 800, 1200, 804, 404]  # x is held all step; a (and its view v) freed after b
-    assert t.peak == 1200 and t.peak_node.name == "relu_1"
+    assert t.peak == 1200 and t.peak_node.name == "relu_default_1"
 
 
 def test_zero3_lowers_the_peak_and_the_graph_knows_its_traffic() -> None:

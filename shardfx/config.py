@@ -30,6 +30,8 @@ class Config:
     grad_clip: clip gradients to this global norm (None: no clipping).
     batchnorm: "global" computes batch statistics over the global batch (single-device
         semantics); "local" keeps each rank's own statistics (DDP's behaviour).
+    bucket_mb: merge the collectives of one block into flat buckets of at most this many MiB (0: off).
+    overlap: issue collectives asynchronously and prefetch parameter gathers `prefetch` blocks ahead.
     collective_timeout: seconds a rank waits in a collective before every rank fails.
     dump_dir: write the printed program after every pass into this folder.
     disable_passes: names of optional passes to skip (for bisecting).
@@ -41,6 +43,9 @@ class Config:
     reduce_dtype: str = "fp32"
     grad_clip: float | None = None
     batchnorm: str = "global"
+    bucket_mb: float = 0.0
+    overlap: bool = False
+    prefetch: int = 1
     collective_timeout: float = 60.0
     dump_dir: str | None = None
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
@@ -54,6 +59,12 @@ class Config:
             raise TypeError(f"Config.reshard_after_forward must be a bool; got {self.reshard_after_forward!r}")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             raise ValueError(f"Config.grad_clip must be a positive number or None; got {self.grad_clip!r}")
+        if not (isinstance(self.bucket_mb, (int, float)) and self.bucket_mb >= 0):
+            raise ValueError(f"Config.bucket_mb must be a number >= 0 (0 turns bucketing off); got {self.bucket_mb!r}")
+        if not isinstance(self.overlap, bool):
+            raise TypeError(f"Config.overlap must be a bool; got {self.overlap!r}")
+        if not (isinstance(self.prefetch, int) and self.prefetch >= 1):
+            raise ValueError(f"Config.prefetch must be an integer >= 1; got {self.prefetch!r}")
         if not (isinstance(self.collective_timeout, (int, float)) and self.collective_timeout > 0):
             raise ValueError(f"Config.collective_timeout must be positive seconds; got {self.collective_timeout!r}")
         if isinstance(self.disable_passes, str):

@@ -31,6 +31,8 @@ class Communicator(Protocol):
     def all_gather(self, x: Tensor, axis: str, dim: int) -> Tensor: ...
     def reduce_scatter(self, x: Tensor, axis: str, op: str, dim: int) -> Tensor: ...
     def axis_size(self, axis: str) -> int: ...
+    def start(self, kind: str, x: Tensor, axis: str, **kwargs: Any) -> Tensor: ...
+    def wait(self, t: Tensor) -> Tensor: ...
 
 
 _bound = threading.local()
@@ -113,15 +115,95 @@ def _(x: Tensor, axis: str, op: str, dim: int) -> Tensor:
     return x.new_empty(shape)
 
 
+# Async pairs: `*_start` launches the collective and returns its output buffer, which
+# must not be read before `shardfx.wait(buffer)` (an alias of it) says the data is there.
+# The local backend completes at start (same semantics, no overlap); torch.distributed
+# really overlaps through async work handles.
+
+
+@torch.library.custom_op("shardfx::all_reduce_start", mutates_args=())
+def all_reduce_start(x: Tensor, axis: str, op: str) -> Tensor:
+    return current().start("all_reduce", x, axis, op=op)
+
+
+@all_reduce_start.register_fake
+def _(x: Tensor, axis: str, op: str) -> Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("shardfx::all_gather_start", mutates_args=())
+def all_gather_start(x: Tensor, axis: str, dim: int) -> Tensor:
+    return current().start("all_gather", x, axis, dim=dim)
+
+
+@all_gather_start.register_fake
+def _(x: Tensor, axis: str, dim: int) -> Tensor:
+    shape = list(x.shape)
+    shape[dim] *= _axis_size_for_fake(axis)
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("shardfx::reduce_scatter_start", mutates_args=())
+def reduce_scatter_start(x: Tensor, axis: str, op: str, dim: int) -> Tensor:
+    return current().start("reduce_scatter", x, axis, op=op, dim=dim)
+
+
+@reduce_scatter_start.register_fake
+def _(x: Tensor, axis: str, op: str, dim: int) -> Tensor:
+    n = _axis_size_for_fake(axis)
+    shape = list(x.shape)
+    shape[dim] //= n
+    return x.new_empty(shape)
+
+
+_lib = torch.library.Library("shardfx", "FRAGMENT")
+_lib.define("wait(Tensor(a) t) -> Tensor(a)")  # returns its input: an alias, so no copy
+
+
+def _wait(t: Tensor) -> Tensor:
+    return current().wait(t)
+
+
+def _wait_fake(t: Tensor) -> Tensor:
+    return t
+
+
+_lib.impl("wait", _wait, "CompositeExplicitAutograd")
+torch.library.register_fake("shardfx::wait", _wait_fake, lib=_lib)
+
+WAIT = torch.ops.shardfx.wait.default
+
 OPS = {
     torch.ops.shardfx.all_reduce.default: "all_reduce",
     torch.ops.shardfx.all_gather.default: "all_gather",
     torch.ops.shardfx.reduce_scatter.default: "reduce_scatter",
+    torch.ops.shardfx.all_reduce_start.default: "all_reduce",
+    torch.ops.shardfx.all_gather_start.default: "all_gather",
+    torch.ops.shardfx.reduce_scatter_start.default: "reduce_scatter",
+}
+START_OPS = {
+    "all_reduce": torch.ops.shardfx.all_reduce_start.default,
+    "all_gather": torch.ops.shardfx.all_gather_start.default,
+    "reduce_scatter": torch.ops.shardfx.reduce_scatter_start.default,
+}
+SYNC_OPS = {
+    "all_reduce": torch.ops.shardfx.all_reduce.default,
+    "all_gather": torch.ops.shardfx.all_gather.default,
+    "reduce_scatter": torch.ops.shardfx.reduce_scatter.default,
 }
 
 
 def is_collective(node: fx.Node) -> bool:
+    """A node that moves data between ranks (sync collectives and `*_start`; not `wait`)."""
     return node.op == "call_function" and node.target in OPS
+
+
+def is_start(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in START_OPS.values()
+
+
+def is_wait(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is WAIT
 
 
 def kind(node: fx.Node) -> str:

@@ -46,6 +46,10 @@ def verify(program: DistProgram) -> None:
             )
         if collectives.is_collective(node) and not node.users:
             raise VerificationError("collective whose result nothing reads (a dead transfer)", node)
+        if collectives.is_start(node) and any(not collectives.is_wait(u) for u in node.users):
+            raise VerificationError("an async collective's buffer is read before its wait", node)
+        if collectives.is_wait(node) and not collectives.is_start(node.args[0]):
+            raise VerificationError("wait on something that is not an async collective", node)
         if node.op == "get_attr":
             sub = getattr(program.gm, str(node.target), None)
             if isinstance(sub, fx.GraphModule) and any(collectives.is_collective(n) for n in sub.graph.nodes):

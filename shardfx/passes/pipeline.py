@@ -12,9 +12,11 @@ import torch
 from shardfx.config import Config
 from shardfx.graphs.program import Mesh
 from shardfx.passes.apply_mixed_precision import apply_mixed_precision
+from shardfx.passes.bucket_collectives import bucket_collectives
 from shardfx.passes.clip_gradients import clip_gradients
 from shardfx.passes.data_parallel import data_parallel
 from shardfx.passes.manager import Pass
+from shardfx.passes.schedule_overlap import schedule_overlap
 from shardfx.passes.shard_gradients import shard_gradients
 from shardfx.passes.shard_optimizer_state import shard_optimizer_state
 from shardfx.passes.shard_parameters import shard_parameters
@@ -49,6 +51,22 @@ def pipeline(config: Config, mesh: Mesh) -> list[Pass]:
                 "clip_gradients",
                 partial(clip_gradients, max_norm=config.grad_clip, axis="dp"),
                 "scale gradients to a global norm, computed across shards",
+            )
+        )
+    if config.bucket_mb > 0:
+        passes.append(
+            Pass(
+                "bucket_collectives",
+                partial(bucket_collectives, bucket_bytes=int(config.bucket_mb * 2**20)),
+                "one flat collective per block instead of one per parameter: fewer latencies",
+            )
+        )
+    if config.overlap:
+        passes.append(
+            Pass(
+                "schedule_overlap",
+                partial(schedule_overlap, depth=config.prefetch),
+                "async collectives: prefetch parameter gathers, reduce gradients behind the backward",
             )
         )
     return passes

@@ -35,6 +35,8 @@ class DistComm:
         self.stats = CommStats()
         self.where = lambda: ""
         self._groups: dict[str, dist.ProcessGroup | None] = {}
+        # output buffer's data_ptr -> (work handle, divisor applied when it completes)
+        self._pending: dict[int, tuple[dist.Work, int]] = {}
         kwargs = {"timeout": timedelta(seconds=timeout)} if timeout else {}
         for axis in mesh.names:
             if mesh.size(axis) == mesh.world_size:
@@ -56,6 +58,37 @@ class DistComm:
     def _record(self, kind: str, axis: str, x: Tensor, out: Tensor) -> None:
         nb = lambda t: t.numel() * t.element_size()  # noqa: E731
         self.stats.record(kind, volume_bytes(kind, nb(x), nb(out)), self.mesh.size(axis))
+
+    def start(self, kind: str, x: Tensor, axis: str, **kwargs: object) -> Tensor:
+        """Launch `kind` asynchronously; the returned buffer is valid after wait(buffer)."""
+        n = self.mesh.size(axis)
+        if n == 1:
+            return getattr(self, kind)(x, axis, **kwargs)
+        group = self._groups[axis]
+        op = str(kwargs.get("op", "sum"))
+        assert kwargs.get("dim", 0) == 0, "async collectives work on dim 0"
+        x = x.contiguous()
+        if kind == "all_reduce":
+            out = x.detach().clone()
+            work = dist.all_reduce(out, op=_OPS[op], group=group, async_op=True)
+        elif kind == "all_gather":
+            out = torch.empty((x.shape[0] * n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            work = dist.all_gather_into_tensor(out, x, group=group, async_op=True)
+        else:
+            out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            work = dist.reduce_scatter_tensor(out, x, op=_OPS[op], group=group, async_op=True)
+        self._pending[out.data_ptr()] = (work, n if op == "avg" else 1)
+        self._record(kind, axis, x, out)
+        return out
+
+    def wait(self, t: Tensor) -> Tensor:
+        pending = self._pending.pop(t.data_ptr(), None)
+        if pending is not None:
+            work, divisor = pending
+            work.wait()
+            if divisor != 1:
+                t.div_(divisor)
+        return t
 
     def all_reduce(self, x: Tensor, axis: str, op: str, where: str | None = None) -> Tensor:
         out = x.detach().clone()

@@ -20,7 +20,7 @@ def tiny_gpt_batch():
     return model, batch
 
 
-def train_gpt(zero_stage: int, steps: int) -> dict:
+def train_gpt(zero_stage: int, steps: int, **config: object) -> dict:
     model, batch = tiny_gpt_batch()
     engine = shardfx.compile_distributed(
         model,
@@ -28,7 +28,7 @@ def train_gpt(zero_stage: int, steps: int) -> dict:
         example_inputs=batch,
         loss_fn=gpt_loss,
         optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3),
-        config=shardfx.Config(zero_stage=zero_stage),
+        config=shardfx.Config(zero_stage=zero_stage, **config),
     )
     losses = [engine.train_step(*batch).item() for _ in range(steps)]
     state = engine.state_dict()
@@ -45,3 +45,8 @@ def die_on_rank(rank_to_die: int) -> None:
     time.sleep(0.5)
     for _ in range(5):
         engine.train_step(*batch)
+
+
+def sync_and_overlapped() -> tuple[dict, dict]:
+    """ZeRO-3 without, then with, bucketing and overlap, from the same start."""
+    return train_gpt(3, 3), train_gpt(3, 3, bucket_mb=1.0, overlap=True)

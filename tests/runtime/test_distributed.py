@@ -30,6 +30,16 @@ def test_zero3_on_gloo_matches_local_runtime(world_size: int) -> None:
     assert calls["reduce_scatter"] > 0 and calls["all_gather"] > calls["reduce_scatter"]
 
 
+def test_bucketing_and_overlap_on_gloo_are_exact() -> None:
+    """Async collectives with real work handles: the same bits as synchronous ones."""
+    results = launch(dist_workers.sync_and_overlapped, (), 2, timeout=60)
+    for rank in range(2):
+        sync, overlapped = results[rank]
+        assert sync["losses"] == overlapped["losses"]
+        for key, value in sync["state"].items():
+            assert torch.equal(overlapped["state"][key], value), key
+
+
 def test_a_killed_worker_fails_the_job_naming_it() -> None:
     start = time.monotonic()
     with pytest.raises(WorkerFailed, match="rank 1 failed"):

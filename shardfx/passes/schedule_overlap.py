@@ -1,0 +1,108 @@
+"""schedule_overlap: turn collectives into start/wait pairs and place them so transfers hide behind compute.
+
+- parameter all-gathers (prefetch): the start of the k-th gather is issued right
+  after the wait of the (k - depth)-th, so while one block computes, the next
+  `depth` blocks' parameters are on their way; its wait sits right before the
+  first use. The first `depth` gathers start at the top of the step.
+- gradient reductions: the start stays where the gradient (bucket) is complete;
+  its wait sits right before the next reduction starts (at most one reduction in
+  flight, so reduction buffers do not pile up) and the last one before the end.
+- everything else (the loss mean, batch-norm statistics) stays synchronous.
+
+The order of collectives is unchanged and identical on every rank (one SPMD
+graph); only their waits move, so results are bit-identical.
+Needs: a sharding pass (and bucket_collectives if used). Provides: *_start / wait nodes.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from shardfx.graphs import collectives, meta
+from shardfx.graphs.program import DistProgram
+from shardfx.graphs.rewrite import insert_call
+from shardfx.passes.manager import PassContext, PassResult
+
+ORIGIN = "schedule_overlap"
+
+
+def schedule_overlap(program: DistProgram, ctx: PassContext, *, depth: int = 1) -> PassResult:
+    graph = program.graph
+    gathers: list[tuple[fx.Node, fx.Node]] = []
+    reductions: list[tuple[fx.Node, fx.Node]] = []
+    for node in list(graph.nodes):
+        if not collectives.is_collective(node) or collectives.is_start(node):
+            continue
+        role = node.meta.get(meta.ROLE)
+        if role not in ("param_gather", "grad_sync"):
+            continue
+        start, wait = _split(program, node)
+        (gathers if role == "param_gather" else reductions).append((start, wait))
+    # prefetch: move gather starts (and the input chain they need) earlier
+    last_input = program.placeholders()[-1]
+    for k, (start, _) in enumerate(gathers):
+        _hoist_after(program, start, last_input if k < depth else gathers[k - depth][1])
+    # reductions: wait right before the next reduction starts
+    for (_, wait), (next_start, _) in zip(reductions, reductions[1:]):
+        if _position(program)(wait) > _position(program)(next_start):
+            next_start.prepend(wait)  # earlier: its start precedes next_start and its readers come later
+        else:
+            _delay(program, wait, next_start)
+    if reductions:
+        _delay(program, reductions[-1][1], program.output_node())
+    return PassResult(program, {"prefetched_gathers": len(gathers), "async_reductions": len(reductions)})
+
+
+def _split(program: DistProgram, node: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """Replace a sync collective by start (at its place) + wait (right before its first user)."""
+    kind = collectives.kind(node)
+    with program.graph.inserting_before(node):
+        start = insert_call(program, collectives.START_OPS[kind], node.args, provenance=node, origin=ORIGIN)
+    for key in (meta.ROLE, meta.TARGET, meta.BUCKET, meta.PLACEMENT):
+        if key in node.meta:
+            start.meta[key] = node.meta[key]
+    first_user = min(node.users, key=_position(program)) if node.users else program.output_node()
+    with program.graph.inserting_before(first_user):
+        wait = insert_call(program, collectives.WAIT, (start,), provenance=node, origin=ORIGIN)
+    wait.meta[meta.PHASE] = first_user.meta.get(meta.PHASE, node.meta.get(meta.PHASE))
+    node.replace_all_uses_with(wait)
+    program.graph.erase_node(node)
+    return start, wait
+
+
+def _position(program: DistProgram):  # noqa: ANN202 - a key function
+    order = {n: i for i, n in enumerate(program.graph.nodes)}
+    return order.__getitem__
+
+
+def _delay(program: DistProgram, node: fx.Node, anchor: fx.Node) -> None:
+    """Move `node` to just before a later `anchor`, and its readers (transitively) after it."""
+    key = _position(program)
+    if key(anchor) <= key(node):
+        return
+    anchor.prepend(node)
+    key = _position(program)
+    pending = [u for u in node.users if key(u) < key(node)]
+    last = node
+    while pending:
+        pending.sort(key=key)
+        user = pending.pop(0)
+        if key(user) > key(last):
+            continue
+        last.append(user)
+        last = user
+        key = _position(program)
+        pending.extend(u for u in user.users if key(u) < key(user) and u not in pending)
+
+
+def _hoist_after(program: DistProgram, node: fx.Node, after: fx.Node) -> None:
+    """Move `node` up to just after `after` (if it is later), first moving the inputs it needs that are later too."""
+    key = _position(program)
+    if key(node) <= key(after):
+        return
+    for arg in node.all_input_nodes:
+        if key(arg) > key(after):
+            _hoist_after(program, arg, after)
+            key = _position(program)
+    last_input = max([after, *node.all_input_nodes], key=key)
+    last_input.append(node)

@@ -3,7 +3,7 @@
     python benchmarks/zero_vs_fsdp2.py                                   # world sizes 2 and 4, defaults
     python benchmarks/zero_vs_fsdp2.py --world-sizes 2 --steps 20 --json /tmp/zero_vs_fsdp2.json
 
-The defaults take about 5 minutes on 2 CPU cores (both world sizes).
+The defaults take about 7 minutes on 2 CPU cores (world size 2: under 2 minutes; 4: about 5).
 
 Model and data: TARGETS.md's GPT (4 layers, d_model 256, 4 heads, vocab 1024,
 seq 128, untied embedding and head: 3,716,608 parameters; `--tie-weights`
@@ -59,6 +59,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -189,47 +190,46 @@ class Shardfx(Strategy):
         return self.engine.state_dict()
 
 
-def build_strategies(opts: dict[str, Any], cfg: GPTConfig, example: tuple[Tensor, Tensor]) -> list[Strategy]:
+# name -> (kind, options): the rows of every table, in this order. DDP is the baseline and always runs.
+STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
+    BASELINE: ("ddp", {}),
+    "FSDP2 reshard": ("fsdp2", {"reshard_after_forward": True}),
+    "FSDP2 no reshard": ("fsdp2", {"reshard_after_forward": False}),
+    "shardfx ZeRO-0": ("shardfx", {"zero_stage": 0}),
+    "shardfx ZeRO-1": ("shardfx", {"zero_stage": 1}),
+    "shardfx ZeRO-2": ("shardfx", {"zero_stage": 2}),
+    "shardfx ZeRO-3": ("shardfx", {"zero_stage": 3}),
+    "shardfx ZeRO-3 no reshard": ("shardfx", {"zero_stage": 3, "reshard_after_forward": False}),
+}
+
+
+def build_strategy(name: str, opts: dict[str, Any], cfg: GPTConfig, example: tuple[Tensor, Tensor]) -> Strategy:
+    """Every strategy starts from the same seeded GPT; setup_s is its wrap / compile time."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    lr, world = opts["lr"], dist.get_world_size()
-
-    def fresh() -> GPT:
-        torch.manual_seed(opts["seed"])
-        return GPT(cfg)
-
-    strategies: list[Strategy] = []
+    kind, kwargs = STRATEGIES[name]
+    lr = opts["lr"]
     start = time.perf_counter()
-    model = fresh()
-    strategies.append(
-        Eager(BASELINE, nn.parallel.DistributedDataParallel(model), model, lr, time.perf_counter() - start)
-    )
-    mesh = init_device_mesh("cpu", (world,))
-    for reshard in (True, False):
-        start = time.perf_counter()
-        model = fresh()
+    torch.manual_seed(opts["seed"])
+    model = GPT(cfg)
+    if kind == "ddp":
+        return Eager(name, nn.parallel.DistributedDataParallel(model), model, lr, time.perf_counter() - start)
+    if kind == "fsdp2":
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         for block in model.blocks:
-            fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-        fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
-        name = "FSDP2 reshard" if reshard else "FSDP2 no reshard"
-        strategies.append(Eager(name, model, model, lr, time.perf_counter() - start))
-    for stage, reshard in ((0, True), (1, True), (2, True), (3, True), (3, False)):
-        start = time.perf_counter()
-        config = shardfx.Config(
-            zero_stage=stage, reshard_after_forward=reshard, collective_timeout=float(opts["timeout"])
-        )
-        engine = shardfx.compile_distributed(
-            fresh(),
-            None,
-            example_inputs=example,
-            loss_fn=gpt_loss,
-            optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
-            config=config,
-        )
-        name = f"shardfx ZeRO-{stage}" + ("" if reshard else " no reshard")
-        strategies.append(Shardfx(name, engine, time.perf_counter() - start))
-    return [s for s in strategies if opts["only"] is None or s.name in opts["only"] or s.name == BASELINE]
+            fully_shard(block, mesh=mesh, **kwargs)
+        fully_shard(model, mesh=mesh, **kwargs)
+        return Eager(name, model, model, lr, time.perf_counter() - start)
+    engine = shardfx.compile_distributed(
+        model,
+        None,
+        example_inputs=example,
+        loss_fn=gpt_loss,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=lr),
+        config=shardfx.Config(**kwargs, collective_timeout=float(opts["timeout"])),
+    )
+    return Shardfx(name, engine, time.perf_counter() - start)
 
 
 def timed_step(strategy: Strategy, tokens: Tensor, targets: Tensor) -> float:
@@ -269,12 +269,15 @@ def make_batches(opts: dict[str, Any], n: int, vocab: int, seq: int) -> list[tup
 
 def worker(opts: dict[str, Any]) -> dict[str, Any]:
     """One rank of the job: every strategy, stepped round-robin; rank 0's numbers come back."""
+    # shardfx's DistComm calls all_gather_into_tensor / reduce_scatter_tensor, deprecated in torch 2.13.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     rank = dist.get_rank()
     cfg = GPTConfig(vocab_size=1024, n_layer=4, d_model=256, n_head=4, seq_len=128, tie_weights=opts["tie_weights"])
     n_steps = opts["warmup"] + 2 + opts["steps"]
     batches = make_batches(opts, n_steps + 1, cfg.vocab_size, cfg.seq_len)
     held_out = batches.pop()
-    strategies = build_strategies(opts, cfg, batches[0])
+    names = [n for n in STRATEGIES if n == BASELINE or opts["only"] is None or n in opts["only"]]
+    strategies = [build_strategy(name, opts, cfg, batches[0]) for name in names]
     k = len(strategies)
     times: dict[str, list[float]] = {s.name: [] for s in strategies}
     memory: dict[str, dict[str, int]] = {}
@@ -338,6 +341,9 @@ def summarize(ranks: dict[int, dict[str, Any]], loss_rtol: float) -> tuple[list[
         record["strategies"][name] = {
             **row,
             "median_ms": ms,
+            "quartiles_ms": [q * 1e3 for q in statistics.quantiles(row["times_s"], n=4)]
+            if len(row["times_s"]) > 1
+            else None,
             "vs_ddp": ms / base_ms,
             "peak_bytes_rank0": peak,
             "peak_bytes_per_rank": [ranks[r]["strategies"][name]["peak"]["Total"] for r in sorted(ranks)],
@@ -352,7 +358,7 @@ def main() -> None:
         "--world-sizes", default="2,4", help="comma-separated world sizes, one job each (default %(default)s)"
     )
     parser.add_argument(
-        "--steps", type=int, default=10, help="timed steps per strategy; the median is reported (default %(default)s)"
+        "--steps", type=int, default=30, help="timed steps per strategy; the median is reported (default %(default)s)"
     )
     parser.add_argument(
         "--warmup",
@@ -372,7 +378,11 @@ def main() -> None:
         action="store_true",
         help="tie the token embedding and the head (3.45M params; default untied, 3.72M, as in TARGETS.md)",
     )
-    parser.add_argument("--only", default=None, help="comma-separated strategy names to run besides DDP (default: all)")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated strategy names to run besides DDP, e.g. 'FSDP2 reshard,shardfx ZeRO-3' (default: all)",
+    )
     parser.add_argument(
         "--loss-rtol",
         type=float,
@@ -398,7 +408,11 @@ def main() -> None:
     for w in world_sizes:
         if w < 1 or args.batch % w:
             parser.error(f"world size {w} must be >= 1 and divide the global batch {args.batch}")
-    opts = {**vars(args), "only": args.only.split(",") if args.only else None}
+    only = [n.strip() for n in args.only.split(",")] if args.only else None
+    unknown = sorted(set(only or []) - set(STRATEGIES))
+    if unknown:
+        parser.error(f"--only names unknown strategies {unknown}; choose from {list(STRATEGIES)}")
+    opts = {**vars(args), "only": only}
     print(
         f"GPT 4x256, vocab 1024, seq 128, {'tied' if args.tie_weights else 'untied'} head; global batch {args.batch}, "
         f"AdamW lr {args.lr}; {args.warmup} warm-up + 2 instrumented + {args.steps} timed steps; {os.cpu_count()} cores"

@@ -134,7 +134,7 @@ def _hoist_inputs(program: DistProgram, node: fx.Node, before: fx.Node) -> None:
 
 
 def _merge_gathers(program: DistProgram, group: list[fx.Node], index: int) -> None:
-    axis, dim = group[0].args[1], group[0].args[2]
+    axis = group[0].args[1]
     n = program.mesh.size(axis)
     shapes = [tuple(g.meta["val"].shape) for g in group]
     first = group[0]

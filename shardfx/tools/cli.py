@@ -22,9 +22,9 @@ from typing import NoReturn
 
 from shardfx.errors import ShardfxError
 from shardfx.runtime.launch import WorkerFailed
-from shardfx.tools import bisect, estimate, passes_cmd, train, viz
+from shardfx.tools import estimate, train
 
-COMMANDS = (train, estimate, passes_cmd, viz, bisect)
+COMMANDS = (train, estimate)
 
 EXIT_OK = 0
 EXIT_GRAPH_ERROR = 1

@@ -43,6 +43,7 @@ ALIAS_OPS = {
     aten.as_strided.default,
     aten.split.Tensor,
     aten.unbind.int,
+    collectives.WAIT,  # returns the async collective's buffer
 }
 
 
@@ -90,7 +91,10 @@ def memory_timeline(program: DistProgram) -> MemoryTimeline:
             size[n] = tensor_bytes(n.meta.get("val"))
     last_use: dict[fx.Node, int] = {o: index[o] for o in size}
     for n in nodes:
-        for arg in n.all_input_nodes:
+        reads = list(n.all_input_nodes)
+        if collectives.is_wait(n):  # the transfer reads the start's input until it is waited for
+            reads += n.args[0].all_input_nodes
+        for arg in reads:
             o = owner.get(arg, arg)
             if o in last_use:
                 last_use[o] = max(last_use[o], index[n])

@@ -9,6 +9,7 @@ local backend, so both backends do the same arithmetic.
 
 from __future__ import annotations
 
+import warnings
 from datetime import timedelta
 
 import torch
@@ -18,6 +19,10 @@ from torch import Tensor
 from shardfx.graphs.collectives import volume_bytes
 from shardfx.graphs.program import Mesh
 from shardfx.runtime.accounting import CommStats
+
+# torch 2.13 renames the *_into_tensor collectives; the old names are the ones 2.11 has.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
 
 _OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 

@@ -8,6 +8,13 @@ three over the Nd data-parallel ranks.
 
     shardfx estimate --params 7.5e9 --world-size 64        # 120 / 31.4 / 16.6 / 1.88 GB
     shardfx estimate --model gpt --preset base --set n_layer=12 --world-size 8
+
+With --simulate HARDWARE and a --model, the model is also compiled (on the meta
+device, for any size) and one rank's step is simulated by the cost model, for
+ZeRO-3 with and without bucketing and overlap:
+
+    shardfx estimate --model gpt --set vocab_size=32000 --set n_layer=32 --set d_model=4096 \
+        --set n_head=32 --set seq_len=2048 --world-size 64 --simulate h100 --bf16
 """
 
 from __future__ import annotations
@@ -84,6 +91,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--k", type=non_negative_int, default=12, help="optimizer-state bytes per parameter (12: mixed-precision Adam)"
     )
+    sim = parser.add_argument_group("simulation (with --model)")
+    sim.add_argument(
+        "--simulate",
+        metavar="HARDWARE",
+        help="simulate one rank's step with the cost model on this profile (cpu, a100, h100, h200, h100-ib)",
+    )
+    sim.add_argument("--batch", type=positive_int, default=1, help="sequences per rank (default %(default)s)")
+    sim.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    sim.add_argument(
+        "--bucket-mb",
+        type=positive_float,
+        default=25.0,
+        help="bucket size of the bucketed scenario (default %(default)s)",
+    )
     parser.set_defaults(run=run)
     return parser
 
@@ -100,7 +121,30 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--preset and --set describe a --model; they do not apply to --params")
         params, source = args.params, "--params"
     print(format_table(params, args.world_size, args.k, source))
+    if args.simulate:
+        if args.model is None:
+            raise ValueError("--simulate needs a --model (a parameter count has no graph to simulate)")
+        from shardfx.tools.simulate import Scenario, format_simulations, simulate_scenarios
+
+        mp = "bf16" if args.bf16 else None
+        scenarios = [
+            Scenario("ZeRO-3", shardfx_config(zero_stage=3, mixed_precision=mp)),
+            Scenario(
+                f"ZeRO-3 + bucket {args.bucket_mb:g} MiB + overlap",
+                shardfx_config(zero_stage=3, mixed_precision=mp, bucket_mb=args.bucket_mb, overlap=True),
+            ),
+        ]
+        kwargs = model_kwargs(args.model, args.preset, args.overrides)
+        rows = simulate_scenarios(args.model, kwargs, args.world_size, args.batch, args.simulate, scenarios)
+        print()
+        print(format_simulations(rows, args.simulate))
     return 0
+
+
+def shardfx_config(**kwargs: object):  # noqa: ANN201 - imported lazily to keep the plain table fast
+    import shardfx
+
+    return shardfx.Config(**kwargs)
 
 
 def count_params(model: str, preset: str | None, overrides: list) -> tuple[int, str]:

@@ -1,0 +1,207 @@
+"""Cost model: the simulated step time of a per-rank program on named hardware.
+
+One compute stream and one communication stream. Each compute node costs its
+roofline time, max(FLOPs / peak FLOP/s, bytes moved / memory bandwidth), plus
+a fixed per-op overhead (dispatch and launch: large on a CPU running Python,
+a few microseconds on a GPU). A collective costs the alpha-beta model of a
+ring: alpha + bytes sent per rank / link bandwidth, where a rank sends
+(N-1)/N of the gathered or scattered tensor and 2(N-1)/N of an all-reduced
+one. Synchronous collectives stop compute until they finish; `*_start`
+launches on the communication stream (after the collectives before it) and
+`wait` stops compute only until its collective is done: the time compute sits
+in waits and synchronous collectives is the exposed communication.
+
+FLOPs come from torch's own formulas (torch.utils.flop_counter) where it has
+them; attention on CPU is counted as 4*B*H*Lq*Lk*D forward and 2.5x that
+backward; every other op is memory-bound (its FLOPs ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import flop_registry
+
+from shardfx.graphs import collectives
+from shardfx.graphs.analysis import ALIAS_OPS, memory_timeline, tensor_bytes
+from shardfx.graphs.program import DistProgram
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    fp32_flops: float  # FLOP/s of dense matmul in fp32
+    bf16_flops: float  # ... in bf16
+    mem_bw: float  # bytes/s the device reads + writes
+    link_bw: float  # bytes/s one rank sends in a collective (per direction)
+    alpha: float  # seconds of fixed latency per collective
+    op_overhead: float  # seconds of fixed cost per compute op
+    source: str = ""
+
+    def flops(self, dtype: torch.dtype) -> float:
+        return self.bf16_flops if dtype in (torch.bfloat16, torch.float16) else self.fp32_flops
+
+
+# Data-sheet figures (dense, no sparsity); the fp32 rate is TF32 tensor-core math as
+# frameworks use it for fp32 matmuls. Links: NVLink within a node, per GPU and direction.
+PROFILES: dict[str, Hardware] = {
+    "a100": Hardware("a100", 156e12, 312e12, 2.0e12, 300e9, 10e-6, 5e-6, "A100 SXM 80GB data sheet, NVLink3"),
+    "h100": Hardware("h100", 494e12, 989e12, 3.35e12, 450e9, 10e-6, 5e-6, "H100 SXM data sheet, NVLink4"),
+    "h200": Hardware("h200", 494e12, 989e12, 4.8e12, 450e9, 10e-6, 5e-6, "H200 SXM data sheet, NVLink4"),
+    "h100-ib": Hardware("h100-ib", 494e12, 989e12, 3.35e12, 50e9, 20e-6, 5e-6, "H100 across nodes, 400 Gb/s IB"),
+    # Measured once on a 2-core CI machine with gloo (`shardfx calibrate` measures yours).
+    "cpu": Hardware("cpu", 100e9, 300e9, 16e9, 0.5e9, 200e-6, 8e-6, "built-in: a 2-core x86 VM, 2 gloo ranks"),
+}
+
+CALIBRATION_FILE = Path.home() / ".cache" / "shardfx" / "hardware.json"
+
+
+def hardware(name: str) -> Hardware:
+    """A named profile; 'cpu' is the calibrated one when `shardfx calibrate` has run on this machine."""
+    if name == "cpu" and CALIBRATION_FILE.exists():
+        return Hardware(**json.loads(CALIBRATION_FILE.read_text()))
+    if name not in PROFILES:
+        raise ValueError(f"unknown hardware profile {name!r}; known: {sorted(PROFILES)}")
+    return PROFILES[name]
+
+
+def save_calibration(hw: Hardware) -> Path:
+    CALIBRATION_FILE.parent.mkdir(parents=True, exist_ok=True)
+    CALIBRATION_FILE.write_text(json.dumps(asdict(hw), indent=2))
+    return CALIBRATION_FILE
+
+
+def _attention_flops(node: fx.Node) -> int:
+    q, k = node.args[0].meta["val"], node.args[1].meta["val"]  # (B, H, L, D), (B, H, S, D)
+    b, h, lq, d = q.shape
+    return 4 * b * h * lq * k.shape[2] * d
+
+
+_ATTENTION_FWD = {aten._scaled_dot_product_flash_attention_for_cpu.default}
+_ATTENTION_BWD = {aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
+
+
+def node_flops(node: fx.Node) -> int:
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return 0
+    if node.target in _ATTENTION_FWD:
+        return _attention_flops(node)
+    if node.target in _ATTENTION_BWD:
+        # args: grad_out, query, key, value, ...
+        q, k = node.args[1].meta["val"], node.args[2].meta["val"]
+        b, h, lq, d = q.shape
+        return int(2.5 * 4 * b * h * lq * k.shape[2] * d)
+    formula = flop_registry.get(node.target.overloadpacket)
+    if formula is None:
+        return 0
+    val = lambda a: a.meta["val"] if isinstance(a, fx.Node) else a  # noqa: E731
+    args = fx.map_arg(node.args, val)
+    kwargs = fx.map_arg(node.kwargs, val)
+    try:
+        return int(formula(*args, **kwargs, out_val=node.meta.get("val")))
+    except Exception:  # noqa: BLE001 - a formula that does not fit this call: count it as memory-bound
+        return 0
+
+
+def node_bytes(node: fx.Node) -> int:
+    """Bytes a compute node reads and writes (views move nothing)."""
+    if node.op != "call_function" or node.target in ALIAS_OPS or node.target is operator.getitem:
+        return 0
+    read = sum(tensor_bytes(a.meta.get("val")) for a in node.all_input_nodes)
+    return read + tensor_bytes(node.meta.get("val"))
+
+
+def compute_seconds(node: fx.Node, hw: Hardware) -> float:
+    if node.op != "call_function" or node.target in ALIAS_OPS or node.target is operator.getitem:
+        return 0.0
+    val = node.meta.get("val")
+    dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
+    return max(node_flops(node) / hw.flops(dtype), node_bytes(node) / hw.mem_bw) + hw.op_overhead
+
+
+def collective_seconds(node: fx.Node, program: DistProgram, hw: Hardware) -> float:
+    kind = collectives.kind(node)
+    n = program.mesh.size(collectives.axis_of(node))
+    if n == 1:
+        return 0.0
+    volume = collectives.volume_bytes(kind, tensor_bytes(node.args[0].meta["val"]), tensor_bytes(node.meta["val"]))
+    return hw.alpha + volume * (n - 1) / n / hw.link_bw
+
+
+@dataclass
+class Simulation:
+    step_seconds: float
+    compute_seconds: float
+    comm_seconds: float
+    exposed_comm_seconds: float
+    peak_bytes: int
+    flops: int
+
+    def describe(self) -> str:
+        return (
+            f"step {self.step_seconds * 1e3:.2f} ms (compute {self.compute_seconds * 1e3:.2f} ms, "
+            f"communication {self.comm_seconds * 1e3:.2f} ms of which exposed {self.exposed_comm_seconds * 1e3:.2f} ms), "
+            f"peak {self.peak_bytes / 2**20:.1f} MiB, {self.flops / 1e9:.2f} GFLOP"
+        )
+
+
+def simulate(program: DistProgram, hw: Hardware) -> Simulation:
+    compute_t = comm_t = 0.0
+    busy_compute = busy_comm = exposed = 0.0
+    flops = 0
+    done: dict[fx.Node, float] = {}
+    for node in program.graph.nodes:
+        if collectives.is_start(node):
+            cost = collective_seconds(node, program, hw)
+            comm_t = max(comm_t, compute_t) + cost
+            done[node] = comm_t
+            busy_comm += cost
+        elif collectives.is_wait(node):
+            ready = done[node.args[0]]
+            if ready > compute_t:
+                exposed += ready - compute_t
+                compute_t = ready
+        elif collectives.is_collective(node):
+            cost = collective_seconds(node, program, hw)
+            begin = max(comm_t, compute_t)
+            comm_t = begin + cost
+            exposed += comm_t - compute_t
+            compute_t = comm_t
+            busy_comm += cost
+        else:
+            cost = compute_seconds(node, hw)
+            compute_t += cost
+            busy_compute += cost
+            flops += node_flops(node)
+    return Simulation(
+        step_seconds=max(compute_t, comm_t),
+        compute_seconds=busy_compute,
+        comm_seconds=busy_comm,
+        exposed_comm_seconds=exposed,
+        peak_bytes=memory_timeline(program).peak,
+        flops=flops,
+    )
+
+
+def roofline_table(program: DistProgram, hw: Hardware) -> list[dict[str, Any]]:
+    """Per compute node: FLOPs, bytes, seconds (for tools and the recompute pass)."""
+    rows = []
+    for node in program.graph.nodes:
+        if node.op == "call_function" and not collectives.is_collective(node) and not collectives.is_wait(node):
+            rows.append(
+                {
+                    "node": node.name,
+                    "flops": node_flops(node),
+                    "bytes": node_bytes(node),
+                    "seconds": compute_seconds(node, hw),
+                }
+            )
+    return rows

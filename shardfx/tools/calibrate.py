@@ -77,7 +77,7 @@ def measure_gloo() -> tuple[float, float]:
     for numel in (256, 16 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024):
         shard = torch.ones(numel // world)
         out = torch.empty(shard.numel() * world)
-        seconds = _best(lambda: dist.all_gather_into_tensor(out, shard), repeat=7)
+        seconds = _best(lambda out=out, shard=shard: dist.all_gather_into_tensor(out, shard), repeat=7)
         sent = out.numel() * 4 * (world - 1) / world
         rows.append((sent, seconds))
     # bandwidth from the two largest messages (latency cancels), latency from the smallest

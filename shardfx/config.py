@@ -14,6 +14,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "mixed_precision": (None, "bf16"),
     "reduce_dtype": ("fp32", "bf16"),
     "batchnorm": ("global", "local"),
+    "recompute": ("none", "full", "selective", "budget"),
 }
 
 
@@ -32,6 +33,12 @@ class Config:
         semantics); "local" keeps each rank's own statistics (DDP's behaviour).
     bucket_mb: merge the collectives of one block into flat buckets of at most this many MiB (0: off).
     overlap: issue collectives asynchronously and prefetch parameter gathers `prefetch` blocks ahead.
+    recompute: activation recomputation: "none", "full" (every block, keeping block inputs),
+        "selective" (the attention core), "budget" (the cheapest recomputation that brings the
+        simulated peak to memory_budget).
+    memory_budget: for recompute="budget": peak bytes per rank (> 1) or a fraction of the peak
+        without recomputation (<= 1).
+    hardware: the cost model's hardware profile for decisions (shardfx.graphs.cost_model.PROFILES).
     collective_timeout: seconds a rank waits in a collective before every rank fails.
     dump_dir: write the printed program after every pass into this folder.
     disable_passes: names of optional passes to skip (for bisecting).
@@ -46,6 +53,9 @@ class Config:
     bucket_mb: float = 0.0
     overlap: bool = False
     prefetch: int = 1
+    recompute: str = "none"
+    memory_budget: float | None = None
+    hardware: str = "cpu"
     collective_timeout: float = 60.0
     dump_dir: str | None = None
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
@@ -65,6 +75,12 @@ class Config:
             raise TypeError(f"Config.overlap must be a bool; got {self.overlap!r}")
         if not (isinstance(self.prefetch, int) and self.prefetch >= 1):
             raise ValueError(f"Config.prefetch must be an integer >= 1; got {self.prefetch!r}")
+        if self.recompute == "budget" and not (
+            isinstance(self.memory_budget, (int, float)) and self.memory_budget > 0
+        ):
+            raise ValueError(
+                f"Config(recompute='budget') needs memory_budget > 0 (bytes, or a fraction <= 1); got {self.memory_budget!r}"
+            )
         if not (isinstance(self.collective_timeout, (int, float)) and self.collective_timeout > 0):
             raise ValueError(f"Config.collective_timeout must be positive seconds; got {self.collective_timeout!r}")
         if isinstance(self.disable_passes, str):

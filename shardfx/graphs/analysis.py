@@ -62,6 +62,13 @@ class MemoryTimeline:
     held: int  # bytes the runtime holds all step: the placeholders (returned values are held from when they are made)
     peak: int
     peak_node: fx.Node | None
+    lifetimes: dict[fx.Node, tuple[int, int, int]]  # owner -> (alloc index, free index, bytes); held ones excluded
+
+    def live_at(self, node: fx.Node) -> list[tuple[fx.Node, int]]:
+        """The allocations live while `node` runs, largest first: what makes up its live bytes."""
+        i = self.nodes.index(node)
+        live = [(o, nbytes) for o, (a, f, nbytes) in self.lifetimes.items() if a <= i <= f]
+        return sorted(live, key=lambda t: -t[1])
 
     def peak_mib(self) -> float:
         return self.peak / 2**20
@@ -102,6 +109,7 @@ def memory_timeline(program: DistProgram) -> MemoryTimeline:
     held = 0
     frees: Counter = Counter()
     allocs: Counter = Counter()
+    lifetimes: dict[fx.Node, tuple[int, int, int]] = {}
     for o, nbytes in size.items():
         if o.op == "placeholder":
             held += nbytes
@@ -109,6 +117,7 @@ def memory_timeline(program: DistProgram) -> MemoryTimeline:
         allocs[index[o]] += nbytes
         if o not in returned:  # returned values stay allocated to the end of the step
             frees[last_use[o]] += nbytes
+        lifetimes[o] = (index[o], last_use[o] if o not in returned else len(nodes), nbytes)
     # multi-output ops: elements nobody reads exist only while the op runs
     transient = Counter()
     for n in nodes:
@@ -123,7 +132,7 @@ def memory_timeline(program: DistProgram) -> MemoryTimeline:
         current -= frees[i]
     peak = max(live) if live else held
     peak_node = nodes[live.index(peak)] if live else None
-    return MemoryTimeline(nodes, live, held, peak, peak_node)
+    return MemoryTimeline(nodes, live, held, peak, peak_node, lifetimes)
 
 
 def collective_summary(program: DistProgram) -> dict[str, dict[str, int]]:

@@ -16,6 +16,7 @@ from shardfx.passes.bucket_collectives import bucket_collectives
 from shardfx.passes.clip_gradients import clip_gradients
 from shardfx.passes.data_parallel import data_parallel
 from shardfx.passes.manager import Pass
+from shardfx.passes.recompute import recompute
 from shardfx.passes.schedule_overlap import schedule_overlap
 from shardfx.passes.shard_gradients import shard_gradients
 from shardfx.passes.shard_optimizer_state import shard_optimizer_state
@@ -32,6 +33,14 @@ def pipeline(config: Config, mesh: Mesh) -> list[Pass]:
                 "sync_batch_norm",
                 partial(sync_batch_norm, axis="dp"),
                 "batch statistics over the global batch, as on one device",
+            )
+        )
+    if config.recompute != "none":
+        passes.append(
+            Pass(
+                "recompute",
+                partial(recompute, policy=config.recompute, budget=config.memory_budget, hw=config.hardware),
+                "drop forward values the backward needs and compute them again there: activation memory",
             )
         )
     passes.append(_data_parallel_pass(config))

@@ -79,6 +79,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_default: str |
         default=model_default,
         help=f"built-in model name (see shardfx.models.build_model){f'; default {model_default}' if model_default else ''}",
     )
+    add_size_arguments(parser)
+
+
+def add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """--preset and --set: the size of a model named elsewhere (by --model or a MODEL argument)."""
     presets = ", ".join(f"{m}: {'/'.join(p)}" for m, p in PRESETS.items())
     defaults = ", ".join(f"{m}: {p}" for m, p in DEFAULT_PRESET.items())
     parser.add_argument("--preset", help=f"named model size ({presets}); default ({defaults})")

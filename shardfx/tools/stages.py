@@ -1,0 +1,221 @@
+"""Compile a model stage by stage: the program after capture and after each pass, for the debugging tools.
+
+`compile_stages(spec, config, world_size)` captures the step as
+compile_distributed does (one rank's batch shape), then runs the pipeline one
+pass at a time through passes.manager.run_passes (which times, verifies and
+names the pass on failure), keeping a copy of the program after each pass.
+Stage 0 is "capture"; stage i is the program after the i-th pass.
+
+`add_compile_arguments` gives the commands their shared flags (world size,
+ZeRO stage, precision, clipping, passes to disable or append).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from tqdm import tqdm
+
+from shardfx.config import Config
+from shardfx.errors import PassError
+from shardfx.graphs.analysis import collective_summary, memory_timeline
+from shardfx.graphs.capture import capture
+from shardfx.graphs.program import DistProgram, Mesh
+from shardfx.passes.manager import Pass, PassContext, PassRecord, run_passes
+from shardfx.passes.pipeline import pipeline
+from shardfx.tools.model_spec import ModelSpec, load_object
+from shardfx.tools.options import key_value, positive_float, positive_int
+
+CAPTURE = "capture"
+
+
+@dataclass
+class Stage:
+    index: int  # 0: capture; i: after the i-th pass
+    name: str  # "capture" or the pass name
+    program: DistProgram  # this stage's own copy
+    seconds: float  # time the capture or the pass took
+    record: PassRecord | None = None  # None for the capture
+    disabled: bool = False  # the pass was named by --disable: the program is the previous stage's
+
+    def stats(self) -> dict[str, Any]:
+        """Nodes, collectives by kind, bytes per step and estimated per-rank peak memory (graphs.analysis)."""
+        summary = collective_summary(self.program)
+        return {
+            "nodes": len(self.program.graph.nodes),
+            "collectives": summary["calls"],
+            "comm_bytes": sum(summary["volume"].values()),
+            "peak_bytes": memory_timeline(self.program).peak,
+        }
+
+
+def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose the pipeline (shared by passes, viz and bisect)."""
+    group = parser.add_argument_group("compilation (as shardfx.Config)")
+    group.add_argument(
+        "--world-size", type=positive_int, default=2, metavar="N", help="number of ranks (default %(default)s)"
+    )
+    group.add_argument(
+        "--zero",
+        "--zero-stage",
+        dest="zero_stage",
+        type=int,
+        choices=(0, 1, 2, 3),
+        default=0,
+        help="ZeRO stage: 0 data parallel, 1 shard optimizer states, 2 + gradients, 3 + parameters (default 0)",
+    )
+    group.add_argument(
+        "--reshard",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ZeRO-3: free gathered parameters after the forward and gather them again for the backward "
+        "(default); --no-reshard keeps them from forward to backward",
+    )
+    group.add_argument("--bf16", action="store_true", help="bf16 mixed precision (fp32 master shards)")
+    group.add_argument(
+        "--reduce-dtype", choices=("fp32", "bf16"), default="fp32", help="with --bf16: dtype gradients are reduced in"
+    )
+    group.add_argument("--grad-clip", type=positive_float, metavar="X", help="clip gradients to this global norm")
+    group.add_argument(
+        "--batchnorm",
+        choices=("global", "local"),
+        default="global",
+        help="global: batch statistics over the global batch; local: each rank's own (DDP) (default global)",
+    )
+    group.add_argument(
+        "--config",
+        dest="config_items",
+        metavar="KEY=VALUE",
+        type=key_value,
+        action="append",
+        default=[],
+        help=f"set any other Config field, e.g. --config bucket_mb=25 (repeatable; keys: {', '.join(Config.keys())})",
+    )
+    group.add_argument(
+        "--disable", metavar="PASS", action="append", default=[], help="skip this pass of the pipeline (repeatable)"
+    )
+    group.add_argument(
+        "--append-pass",
+        metavar="MODULE:FUNCTION",
+        action="append",
+        default=[],
+        help="append a pass after the pipeline: a function (program, ctx) -> PassResult or a Pass, "
+        "as path/to/file.py:NAME or package.module:NAME (repeatable)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    values: dict[str, Any] = dict(
+        zero_stage=args.zero_stage,
+        reshard_after_forward=args.reshard,
+        mixed_precision="bf16" if args.bf16 else None,
+        reduce_dtype=args.reduce_dtype,
+        grad_clip=args.grad_clip,
+        batchnorm=args.batchnorm,
+        disable_passes=tuple(args.disable),
+    )
+    values.update(dict(args.config_items))
+    return Config.from_dict(values)
+
+
+def extra_passes_from_args(args: argparse.Namespace) -> list[Pass]:
+    return [as_pass(load_object(text), text) for text in args.append_pass]
+
+
+def as_pass(obj: Any, text: str = "") -> Pass:
+    """A Pass, or a pass function wrapped in one (named after the function)."""
+    if isinstance(obj, Pass):
+        return obj
+    if not callable(obj):
+        raise TypeError(f"{text or obj!r} must be a pass function (program, ctx) -> PassResult or a Pass")
+    name = getattr(obj, "__name__", None) or text.rpartition(":")[2]
+    return Pass(name, obj, f"appended with --append-pass {text}".rstrip())
+
+
+def pass_list(config: Config, world_size: int, extra_passes: list[Pass] = ()) -> list[Pass]:
+    return pipeline(config, Mesh.of(dp=world_size)) + list(extra_passes)
+
+
+def check_pass_name(name: str, passes: list[Pass], option: str, capture_ok: bool = False) -> None:
+    allowed = ([CAPTURE] if capture_ok else []) + [p.name for p in passes]
+    if name not in allowed:
+        raise ValueError(f"{option} {name}: no such pass in this pipeline; allowed: {', '.join(allowed)}")
+
+
+def compile_stages(
+    spec: ModelSpec,
+    config: Config,
+    world_size: int,
+    *,
+    extra_passes: list[Pass] = (),
+    stop_after: str | None = None,
+    progress: bool = False,
+) -> list[Stage]:
+    """The program after capture and after every pass (up to `stop_after`), each its own copy."""
+    mesh = Mesh.of(dp=world_size)
+    passes = pass_list(config, world_size, extra_passes)
+    for name in config.disable_passes:
+        check_pass_name(name, passes, "--disable")
+    if stop_after is not None:
+        check_pass_name(stop_after, passes, "--stop-after", capture_ok=True)
+        names = [CAPTURE] + [p.name for p in passes]
+        passes = passes[: names.index(stop_after)]
+    for i, x in enumerate(spec.batch):
+        if x.dim() == 0 or x.shape[0] % world_size:
+            raise ValueError(
+                f"example batch[{i}] has shape {list(x.shape)}: its dim 0 must divide into {world_size} ranks"
+            )
+    bar = tqdm(total=len(passes) + 1, desc=CAPTURE, unit="stage", disable=True if not progress else None, leave=False)
+    local_batch = tuple(x[: x.shape[0] // world_size] for x in spec.batch)  # the graph is one rank's step
+    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
+    captured = capture(spec.model, local_batch, spec.loss_fn, compute_dtype)
+    program = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
+    stages = [Stage(0, CAPTURE, copy_program(program), captured.seconds)]
+    bar.update()
+    ctx = PassContext(config)
+    for i, p in enumerate(passes, start=1):
+        bar.set_description(p.name)
+        try:
+            program, (record,) = run_passes(program, [p], ctx)
+        except PassError as exc:  # run one at a time, the manager cannot know the passes before
+            raise _with_passes_before(exc, [s.name for s in stages[1:] if not s.disabled]) from exc
+        stages.append(Stage(i, p.name, copy_program(program), record.seconds, record, disabled=record.skipped))
+        bar.update()
+    bar.close()
+    return stages
+
+
+def find_stage(stages: list[Stage], name: str, option: str) -> Stage:
+    """A stage by name ("capture" or a pass) or number."""
+    for stage in stages:
+        if stage.name == name or str(stage.index) == name:
+            return stage
+    allowed = ", ".join(s.name for s in stages)
+    raise ValueError(f"{option} {name}: no such stage (compiled: {allowed})")
+
+
+def copy_program(program: DistProgram) -> DistProgram:
+    """A copy that later passes cannot change: a new graph and signature (node meta is copied per node)."""
+    gm = fx.GraphModule(program.gm, copy.deepcopy(program.graph))
+    return DistProgram(
+        gm,
+        copy.deepcopy(program.signature),
+        program.mesh,
+        program.fake_mode,
+        dict(program.shard_specs),
+        dict(program.notes),
+    )
+
+
+def _with_passes_before(exc: PassError, done: list[str]) -> PassError:
+    before = ", ".join([CAPTURE, *done])
+    message = str(exc).replace("(passes before it: none)", f"(passes before it: {before})", 1)
+    error = PassError(message)
+    error.node = exc.node
+    return error

@@ -9,12 +9,13 @@ loss = engine.train_step(*batch)
 from shardfx.api import compile_distributed
 from shardfx.config import Config
 from shardfx.errors import CollectiveError, PassError, ShardfxError, TraceError, VerificationError
-from shardfx.runtime.engine import Engine
+from shardfx.runtime.engine import Engine, NonFiniteError
 
 __all__ = [
     "CollectiveError",
     "Config",
     "Engine",
+    "NonFiniteError",
     "PassError",
     "ShardfxError",
     "TraceError",

@@ -25,25 +25,44 @@ def compile_distributed(
     optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
     config: Config | dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
 ) -> Engine:
     """Compile `model`'s training step for `world_size` ranks and return an Engine.
 
     With a loss_fn, loss = loss_fn(model(*batch[:-1]), batch[-1]); without one,
     model(*batch) returns the loss (a tensor, the first element of a tuple, or .loss).
-    `optimizer` is a factory called with each rank's local parameters.
+    `optimizer` is a factory called with each rank's local parameters; `scheduler` (optional)
+    a factory called with each rank's optimizer, e.g. lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10),
+    stepped after every optimizer step. With Config(grad_accum_steps=k), example_inputs is
+    one micro-batch (over all ranks); train_step takes k of them stacked.
     """
     config = _check_args(model, world_size, example_inputs, loss_fn, optimizer, config)
     world = _resolve_world_size(world_size)
     batch = tuple(example_inputs)
-    _check_batch_split(batch, world)
-    mesh = Mesh.of(dp=world)
-    # The graph is one rank's step: trace it at the per-rank batch shape.
-    local_batch = tuple(x[: x.shape[0] // world] for x in batch)
-    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
-    captured = capture(model, local_batch, loss_fn, compute_dtype)
-    program = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
-    ctx = PassContext(config, log or (lambda line: None))
-    program, records = run_passes(program, pipeline(config, mesh), ctx, dump_dir=config.dump_dir)
+    if world % config.tp_size != 0:
+        raise ValueError(f"world size {world} is not a multiple of Config.tp_size={config.tp_size}")
+    dp = world // config.tp_size  # ranks that split the batch; the tp ranks of one dp group share a slice
+    _check_batch_split(batch, dp)
+    _check_batch_sizes(batch, dp, config)
+    if scheduler is not None and not callable(scheduler):
+        raise TypeError(
+            f"scheduler must be a factory taking a rank's optimizer, or None; got {type(scheduler).__name__}"
+        )
+    mesh = Mesh.of(dp=dp, tp=config.tp_size) if config.tp_size > 1 else Mesh.of(dp=dp)
+    # With accumulation the engine clips the summed gradient at the boundary, not each micro-batch.
+    graph_config = config.replace(grad_clip=None) if config.grad_accum_steps > 1 else config
+
+    def compile_for(batch: tuple[torch.Tensor, ...]) -> tuple[DistProgram, list[Any], float]:
+        # The graph is one rank's step: trace it at the per-rank batch shape.
+        local_batch = tuple(x[: x.shape[0] // dp] for x in batch)
+        compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
+        captured = capture(model, local_batch, loss_fn, compute_dtype)
+        program = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
+        ctx = PassContext(graph_config, log or (lambda line: None))
+        program, records = run_passes(program, pipeline(graph_config, mesh), ctx, dump_dir=config.dump_dir)
+        return program, records, captured.seconds
+
+    program, records, seconds = compile_for(batch)
     runtime: Any
     if _launched():
         from shardfx.runtime.distributed import DistributedRuntime
@@ -53,7 +72,18 @@ def compile_distributed(
         from shardfx.runtime.local import LocalRuntime
 
         runtime = LocalRuntime(program, model, optimizer, timeout=config.collective_timeout)
-    return Engine(runtime, batch, records, captured.seconds)
+    return Engine(
+        runtime,
+        batch,
+        records,
+        seconds,
+        config=config,
+        scheduler=scheduler,
+        compile_for=lambda new_batch: compile_for(new_batch)[0],
+        model=model,
+        loss_fn=loss_fn,
+        log=log,
+    )
 
 
 def _launched() -> bool:
@@ -114,3 +144,19 @@ def _check_batch_split(batch: tuple[Any, ...], dp: int) -> None:
                 f"example_inputs[{i}] has batch size {x.shape[0]} (dim 0), which does not divide into "
                 f"{dp} data-parallel ranks; use a batch size that is a multiple of {dp}"
             )
+
+
+def _check_batch_sizes(batch: tuple[Any, ...], dp: int, config: Config) -> None:
+    """The example batch against Config.micro_batch_size / train_batch_size (set e.g. from a DeepSpeed config)."""
+    rows = batch[0].shape[0]
+    if config.micro_batch_size is not None and rows != config.micro_batch_size * dp:
+        raise ValueError(
+            f"example_inputs has batch size {rows}; Config.micro_batch_size={config.micro_batch_size} on {dp} ranks "
+            f"needs {config.micro_batch_size * dp}"
+        )
+    total = rows * config.grad_accum_steps
+    if config.train_batch_size is not None and total != config.train_batch_size:
+        raise ValueError(
+            f"Config.train_batch_size={config.train_batch_size}, but example_inputs' batch of {rows} x "
+            f"grad_accum_steps={config.grad_accum_steps} is {total}"
+        )

@@ -6,6 +6,9 @@ Unknown keys and bad values are errors that name the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +18,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "reduce_dtype": ("fp32", "bf16"),
     "batchnorm": ("global", "local"),
     "recompute": ("none", "full", "selective", "budget"),
+    "on_nonfinite": ("skip", "stop", "ignore"),
 }
 
 
@@ -33,6 +37,8 @@ class Config:
         semantics); "local" keeps each rank's own statistics (DDP's behaviour).
     bucket_mb: merge the collectives of one block into flat buckets of at most this many MiB (0: off).
     overlap: issue collectives asynchronously and prefetch parameter gathers `prefetch` blocks ahead.
+    tp_size: tensor-parallel ranks (world size = dp x tp); Linear layers split Megatron-style.
+    tp_plan: {module pattern: "colwise" | "rowwise" | "replicate"}; None: the automatic plan.
     recompute: activation recomputation: "none", "full" (every block, keeping block inputs),
         "selective" (the attention core), "budget" (the cheapest recomputation that brings the
         simulated peak to memory_budget).
@@ -42,6 +48,16 @@ class Config:
     collective_timeout: seconds a rank waits in a collective before every rank fails.
     dump_dir: write the printed program after every pass into this folder.
     disable_passes: names of optional passes to skip (for bisecting).
+    grad_accum_steps: micro-batches per optimizer step; `engine(*micro_batch)` takes one,
+        `train_step(*batch)` takes grad_accum_steps of them stacked on dim 0.
+    micro_batch_size: per-rank samples of one micro-batch (None: whatever the example batch holds);
+        when set, compile_distributed checks the example batch against it.
+    train_batch_size: samples per optimizer step over all ranks (micro_batch_size x
+        grad_accum_steps x world size; None: not checked).
+    on_nonfinite: what a non-finite loss or gradient norm does: "skip" the optimizer step
+        (reported, counted in engine.stats()), "stop" (raise NonFiniteError), "ignore" (step anyway).
+    max_batch_shapes: compiled steps kept for different batch shapes (least recently used
+        dropped); 1 makes a new batch shape an error instead of a recompile.
     """
 
     zero_stage: int = 0
@@ -53,12 +69,19 @@ class Config:
     bucket_mb: float = 0.0
     overlap: bool = False
     prefetch: int = 1
+    tp_size: int = 1
+    tp_plan: dict[str, str] | None = None
     recompute: str = "none"
     memory_budget: float | None = None
     hardware: str = "cpu"
     collective_timeout: float = 60.0
     dump_dir: str | None = None
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
+    grad_accum_steps: int = 1
+    micro_batch_size: int | None = None
+    train_batch_size: int | None = None
+    on_nonfinite: str = "skip"
+    max_batch_shapes: int = 4
 
     def __post_init__(self) -> None:
         for key, allowed in _CHOICES.items():
@@ -75,14 +98,21 @@ class Config:
             raise TypeError(f"Config.overlap must be a bool; got {self.overlap!r}")
         if not (isinstance(self.prefetch, int) and self.prefetch >= 1):
             raise ValueError(f"Config.prefetch must be an integer >= 1; got {self.prefetch!r}")
-        if self.recompute == "budget" and not (
-            isinstance(self.memory_budget, (int, float)) and self.memory_budget > 0
-        ):
+        if not (isinstance(self.tp_size, int) and not isinstance(self.tp_size, bool) and self.tp_size >= 1):
+            raise ValueError(f"Config.tp_size must be an integer >= 1; got {self.tp_size!r}")
+        if self.tp_plan is not None and not isinstance(self.tp_plan, dict):
+            raise TypeError(f"Config.tp_plan must be a dict of module pattern -> style, or None; got {self.tp_plan!r}")
+        if self.recompute == "budget" and not (isinstance(self.memory_budget, (int, float)) and self.memory_budget > 0):
             raise ValueError(
                 f"Config(recompute='budget') needs memory_budget > 0 (bytes, or a fraction <= 1); got {self.memory_budget!r}"
             )
         if not (isinstance(self.collective_timeout, (int, float)) and self.collective_timeout > 0):
             raise ValueError(f"Config.collective_timeout must be positive seconds; got {self.collective_timeout!r}")
+        for key in ("grad_accum_steps", "max_batch_shapes"):
+            _check_int(key, getattr(self, key))
+        for key in ("micro_batch_size", "train_batch_size"):
+            if getattr(self, key) is not None:
+                _check_int(key, getattr(self, key))
         if isinstance(self.disable_passes, str):
             object.__setattr__(self, "disable_passes", (self.disable_passes,))
         object.__setattr__(self, "disable_passes", tuple(self.disable_passes))
@@ -98,5 +128,148 @@ class Config:
             raise ValueError(f"unknown Config keys {unknown}; allowed keys: {cls.keys()}")
         return cls(**values)
 
+    @classmethod
+    def from_deepspeed(
+        cls, source: str | os.PathLike | dict[str, Any], *, world_size: int | None = None, unsupported: str = "warn"
+    ) -> Config:
+        """A Config from a DeepSpeed JSON config (a path or the parsed dict); see DEEPSPEED_KEYS.
+
+        Keys shardfx does not support are reported by their dotted names: `unsupported="warn"`
+        (a UserWarning, one line), "error" (ValueError) or "ignore". The list is also kept on the
+        returned object as `config.deepspeed_unsupported` (not a field: replace() drops it).
+        """
+        if unsupported not in ("warn", "error", "ignore"):
+            raise ValueError(f"unsupported={unsupported!r} is not allowed; choose one of ['warn', 'error', 'ignore']")
+        ds, where = _read_json(source)
+        values, skipped = _map_deepspeed(ds)
+        _check_batch_sizes(values, world_size, where)
+        if skipped and unsupported == "error":
+            raise ValueError(f"{where}: keys shardfx does not support: {', '.join(skipped)}")
+        if skipped and unsupported == "warn":
+            warnings.warn(f"{where}: ignoring keys shardfx does not support: {', '.join(skipped)}", stacklevel=2)
+        config = cls.from_dict(values)
+        object.__setattr__(config, "deepspeed_unsupported", skipped)
+        return config
+
     def replace(self, **changes: Any) -> Config:
         return self.from_dict({**dataclasses.asdict(self), **changes})
+
+
+def _check_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Config.{key} must be an integer >= 1; got {value!r}")
+
+
+# DeepSpeed key (dotted) -> (Config key, how the value converts). Everything else is reported.
+# reduce_bucket_size and stage3_prefetch_bucket_size count elements; shardfx buckets count
+# MiB of fp32 gradients (4 bytes an element), and prefetches whole buckets ahead.
+DEEPSPEED_KEYS: dict[str, str] = {
+    "zero_optimization.stage": "zero_stage",
+    "zero_optimization.reduce_bucket_size": "bucket_mb (elements x 4 bytes)",
+    "zero_optimization.stage3_prefetch_bucket_size": "prefetch (in buckets of reduce_bucket_size, at least 1)",
+    "zero_optimization.overlap_comm": "overlap",
+    "bf16.enabled": 'mixed_precision ("bf16" or None)',
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "gradient_clipping": "grad_clip (0: None)",
+    "train_micro_batch_size_per_gpu": "micro_batch_size",
+    "train_batch_size": "train_batch_size (checked: micro x accumulation x world size)",
+}
+# Keys that change nothing when they hold these values (DeepSpeed's own defaults for what we do).
+_HARMLESS = {"fp16.enabled": False, "bf16.enabled": False, "zero_optimization.reduce_scatter": True}
+
+
+def _read_json(source: Any) -> tuple[dict[str, Any], str]:
+    if isinstance(source, dict):
+        return source, "DeepSpeed config"
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"from_deepspeed takes a path to a JSON file or a dict; got {type(source).__name__}")
+    try:
+        with open(source) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read DeepSpeed config {os.fspath(source)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"DeepSpeed config {os.fspath(source)!r} must hold a JSON object; got {type(data).__name__}")
+    return data, os.fspath(source)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _map_deepspeed(ds: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """(Config keyword arguments, dotted DeepSpeed keys that were not mapped)."""
+    flat = _flatten(ds)
+    if isinstance(flat.get("zero_optimization"), bool):  # the old form: "zero_optimization": true means stage 1
+        flat["zero_optimization.stage"] = int(flat.pop("zero_optimization"))
+    values: dict[str, Any] = {}
+
+    def take(key: str, kind: Any, allowed: str) -> Any:
+        value = flat.pop(key)
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            raise ValueError(f"DeepSpeed key {key}={value!r} is not allowed; expected {allowed}")
+        return value
+
+    if "zero_optimization.stage" in flat:
+        stage = take("zero_optimization.stage", int, "one of [0, 1, 2, 3]")
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(
+                f"DeepSpeed key zero_optimization.stage={stage!r} is not allowed; expected one of [0, 1, 2, 3]"
+            )
+        values["zero_stage"] = stage
+    bucket = None
+    if "zero_optimization.reduce_bucket_size" in flat:
+        bucket = take("zero_optimization.reduce_bucket_size", (int, float), "a number of elements >= 0")
+        if bucket < 0:
+            raise ValueError(f"DeepSpeed key zero_optimization.reduce_bucket_size={bucket!r} must be >= 0")
+        values["bucket_mb"] = bucket * 4 / 2**20
+    if "zero_optimization.stage3_prefetch_bucket_size" in flat:
+        fetch = take("zero_optimization.stage3_prefetch_bucket_size", (int, float), "a number of elements >= 0")
+        if fetch < 0:
+            raise ValueError(f"DeepSpeed key zero_optimization.stage3_prefetch_bucket_size={fetch!r} must be >= 0")
+        values["prefetch"] = max(1, round(fetch / bucket)) if bucket else 1
+    if "zero_optimization.overlap_comm" in flat:
+        values["overlap"] = take("zero_optimization.overlap_comm", bool, "true or false")
+    if "bf16.enabled" in flat:
+        values["mixed_precision"] = "bf16" if take("bf16.enabled", bool, "true or false") else None
+    if "gradient_clipping" in flat:
+        clip = take("gradient_clipping", (int, float), "a number >= 0 (0: no clipping)")
+        if clip < 0:
+            raise ValueError(f"DeepSpeed key gradient_clipping={clip!r} must be >= 0 (0: no clipping)")
+        values["grad_clip"] = float(clip) if clip > 0 else None
+    for ds_key, key in (
+        ("gradient_accumulation_steps", "grad_accum_steps"),
+        ("train_micro_batch_size_per_gpu", "micro_batch_size"),
+        ("train_batch_size", "train_batch_size"),
+    ):
+        if ds_key in flat:
+            value = take(ds_key, int, "an integer >= 1")
+            if value < 1:
+                raise ValueError(f"DeepSpeed key {ds_key}={value!r} is not allowed; expected an integer >= 1")
+            values[key] = value
+    skipped = sorted(k for k, v in flat.items() if not (k in _HARMLESS and v == _HARMLESS[k]))
+    return values, skipped
+
+
+def _check_batch_sizes(values: dict[str, Any], world_size: int | None, where: str) -> None:
+    """train_batch_size = micro_batch_size x grad_accum_steps x world size, as DeepSpeed requires."""
+    total, micro = values.get("train_batch_size"), values.get("micro_batch_size")
+    accum = values.get("grad_accum_steps", 1)
+    if total is None or micro is None:
+        return
+    if world_size is not None and total != micro * accum * world_size:
+        raise ValueError(
+            f"{where}: train_batch_size={total} but train_micro_batch_size_per_gpu={micro} x "
+            f"gradient_accumulation_steps={accum} x world size {world_size} = {micro * accum * world_size}"
+        )
+    if total % (micro * accum) != 0:
+        raise ValueError(
+            f"{where}: train_batch_size={total} is not a multiple of train_micro_batch_size_per_gpu={micro} x "
+            f"gradient_accumulation_steps={accum} = {micro * accum}, so no world size fits"
+        )

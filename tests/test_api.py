@@ -57,7 +57,7 @@ def test_world_size_none_outside_a_launch() -> None:
         compile_(world_size=None)
 
 
-def test_train_step_with_a_new_batch_shape() -> None:
-    engine = compile_()
+def test_train_step_with_a_new_batch_shape_when_recompiling_is_off() -> None:
+    engine = compile_(config=shardfx.Config(max_batch_shapes=1))
     with pytest.raises(ValueError, match=r"batch\[0\] has shape \[4, 4\].*compiled for \[8, 4\]"):
         engine.train_step(X[:4], Y[:4])

@@ -31,6 +31,7 @@ class Communicator(Protocol):
     def all_gather(self, x: Tensor, axis: str, dim: int) -> Tensor: ...
     def reduce_scatter(self, x: Tensor, axis: str, op: str, dim: int) -> Tensor: ...
     def axis_size(self, axis: str) -> int: ...
+    def coordinate(self, axis: str) -> int: ...
     def start(self, kind: str, x: Tensor, axis: str, **kwargs: Any) -> Tensor: ...
     def wait(self, t: Tensor) -> Tensor: ...
 
@@ -153,6 +154,22 @@ def _(x: Tensor, axis: str, op: str, dim: int) -> Tensor:
     n = _axis_size_for_fake(axis)
     shape = list(x.shape)
     shape[dim] //= n
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("shardfx::chunk", mutates_args=())
+def chunk(x: Tensor, axis: str, dim: int, blocks: int) -> Tensor:
+    """This rank's slice of a replicated tensor along `dim` (per block when blocks > 1): no communication."""
+    comm = current()
+    n, r = comm.axis_size(axis), comm.coordinate(axis)
+    parts = x.tensor_split(blocks, dim=dim)
+    return torch.cat([p.tensor_split(n, dim=dim)[r] for p in parts], dim=dim).contiguous()
+
+
+@chunk.register_fake
+def _(x: Tensor, axis: str, dim: int, blocks: int) -> Tensor:
+    shape = list(x.shape)
+    shape[dim] //= _axis_size_for_fake(axis)
     return x.new_empty(shape)
 
 

@@ -14,10 +14,14 @@ import torch
 
 @dataclass(frozen=True)
 class Shard:
+    """Split along `dim`; with blocks=k the dim is k equal blocks, each split the same way
+    (a fused q|k|v projection: every rank holds its slice of q, of k and of v)."""
+
     dim: int
+    blocks: int = 1
 
     def __str__(self) -> str:
-        return f"S({self.dim})"
+        return f"S({self.dim})" if self.blocks == 1 else f"S({self.dim}/{self.blocks})"
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class ShardSpec:
     dim: int
     world: int
     full_shape: tuple[int, ...]
+    blocks: int = 1  # > 1: the dim is `blocks` equal blocks, each split over the ranks (no padding)
 
     @property
     def shard_size(self) -> int:
@@ -72,6 +77,11 @@ class ShardSpec:
     def shard(self, full: torch.Tensor, rank: int) -> torch.Tensor:
         """This rank's shard of the full tensor (a fresh, contiguous tensor, zero-padded)."""
         assert tuple(full.shape) == self.full_shape, (full.shape, self.full_shape)
+        if self.blocks > 1:
+            blocks = full.tensor_split(self.blocks, dim=self.dim)
+            return torch.cat(
+                [b.tensor_split(self.world, dim=self.dim)[rank] for b in blocks], dim=self.dim
+            ).contiguous()
         start = rank * self.shard_size
         stop = min(start + self.shard_size, self.full_shape[self.dim])
         out = full.new_zeros(self.shard_shape)
@@ -82,5 +92,17 @@ class ShardSpec:
     def unshard(self, shards: list[torch.Tensor]) -> torch.Tensor:
         """The full, unpadded tensor from every rank's shard, in rank order."""
         assert len(shards) == self.world
+        if self.blocks > 1:
+            per_rank = [s.tensor_split(self.blocks, dim=self.dim) for s in shards]
+            return torch.cat(
+                [torch.cat([p[b] for p in per_rank], dim=self.dim) for b in range(self.blocks)], dim=self.dim
+            )
         padded = torch.cat(shards, dim=self.dim)
         return padded.narrow(self.dim, 0, self.full_shape[self.dim]).contiguous()
+
+
+def local_shard(full: torch.Tensor, specs: list[ShardSpec], coords: dict[str, int]) -> torch.Tensor:
+    """Apply shard specs in order (tensor parallel first, then ZeRO on what is left)."""
+    for spec in specs:
+        full = spec.shard(full, coords[spec.axis])
+    return full

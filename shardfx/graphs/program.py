@@ -67,7 +67,8 @@ class DistProgram:
     signature: Signature
     mesh: Mesh
     fake_mode: Any
-    shard_specs: dict[str, ShardSpec] = field(default_factory=dict)
+    shard_specs: dict[str, ShardSpec] = field(default_factory=dict)  # ZeRO, on the "dp" axis
+    tp_specs: dict[str, ShardSpec] = field(default_factory=dict)  # tensor parallel, applied first
     notes: dict[str, Any] = field(default_factory=dict)  # what passes decided, for tools
 
     @property
@@ -85,6 +86,10 @@ class DistProgram:
 
     def set_outputs(self, values: list[fx.Node]) -> None:
         self.output_node().args = (tuple(values),)
+
+    def specs(self, name: str) -> list[ShardSpec]:
+        """The shard specs of a parameter, in the order they apply to the full tensor."""
+        return [s for s in (self.tp_specs.get(name), self.shard_specs.get(name)) if s is not None]
 
     def recompile(self) -> None:
         self.graph.lint()

@@ -22,6 +22,7 @@ from shardfx.passes.shard_gradients import shard_gradients
 from shardfx.passes.shard_optimizer_state import shard_optimizer_state
 from shardfx.passes.shard_parameters import shard_parameters
 from shardfx.passes.sync_batch_norm import sync_batch_norm
+from shardfx.passes.tensor_parallel import tensor_parallel
 
 
 def pipeline(config: Config, mesh: Mesh) -> list[Pass]:
@@ -33,6 +34,16 @@ def pipeline(config: Config, mesh: Mesh) -> list[Pass]:
                 "sync_batch_norm",
                 partial(sync_batch_norm, axis="dp"),
                 "batch statistics over the global batch, as on one device",
+            )
+        )
+    if config.tp_size > 1:
+        if config.grad_clip is not None:
+            raise ValueError("Config.grad_clip with tp_size > 1 is not supported yet (the norm would need a tp reduction)")
+        passes.append(
+            Pass(
+                "tensor_parallel",
+                partial(tensor_parallel, axis="tp", plan=config.tp_plan),
+                "split Linear layers over the tp ranks: colwise then rowwise, collectives where placements change",
             )
         )
     if config.recompute != "none":

@@ -60,7 +60,7 @@ def shard_placeholder(program: DistProgram, node: fx.Node, name: str, axis: str)
     spec = ShardSpec(axis=axis, dim=0, world=program.mesh.size(axis), full_shape=tuple(full.shape))
     with program.fake_mode:
         node.meta["val"] = torch.empty(spec.shard_shape, dtype=full.dtype, device=full.device)
-    node.meta[meta.PLACEMENT] = {axis: Shard(0)}
+    node.meta.setdefault(meta.PLACEMENT, {})[axis] = Shard(0)
     program.shard_specs[name] = spec
     return spec
 

@@ -60,6 +60,9 @@ class DistComm:
     def axis_size(self, axis: str) -> int:
         return self.mesh.size(axis)
 
+    def coordinate(self, axis: str) -> int:
+        return self.mesh.coords(self.rank)[axis]
+
     def _record(self, kind: str, axis: str, x: Tensor, out: Tensor) -> None:
         nb = lambda t: t.numel() * t.element_size()  # noqa: E731
         self.stats.record(kind, volume_bytes(kind, nb(x), nb(out)), self.mesh.size(axis))

@@ -43,13 +43,10 @@ class DistributedRuntime:
     def state_dict(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for spec in self.program.signature.params():
-            local = self.state.params[spec.name].detach()
-            shard = self.program.shard_specs.get(spec.name)
-            if shard is None:
-                value = local.clone()
-            else:
-                gathered = self.comm.all_gather(local, shard.axis, shard.dim)
-                value = gathered.narrow(shard.dim, 0, shard.full_shape[shard.dim]).contiguous()
+            value = self.state.params[spec.name].detach()
+            for shard in reversed(self.program.specs(spec.name)):  # undo ZeRO, then tensor parallel
+                gathered = self.comm.all_gather(value, shard.axis, shard.dim)
+                value = shard.unshard(list(gathered.tensor_split(shard.world, dim=shard.dim)))
             for name in (spec.name, *spec.aliases):
                 out[name] = value
         for name, buf in self.state.buffers.items():

@@ -1,13 +1,49 @@
-"""Engine: what a user trains with. Splits the global batch, runs the step on the runtime."""
+"""Engine: what a user trains with. Splits the global batch, runs the step on the runtime.
+
+One compiled graph runs forward AND backward (the joint graph); the optimizer runs
+outside it, on each rank's local shards. The verbs map onto that as follows:
+
+    loss = engine(*micro_batch)   runs the whole graph: forward, backward and the gradient
+                                  collectives; each rank adds its (already reduced) gradient
+                                  shards to the ones it keeps
+    engine.backward(loss)         bookkeeping only: the backward already ran
+    engine.step()                 at an accumulation boundary (every grad_accum_steps calls):
+                                  average the kept gradients, check them, clip, step the
+                                  optimizer and the LR scheduler; otherwise nothing
+    engine.train_step(*batch)     all three, over grad_accum_steps micro-batches stacked on dim 0
+
+Gradient accumulation reduces every micro-batch's gradients inside the graph (the
+reduction is not deferred to the boundary): same result, more traffic than DeepSpeed's
+no_sync. A non-finite loss or gradient norm is reported with its step and skipped,
+stopped on, or ignored per Config.on_nonfinite.
+"""
 
 from __future__ import annotations
 
+import base64
+import copy
+import logging
+import math
+import random
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from shardfx.config import Config
 from shardfx.graphs.program import DistProgram
+from shardfx.runtime import checkpoint
+from shardfx.runtime.checkpoint_layout import held_states, is_distributed
+from shardfx.runtime.executor import Executor
+
+logger = logging.getLogger("shardfx")
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradient norm was NaN or infinite and Config.on_nonfinite is "stop"."""
 
 
 class Runtime(Protocol):
@@ -21,41 +57,264 @@ class Runtime(Protocol):
 
 class Engine:
     def __init__(
-        self, runtime: Runtime, example_inputs: tuple[Tensor, ...], records: list[Any], capture_seconds: float
+        self,
+        runtime: Runtime,
+        example_inputs: tuple[Tensor, ...],
+        records: list[Any],
+        capture_seconds: float,
+        *,
+        config: Config | None = None,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        compile_for: Callable[[tuple[Tensor, ...]], DistProgram] | None = None,
+        model: torch.nn.Module | None = None,
+        loss_fn: Callable[..., Tensor] | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         self.runtime = runtime
         self.program = runtime.program
         self.pass_records = records
         self.capture_seconds = capture_seconds
-        self._shapes = [(tuple(x.shape), x.dtype) for x in example_inputs]
-        self.steps = 0
+        self.config = config or Config()
+        self._compile_for = compile_for
+        self._model, self._loss_fn = model, loss_fn
+        self._log = log or logger.warning
+        self._arity = len(example_inputs)
+        self._programs: OrderedDict[Any, tuple[DistProgram, Any]] = OrderedDict()
+        self._programs[_shape_key(example_inputs)] = (runtime.program, getattr(runtime, "executor", None))
+        self._states = [s for _, s in held_states(runtime)]
+        for state in self._states:
+            state.auto_step = False  # the engine decides when the optimizer runs
+            if scheduler is not None and state.optimizer is not None:
+                state.scheduler = scheduler(state.optimizer)
+        self.steps = 0  # optimizer steps, skipped ones included
+        self.micro_steps = 0  # engine(*batch) calls
+        self.samples = 0  # global samples seen (dim 0 of the batches)
+        self.skipped_steps = 0
+        self.last_grad_norm: float | None = None
+        self._phase = "idle"  # idle -> forward -> backward -> (step) idle
+        self._last_loss: Tensor | None = None
+        self._bad_loss: tuple[int, float] | None = None  # (micro-batch, loss) of a non-finite loss
+        self._eval: tuple[int, torch.nn.Module] | None = None
+
+    # --- training -----------------------------------------------------------------------------
 
     def train_step(self, *batch: Tensor) -> Tensor:
-        """Forward, backward and optimizer step on one global batch; returns the global mean loss."""
-        self._check_batch(batch)
+        """Forward, backward and one optimizer step on one global batch; returns the global mean loss.
+
+        With grad_accum_steps=k, `batch` holds k micro-batches stacked on dim 0 (k times the
+        example batch); they run one after another and the optimizer steps once.
+        """
+        k = self.config.grad_accum_steps
+        if k == 1:
+            micro = [batch]
+        else:
+            for i, x in enumerate(batch):
+                if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] % k:
+                    raise ValueError(
+                        f"train_step with grad_accum_steps={k} needs batch[{i}] with a dim 0 that divides by {k}; "
+                        f"got {getattr(x, 'shape', type(x).__name__)}"
+                    )
+            micro = list(zip(*(torch.chunk(x, k, dim=0) for x in batch)))
+        losses = []
+        for part in micro:
+            loss = self(*part)
+            self.backward(loss)
+            self.step()
+            losses.append(loss)
+        return losses[0] if k == 1 else torch.stack(losses).mean()
+
+    def __call__(self, *batch: Tensor) -> Tensor:
+        """Run the step's graph on one micro-batch (forward and backward); returns the global mean loss."""
+        if self._phase != "idle":
+            raise RuntimeError(
+                f"engine(*batch) called again before engine.backward(loss) and engine.step() (state: {self._phase})"
+            )
+        self._select_program(batch)
         loss = self.runtime.step(self._split(batch))
-        self.steps += 1
+        self.micro_steps += 1
+        self.samples += batch[0].shape[0]
+        value = float(loss)
+        if not math.isfinite(value) and self._bad_loss is None:
+            self._bad_loss = ((self.micro_steps - 1) % self.config.grad_accum_steps, value)
+        self._phase, self._last_loss = "forward", loss
         return loss
+
+    forward = __call__
+
+    def backward(self, loss: Tensor) -> None:
+        """Bookkeeping: the compiled graph already ran the backward of the loss engine(*batch) returned."""
+        if self._phase != "forward" or loss is not self._last_loss:
+            raise RuntimeError(
+                "engine.backward(loss) takes the loss the last engine(*batch) returned, once; "
+                f"state: {self._phase}" + ("" if loss is self._last_loss else ", and this is another tensor")
+            )
+        self._phase = "backward"
+
+    def step(self) -> None:
+        """Apply the optimizer at an accumulation boundary (every grad_accum_steps micro-batches)."""
+        if self._phase != "backward":
+            raise RuntimeError(
+                f"engine.step() comes after engine(*batch) and engine.backward(loss); state: {self._phase}"
+            )
+        self._phase = "idle"
+        k = self.config.grad_accum_steps
+        if self.micro_steps % k:
+            return
+        self.steps += 1
+        scale = 1.0 / k
+        norm = self._grad_norm() * scale
+        self.last_grad_norm = norm
+        bad_loss, self._bad_loss = self._bad_loss, None
+        if (bad_loss is not None or not math.isfinite(norm)) and self.config.on_nonfinite != "ignore":
+            for state in self._states:
+                state.zero_grad()
+            where = f"loss {bad_loss[1]} (micro-batch {bad_loss[0]})" if bad_loss else "loss finite"
+            message = f"step {self.steps}: non-finite {where}, gradient norm {norm}"
+            if self.config.on_nonfinite == "stop":
+                raise NonFiniteError(message + "; stopping (Config.on_nonfinite='stop')")
+            self.skipped_steps += 1
+            self._log(message + "; optimizer step skipped (Config.on_nonfinite='skip')")
+            return
+        clip = self.config.grad_clip
+        if k > 1 and clip is not None and math.isfinite(norm):
+            # With accumulation the clip_gradients pass is off (it would clip each micro-batch): clip here.
+            scale *= min(1.0, clip / (norm + 1e-6))
+        for state in self._states:
+            state.optimizer_step(scale if k > 1 else None)
+
+    def get_lr(self) -> list[float]:
+        """The learning rate of every optimizer param group (the same on every rank)."""
+        optimizer = self._states[0].optimizer
+        return [float(g["lr"]) for g in optimizer.param_groups] if optimizer is not None else []
+
+    # --- evaluation -----------------------------------------------------------------------------
+
+    def eval_step(self, *batch: Tensor) -> Tensor:
+        """The global mean loss on `batch`, forward only, in eval mode, with no optimizer or state change.
+
+        Runs eagerly (not a compiled graph) on a copy of the model holding the current full
+        weights (engine.state_dict(), refreshed after each optimizer step): the local runtime
+        evaluates the whole batch here; the distributed one evaluates this rank's slice and
+        averages over ranks. It costs one full model per process.
+        """
+        from shardfx.graphs.capture import extract_loss
+
+        if self._model is None:
+            raise RuntimeError("eval_step needs the engine built by shardfx.compile_distributed (it knows the model)")
+        if self._eval is None or self._eval[0] != self.steps:
+            model = self._eval[1] if self._eval is not None else copy.deepcopy(self._model)
+            model.load_state_dict(self.state_dict())
+            self._eval = (self.steps, model.eval())
+        model = self._eval[1]
+        if is_distributed(self.runtime):
+            batch = self._split(batch)[self.runtime.rank]
+        with torch.no_grad():
+            out = model(*batch[:-1]) if self._loss_fn is not None else model(*batch)
+            loss = self._loss_fn(out, batch[-1]) if self._loss_fn is not None else extract_loss(out)
+        loss = loss.detach().float()
+        if is_distributed(self.runtime):
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        return loss
+
+    # --- state ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Tensor]:
         """Full, unpadded tensors under the keys of model.state_dict()."""
         return self.runtime.state_dict()
 
-    def stats(self, rank: int = 0) -> dict[str, Any]:
-        """Per-rank bytes held (params, grads, optimizer state) and collectives of the last step."""
-        return {"memory": self.runtime.memory(rank), "comm": self.runtime.comm_stats(rank)}
+    def save_checkpoint(self, path: str, client_state: dict[str, Any] | None = None) -> None:
+        """Write model, optimizer, scheduler, step, data position, RNG and `client_state` (JSON) to the folder `path`.
 
-    def _check_batch(self, batch: tuple[Tensor, ...]) -> None:
-        if len(batch) != len(self._shapes):
-            raise TypeError(f"train_step got {len(batch)} tensors; the step was compiled for {len(self._shapes)}")
-        for i, (x, (shape, dtype)) in enumerate(zip(batch, self._shapes)):
+        Atomic (see shardfx.runtime.checkpoint). Call at an optimizer-step boundary; under the
+        distributed runtime every rank calls it.
+        """
+        if self._phase != "idle" or self.micro_steps % self.config.grad_accum_steps:
+            raise RuntimeError(
+                f"save_checkpoint at an optimizer-step boundary; {self.micro_steps % self.config.grad_accum_steps} "
+                f"of {self.config.grad_accum_steps} micro-batches have run (state: {self._phase})"
+            )
+        scheduler = self._states[0].scheduler
+        meta = {
+            "world_size": self.program.mesh.world_size,
+            "zero_stage": self.config.zero_stage,
+            "steps": self.steps,
+            "micro_steps": self.micro_steps,
+            "samples": self.samples,
+            "skipped_steps": self.skipped_steps,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": _rng_state(),
+            "client_state": client_state or {},
+        }
+        checkpoint.save(path, self.runtime, meta)
+
+    def load_checkpoint(self, path: str, *, load_rng: bool = True) -> dict[str, Any]:
+        """Resume from a checkpoint folder (any world size or ZeRO stage); returns its client_state."""
+        if self._phase != "idle":
+            raise RuntimeError(f"load_checkpoint between steps; state: {self._phase}")
+        meta = checkpoint.load(path, self.runtime)
+        for state in self._states:
+            state.zero_grad()
+            if meta["scheduler"] is not None and state.scheduler is not None:
+                state.scheduler.load_state_dict(meta["scheduler"])
+        self.steps, self.micro_steps = meta["steps"], meta["micro_steps"]
+        self.samples, self.skipped_steps = meta["samples"], meta["skipped_steps"]
+        self._eval = None
+        if load_rng:
+            _set_rng_state(meta["rng"])
+        return meta["client_state"]
+
+    def stats(self, rank: int = 0) -> dict[str, Any]:
+        """Per-rank bytes held (params, grads, optimizer state), collectives of the last step, step counters."""
+        return {
+            "memory": self.runtime.memory(rank),
+            "comm": self.runtime.comm_stats(rank),
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "grad_norm": self.last_grad_norm,
+            "lr": self.get_lr(),
+            "compiled_shapes": len(self._programs),
+        }
+
+    # --- batches ----------------------------------------------------------------------------------
+
+    def _select_program(self, batch: tuple[Tensor, ...]) -> None:
+        """Use the step compiled for this batch shape; compile one (keeping at most max_batch_shapes)."""
+        if len(batch) != self._arity:
+            raise TypeError(f"the step takes {self._arity} tensors; got {len(batch)}")
+        for i, x in enumerate(batch):
             if not isinstance(x, Tensor):
                 raise TypeError(f"batch[{i}] must be a tensor; got {type(x).__name__}")
-            if tuple(x.shape) != shape or x.dtype != dtype:
-                raise ValueError(
-                    f"batch[{i}] has shape {list(x.shape)} {x.dtype}; the step was compiled for "
-                    f"{list(shape)} {dtype}. Compile again for a new batch shape."
-                )
+        key = _shape_key(batch)
+        if key in self._programs:
+            self._programs.move_to_end(key)
+            self._use(*self._programs[key])
+            return
+        change = _difference(batch, next(reversed(self._programs)))
+        if self.config.max_batch_shapes == 1 or self._compile_for is None:
+            raise ValueError(
+                f"{change}. Compile again for a new batch shape (or let the engine recompile: "
+                "Config(max_batch_shapes=N > 1))."
+            )
+        dp = self.program.mesh.size("dp")
+        for i, x in enumerate(batch):
+            if x.dim() == 0 or x.shape[0] % dp:
+                raise ValueError(f"batch[{i}] has shape {list(x.shape)}; dim 0 must divide into {dp} ranks")
+        self._log(f"{change}: compiling a new step ({len(self._programs)} already kept)")
+        program = self._compile_for(batch)
+        if program.shard_specs != self.program.shard_specs:
+            raise RuntimeError("recompiling for a new batch shape changed how parameters are sharded")
+        self._programs[key] = (program, Executor(program))
+        while len(self._programs) > self.config.max_batch_shapes:
+            dropped, _ = self._programs.popitem(last=False)
+            self._log(f"dropping the step compiled for {_describe(dropped)} (Config.max_batch_shapes)")
+        self._use(*self._programs[key])
+
+    def _use(self, program: DistProgram, executor: Any) -> None:
+        self.program = program
+        self.runtime.program = program
+        if executor is not None:
+            self.runtime.executor = executor  # type: ignore[attr-defined]
 
     def _split(self, batch: tuple[Tensor, ...]) -> list[tuple[Tensor, ...]]:
         """Rank r gets the dim-0 slice of its data-parallel coordinate (tp ranks share a slice)."""
@@ -63,3 +322,54 @@ class Engine:
         dp = mesh.size("dp")
         chunks = [torch.chunk(x, dp, dim=0) for x in batch]
         return [tuple(c[mesh.coords(r)["dp"]] for c in chunks) for r in range(mesh.world_size)]
+
+    def _grad_norm(self) -> float:
+        """The global L2 norm of the kept gradients: sharded parts summed over ranks, replicated counted once."""
+        sharded = set(self.program.shard_specs)
+        if not is_distributed(self.runtime):
+            sums = [s.grad_square_sums(sharded) for s in self._states]
+            return math.sqrt(float(sum(sh for sh, _ in sums) + sums[0][1]))
+        sh, rep = self._states[0].grad_square_sums(sharded)
+        dist.all_reduce(sh)  # one scalar; not counted in the step's communication stats
+        return math.sqrt(float(sh + rep))
+
+
+def _shape_key(batch: tuple[Tensor, ...]) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
+    return tuple((tuple(x.shape), x.dtype) for x in batch)
+
+
+def _difference(batch: tuple[Tensor, ...], compiled: Any) -> str:
+    """'batch[i] has shape ...; the step was compiled for ...' for the first tensor that differs."""
+    for i, (x, (shape, dtype)) in enumerate(zip(batch, compiled)):
+        if (tuple(x.shape), x.dtype) != (shape, dtype):
+            return f"batch[{i}] has shape {list(x.shape)} {x.dtype}; the step was compiled for {list(shape)} {dtype}"
+    return "the batch differs"
+
+
+def _describe(key: Any) -> str:
+    return "(" + ", ".join(f"{list(shape)} {str(dtype).removeprefix('torch.')}" for shape, dtype in key) + ")"
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "python": _jsonable(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    def tensor(text: str) -> Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value

@@ -139,6 +139,9 @@ class LocalComm:
     def axis_size(self, axis: str) -> int:
         return self.world.mesh.size(axis)
 
+    def coordinate(self, axis: str) -> int:
+        return self.world.mesh.coords(self.rank)[axis]
+
     def _group(self, axis: str) -> tuple[int, ...]:
         return tuple(self.world.mesh.group(self.rank, axis))
 

@@ -4,19 +4,26 @@ Each rank holds, for every parameter, either the full tensor or only its
 ShardSpec shard (an fp32 master), its gradient in `.grad` after a step, and
 the optimizer built by the user's factory over exactly these local tensors.
 `full_state_dict` reassembles full, unpadded tensors from every rank's shards.
+
+With `auto_step` (the default) every step's gradients go straight into the
+optimizer. The Engine turns it off to drive the optimizer itself: gradients
+then add up in `.grad` over micro-batches until `optimizer_step()`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from shardfx.graphs.placement import local_shard
 from shardfx.graphs.program import DistProgram
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
 class RankState:
@@ -28,24 +35,50 @@ class RankState:
         self.params: dict[str, nn.Parameter] = {}
         for spec in program.signature.params():
             full = full_params[spec.name].detach()
-            shard = program.shard_specs.get(spec.name)
-            local = shard.shard(full, coords[shard.axis]) if shard is not None else full.clone()
+            local = local_shard(full, program.specs(spec.name), coords).clone()  # tp slice, then ZeRO shard
             self.params[spec.name] = nn.Parameter(local, requires_grad=spec.trainable)
         self.buffers: dict[str, Tensor] = {
             spec.name: model_buffers[spec.name].detach().clone() for spec in program.signature.buffers()
         }
         trainable = [self.params[s.name] for s in program.signature.params(trainable_only=True)]
         self.optimizer = optimizer(trainable) if optimizer is not None and trainable else None
+        self.scheduler: Any = None  # an LR scheduler over self.optimizer, set by the Engine
+        self.auto_step = True
 
     def apply(self, grads: dict[str, Tensor], buffers: dict[str, Tensor]) -> None:
-        """Hand the step's gradients to the optimizer, step it, and take the new buffer values."""
+        """Take the step's gradients (added to any kept ones) and new buffer values; step if auto_step."""
         for name, grad in grads.items():
-            self.params[name].grad = grad
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            param = self.params[name]
+            param.grad = grad if param.grad is None else param.grad + grad
         for name, value in buffers.items():
             self.buffers[name].copy_(value)
+        if self.auto_step:
+            self.optimizer_step()
+
+    def optimizer_step(self, grad_scale: float | Tensor | None = None) -> None:
+        """Scale the kept gradients (accumulation, clipping), step the optimizer and scheduler, drop the grads."""
+        if grad_scale is not None:
+            for p in self.params.values():
+                if p.grad is not None:
+                    p.grad.mul_(grad_scale)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def grad_square_sums(self, sharded: set[str]) -> tuple[Tensor, Tensor]:
+        """(sum of squares over this rank's sharded gradients, over its replicated ones), in fp64."""
+        parts: tuple[list[Tensor], list[Tensor]] = ([], [])
+        for name, p in self.params.items():
+            if p.grad is not None:
+                parts[0 if name in sharded else 1].append(p.grad.detach().double().pow(2).sum())
+        zero = torch.zeros((), dtype=torch.float64)
+        return (torch.stack(parts[0]).sum() if parts[0] else zero, torch.stack(parts[1]).sum() if parts[1] else zero)
 
     def local_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for parameters, gradients and optimizer state."""
@@ -60,18 +93,27 @@ class RankState:
 
 def full_state_dict(program: DistProgram, model: nn.Module, states: Sequence[RankState]) -> dict[str, Tensor]:
     """Full, unpadded tensors under every key of model.state_dict(), from the ranks' local state."""
-    mesh = program.mesh
     out: dict[str, Tensor] = {}
     for spec in program.signature.params():
-        shard = program.shard_specs.get(spec.name)
-        if shard is None:
-            value = states[0].params[spec.name].detach().clone()
-        else:
-            group = mesh.group(0, shard.axis)
-            value = shard.unshard([states[r].params[spec.name].detach() for r in group])
+        value = _unshard(program, spec.name, 0, states)
         for name in (spec.name, *spec.aliases):
             out[name] = value
     for name, buf in states[0].buffers.items():
         out[name] = buf.clone()
     # Buffers the step never reads are not in the graph: they keep the model's value.
     return {k: out[k] if k in out else v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _unshard(program: DistProgram, name: str, rank: int, states: Sequence[RankState]) -> Tensor:
+    """The full parameter from the shards of the ranks that share `rank`'s slice: undo ZeRO, then tp."""
+    mesh = program.mesh
+    tp, dp = program.tp_specs.get(name), program.shard_specs.get(name)
+
+    def tp_slice(r: int) -> Tensor:
+        if dp is None:
+            return states[r].params[name].detach().clone()
+        return dp.unshard([states[q].params[name].detach() for q in mesh.group(r, dp.axis)])
+
+    if tp is None:
+        return tp_slice(rank)
+    return tp.unshard([tp_slice(r) for r in mesh.group(rank, tp.axis)])

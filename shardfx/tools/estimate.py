@@ -49,13 +49,15 @@ STAGE_NAMES = {
 FORMULAS = {0: "(2+2+K)", 1: "(2+2+K/Nd)", 2: "(2+(2+K)/Nd)", 3: "(2+2+K)/Nd"}
 
 
-def zero_model_state_bytes(params: float, world_size: int, stage: int, k: int = 12) -> float:
+def zero_model_state_bytes(params: float, world_size: int, stage: int, k: int = 12, tp: int = 1) -> float:
     """Bytes of model states (weights, gradients, optimizer states) one rank holds.
 
     `params` is the model's parameter count Psi, `world_size` the number of
     data-parallel ranks Nd, `k` the optimizer-state bytes per parameter (12 for
     mixed-precision Adam). Stage 0: (2+2+K)Psi; 1: (2+2+K/Nd)Psi;
-    2: (2+(2+K)/Nd)Psi; 3: (2+2+K)Psi/Nd.
+    2: (2+(2+K)/Nd)Psi; 3: (2+2+K)Psi/Nd. With tensor parallelism over `tp` ranks each
+    rank first holds Psi/tp parameters (all of them split, as Megatron's estimate assumes),
+    and ZeRO shards that over the Nd data-parallel ranks.
     """
     if stage not in SHARDED:
         raise ValueError(f"ZeRO stage must be one of {sorted(SHARDED)}; got {stage!r}")
@@ -63,6 +65,9 @@ def zero_model_state_bytes(params: float, world_size: int, stage: int, k: int = 
         raise ValueError(f"world_size must be an integer >= 1; got {world_size!r}")
     if not params >= 0:
         raise ValueError(f"params must be >= 0; got {params!r}")
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp must be an integer >= 1; got {tp!r}")
+    params = params / tp
     if not k >= 0:
         raise ValueError(f"k (optimizer-state bytes per parameter) must be >= 0; got {k!r}")
     # With tensor parallelism, params would become params / tp and the sharding
@@ -87,6 +92,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         metavar="N",
         required=True,
         help="number of data-parallel ranks Nd that ZeRO shards over",
+    )
+    parser.add_argument(
+        "--tp", type=positive_int, default=1, help="tensor-parallel ranks that split every layer first (default 1)"
     )
     parser.add_argument(
         "--k", type=non_negative_int, default=12, help="optimizer-state bytes per parameter (12: mixed-precision Adam)"
@@ -120,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         if args.preset is not None or args.overrides:
             raise ValueError("--preset and --set describe a --model; they do not apply to --params")
         params, source = args.params, "--params"
-    print(format_table(params, args.world_size, args.k, source))
+    print(format_table(params, args.world_size, args.k, source, args.tp))
     if args.simulate:
         if args.model is None:
             raise ValueError("--simulate needs a --model (a parameter count has no graph to simulate)")
@@ -156,17 +164,23 @@ def count_params(model: str, preset: str | None, overrides: list) -> tuple[int, 
     return num_params(built), described
 
 
-def format_table(params: float, world_size: int, k: int, source: str = "") -> str:
+def format_table(params: float, world_size: int, k: int, source: str = "", tp: int = 1) -> str:
     lines = [
         f"model states per rank, mixed-precision Adam (K={k}): {_count(params)} parameters"
         + (f" ({source})" if source else "")
-        + f", Nd={world_size} data-parallel ranks",
+        + f", Nd={world_size} data-parallel ranks"
+        + (f" x tp={tp}" if tp > 1 else ""),
         f"{'stage':<6} {'sharded over Nd':<17} {'bytes per parameter':<21} {'per rank (GB)':>13}",
     ]
     for stage in SHARDED:
-        nbytes = zero_model_state_bytes(params, world_size, stage, k)
-        per_param = f"{FORMULAS[stage]} = {nbytes / params:.3g}" if params else FORMULAS[stage]
+        nbytes = zero_model_state_bytes(params, world_size, stage, k, tp)
+        per_param = f"{FORMULAS[stage]} = {nbytes * tp / params:.3g}" if params else FORMULAS[stage]
         lines.append(f"{stage:<6} {STAGE_NAMES[stage]:<17} {per_param:<21} {_gb(nbytes):>13}")
+    if tp > 1:
+        lines.append(
+            f"parameters per rank: {_count(params / tp)} with tp={tp}; "
+            f"{_count(params / tp / world_size)} with ZeRO-3 over the {world_size} data-parallel ranks on top"
+        )
     lines.append("GB = 1e9 bytes; activations, buffers and fragmentation are not included")
     return "\n".join(lines)
 

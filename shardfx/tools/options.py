@@ -77,7 +77,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, model_default: str |
     parser.add_argument(
         "--model",
         default=model_default,
-        help=f"built-in model name (see shardfx.models.build_model){f'; default {model_default}' if model_default else ''}",
+        help="built-in model name (see shardfx.models.build_model), or file.py:factory / package.module:factory"
+        + (f"; default {model_default}" if model_default else ""),
     )
     add_size_arguments(parser)
 

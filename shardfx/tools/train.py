@@ -10,6 +10,13 @@ from about log(vocab) toward that floor, never below it.
     shardfx train                                   # GPT "small", 4 ranks, ZeRO stage 0
     shardfx train --world-size 2 --steps 100 --zero-stage 1 --json run.json
     shardfx train --preset tiny --set n_layer=4 --dump-dir dumps/
+    shardfx train --save-every 50 --checkpoint-dir ckpt/     # then, after a crash: --resume
+    shardfx train --config ds_config.json                    # ZeRO stage, batch sizes, clipping from DeepSpeed's JSON
+    shardfx train --model my_model.py:make --steps 20        # a factory returning (model, batch[, loss_fn])
+
+A line per --log-every steps (loss, throughput, per-rank memory, communicated bytes)
+prints under the progress bar. Checkpoints go to CHECKPOINT_DIR/step-NNNNNN with
+CHECKPOINT_DIR/latest naming the newest; --resume continues from it (same data stream).
 
 `train(TrainOptions(...))` runs the same thing in-process and returns the summary.
 """
@@ -17,10 +24,13 @@ from about log(vocab) toward that floor, never below it.
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import json
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +39,14 @@ from tqdm import tqdm
 
 import shardfx
 from shardfx.models import MarkovTokens, build_model, num_params
-from shardfx.tools.options import DEFAULT_PRESET, add_model_arguments, model_kwargs, positive_float, positive_int
+from shardfx.tools.options import (
+    DEFAULT_PRESET,
+    add_model_arguments,
+    model_kwargs,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 
 NAME = "train"
 HELP = "train a built-in model (default: a small GPT on Markov tokens) on N ranks"
@@ -48,13 +65,18 @@ class TrainOptions:
     steps: int = 300
     batch_size: int = 32  # global; split over the ranks
     lr: float = 3e-3
-    zero_stage: int = 0
+    zero_stage: int | None = None  # None: the --config file's stage, else 0
     seed: int = 0
     dump_dir: str | None = None
     progress: bool = True
     json_path: str | None = None
     runtime: str = "process"  # "process": one process per rank (torch.distributed); "local": threads
     timeout: float = 60.0  # seconds a rank may wait in a collective before the job fails
+    save_every: int = 0  # write a checkpoint every N steps (and at the end); 0: never
+    checkpoint_dir: str = "checkpoints"
+    resume: bool = False  # continue from checkpoint_dir/latest
+    ds_config: str | None = None  # a DeepSpeed JSON config
+    log_every: int = 10  # a step line every N steps under the progress bar; 0: none
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -88,7 +110,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         choices=(0, 1, 2, 3),
         default=defaults.zero_stage,
         help="ZeRO stage: 0 data parallel, 1 shard optimizer states, 2 + gradients, 3 + parameters "
-        "(passed to shardfx.Config; default %(default)s)",
+        "(passed to shardfx.Config; default: the --config file's, else 0)",
     )
     parser.add_argument(
         "--seed",
@@ -110,6 +132,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="seconds a rank waits in a collective before every rank fails (default %(default)s)",
     )
     parser.add_argument("--dump-dir", help="write the printed program after every pass into this folder")
+    parser.add_argument(
+        "--config",
+        dest="ds_config",
+        metavar="DS_CONFIG.json",
+        help="a DeepSpeed JSON config (zero_optimization.stage, batch sizes, gradient_accumulation_steps, "
+        "gradient_clipping, bf16, buckets, overlap); unsupported keys are named and ignored",
+    )
+    parser.add_argument(
+        "--save-every", type=non_negative_int, default=0, metavar="N", help="checkpoint every N steps and at the end"
+    )
+    parser.add_argument(
+        "--checkpoint-dir", default=defaults.checkpoint_dir, help="where checkpoints go (default %(default)s)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
+    parser.add_argument(
+        "--log-every",
+        type=non_negative_int,
+        default=defaults.log_every,
+        metavar="N",
+        help="print a step line (loss, throughput, memory, communication) every N steps; 0: none (default %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (header and summary only)")
     parser.add_argument(
         "--json", dest="json_path", metavar="PATH", help="write the summary and per-step losses as JSON"
@@ -134,6 +177,11 @@ def run(args: argparse.Namespace) -> int:
         json_path=args.json_path,
         runtime=args.runtime,
         timeout=args.timeout,
+        save_every=args.save_every,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        ds_config=args.ds_config,
+        log_every=args.log_every,
     )
     train(options, echo=print)
     return 0
@@ -144,14 +192,17 @@ def train(options: TrainOptions, echo: Any = None) -> dict[str, Any]:
 
     `echo(line)` receives the header and summary lines (None: silent).
     """
-    if options.batch_size % options.world_size != 0:
+    accum = _config(options).grad_accum_steps
+    if not _is_factory(options.model) and options.batch_size % (options.world_size * accum) != 0:
         raise ValueError(
             f"--batch-size {options.batch_size} does not divide into --world-size {options.world_size} ranks; "
             f"use a multiple of {options.world_size}"
         )
     # Config and the model options are checked here, before any worker starts.
-    _config(options)
-    model_kwargs(options.model, options.preset, options.overrides)
+    if not _is_factory(options.model):
+        model_kwargs(options.model, options.preset, options.overrides)
+    if options.resume:
+        latest_checkpoint(options.checkpoint_dir)
     if options.runtime == "local":
         return _train_here(options, echo)
     from shardfx.runtime.launch import launch
@@ -174,32 +225,82 @@ def _train_worker(options: TrainOptions, verbose: bool) -> dict[str, Any]:
 
 
 def _config(options: TrainOptions) -> shardfx.Config:
-    return shardfx.Config(zero_stage=options.zero_stage, dump_dir=options.dump_dir, collective_timeout=options.timeout)
+    """--config's DeepSpeed file (if any), then the command's own options on top."""
+    changes: dict[str, Any] = {"dump_dir": options.dump_dir, "collective_timeout": options.timeout}
+    if options.zero_stage is not None:
+        changes["zero_stage"] = options.zero_stage
+    if options.ds_config is None:
+        return shardfx.Config().replace(**changes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # named in the header instead
+        base = shardfx.Config.from_deepspeed(options.ds_config, world_size=options.world_size)
+    config = base.replace(**changes)
+    object.__setattr__(config, "deepspeed_unsupported", base.deepspeed_unsupported)
+    return config
+
+
+def _is_factory(model: str) -> bool:
+    return ":" in model
+
+
+def latest_checkpoint(checkpoint_dir: str) -> str:
+    """The folder CHECKPOINT_DIR/latest names; a clear error when there is none."""
+    pointer = os.path.join(checkpoint_dir, "latest")
+    if not os.path.isfile(pointer):
+        raise ValueError(
+            f"--resume: no checkpoint in {checkpoint_dir!r} (no 'latest' file); run with --save-every first"
+        )
+    with open(pointer) as f:
+        return os.path.join(checkpoint_dir, f.read().strip())
+
+
+def _save(engine: shardfx.Engine, options: TrainOptions, generator: torch.Generator, rank0: bool) -> str:
+    """Checkpoint into CHECKPOINT_DIR/step-NNNNNN, then point CHECKPOINT_DIR/latest at it (atomically)."""
+    name = f"step-{engine.steps:06d}"
+    state = {"generator": base64.b64encode(generator.get_state().numpy().tobytes()).decode()}
+    engine.save_checkpoint(os.path.join(options.checkpoint_dir, name), client_state=state)
+    if rank0:
+        tmp = os.path.join(options.checkpoint_dir, "latest.tmp")
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+        os.replace(tmp, os.path.join(options.checkpoint_dir, "latest"))
+    return name
+
+
+def _resume(engine: shardfx.Engine, options: TrainOptions, generator: torch.Generator) -> str:
+    path = latest_checkpoint(options.checkpoint_dir)
+    state = engine.load_checkpoint(path)
+    generator.set_state(torch.frombuffer(bytearray(base64.b64decode(state["generator"])), dtype=torch.uint8))
+    return path
 
 
 def _train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
     """Train with the runtime of this process: threads (local), or this rank of a launched job."""
     say = echo or (lambda line: None)
     config = _config(options)
-    kwargs = model_kwargs(options.model, options.preset, options.overrides)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(options.seed)  # build_model initialises parameters from the global RNG
-        model, loss_fn, make_batch = build_model(options.model, **kwargs)
-    floor, uniform = _loss_floor(options.model, model, kwargs)
+    model, loss_fn, make_batch, kwargs = _build(options)
+    floor, uniform = (None, None) if _is_factory(options.model) else _loss_floor(options.model, model, kwargs)
     generator = torch.Generator().manual_seed(options.seed)
     example = make_batch(options.batch_size, generator)
+    # With accumulation the step is compiled for one micro-batch; train_step takes all of them.
+    micro = tuple(x[: x.shape[0] // config.grad_accum_steps] for x in example)
 
     say(f"compiling {options.model} for {options.world_size} ranks ...")
     t0 = time.perf_counter()
     engine = shardfx.compile_distributed(
         model,
         options.world_size,
-        example_inputs=example,
+        example_inputs=micro,
         loss_fn=loss_fn,
         optimizer=lambda params: torch.optim.AdamW(params, lr=options.lr),
         config=config,
     )
     compile_seconds = time.perf_counter() - t0
+    resumed = _resume(engine, options, generator) if options.resume else None
+    if engine.steps >= options.steps:
+        raise ValueError(
+            f"the checkpoint {resumed} is at step {engine.steps}; --steps {options.steps} leaves nothing to train"
+        )
     summary: dict[str, Any] = {
         "model": options.model,
         "preset": options.preset or DEFAULT_PRESET.get(options.model),
@@ -208,7 +309,11 @@ def _train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
         "params": num_params(model),
         "world_size": options.world_size,
         "runtime": options.runtime,
-        "zero_stage": options.zero_stage,
+        "zero_stage": config.zero_stage,
+        "grad_accum_steps": config.grad_accum_steps,
+        "deepspeed_unsupported": getattr(config, "deepspeed_unsupported", None),
+        "resumed_from": resumed,
+        "start_step": engine.steps,
         "passes": [r.name for r in engine.pass_records if not r.skipped],
         "graph_nodes": len(engine.program.graph.nodes),
         "compile_seconds": compile_seconds,
@@ -221,7 +326,7 @@ def _train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
     }
     say(_header(summary))
     try:
-        losses, step_seconds, total_seconds = _loop(engine, make_batch, generator, example, options, floor)
+        losses, step_seconds, total_seconds, saved = _loop(engine, make_batch, generator, example, options, floor, say)
     finally:
         close = getattr(engine.runtime, "close", None)
         if close is not None:
@@ -236,6 +341,9 @@ def _train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
         throughput=items * len(losses) / step_seconds,
         throughput_unit=unit,
         losses=losses,
+        skipped_steps=engine.skipped_steps,
+        checkpoints=saved,
+        memory_per_rank=engine.stats()["memory"],
     )
     say(_footer(summary))
     if options.json_path:
@@ -246,6 +354,20 @@ def _train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
     return summary
 
 
+def _build(options: TrainOptions) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
+    """(model, loss_fn, make_batch(n, generator), builder kwargs) of a built-in model or a file.py:factory."""
+    if _is_factory(options.model):
+        from shardfx.tools.model_spec import load_model_spec
+
+        spec = load_model_spec(options.model, options.preset, options.overrides, seed=options.seed)
+        return spec.model, spec.loss_fn, lambda n, generator: spec.batch, spec.kwargs  # a factory has one batch
+    kwargs = model_kwargs(options.model, options.preset, options.overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)  # build_model initialises parameters from the global RNG
+        model, loss_fn, make_batch = build_model(options.model, **kwargs)
+    return model, loss_fn, make_batch, kwargs
+
+
 def _loop(
     engine: shardfx.Engine,
     make_batch: Any,
@@ -253,13 +375,26 @@ def _loop(
     first: tuple,
     options: TrainOptions,
     floor: float | None,
-) -> tuple[list[float], float, float]:
-    """Run the steps; returns per-step losses, seconds inside train_step, and wall seconds of the loop."""
+    say: Any,
+) -> tuple[list[float], float, float, list[str]]:
+    """Run the steps from engine.steps on; returns losses, seconds in train_step, loop wall seconds, checkpoints."""
+    import torch.distributed as dist
+
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     items, unit = _items_per_batch(first[0])
     losses: list[float] = []
+    saved: list[str] = []
     step_seconds = 0.0
     start = time.perf_counter()
-    bar = tqdm(range(options.steps), desc="train", unit="step", disable=not options.progress, dynamic_ncols=True)
+    bar = tqdm(
+        range(engine.steps, options.steps),
+        initial=engine.steps,
+        total=options.steps,
+        desc="train",
+        unit="step",
+        disable=not options.progress,
+        dynamic_ncols=True,
+    )
     for step in bar:
         batch = first if step == 0 else make_batch(options.batch_size, generator)
         t0 = time.perf_counter()
@@ -271,8 +406,30 @@ def _loop(
         if floor is not None:
             postfix["floor"] = f"{floor:.3f}"
         bar.set_postfix(postfix, refresh=False)
+        if options.log_every and (step + 1) % options.log_every == 0:
+            line = _step_line(engine, step + 1, loss, items / dt, unit)
+            bar.write(line) if options.progress else say(line)
+        if options.save_every and ((step + 1) % options.save_every == 0 or step + 1 == options.steps):
+            saved.append(_save(engine, options, generator, rank0))
     bar.close()
-    return losses, step_seconds, time.perf_counter() - start
+    return losses, step_seconds, time.perf_counter() - start, saved
+
+
+def _step_line(engine: shardfx.Engine, step: int, loss: float, rate: float, unit: str) -> str:
+    stats = engine.stats()
+    memory = sum(stats["memory"].values())
+    sent = sum(stats["comm"]["sent"].values())
+    norm = stats["grad_norm"]
+    parts = [
+        f"step {step:>6}",
+        f"loss {loss:.4f}",
+        f"{rate:,.0f} {unit}",
+        f"mem/rank {memory / 2**20:.2f} MiB",
+        f"sent/rank {sent / 2**20:.2f} MiB",
+        f"grad norm {norm:.3g}" if norm is not None else "",
+        f"lr {stats['lr'][0]:.3g}" if stats["lr"] else "",
+    ]
+    return "  ".join(p for p in parts if p)
 
 
 def _loss_floor(name: str, model: torch.nn.Module, kwargs: dict[str, Any]) -> tuple[float | None, float | None]:
@@ -309,8 +466,12 @@ def _header(s: dict[str, Any]) -> str:
             f"model       {name}: {s['params']:,} parameters",
             f"ranks       world size {s['world_size']} ({s['runtime']} runtime), ZeRO stage {s['zero_stage']}, passes: {', '.join(s['passes'])}",
             f"compiled    in {s['compile_seconds']:.1f} s, {s['graph_nodes']} graph nodes",
-            f"training    {s['steps']} steps, global batch {s['batch_size']}, AdamW lr {s['lr']}, seed {s['seed']}",
+            f"training    {s['steps']} steps, global batch {s['batch_size']}"
+            + (f" ({s['grad_accum_steps']} micro-batches a step)" if s["grad_accum_steps"] > 1 else "")
+            + f", AdamW lr {s['lr']}, seed {s['seed']}",
         ]
+        + ([f"resumed     from {s['resumed_from']} at step {s['start_step']}"] if s["resumed_from"] else [])
+        + ([f"ds config   ignored keys: {', '.join(s['deepspeed_unsupported'])}"] if s["deepspeed_unsupported"] else [])
     )
 
 
@@ -321,5 +482,10 @@ def _footer(s: dict[str, Any]) -> str:
         f"floor {floor}" + ("" if s["uniform_loss"] is None else f", uniform guess {s['uniform_loss']:.4f}"),
         f"time        {s['total_seconds']:.1f} s total ({s['compile_seconds']:.1f} s compile), "
         f"{s['throughput']:,.0f} {s['throughput_unit']} in train_step",
+        f"state       {sum(s['memory_per_rank'].values()) / 2**20:.2f} MiB a rank "
+        f"({', '.join(f'{k} {v / 2**20:.2f}' for k, v in s['memory_per_rank'].items())}), "
+        f"{s['skipped_steps']} non-finite steps skipped",
     ]
+    if s["checkpoints"]:
+        lines.append(f"checkpoints {len(s['checkpoints'])} written, latest {s['checkpoints'][-1]}")
     return "\n".join(lines)

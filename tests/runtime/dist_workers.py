@@ -50,3 +50,8 @@ def die_on_rank(rank_to_die: int) -> None:
 def sync_and_overlapped() -> tuple[dict, dict]:
     """ZeRO-3 without, then with, bucketing and overlap, from the same start."""
     return train_gpt(3, 3), train_gpt(3, 3, bucket_mb=1.0, overlap=True)
+
+
+def train_gpt_tp() -> dict:
+    """ZeRO-3 over dp=2 on top of tensor parallelism over tp=2."""
+    return train_gpt(3, 3, tp_size=2)

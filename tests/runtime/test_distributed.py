@@ -40,6 +40,19 @@ def test_bucketing_and_overlap_on_gloo_are_exact() -> None:
             assert torch.equal(overlapped["state"][key], value), key
 
 
+def test_dp_x_tp_on_gloo_matches_local_runtime() -> None:
+    """A 2 x 2 mesh: every rank binds "dp" and "tp" to its own process groups."""
+    results = launch(dist_workers.train_gpt_tp, (), 4, timeout=90)
+    model, batch = dist_workers.tiny_gpt_batch()
+    from shardfx import Config
+
+    local_losses, local_state, _ = shardfx_train(model, batch, gpt_loss, 3, 4, Config(zero_stage=3, tp_size=2))
+    for rank in range(4):
+        torch.testing.assert_close(torch.tensor(results[rank]["losses"]), local_losses, rtol=1e-5, atol=1e-6)
+    for key, value in local_state.items():
+        torch.testing.assert_close(results[0]["state"][key], value, rtol=1e-5, atol=1e-5)
+
+
 def test_a_killed_worker_fails_the_job_naming_it() -> None:
     start = time.monotonic()
     with pytest.raises(WorkerFailed, match="rank 1 failed"):

@@ -1,0 +1,701 @@
+"""tensor_parallel: split Linear layers across the "tp" ranks (Megatron-LM style) by propagating placements.
+
+1. A plan gives every Linear a style: "colwise" (weight rows split: each rank
+   computes a slice of the output features), "rowwise" (weight columns split:
+   each rank computes a partial sum of the output) or "replicate".
+   - auto: a Linear whose output reaches another Linear's input through
+     element-wise, view, split and attention ops only is colwise, the other
+     rowwise (attention qkv -> proj, MLP fc -> proj). A colwise output split
+     into k equal parts (a fused q|k|v) is sharded per part (blocks=k). A pair
+     whose sizes do not divide (heads, features) is left replicated, and the
+     plan says so; it never fails on sizes.
+   - user: {module pattern: style} (fnmatch); a split that cannot be made is
+     an error naming the module and the sizes.
+2. Placements (R replicated, S(dim) sharded, P partial sum) propagate through
+   the forward and backward graph in order, one rule per op (RULES). A rule
+   returns the output placement and the input placements it needs; where an
+   input differs, a redistribution is inserted: P->R all_reduce, S->R
+   all_gather, R->S a local chunk (free). Ops without a rule get replicated
+   inputs (correct, maybe slow); they are reported once by name.
+3. Shapes in size arguments (view, split) are rewritten to the local sizes
+   and every `val` is recomputed, so the program is checked shape by shape.
+
+Megatron's count follows from the rules: per block, the rowwise outputs are
+partial sums (2 all-reduces in forward) and the colwise input gradients are
+partial sums (2 all-reduces in backward).
+Needs: capture. Provides: program.tp_specs, meta[PLACEMENT]["tp"].
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from shardfx.graphs import meta
+from shardfx.graphs.placement import Partial, Replicate, Shard, ShardSpec
+from shardfx.graphs.program import DistProgram
+from shardfx.graphs.rewrite import refresh_val
+from shardfx.graphs.signature import GRAD, PARAM
+from shardfx.passes.manager import PassContext, PassResult
+
+aten = torch.ops.aten
+ORIGIN = "tensor_parallel"
+R = Replicate()
+P = Partial()
+STYLES = ("colwise", "rowwise", "replicate")
+
+
+@dataclass
+class Linear:
+    module: str
+    weight: fx.Node  # the parameter placeholder (out_features, in_features)
+    bias: fx.Node | None
+    matmul: fx.Node  # the forward mm/addmm
+    blocks: int = 1
+    partner: Linear | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.meta["val"].shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.meta["val"].shape[1]
+
+
+@dataclass
+class Decision:
+    out: Any  # a placement, or a tuple of them for multi-output ops
+    want: dict[fx.Node, Any] = field(default_factory=dict)  # inputs that must be redistributed first
+    fallback: bool = False  # the op has no rule: inputs made replicated
+    decompose_addmm: bool = False  # rowwise addmm: all_reduce(mm) + bias
+
+
+# ---------------------------------------------------------------- the rules
+
+
+def _pl(node: Any, placements: dict[fx.Node, Any]) -> Any:
+    return placements.get(node, R) if isinstance(node, fx.Node) else None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    return tuple(node.meta["val"].shape)
+
+
+def _replicate_all(node: fx.Node, placements: dict) -> Decision:
+    """Run the op on whole tensors: partial sums are all-reduced (Megatron's own points), shards gathered.
+
+    Gathering shards is the fallback that costs: it is what the pass reports by op name."""
+    want = {a: R for a in node.all_input_nodes if _pl(a, placements) != R}
+    val = node.meta.get("val")
+    out = tuple(R for _ in val) if isinstance(val, (tuple, list)) else R
+    return Decision(out, want, fallback=any(isinstance(_pl(a, placements), Shard) for a in want))
+
+
+POINTWISE = {
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.gelu.default,
+    aten.gelu_backward.default, aten.tanh.default, aten.neg.default, aten.exp.default, aten.rsqrt.default,
+    aten.relu.default, aten.silu.default, aten.sigmoid.default, aten.clone.default, aten._to_copy.default,
+    aten.detach.default, aten.alias.default, aten.ones_like.default, aten.zeros_like.default,
+    aten.pow.Tensor_Scalar, aten.threshold_backward.default, aten.where.self, aten.tanh_backward.default,
+    aten.silu_backward.default, aten.sigmoid_backward.default,
+}  # fmt: skip
+LINEAR_IN_P = {  # ops linear in their P inputs (a partial sum passes through them)
+    aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.clone.default, aten.detach.default,
+    aten.alias.default, aten._to_copy.default,
+}  # fmt: skip
+
+
+def _pointwise(node: fx.Node, placements: dict) -> Decision:
+    out_nd = node.meta["val"].dim()
+    tensors = node.all_input_nodes
+    pls = [_pl(a, placements) for a in tensors]
+    partial = [a for a, p in zip(tensors, pls) if isinstance(p, Partial)]
+    if partial:
+        linear = node.target in LINEAR_IN_P and all(isinstance(p, Partial) for p in pls)
+        linear |= (
+            node.target in (aten.mul.Tensor, aten.div.Tensor)
+            and len(partial) == 1
+            and (node.target is aten.mul.Tensor or node.args[0] is partial[0])
+            and all(p == R for a, p in zip(tensors, pls) if a is not partial[0])
+        )
+        if linear:
+            return Decision(P)
+        return _replicate_all(node, placements)
+    dims = {(p.dim + out_nd - a.meta["val"].dim(), p.blocks) for a, p in zip(tensors, pls) if isinstance(p, Shard)}
+    if not dims:
+        return Decision(R)
+    if len(dims) > 1:
+        return _replicate_all(node, placements)
+    (dim, blocks), want = next(iter(dims)), {}
+    for a, p in zip(tensors, pls):
+        a_dim = dim - (out_nd - a.meta["val"].dim())
+        if a_dim < 0 or a.meta["val"].shape[a_dim] == 1:
+            continue  # broadcast along the sharded dim: every rank uses all of it
+        if p != Shard(a_dim, blocks):
+            want[a] = Shard(a_dim, blocks)
+    return Decision(Shard(dim, blocks), want)
+
+
+def _groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of dims of two shapes with equal products (the dims a view merges or splits)."""
+    out, i, j = [], 0, 0
+    while i < len(a) or j < len(b):
+        ga, gb = [i] if i < len(a) else [], [j] if j < len(b) else []
+        pa = a[i] if i < len(a) else 1
+        pb = b[j] if j < len(b) else 1
+        i, j = i + bool(ga), j + bool(gb)
+        while pa != pb:
+            if pa < pb and i < len(a):
+                ga.append(i)
+                pa *= a[i]
+                i += 1
+            elif pb < pa and j < len(b):
+                gb.append(j)
+                pb *= b[j]
+                j += 1
+            else:
+                return None
+        out.append((ga, gb))
+    return out
+
+
+def _view(node: fx.Node, placements: dict, tp: int) -> Decision:
+    src = node.args[0]
+    p = _pl(src, placements)
+    if p == R or isinstance(p, Partial):
+        return Decision(p)
+    src_shape, out_shape = _shape(src), _shape(node)
+    for ga, gb in _groups(src_shape, out_shape) or []:
+        if p.dim not in ga:
+            continue
+        # the shard must be the outermost real (size > 1) dim of its group on both sides
+        ga_real = [k for k in ga if src_shape[k] != 1]
+        gb_real = [k for k in gb if out_shape[k] != 1]
+        if not ga_real or ga_real[0] != p.dim or not gb_real:
+            break
+        target = gb_real[0]
+        fits = out_shape[target] % (tp * p.blocks) == 0
+        if fits and (p.blocks == 1 or (len(ga_real) == 1 and len(gb_real) == 1)):
+            return Decision(Shard(target, p.blocks))
+        break
+    return _replicate_all(node, placements)
+
+
+def _permute_dims(node: fx.Node) -> list[int]:
+    nd = node.meta["val"].dim()
+    if node.target is aten.t.default:
+        return [1, 0] if nd == 2 else list(range(nd))
+    if node.target is aten.transpose.int:
+        perm = list(range(nd))
+        d0, d1 = node.args[1] % nd, node.args[2] % nd
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return perm
+    return [d % nd for d in node.args[1]]  # permute
+
+
+def _permute(node: fx.Node, placements: dict, tp: int) -> Decision:
+    p = _pl(node.args[0], placements)
+    if not isinstance(p, Shard):
+        return Decision(p)
+    return Decision(Shard(_permute_dims(node).index(p.dim), p.blocks))
+
+
+def _split(node: fx.Node, placements: dict, tp: int) -> Decision:
+    src, size = node.args[0], node.args[1]
+    dim = (node.args[2] if len(node.args) > 2 else 0) % src.meta["val"].dim()
+    p = _pl(src, placements)
+    n_out = len(node.meta["val"])
+    if p == R or isinstance(p, Partial):
+        return Decision(tuple(p for _ in range(n_out)))
+    if p.dim != dim:
+        return Decision(tuple(p for _ in range(n_out)))
+    if p.blocks == n_out and _shape(src)[dim] == size * n_out and size % tp == 0:
+        return Decision(tuple(Shard(dim) for _ in range(n_out)))
+    return _replicate_all(node, placements)
+
+
+def _cat(node: fx.Node, placements: dict, tp: int) -> Decision:
+    """cat of k slices sharded along the cat dim is that dim in k blocks (the inverse of split)."""
+    parts = node.args[0]
+    dim = (node.args[1] if len(node.args) > 1 else 0) % node.meta["val"].dim()
+    pls = [_pl(a, placements) for a in parts]
+    if all(p == R for p in pls):
+        return Decision(R)
+    if all(isinstance(p, Partial) for p in pls):
+        return Decision(P)
+    if all(isinstance(p, Shard) and p.blocks == 1 and p.dim == pls[0].dim for p in pls):
+        if pls[0].dim == dim:
+            return Decision(Shard(dim, len(parts)))
+        return Decision(pls[0])
+    return _replicate_all(node, placements)
+
+
+def _getitem(node: fx.Node, placements: dict, tp: int) -> Decision:
+    p = placements.get(node.args[0], R)
+    return Decision(p[node.args[1]] if isinstance(p, tuple) else p)
+
+
+def _mm(a_pl: Any, b_pl: Any) -> tuple[Any, dict[str, Any]] | None:
+    """(output, wanted inputs) for a @ b, or None: replicate."""
+    S0 = lambda p: isinstance(p, Shard) and p.dim == 0  # noqa: E731
+    S1 = lambda p: isinstance(p, Shard) and p.dim == 1  # noqa: E731
+    if a_pl == R and b_pl == R:
+        return R, {}
+    if a_pl == R and S1(b_pl):
+        return Shard(1, b_pl.blocks), {}
+    if S0(a_pl) and b_pl == R:
+        return Shard(0, a_pl.blocks), {}
+    if S1(a_pl) and S0(b_pl) and a_pl.blocks == b_pl.blocks:
+        return P, {}
+    if S1(a_pl) and b_pl == R:
+        return P, {"b": Shard(0, a_pl.blocks)}
+    if a_pl == R and S0(b_pl):
+        return P, {"a": Shard(1, b_pl.blocks)}
+    if isinstance(a_pl, Partial) and b_pl == R:
+        return P, {}
+    if a_pl == R and isinstance(b_pl, Partial):
+        return P, {}
+    return None
+
+
+def _matmul(node: fx.Node, placements: dict, tp: int) -> Decision:
+    addmm = node.target is aten.addmm.default
+    a, b = (node.args[1], node.args[2]) if addmm else (node.args[0], node.args[1])
+    got = _mm(_pl(a, placements), _pl(b, placements))
+    if got is None:
+        return _replicate_all(node, placements)
+    out, want = got
+    want_nodes = {a: want["a"]} if "a" in want else {}
+    if "b" in want:
+        want_nodes[b] = want["b"]
+    if not addmm:
+        return Decision(out, want_nodes)
+    bias_pl = _pl(node.args[0], placements)
+    if isinstance(out, Partial):  # bias must be added once, after the sum: all_reduce(a @ b) + bias
+        if bias_pl != R:
+            want_nodes[node.args[0]] = R
+        return Decision(R, want_nodes, decompose_addmm=True)
+    if isinstance(out, Shard) and out.dim == 1:
+        if bias_pl != Shard(0, out.blocks):
+            want_nodes[node.args[0]] = Shard(0, out.blocks)
+        return Decision(out, want_nodes)
+    if bias_pl != R:
+        want_nodes[node.args[0]] = R
+    return Decision(out, want_nodes)
+
+
+def _sum(node: fx.Node, placements: dict, tp: int) -> Decision:
+    src = node.args[0]
+    p = _pl(src, placements)
+    if p == R or isinstance(p, Partial):
+        return Decision(p)
+    nd = src.meta["val"].dim()
+    if node.target is aten.sum.default:
+        return Decision(P)
+    dims = [d % nd for d in node.args[1]]
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if p.dim in dims:
+        return Decision(P)
+    shift = 0 if keep else sum(1 for d in dims if d < p.dim)
+    return Decision(Shard(p.dim - shift, p.blocks))
+
+
+def _layer_norm(node: fx.Node, placements: dict, tp: int) -> Decision:
+    x = node.args[0]
+    p = _pl(x, placements)
+    normalized = len(node.args[1])
+    if isinstance(p, Shard) and p.dim < x.meta["val"].dim() - normalized:
+        want = {a: R for a in node.all_input_nodes if a is not x and _pl(a, placements) != R}
+        return Decision((p, p, p), want)
+    return _replicate_all(node, placements)
+
+
+def _heads(node: fx.Node, placements: dict, tp: int, n_tensor_in: int, n_out: int, first: int = 0) -> Decision:
+    """Attention with heads split (dim 1 of (B, H, L, D)) when every tensor input is split by heads."""
+    tensors = [a for a in node.args[first : first + n_tensor_in] if isinstance(a, fx.Node)]
+    if all(_pl(a, placements) == Shard(1) for a in tensors):
+        others = {a: R for a in node.all_input_nodes if a not in tensors and _pl(a, placements) != R}
+        return Decision(tuple(Shard(1) for _ in range(n_out)), others)
+    return _replicate_all(node, placements)
+
+
+RULES = {op: (lambda n, pl, tp: _pointwise(n, pl)) for op in POINTWISE}
+RULES.update(
+    {
+        aten.view.default: _view,
+        aten._unsafe_view.default: _view,
+        aten.reshape.default: _view,
+        aten.t.default: _permute,
+        aten.transpose.int: _permute,
+        aten.permute.default: _permute,
+        aten.split.Tensor: _split,
+        aten.cat.default: _cat,
+        operator.getitem: _getitem,
+        aten.mm.default: _matmul,
+        aten.addmm.default: _matmul,
+        aten.sum.dim_IntList: _sum,
+        aten.sum.default: _sum,
+        aten.native_layer_norm.default: _layer_norm,
+        aten.native_layer_norm_backward.default: lambda n, pl, tp: _replicate_all(n, pl),
+        aten._scaled_dot_product_flash_attention_for_cpu.default: lambda n, pl, tp: _heads(n, pl, tp, 3, 2),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward.default: lambda n, pl, tp: _heads(n, pl, tp, 6, 3),
+    }
+)
+NO_TENSOR_INPUTS_OK = {aten.arange.default, aten.arange.start, aten.full.default, aten.zeros.default}
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def find_linears(program: DistProgram) -> list[Linear]:
+    """Forward mm/addmm nodes whose weight operand is t(a 2-D parameter): the model's Linear layers."""
+    names = {n: s.name for s, n in zip(program.signature.inputs, program.placeholders()) if s.role == PARAM}
+    found: dict[fx.Node, Linear] = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function" or meta.phase(node) != meta.FORWARD:
+            continue
+        if node.target not in (aten.mm.default, aten.addmm.default):
+            continue
+        w_t = node.args[2] if node.target is aten.addmm.default else node.args[1]
+        if not (isinstance(w_t, fx.Node) and w_t.target is aten.t.default and w_t.args[0] in names):
+            continue
+        weight = w_t.args[0]
+        if weight in found or weight.meta["val"].dim() != 2:
+            continue  # a tied weight used twice stays replicated (its second use is e.g. an embedding)
+        bias = node.args[0] if node.target is aten.addmm.default and node.args[0] in names else None
+        module = names[weight].rsplit(".", 1)[0]
+        found[weight] = Linear(module, weight, bias, node)
+    linears = list(found.values())
+    tied = {w for w in found if any(u.target is aten.embedding.default for u in w.users)}
+    return [lin for lin in linears if lin.weight not in tied]
+
+
+FRIENDLY = POINTWISE | {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.transpose.int, aten.permute.default,
+    aten.split.Tensor, operator.getitem, aten.clone.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+}  # fmt: skip
+
+
+def _pair(lin: Linear, by_matmul: dict[fx.Node, Linear]) -> None:
+    """Walk forward from a Linear's output through friendly ops; reaching another Linear's input pairs them."""
+    frontier, seen = [lin.matmul], {lin.matmul}
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user in seen or meta.phase(user) != meta.FORWARD:
+                continue
+            seen.add(user)
+            other = by_matmul.get(user)
+            if other is not None and other is not lin:
+                a = user.args[1] if user.target is aten.addmm.default else user.args[0]
+                if a is node and lin.partner is None and other.partner is None:
+                    lin.partner, other.partner = other, lin
+                continue
+            if user.target is aten.split.Tensor and user.args[0] is node:
+                lin.blocks = max(lin.blocks, len(user.meta["val"]))
+            if user.target in FRIENDLY:
+                frontier.append(user)
+
+
+def auto_plan(linears: list[Linear], tp: int, demoted: set[str]) -> dict[str, str]:
+    by_matmul = {lin.matmul: lin for lin in linears}
+    for lin in linears:
+        lin.partner, lin.blocks = None, 1
+    for lin in linears:
+        if lin.partner is None:
+            _pair(lin, by_matmul)
+    plan: dict[str, str] = {}
+    for lin in linears:
+        plan[lin.module] = "replicate"
+        partner = lin.partner
+        if partner is None or lin.module in demoted:
+            continue
+        col, row = (lin, partner) if _comes_first(lin, partner) else (partner, lin)
+        fits = col.out_features % (tp * col.blocks) == 0 and row.in_features % tp == 0
+        if fits:
+            plan[lin.module] = "colwise" if lin is col else "rowwise"
+    return plan
+
+
+def _comes_first(a: Linear, b: Linear) -> bool:
+    for node in a.matmul.graph.nodes:
+        if node is a.matmul:
+            return True
+        if node is b.matmul:
+            return False
+    return True
+
+
+def user_plan(linears: list[Linear], patterns: dict[str, str], tp: int) -> dict[str, str]:
+    for style in patterns.values():
+        if style not in STYLES:
+            raise ValueError(f"tensor-parallel style {style!r} is not one of {list(STYLES)}")
+    plan = {}
+    by_matmul = {lin.matmul: lin for lin in linears}
+    for lin in linears:
+        _pair(lin, by_matmul)  # detects fused q|k|v (blocks)
+        style = next((s for pat, s in patterns.items() if fnmatch.fnmatch(lin.module, pat)), "replicate")
+        if style == "colwise" and lin.out_features % (tp * lin.blocks):
+            raise ValueError(
+                f"{lin.module}: colwise needs out_features {lin.out_features} divisible by tp={tp}"
+                + (f" in each of its {lin.blocks} parts" if lin.blocks > 1 else "")
+            )
+        if style == "rowwise" and lin.in_features % tp:
+            raise ValueError(f"{lin.module}: rowwise needs in_features {lin.in_features} divisible by tp={tp}")
+        plan[lin.module] = style
+    return plan
+
+
+# ---------------------------------------------------------------- propagation
+
+
+def propagate(program: DistProgram, params: dict[fx.Node, Any], tp: int) -> tuple[dict, dict]:
+    """Placements of every node and the decisions that produced them (no graph changes)."""
+    placements: dict[fx.Node, Any] = dict(params)
+    decisions: dict[fx.Node, Decision] = {}
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            placements.setdefault(node, R)
+            continue
+        if node.op != "call_function":
+            continue
+        rule = RULES.get(node.target)
+        if rule is None:
+            decision = _replicate_all(node, placements)
+        else:
+            decision = rule(node, placements, tp)
+        decisions[node] = decision
+        placements[node] = decision.out
+    return placements, decisions
+
+
+# ---------------------------------------------------------------- the pass
+
+
+def tensor_parallel(
+    program: DistProgram, ctx: PassContext, *, axis: str = "tp", plan: dict[str, str] | None = None
+) -> PassResult:
+    tp = program.mesh.size(axis)
+    linears = find_linears(program)
+    demoted: set[str] = set()
+    while True:
+        styles = auto_plan(linears, tp, demoted) if plan is None else user_plan(linears, plan, tp)
+        params = _param_placements(linears, styles)
+        placements, decisions = propagate(program, params, tp)
+        gathers = [
+            n
+            for n, d in decisions.items()
+            if any(isinstance(placements.get(i, R), Shard) and w == R for i, w in d.want.items())
+        ]
+        if plan is not None or not gathers:
+            break
+        # auto: a pair whose shards had to be gathered back (sizes that do not divide) stays replicated
+        culprit = _nearest_pair(gathers[0], linears, styles)
+        if culprit is None:
+            break
+        demoted.update({culprit.module, culprit.partner.module})
+    fallbacks = sorted({str(n.target) for n, d in decisions.items() if d.fallback})
+    stats = _apply(program, linears, styles, placements, decisions, axis, tp)
+    stats.update(
+        plan={k: v for k, v in styles.items()},
+        left_replicated=sorted(demoted),
+        fallback_ops=fallbacks,
+    )
+    if fallbacks:
+        ctx.log(f"tensor_parallel: ops without a rule ran replicated: {', '.join(fallbacks)}")
+    if demoted:
+        ctx.log(f"tensor_parallel: left replicated (sizes do not divide by tp={tp}): {', '.join(sorted(demoted))}")
+    return PassResult(program, stats)
+
+
+def _param_placements(linears: list[Linear], styles: dict[str, str]) -> dict[fx.Node, Any]:
+    out: dict[fx.Node, Any] = {}
+    for lin in linears:
+        style = styles.get(lin.module, "replicate")
+        if style == "colwise":
+            out[lin.weight] = Shard(0, lin.blocks)
+            if lin.bias is not None:
+                out[lin.bias] = Shard(0, lin.blocks)
+        elif style == "rowwise":
+            out[lin.weight] = Shard(1)
+    return out
+
+
+def _nearest_pair(node: fx.Node, linears: list[Linear], styles: dict[str, str]) -> Linear | None:
+    module = node.meta.get(meta.MODULE, "")
+    best, best_len = None, -1
+    for lin in linears:
+        if styles.get(lin.module) == "colwise":
+            prefix = _common_prefix(module, lin.module)
+            if prefix > best_len:
+                best, best_len = lin, prefix
+    return best
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _apply(
+    program: DistProgram,
+    linears: list[Linear],
+    styles: dict[str, str],
+    placements: dict,
+    decisions: dict,
+    axis: str,
+    tp: int,
+) -> dict[str, Any]:
+    graph = program.graph
+    names = {n: s.name for s, n in zip(program.signature.inputs, program.placeholders())}
+    n_all_reduce = n_gather = 0
+    # parameters become this rank's slices
+    for node, p in list(placements.items()):
+        if node.op == "placeholder" and isinstance(p, Shard):
+            full = node.meta["val"]
+            spec = ShardSpec(axis, p.dim, tp, tuple(full.shape), blocks=p.blocks)
+            program.tp_specs[names[node]] = spec
+            node.meta.setdefault(meta.PLACEMENT, {})[axis] = p
+    # redistributions and shape rewrites, in graph order
+    for node in list(graph.nodes):
+        decision = decisions.get(node)
+        if decision is None:
+            continue
+        for inp, want in decision.want.items():
+            have = placements.get(inp, R)
+            if want == have:
+                continue
+            with graph.inserting_before(node):
+                new, moved = _redistribute(program, inp, have, want, axis, node)
+            n_all_reduce += moved == "all_reduce"
+            n_gather += moved == "all_gather"
+            node.replace_input_with(inp, new)
+        if decision.decompose_addmm:
+            n_all_reduce += 1
+            _decompose(program, node, axis)
+            continue
+        _rewrite_sizes(node, placements, tp)
+        out = decision.out
+        if not isinstance(out, tuple) and out != R:
+            node.meta.setdefault(meta.PLACEMENT, {})[axis] = out
+    # outputs: gradients in their parameter's placement, everything else replicated
+    outputs = program.outputs()
+    for i, spec in enumerate(program.signature.outputs):
+        value = outputs[i]
+        have = placements.get(value, R)
+        want = R
+        if spec.role == GRAD:
+            want = placements.get(program.placeholders()[program.signature.input_index(PARAM, spec.target)], R)
+        if have != want:
+            with graph.inserting_before(program.output_node()):
+                outputs[i], moved = _redistribute(program, value, have, want, axis, value)
+            n_all_reduce += moved == "all_reduce"
+            n_gather += moved == "all_gather"
+    program.set_outputs(outputs)
+    _refresh_all(program, tp)
+    return {"tp_all_reduces": n_all_reduce, "tp_all_gathers": n_gather}
+
+
+def _tag(node: fx.Node) -> fx.Node:
+    node.meta[meta.ROLE] = "tp"
+    return node
+
+
+def _call(program: DistProgram, target: Any, args: tuple, at: fx.Node, kwargs: dict | None = None) -> fx.Node:
+    """A new node at the insertion point; its `val` comes from _refresh_all once all shapes are local."""
+    node = program.graph.call_function(target, args, kwargs or {})
+    meta.copy_provenance(at, node, ORIGIN)
+    return node
+
+
+def _redistribute(
+    program: DistProgram, x: fx.Node, have: Any, want: Any, axis: str, at: fx.Node
+) -> tuple[fx.Node, str]:
+    """Insert (at the current point) what turns placement `have` into `want`."""
+    moved = ""
+    if isinstance(have, Partial):
+        x = _tag(_call(program, torch.ops.shardfx.all_reduce.default, (x, axis, "sum"), at))
+        have, moved = R, "all_reduce"
+    if isinstance(have, Shard) and have != want:
+        x = _gather(program, x, have, axis, at)
+        have, moved = R, moved or "all_gather"
+    if isinstance(want, Shard) and have == R:
+        x = _call(program, torch.ops.shardfx.chunk.default, (x, axis, want.dim, want.blocks), at)
+    return x, moved
+
+
+def _gather(program: DistProgram, x: fx.Node, have: Shard, axis: str, at: fx.Node) -> fx.Node:
+    tp = program.mesh.size(axis)
+    g = _tag(_call(program, torch.ops.shardfx.all_gather.default, (x, axis, have.dim), at))
+    if have.blocks == 1:
+        return g
+    # gathered as [rank0: b0 b1 .., rank1: b0 b1 ..] along dim; reorder to [b0: rank0 rank1 .., b1: ..]
+    shape = list(x.meta["val"].shape)  # still the global shape: vals are made local at the end
+    d = have.dim
+    split = shape[:d] + [tp, have.blocks, shape[d] // (tp * have.blocks)] + shape[d + 1 :]
+    v = _call(program, aten.view.default, (g, split), at)
+    t = _call(program, aten.transpose.int, (v, d, d + 1), at)
+    c = _call(program, aten.clone.default, (t,), at, {"memory_format": torch.contiguous_format})
+    return _call(program, aten.view.default, (c, shape), at)
+
+
+def _decompose(program: DistProgram, node: fx.Node, axis: str) -> None:
+    """addmm(bias, a, b) with a partial-sum product: all_reduce(a @ b) + bias (bias added once)."""
+    bias, a, b = node.args[:3]
+    with program.graph.inserting_before(node):
+        mm = program.graph.call_function(aten.mm.default, (a, b))
+        mm.meta = {k: v for k, v in node.meta.items() if k != meta.PLACEMENT}
+        summed = _tag(program.graph.call_function(torch.ops.shardfx.all_reduce.default, (mm, axis, "sum")))
+        summed.meta = dict(mm.meta)
+        summed.meta[meta.ORIGIN] = ORIGIN
+        summed.meta[meta.ROLE] = "tp"
+        out = program.graph.call_function(aten.add.Tensor, (summed, bias))
+        out.meta = dict(mm.meta)
+        out.meta[meta.ORIGIN] = ORIGIN
+    node.replace_all_uses_with(out)
+    program.graph.erase_node(node)
+
+
+def _local_shape(node: fx.Node, p: Any, tp: int) -> list[int]:
+    shape = list(node.meta["val"].shape)
+    if isinstance(p, Shard):
+        shape[p.dim] //= tp
+    return shape
+
+
+def _rewrite_sizes(node: fx.Node, placements: dict, tp: int) -> None:
+    """Size arguments hold global sizes: give sharded outputs their local ones."""
+    p = placements.get(node, R)
+    if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
+        if isinstance(p, Shard):
+            node.args = (node.args[0], _local_shape(node, p, tp), *node.args[2:])
+    elif node.target is aten.split.Tensor:
+        src_p = placements.get(node.args[0], R)
+        dim = (node.args[2] if len(node.args) > 2 else 0) % node.args[0].meta["val"].dim()
+        if isinstance(src_p, Shard) and src_p.dim == dim:
+            node.args = (node.args[0], node.args[1] // tp, *node.args[2:])
+
+
+def _refresh_all(program: DistProgram, tp: int) -> None:
+    """Recompute every `val` at local shapes (placeholders from their tp ShardSpec)."""
+    names = {n: s.name for s, n in zip(program.signature.inputs, program.placeholders())}
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            spec = program.tp_specs.get(names[node])
+            if spec is not None:
+                val = node.meta["val"]
+                with program.fake_mode:
+                    node.meta["val"] = torch.empty(spec.shard_shape, dtype=val.dtype, device=val.device)
+        elif node.op == "call_function":
+            refresh_val(program, node)

@@ -1,0 +1,185 @@
+"""Checkpoints: sharded tensors through torch.distributed.checkpoint (DCP), everything else as JSON.
+
+A checkpoint is a folder:
+
+    .metadata, __*_*.distcp    DCP: every tensor, in its full, unpadded logical shape
+    shardfx.json               step, data position, optimizer hyperparameters, scheduler, RNG,
+                               the user's client_state, and the shape/dtype of every tensor
+
+Tensor keys are `model/<param>`, `buffer/<name>` and `optim/<param>/<state key>` (e.g.
+`optim/fc.weight/exp_avg`). A sharded parameter and the optimizer state shaped like it
+are stored as ONE logical tensor, so loading at another world size or ZeRO stage
+reshards both: the local runtime saves and loads full tensors (no process group,
+DCP's single-process path); the distributed runtime hands DCP DTensors over this
+rank's unpadded rows, so each rank writes and reads only its own shard.
+
+Writes are atomic: everything goes to `<dir>.tmp`, shardfx.json last, then the folder
+is renamed into place (the previous `<dir>`, if any, is moved aside first and removed
+after). A save killed while writing leaves `<dir>` as it was. Loading reads tensors
+with torch.load(weights_only=True) (DCP's own reader) and DCP's `.metadata` with an
+unpickler that admits only DCP's metadata classes; no other pickle is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+from shardfx.runtime import checkpoint_layout as layout
+
+FORMAT = "shardfx-checkpoint/1"
+META_FILE = "shardfx.json"
+
+
+def save(path: str | os.PathLike, runtime: Any, meta: dict[str, Any]) -> None:
+    """Write `runtime`'s model and optimizer state and `meta` (JSON-able) to the folder `path`, atomically."""
+    path = os.fspath(path)
+    distributed = layout.is_distributed(runtime)
+    rank0 = not distributed or dist.get_rank() == 0
+    tensors, extra = layout.collect(runtime)
+    meta = {
+        "format": FORMAT,
+        **meta,
+        "optimizer_extra": extra,
+        "state_dict_keys": list(runtime.model.state_dict()),
+        "aliases": {s.name: list(s.aliases) for s in runtime.program.signature.params() if s.aliases},
+        "tensors": {k: {"shape": list(layout.global_shape(v)), "dtype": str(v.dtype)} for k, v in tensors.items()},
+    }
+    try:
+        text = json.dumps(meta, indent=1)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"checkpoint metadata (client_state, scheduler state, optimizer hyperparameters) must be JSON: {exc}"
+        ) from exc
+    tmp = path + ".tmp"
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed before
+        os.makedirs(tmp)
+    _barrier(distributed)
+    _dcp(dcp.save, tensors, FileSystemWriter(tmp), distributed)
+    if rank0:
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace_dir(tmp, path)
+    _barrier(distributed)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON half of a checkpoint; a clear error when `path` is not a complete checkpoint."""
+    path = os.fspath(path)
+    file = os.path.join(path, META_FILE)
+    if not os.path.isfile(file):
+        what = "does not exist" if not os.path.exists(path) else f"has no {META_FILE} (not a complete checkpoint)"
+        raise ValueError(f"checkpoint {path!r} {what}")
+    with open(file) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {path!r} has format {meta.get('format')!r}; this shardfx reads {FORMAT!r}")
+    return meta
+
+
+def load(path: str | os.PathLike, runtime: Any) -> dict[str, Any]:
+    """Load a checkpoint into `runtime` (resharding to its world size and ZeRO stage); returns the metadata."""
+    path = os.fspath(path)
+    meta = read_meta(path)
+    saved = {k: (tuple(v["shape"]), _dtype(v["dtype"])) for k, v in meta["tensors"].items()}
+    template = layout.template(runtime, saved)
+    _dcp(dcp.load, template, _SafeReader(path), layout.is_distributed(runtime))
+    layout.restore(runtime, template, meta.get("optimizer_extra", {}))
+    return meta
+
+
+def consolidate(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The model's full state_dict (its own keys and order, tied names included) from a checkpoint, in one process."""
+    path = os.fspath(path)
+    meta = read_meta(path)
+    template = {
+        k: torch.empty(v["shape"], dtype=_dtype(v["dtype"]))
+        for k, v in meta["tensors"].items()
+        if k.startswith(("model/", "buffer/"))
+    }
+    _dcp(dcp.load, template, _SafeReader(path), distributed=False)
+    values = {k.split("/", 1)[1]: v for k, v in template.items()}
+    for name, aliases in meta.get("aliases", {}).items():
+        for alias in aliases:
+            values[alias] = values[name].clone()  # one file entry per name: safetensors refuses shared storage
+    return {k: values[k] for k in meta["state_dict_keys"]}
+
+
+def _dcp(fn: Any, tensors: dict[str, Tensor], storage: Any, distributed: bool) -> None:
+    with warnings.catch_warnings():
+        # Single-process DCP warns that it assumes a single process; that is the intent here.
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        if distributed:
+            fn(tensors, storage_writer=storage) if fn is dcp.save else fn(tensors, storage_reader=storage)
+        elif fn is dcp.save:
+            fn(tensors, storage_writer=storage, no_dist=True)
+        else:
+            fn(tensors, storage_reader=storage, no_dist=True)
+
+
+def _replace_dir(tmp: str, path: str) -> None:
+    old = path + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _barrier(distributed: bool) -> None:
+    if distributed:
+        dist.barrier()
+
+
+def _dtype(text: str) -> torch.dtype:
+    value = getattr(torch, text.removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"checkpoint names an unknown dtype {text!r}")
+    return value
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only what DCP's `.metadata` holds: its dataclasses, torch.Size, dtypes, layouts, paths."""
+
+    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    _NAMES = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in self._MODULES or (module, name) in self._NAMES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"checkpoint .metadata refers to {module}.{name}, which a checkpoint never holds")
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader, with the `.metadata` pickle read by _MetadataUnpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        with open(os.path.join(os.fspath(self.path), ".metadata"), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata

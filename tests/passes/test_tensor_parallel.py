@@ -1,0 +1,114 @@
+"""tensor_parallel: Megatron-style splits found by propagation, exact against eager, composable with ZeRO."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import shardfx
+from shardfx.graphs import collectives, meta
+from shardfx.models import GPT, GPTConfig, gpt_loss
+from tests.parity.test_data_parallel_parity import gpt_batch, mlp_batch
+from tests.parity_util import assert_parity
+
+
+def gpt(bias: bool = False, n_head: int = 4) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=64, n_layer=2, d_model=32, n_head=n_head, seq_len=16, bias=bias))
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.1)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_gpt_tensor_parallel_matches_eager(tp: int) -> None:
+    engine = assert_parity(gpt(), gpt_batch(), gpt_loss, tp, shardfx.Config(tp_size=tp))
+    stats = next(r.stats for r in engine.pass_records if r.name == "tensor_parallel")
+    assert stats["plan"]["blocks.0.attn.qkv"] == "colwise" and stats["plan"]["blocks.0.attn.proj"] == "rowwise"
+    assert stats["plan"]["blocks.1.mlp.fc"] == "colwise" and stats["plan"]["blocks.1.mlp.proj"] == "rowwise"
+    assert not stats["fallback_ops"] and not stats["left_replicated"]
+
+
+def test_biases_split_colwise_and_added_once_rowwise() -> None:
+    """SGD: with biases, AdamW would amplify the key bias's zero gradient (see the data-parallel tests)."""
+    assert_parity(gpt(bias=True), gpt_batch(), gpt_loss, 2, shardfx.Config(tp_size=2), optimizer=sgd)
+
+
+def test_dp_x_tp_with_zero3() -> None:
+    assert_parity(gpt(), gpt_batch(), gpt_loss, 4, shardfx.Config(tp_size=2, zero_stage=3))
+
+
+def tp_collectives(engine) -> list:
+    return [n for n in engine.program.graph.nodes if collectives.is_collective(n) and n.meta.get(meta.ROLE) == "tp"]
+
+
+def test_megatron_all_reduce_count_and_bytes_per_rank() -> None:
+    engine = shardfx.compile_distributed(
+        gpt(), 2, example_inputs=gpt_batch(), loss_fn=gpt_loss, config=shardfx.Config(tp_size=2)
+    )
+    engine.runtime.close()
+    per_block = {}
+    for node in tp_collectives(engine):
+        assert collectives.kind(node) == "all_reduce"
+        block = node.meta[meta.MODULE].split(".")[1]
+        per_block.setdefault(block, []).append(node.meta[meta.PHASE])
+    for phases in per_block.values():  # 2 in forward (after the rowwise outputs), 2 in backward (colwise inputs)
+        assert sorted(phases) == ["backward", "backward", "forward", "forward"]
+    assert len(per_block) == 2
+    full = dict(gpt().named_parameters())
+    for rank in range(2):
+        params = engine.runtime.states[rank].params
+        for name, spec in engine.program.tp_specs.items():
+            assert params[name].numel() * 2 == full[name].numel(), name
+        assert "blocks.0.attn.qkv.weight" in engine.program.tp_specs and "wte.weight" not in engine.program.tp_specs
+
+
+def test_user_plan() -> None:
+    plan = {"*.mlp.fc": "colwise", "*.mlp.proj": "rowwise"}
+    engine = assert_parity(gpt(), gpt_batch(), gpt_loss, 2, shardfx.Config(tp_size=2, tp_plan=plan))
+    assert set(engine.program.tp_specs) == {f"blocks.{i}.mlp.{m}.weight" for i in (0, 1) for m in ("fc", "proj")}
+
+
+def test_user_plan_with_an_impossible_split_names_module_and_sizes() -> None:
+    with pytest.raises(
+        shardfx.PassError,
+        match=r"blocks.0.attn.qkv: colwise needs out_features 96 divisible by tp=3 in each of its 3 parts",
+    ):
+        shardfx.compile_distributed(
+            gpt(),
+            3,
+            example_inputs=gpt_batch(),
+            loss_fn=gpt_loss,
+            config=shardfx.Config(tp_size=3, tp_plan={"*.qkv": "colwise"}),
+        )
+
+
+def test_auto_plan_leaves_what_does_not_divide_replicated() -> None:
+    """tp=3 with 4 heads: the attention pair cannot split; the MLP (128 = 3 x 42.7) neither: exact all the same."""
+    engine = assert_parity(gpt(n_head=4), gpt_batch(), gpt_loss, 3, shardfx.Config(tp_size=3))
+    stats = next(r.stats for r in engine.pass_records if r.name == "tensor_parallel")
+    assert set(stats["plan"].values()) == {"replicate"}
+
+
+class CumsumMLP(nn.Module):
+    """An op with no sharding rule (cumsum over the split features) between a colwise and a rowwise layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 32)
+        self.proj = nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.cumsum(torch.tanh(self.fc(x)), dim=-1))
+
+
+def test_op_without_a_rule_falls_back_exactly() -> None:
+    torch.manual_seed(0)
+    config = shardfx.Config(tp_size=2, tp_plan={"fc": "colwise", "proj": "rowwise"})
+    engine = assert_parity(CumsumMLP(), mlp_batch(), F.mse_loss, 2, config)
+    stats = next(r.stats for r in engine.pass_records if r.name == "tensor_parallel")
+    assert "aten.cumsum.default" in stats["fallback_ops"]
+    assert stats["tp_all_gathers"] >= 1

@@ -1,0 +1,148 @@
+"""Checkpoints: bitwise resume, resharding across world sizes and ZeRO stages, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import shardfx
+from shardfx.runtime import checkpoint
+
+# 7 and 5 rows do not divide by 2 or 4: every shard layout has padding.
+DIMS = (6, 7, 5, 3)
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(DIMS[0], DIMS[1]),
+        nn.Tanh(),
+        nn.Linear(DIMS[1], DIMS[2]),
+        nn.LayerNorm(DIMS[2]),
+        nn.Linear(DIMS[2], DIMS[3]),
+    )
+
+
+def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, DIMS[0], generator=g), torch.randn(8, DIMS[3], generator=g)) for _ in range(n)]
+
+
+def engine_for(world_size: int, zero_stage: int, model: nn.Module | None = None, **config) -> shardfx.Engine:
+    return shardfx.compile_distributed(
+        model or make_model(),
+        world_size,
+        example_inputs=batches(1)[0],
+        loss_fn=F.mse_loss,
+        optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+        scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+        config=shardfx.Config(zero_stage=zero_stage, **config),
+    )
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_resume_is_bitwise(zero_stage: int, tmp_path) -> None:
+    data = batches(6)
+    straight = engine_for(2, zero_stage)
+    losses = [straight.train_step(*b) for b in data]
+
+    first = engine_for(2, zero_stage)
+    resumed = [first.train_step(*b) for b in data[:3]]
+    first.save_checkpoint(str(tmp_path / "ckpt"), client_state={"batch": 3})
+    second = engine_for(2, zero_stage)
+    assert second.load_checkpoint(str(tmp_path / "ckpt")) == {"batch": 3}
+    assert second.steps == 3 and second.get_lr() == first.get_lr()
+    resumed += [second.train_step(*b) for b in data[3:]]
+
+    assert torch.equal(torch.stack(losses), torch.stack(resumed))
+    for key, value in straight.state_dict().items():
+        assert torch.equal(second.state_dict()[key], value), key
+
+
+def test_reshard_to_other_world_sizes_and_stages(tmp_path) -> None:
+    data = batches(4)
+    saved = engine_for(4, 3)
+    for b in data[:2]:
+        saved.train_step(*b)
+    saved.save_checkpoint(str(tmp_path / "ckpt"))
+    weights = saved.state_dict()
+    reference = [saved.train_step(*b) for b in data[2:]]
+    for world_size, stage in [(2, 1), (1, 0), (2, 3)]:
+        loaded = engine_for(world_size, stage)
+        loaded.load_checkpoint(str(tmp_path / "ckpt"))
+        for key, value in weights.items():
+            assert torch.equal(loaded.state_dict()[key], value), (world_size, stage, key)
+        # Optimizer state moved too: training continues as it would have (up to reduction order).
+        losses = [loaded.train_step(*b) for b in data[2:]]
+        torch.testing.assert_close(torch.stack(losses), torch.stack(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
+    path = str(tmp_path / "ckpt")
+    engine = engine_for(2, 3)
+    engine.train_step(*batches(1)[0])
+    engine.save_checkpoint(path)
+    weights = engine.state_dict()
+    engine.train_step(*batches(2)[1])
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated, in the middle of writing)")
+
+    real_save = checkpoint.dcp.save
+
+    def half_then_crash(tensors, **kwargs):
+        real_save({k: v for k, v in list(tensors.items())[:2]}, **kwargs)  # some files are written
+        crash()
+
+    monkeypatch.setattr(checkpoint.dcp, "save", half_then_crash)
+    with pytest.raises(OSError, match="simulated"):
+        engine.save_checkpoint(path)
+    monkeypatch.undo()
+    fresh = engine_for(2, 3)
+    fresh.load_checkpoint(path)
+    assert fresh.steps == 1
+    for key, value in weights.items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    # The next save cleans the leftover temporary folder and replaces the checkpoint.
+    engine.save_checkpoint(path)
+    assert not os.path.exists(path + ".tmp") and checkpoint.read_meta(path)["steps"] == 2
+
+
+def test_loading_refuses_what_is_not_a_checkpoint(tmp_path) -> None:
+    engine = engine_for(1, 0)
+    with pytest.raises(ValueError, match="does not exist"):
+        engine.load_checkpoint(str(tmp_path / "nothing"))
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        engine.load_checkpoint(str(tmp_path / "half"))
+    other = shardfx.compile_distributed(
+        nn.Linear(DIMS[0], DIMS[3]), 1, example_inputs=batches(1)[0], loss_fn=F.mse_loss, optimizer=None
+    )
+    other.save_checkpoint(str(tmp_path / "other"))
+    with pytest.raises(ValueError, match=r"parameters do not match the model: missing \['0.bias'"):
+        engine.load_checkpoint(str(tmp_path / "other"))
+
+
+def test_metadata_is_json_and_the_pickle_reader_is_restricted(tmp_path) -> None:
+    engine = engine_for(2, 1)
+    engine.train_step(*batches(1)[0])
+    engine.save_checkpoint(str(tmp_path / "ckpt"))
+    meta = json.loads((tmp_path / "ckpt" / "shardfx.json").read_text())
+    assert meta["steps"] == 1 and meta["tensors"]["optim/0.weight/exp_avg"]["shape"] == [DIMS[1], DIMS[0]]
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    with open(tmp_path / "ckpt" / ".metadata", "wb") as f:
+        pickle.dump(Evil(), f)
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with pytest.raises(CheckpointException, match="system, which a checkpoint never holds"):
+        engine.load_checkpoint(str(tmp_path / "ckpt"))

@@ -61,7 +61,7 @@ def test_megatron_all_reduce_count_and_bytes_per_rank() -> None:
     full = dict(gpt().named_parameters())
     for rank in range(2):
         params = engine.runtime.states[rank].params
-        for name, spec in engine.program.tp_specs.items():
+        for name in engine.program.tp_specs:
             assert params[name].numel() * 2 == full[name].numel(), name
         assert "blocks.0.attn.qkv.weight" in engine.program.tp_specs and "wte.weight" not in engine.program.tp_specs
 

@@ -44,6 +44,8 @@ class Config:
         simulated peak to memory_budget).
     memory_budget: for recompute="budget": peak bytes per rank (> 1) or a fraction of the peak
         without recomputation (<= 1).
+    fuse: fuse memory-bound regions into generated Triton kernels (None: on with CUDA, off on CPU).
+    kernel_cache_dir: folder for generated kernels (None: $SHARDFX_KERNEL_CACHE or ~/.cache/shardfx/kernels).
     hardware: the cost model's hardware profile for decisions (shardfx.graphs.cost_model.PROFILES).
     collective_timeout: seconds a rank waits in a collective before every rank fails.
     dump_dir: write the printed program after every pass into this folder.
@@ -74,6 +76,8 @@ class Config:
     recompute: str = "none"
     memory_budget: float | None = None
     hardware: str = "cpu"
+    fuse: bool | None = None
+    kernel_cache_dir: str | None = None
     collective_timeout: float = 60.0
     dump_dir: str | None = None
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
@@ -98,6 +102,8 @@ class Config:
             raise TypeError(f"Config.overlap must be a bool; got {self.overlap!r}")
         if not (isinstance(self.prefetch, int) and self.prefetch >= 1):
             raise ValueError(f"Config.prefetch must be an integer >= 1; got {self.prefetch!r}")
+        if self.fuse is not None and not isinstance(self.fuse, bool):
+            raise TypeError(f"Config.fuse must be True, False or None (on with CUDA); got {self.fuse!r}")
         if not (isinstance(self.tp_size, int) and not isinstance(self.tp_size, bool) and self.tp_size >= 1):
             raise ValueError(f"Config.tp_size must be an integer >= 1; got {self.tp_size!r}")
         if self.tp_plan is not None and not isinstance(self.tp_plan, dict):

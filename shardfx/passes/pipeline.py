@@ -15,6 +15,8 @@ from shardfx.passes.apply_mixed_precision import apply_mixed_precision
 from shardfx.passes.bucket_collectives import bucket_collectives
 from shardfx.passes.clip_gradients import clip_gradients
 from shardfx.passes.data_parallel import data_parallel
+from shardfx.passes.fuse import fuse
+from shardfx.passes.lower_to_triton import lower_to_triton
 from shardfx.passes.manager import Pass
 from shardfx.passes.recompute import recompute
 from shardfx.passes.schedule_overlap import schedule_overlap
@@ -38,7 +40,9 @@ def pipeline(config: Config, mesh: Mesh) -> list[Pass]:
         )
     if config.tp_size > 1:
         if config.grad_clip is not None:
-            raise ValueError("Config.grad_clip with tp_size > 1 is not supported yet (the norm would need a tp reduction)")
+            raise ValueError(
+                "Config.grad_clip with tp_size > 1 is not supported yet (the norm would need a tp reduction)"
+            )
         passes.append(
             Pass(
                 "tensor_parallel",
@@ -89,7 +93,26 @@ def pipeline(config: Config, mesh: Mesh) -> list[Pass]:
                 "async collectives: prefetch parameter gathers, reduce gradients behind the backward",
             )
         )
+    if _fuse_enabled(config):
+        passes.append(
+            Pass(
+                "fuse", fuse, "group memory-bound ops (pointwise, casts, last-dim reductions) into regions", exact=False
+            )
+        )
+        passes.append(
+            Pass(
+                "lower_to_triton",
+                partial(lower_to_triton, cache_dir=config.kernel_cache_dir),
+                "one generated Triton kernel per region: each value read once, each result written once",
+                exact=False,
+            )
+        )
     return passes
+
+
+def _fuse_enabled(config: Config) -> bool:
+    """Config.fuse; None: on where CUDA is, off on CPU (kernels would run only in Triton's interpreter)."""
+    return config.fuse if config.fuse is not None else torch.cuda.is_available()
 
 
 def _data_parallel_pass(config: Config) -> Pass:

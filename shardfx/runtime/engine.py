@@ -38,6 +38,7 @@ from shardfx.graphs.program import DistProgram
 from shardfx.runtime import checkpoint
 from shardfx.runtime.checkpoint_layout import held_states, is_distributed
 from shardfx.runtime.executor import Executor
+from shardfx.runtime.state import RankState
 
 logger = logging.getLogger("shardfx")
 
@@ -324,14 +325,27 @@ class Engine:
         return [tuple(c[mesh.coords(r)["dp"]] for c in chunks) for r in range(mesh.world_size)]
 
     def _grad_norm(self) -> float:
-        """The global L2 norm of the kept gradients: sharded parts summed over ranks, replicated counted once."""
-        sharded = set(self.program.shard_specs)
+        """The global L2 norm of the kept gradients, each distinct piece counted once.
+
+        A rank counts a parameter's gradient when it is the first of the ranks holding that same
+        piece: its coordinate is 0 on every mesh axis the parameter is not sharded over.
+        """
+        mesh, program = self.program.mesh, self.program
+
+        def local_sum(rank: int, state: RankState) -> Tensor:
+            coords = mesh.coords(rank)
+            total = torch.zeros((), dtype=torch.float64)
+            for name, p in state.params.items():
+                axes = {spec.axis for spec in program.specs(name)}
+                if p.grad is not None and all(c == 0 for axis, c in coords.items() if axis not in axes):
+                    total += p.grad.detach().double().pow(2).sum()
+            return total
+
         if not is_distributed(self.runtime):
-            sums = [s.grad_square_sums(sharded) for s in self._states]
-            return math.sqrt(float(sum(sh for sh, _ in sums) + sums[0][1]))
-        sh, rep = self._states[0].grad_square_sums(sharded)
-        dist.all_reduce(sh)  # one scalar; not counted in the step's communication stats
-        return math.sqrt(float(sh + rep))
+            return math.sqrt(float(sum(local_sum(r, s) for r, s in enumerate(self._states))))
+        total = local_sum(self.runtime.rank, self._states[0])
+        dist.all_reduce(total)  # one scalar; not counted in the step's communication stats
+        return math.sqrt(float(total))
 
 
 def _shape_key(batch: tuple[Tensor, ...]) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:

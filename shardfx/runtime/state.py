@@ -71,15 +71,6 @@ class RankState:
         for p in self.params.values():
             p.grad = None
 
-    def grad_square_sums(self, sharded: set[str]) -> tuple[Tensor, Tensor]:
-        """(sum of squares over this rank's sharded gradients, over its replicated ones), in fp64."""
-        parts: tuple[list[Tensor], list[Tensor]] = ([], [])
-        for name, p in self.params.items():
-            if p.grad is not None:
-                parts[0 if name in sharded else 1].append(p.grad.detach().double().pow(2).sum())
-        zero = torch.zeros((), dtype=torch.float64)
-        return (torch.stack(parts[0]).sum() if parts[0] else zero, torch.stack(parts[1]).sum() if parts[1] else zero)
-
     def local_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for parameters, gradients and optimizer state."""
         params = sum(p.numel() * p.element_size() for p in self.params.values())

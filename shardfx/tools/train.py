@@ -56,13 +56,13 @@ LAST_WINDOW = 10  # the summary's last loss is the mean of this many final steps
 
 @dataclass
 class TrainOptions:
-    """What `shardfx train` runs; the defaults are the command's defaults (about 40 s on 2 CPU cores)."""
+    """What `shardfx train` runs; the defaults are the command's defaults (about a minute on 2 CPU cores)."""
 
     world_size: int = 4
     model: str = "gpt"
     preset: str | None = None  # None: the model's default preset ("small" for gpt)
     overrides: dict[str, Any] = field(default_factory=dict)
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 32  # global; split over the ranks
     lr: float = 3e-3
     zero_stage: int | None = None  # None: the --config file's stage, else 0

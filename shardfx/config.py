@@ -39,6 +39,9 @@ class Config:
     overlap: issue collectives asynchronously and prefetch parameter gathers `prefetch` blocks ahead.
     tp_size: tensor-parallel ranks (world size = dp x tp); Linear layers split Megatron-style.
     tp_plan: {module pattern: "colwise" | "rowwise" | "replicate"}; None: the automatic plan.
+    tune_communication: let the cost model choose bucket size and prefetch depth (overrides
+        bucket_mb/overlap/prefetch) on the `hardware` profile, keeping the simulated peak under
+        comm_memory_cap bytes (None: no cap).
     recompute: activation recomputation: "none", "full" (every block, keeping block inputs),
         "selective" (the attention core), "budget" (the cheapest recomputation that brings the
         simulated peak to memory_budget).
@@ -71,6 +74,8 @@ class Config:
     bucket_mb: float = 0.0
     overlap: bool = False
     prefetch: int = 1
+    tune_communication: bool = False
+    comm_memory_cap: float | None = None
     tp_size: int = 1
     tp_plan: dict[str, str] | None = None
     recompute: str = "none"
@@ -102,6 +107,12 @@ class Config:
             raise TypeError(f"Config.overlap must be a bool; got {self.overlap!r}")
         if not (isinstance(self.prefetch, int) and self.prefetch >= 1):
             raise ValueError(f"Config.prefetch must be an integer >= 1; got {self.prefetch!r}")
+        if not isinstance(self.tune_communication, bool):
+            raise TypeError(f"Config.tune_communication must be a bool; got {self.tune_communication!r}")
+        if self.comm_memory_cap is not None and not (
+            isinstance(self.comm_memory_cap, (int, float)) and self.comm_memory_cap > 0
+        ):
+            raise ValueError(f"Config.comm_memory_cap must be bytes > 0 or None; got {self.comm_memory_cap!r}")
         if self.fuse is not None and not isinstance(self.fuse, bool):
             raise TypeError(f"Config.fuse must be True, False or None (on with CUDA); got {self.fuse!r}")
         if not (isinstance(self.tp_size, int) and not isinstance(self.tp_size, bool) and self.tp_size >= 1):

@@ -94,3 +94,24 @@ class DistProgram:
     def recompile(self) -> None:
         self.graph.lint()
         self.gm.recompile()
+
+
+def clone_program(program: DistProgram) -> DistProgram:
+    """An independent copy to try a rewrite on: new nodes (shallow-copied meta; vals shared, never mutated)."""
+    import copy
+
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in program.graph.nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph._codegen = program.graph._codegen
+    gm = fx.GraphModule(program.gm, graph)
+    return DistProgram(
+        gm,
+        copy.deepcopy(program.signature),
+        program.mesh,
+        program.fake_mode,
+        dict(program.shard_specs),
+        dict(program.tp_specs),
+        dict(program.notes),
+    )

@@ -25,6 +25,7 @@ from shardfx.passes.shard_optimizer_state import shard_optimizer_state
 from shardfx.passes.shard_parameters import shard_parameters
 from shardfx.passes.sync_batch_norm import sync_batch_norm
 from shardfx.passes.tensor_parallel import tensor_parallel
+from shardfx.passes.tune_communication import tune_communication
 
 
 def pipeline(config: Config, mesh: Mesh) -> list[Pass]:
@@ -77,6 +78,15 @@ def pipeline(config: Config, mesh: Mesh) -> list[Pass]:
                 "scale gradients to a global norm, computed across shards",
             )
         )
+    if config.tune_communication:
+        passes.append(
+            Pass(
+                "tune_communication",
+                partial(tune_communication, hw=config.hardware, memory_cap=config.comm_memory_cap),
+                "the cost model picks bucket size and prefetch depth under the memory cap",
+            )
+        )
+        return _with_fusion(passes, config)
     if config.bucket_mb > 0:
         passes.append(
             Pass(
@@ -93,6 +103,10 @@ def pipeline(config: Config, mesh: Mesh) -> list[Pass]:
                 "async collectives: prefetch parameter gathers, reduce gradients behind the backward",
             )
         )
+    return _with_fusion(passes, config)
+
+
+def _with_fusion(passes: list[Pass], config: Config) -> list[Pass]:
     if _fuse_enabled(config):
         passes.append(
             Pass(

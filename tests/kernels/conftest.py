@@ -8,5 +8,8 @@ when triton is not importable.
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+if "triton" in sys.modules:  # imported before this conftest (tests/conftest.py normally prevents it)
+    sys.modules["triton"].knobs.runtime.interpret = True

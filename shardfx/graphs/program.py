@@ -97,13 +97,15 @@ class DistProgram:
 
 
 def clone_program(program: DistProgram) -> DistProgram:
-    """An independent copy to try a rewrite on: new nodes (shallow-copied meta; vals shared, never mutated)."""
+    """An independent copy to rewrite or keep: new nodes and meta (vals are shared: passes replace them, never mutate)."""
     import copy
 
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in program.graph.nodes:
         env[node] = graph.node_copy(node, lambda n: env[n])
+        # nested dicts (placements) are per copy: passes update them in place
+        env[node].meta = {k: dict(v) if isinstance(v, dict) else v for k, v in node.meta.items()}
     graph._codegen = program.graph._codegen
     gm = fx.GraphModule(program.gm, graph)
     return DistProgram(

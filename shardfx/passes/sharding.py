@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from shardfx.graphs import meta
+from shardfx.graphs import collectives, meta
+from shardfx.graphs.analysis import ALIAS_OPS
 from shardfx.graphs.placement import Replicate, Shard, ShardSpec
 from shardfx.graphs.program import DistProgram
 from shardfx.graphs.rewrite import insert_call
@@ -27,22 +28,7 @@ ALL_REDUCE = torch.ops.shardfx.all_reduce.default
 
 # Ops that only re-view (or re-cast) their first argument: a parameter seen through
 # them is still "the parameter" and is re-derived from a fresh gather in backward.
-VIEW_OPS = {
-    aten.t.default,
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.transpose.int,
-    aten.permute.default,
-    aten.expand.default,
-    aten.unsqueeze.default,
-    aten.squeeze.dim,
-    aten.slice.Tensor,
-    aten.select.int,
-    aten.detach.default,
-    aten.alias.default,
-    aten._to_copy.default,
-}
+VIEW_OPS = (ALIAS_OPS - {collectives.WAIT}) | {aten._to_copy.default}
 
 
 def sharded_params(program: DistProgram) -> list[tuple[int, fx.Node]]:

@@ -13,19 +13,17 @@ ZeRO stage, precision, clipping, passes to disable or append).
 from __future__ import annotations
 
 import argparse
-import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.fx as fx
 from tqdm import tqdm
 
 from shardfx.config import Config
 from shardfx.errors import PassError
 from shardfx.graphs.analysis import collective_summary, memory_timeline
 from shardfx.graphs.capture import capture
-from shardfx.graphs.program import DistProgram, Mesh
+from shardfx.graphs.program import DistProgram, Mesh, clone_program
 from shardfx.passes.manager import Pass, PassContext, PassRecord, run_passes
 from shardfx.passes.pipeline import pipeline
 from shardfx.tools.model_spec import ModelSpec, load_object
@@ -176,7 +174,7 @@ def compile_stages(
     compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
     captured = capture(spec.model, local_batch, spec.loss_fn, compute_dtype)
     program = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
-    stages = [Stage(0, CAPTURE, copy_program(program), captured.seconds)]
+    stages = [Stage(0, CAPTURE, clone_program(program), captured.seconds)]
     bar.update()
     ctx = PassContext(config)
     for i, p in enumerate(passes, start=1):
@@ -185,7 +183,7 @@ def compile_stages(
             program, (record,) = run_passes(program, [p], ctx)
         except PassError as exc:  # run one at a time, the manager cannot know the passes before
             raise _with_passes_before(exc, [s.name for s in stages[1:] if not s.disabled]) from exc
-        stages.append(Stage(i, p.name, copy_program(program), record.seconds, record, disabled=record.skipped))
+        stages.append(Stage(i, p.name, clone_program(program), record.seconds, record, disabled=record.skipped))
         bar.update()
     bar.close()
     return stages
@@ -198,19 +196,6 @@ def find_stage(stages: list[Stage], name: str, option: str) -> Stage:
             return stage
     allowed = ", ".join(s.name for s in stages)
     raise ValueError(f"{option} {name}: no such stage (compiled: {allowed})")
-
-
-def copy_program(program: DistProgram) -> DistProgram:
-    """A copy that later passes cannot change: a new graph and signature (node meta is copied per node)."""
-    gm = fx.GraphModule(program.gm, copy.deepcopy(program.graph))
-    return DistProgram(
-        gm,
-        copy.deepcopy(program.signature),
-        program.mesh,
-        program.fake_mode,
-        dict(program.shard_specs),
-        dict(program.notes),
-    )
 
 
 def _with_passes_before(exc: PassError, done: list[str]) -> PassError:

@@ -394,7 +394,3 @@ def _annotate(gm: fx.GraphModule) -> None:
             path = ""
         node.meta[meta.MODULE] = path
         node.meta[meta.ORIGIN] = "capture"
-
-
-def python_version_ok() -> bool:
-    return sys.version_info >= (3, 10)

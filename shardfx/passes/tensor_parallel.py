@@ -30,23 +30,22 @@ from __future__ import annotations
 
 import fnmatch
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from shardfx.graphs import meta
-from shardfx.graphs.placement import Partial, Replicate, Shard, ShardSpec
+from shardfx.graphs.placement import Partial, Shard, ShardSpec
 from shardfx.graphs.program import DistProgram
 from shardfx.graphs.rewrite import refresh_val
 from shardfx.graphs.signature import GRAD, PARAM
 from shardfx.passes.manager import PassContext, PassResult
+from shardfx.passes.tp_rules import POINTWISE, RULES, Decision, R, replicate_all
 
 aten = torch.ops.aten
 ORIGIN = "tensor_parallel"
-R = Replicate()
-P = Partial()
 STYLES = ("colwise", "rowwise", "replicate")
 
 
@@ -66,288 +65,6 @@ class Linear:
     @property
     def in_features(self) -> int:
         return self.weight.meta["val"].shape[1]
-
-
-@dataclass
-class Decision:
-    out: Any  # a placement, or a tuple of them for multi-output ops
-    want: dict[fx.Node, Any] = field(default_factory=dict)  # inputs that must be redistributed first
-    fallback: bool = False  # the op has no rule: inputs made replicated
-    decompose_addmm: bool = False  # rowwise addmm: all_reduce(mm) + bias
-
-
-# ---------------------------------------------------------------- the rules
-
-
-def _pl(node: Any, placements: dict[fx.Node, Any]) -> Any:
-    return placements.get(node, R) if isinstance(node, fx.Node) else None
-
-
-def _shape(node: fx.Node) -> tuple[int, ...]:
-    return tuple(node.meta["val"].shape)
-
-
-def _replicate_all(node: fx.Node, placements: dict) -> Decision:
-    """Run the op on whole tensors: partial sums are all-reduced (Megatron's own points), shards gathered.
-
-    Gathering shards is the fallback that costs: it is what the pass reports by op name."""
-    want = {a: R for a in node.all_input_nodes if _pl(a, placements) != R}
-    val = node.meta.get("val")
-    out = tuple(R for _ in val) if isinstance(val, (tuple, list)) else R
-    return Decision(out, want, fallback=any(isinstance(_pl(a, placements), Shard) for a in want))
-
-
-POINTWISE = {
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.gelu.default,
-    aten.gelu_backward.default, aten.tanh.default, aten.neg.default, aten.exp.default, aten.rsqrt.default,
-    aten.relu.default, aten.silu.default, aten.sigmoid.default, aten.clone.default, aten._to_copy.default,
-    aten.detach.default, aten.alias.default, aten.ones_like.default, aten.zeros_like.default,
-    aten.pow.Tensor_Scalar, aten.threshold_backward.default, aten.where.self, aten.tanh_backward.default,
-    aten.silu_backward.default, aten.sigmoid_backward.default,
-}  # fmt: skip
-LINEAR_IN_P = {  # ops linear in their P inputs (a partial sum passes through them)
-    aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.clone.default, aten.detach.default,
-    aten.alias.default, aten._to_copy.default,
-}  # fmt: skip
-
-
-def _pointwise(node: fx.Node, placements: dict) -> Decision:
-    out_nd = node.meta["val"].dim()
-    tensors = node.all_input_nodes
-    pls = [_pl(a, placements) for a in tensors]
-    partial = [a for a, p in zip(tensors, pls) if isinstance(p, Partial)]
-    if partial:
-        linear = node.target in LINEAR_IN_P and all(isinstance(p, Partial) for p in pls)
-        linear |= (
-            node.target in (aten.mul.Tensor, aten.div.Tensor)
-            and len(partial) == 1
-            and (node.target is aten.mul.Tensor or node.args[0] is partial[0])
-            and all(p == R for a, p in zip(tensors, pls) if a is not partial[0])
-        )
-        if linear:
-            return Decision(P)
-        return _replicate_all(node, placements)
-    dims = {(p.dim + out_nd - a.meta["val"].dim(), p.blocks) for a, p in zip(tensors, pls) if isinstance(p, Shard)}
-    if not dims:
-        return Decision(R)
-    if len(dims) > 1:
-        return _replicate_all(node, placements)
-    (dim, blocks), want = next(iter(dims)), {}
-    for a, p in zip(tensors, pls):
-        a_dim = dim - (out_nd - a.meta["val"].dim())
-        if a_dim < 0 or a.meta["val"].shape[a_dim] == 1:
-            continue  # broadcast along the sharded dim: every rank uses all of it
-        if p != Shard(a_dim, blocks):
-            want[a] = Shard(a_dim, blocks)
-    return Decision(Shard(dim, blocks), want)
-
-
-def _groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
-    """Pair runs of dims of two shapes with equal products (the dims a view merges or splits)."""
-    out, i, j = [], 0, 0
-    while i < len(a) or j < len(b):
-        ga, gb = [i] if i < len(a) else [], [j] if j < len(b) else []
-        pa = a[i] if i < len(a) else 1
-        pb = b[j] if j < len(b) else 1
-        i, j = i + bool(ga), j + bool(gb)
-        while pa != pb:
-            if pa < pb and i < len(a):
-                ga.append(i)
-                pa *= a[i]
-                i += 1
-            elif pb < pa and j < len(b):
-                gb.append(j)
-                pb *= b[j]
-                j += 1
-            else:
-                return None
-        out.append((ga, gb))
-    return out
-
-
-def _view(node: fx.Node, placements: dict, tp: int) -> Decision:
-    src = node.args[0]
-    p = _pl(src, placements)
-    if p == R or isinstance(p, Partial):
-        return Decision(p)
-    src_shape, out_shape = _shape(src), _shape(node)
-    for ga, gb in _groups(src_shape, out_shape) or []:
-        if p.dim not in ga:
-            continue
-        # the shard must be the outermost real (size > 1) dim of its group on both sides
-        ga_real = [k for k in ga if src_shape[k] != 1]
-        gb_real = [k for k in gb if out_shape[k] != 1]
-        if not ga_real or ga_real[0] != p.dim or not gb_real:
-            break
-        target = gb_real[0]
-        fits = out_shape[target] % (tp * p.blocks) == 0
-        if fits and (p.blocks == 1 or (len(ga_real) == 1 and len(gb_real) == 1)):
-            return Decision(Shard(target, p.blocks))
-        break
-    return _replicate_all(node, placements)
-
-
-def _permute_dims(node: fx.Node) -> list[int]:
-    nd = node.meta["val"].dim()
-    if node.target is aten.t.default:
-        return [1, 0] if nd == 2 else list(range(nd))
-    if node.target is aten.transpose.int:
-        perm = list(range(nd))
-        d0, d1 = node.args[1] % nd, node.args[2] % nd
-        perm[d0], perm[d1] = perm[d1], perm[d0]
-        return perm
-    return [d % nd for d in node.args[1]]  # permute
-
-
-def _permute(node: fx.Node, placements: dict, tp: int) -> Decision:
-    p = _pl(node.args[0], placements)
-    if not isinstance(p, Shard):
-        return Decision(p)
-    return Decision(Shard(_permute_dims(node).index(p.dim), p.blocks))
-
-
-def _split(node: fx.Node, placements: dict, tp: int) -> Decision:
-    src, size = node.args[0], node.args[1]
-    dim = (node.args[2] if len(node.args) > 2 else 0) % src.meta["val"].dim()
-    p = _pl(src, placements)
-    n_out = len(node.meta["val"])
-    if p == R or isinstance(p, Partial):
-        return Decision(tuple(p for _ in range(n_out)))
-    if p.dim != dim:
-        return Decision(tuple(p for _ in range(n_out)))
-    if p.blocks == n_out and _shape(src)[dim] == size * n_out and size % tp == 0:
-        return Decision(tuple(Shard(dim) for _ in range(n_out)))
-    return _replicate_all(node, placements)
-
-
-def _cat(node: fx.Node, placements: dict, tp: int) -> Decision:
-    """cat of k slices sharded along the cat dim is that dim in k blocks (the inverse of split)."""
-    parts = node.args[0]
-    dim = (node.args[1] if len(node.args) > 1 else 0) % node.meta["val"].dim()
-    pls = [_pl(a, placements) for a in parts]
-    if all(p == R for p in pls):
-        return Decision(R)
-    if all(isinstance(p, Partial) for p in pls):
-        return Decision(P)
-    if all(isinstance(p, Shard) and p.blocks == 1 and p.dim == pls[0].dim for p in pls):
-        if pls[0].dim == dim:
-            return Decision(Shard(dim, len(parts)))
-        return Decision(pls[0])
-    return _replicate_all(node, placements)
-
-
-def _getitem(node: fx.Node, placements: dict, tp: int) -> Decision:
-    p = placements.get(node.args[0], R)
-    return Decision(p[node.args[1]] if isinstance(p, tuple) else p)
-
-
-def _mm(a_pl: Any, b_pl: Any) -> tuple[Any, dict[str, Any]] | None:
-    """(output, wanted inputs) for a @ b, or None: replicate."""
-    S0 = lambda p: isinstance(p, Shard) and p.dim == 0  # noqa: E731
-    S1 = lambda p: isinstance(p, Shard) and p.dim == 1  # noqa: E731
-    if a_pl == R and b_pl == R:
-        return R, {}
-    if a_pl == R and S1(b_pl):
-        return Shard(1, b_pl.blocks), {}
-    if S0(a_pl) and b_pl == R:
-        return Shard(0, a_pl.blocks), {}
-    if S1(a_pl) and S0(b_pl) and a_pl.blocks == b_pl.blocks:
-        return P, {}
-    if S1(a_pl) and b_pl == R:
-        return P, {"b": Shard(0, a_pl.blocks)}
-    if a_pl == R and S0(b_pl):
-        return P, {"a": Shard(1, b_pl.blocks)}
-    if isinstance(a_pl, Partial) and b_pl == R:
-        return P, {}
-    if a_pl == R and isinstance(b_pl, Partial):
-        return P, {}
-    return None
-
-
-def _matmul(node: fx.Node, placements: dict, tp: int) -> Decision:
-    addmm = node.target is aten.addmm.default
-    a, b = (node.args[1], node.args[2]) if addmm else (node.args[0], node.args[1])
-    got = _mm(_pl(a, placements), _pl(b, placements))
-    if got is None:
-        return _replicate_all(node, placements)
-    out, want = got
-    want_nodes = {a: want["a"]} if "a" in want else {}
-    if "b" in want:
-        want_nodes[b] = want["b"]
-    if not addmm:
-        return Decision(out, want_nodes)
-    bias_pl = _pl(node.args[0], placements)
-    if isinstance(out, Partial):  # bias must be added once, after the sum: all_reduce(a @ b) + bias
-        if bias_pl != R:
-            want_nodes[node.args[0]] = R
-        return Decision(R, want_nodes, decompose_addmm=True)
-    if isinstance(out, Shard) and out.dim == 1:
-        if bias_pl != Shard(0, out.blocks):
-            want_nodes[node.args[0]] = Shard(0, out.blocks)
-        return Decision(out, want_nodes)
-    if bias_pl != R:
-        want_nodes[node.args[0]] = R
-    return Decision(out, want_nodes)
-
-
-def _sum(node: fx.Node, placements: dict, tp: int) -> Decision:
-    src = node.args[0]
-    p = _pl(src, placements)
-    if p == R or isinstance(p, Partial):
-        return Decision(p)
-    nd = src.meta["val"].dim()
-    if node.target is aten.sum.default:
-        return Decision(P)
-    dims = [d % nd for d in node.args[1]]
-    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    if p.dim in dims:
-        return Decision(P)
-    shift = 0 if keep else sum(1 for d in dims if d < p.dim)
-    return Decision(Shard(p.dim - shift, p.blocks))
-
-
-def _layer_norm(node: fx.Node, placements: dict, tp: int) -> Decision:
-    x = node.args[0]
-    p = _pl(x, placements)
-    normalized = len(node.args[1])
-    if isinstance(p, Shard) and p.dim < x.meta["val"].dim() - normalized:
-        want = {a: R for a in node.all_input_nodes if a is not x and _pl(a, placements) != R}
-        return Decision((p, p, p), want)
-    return _replicate_all(node, placements)
-
-
-def _heads(node: fx.Node, placements: dict, tp: int, n_tensor_in: int, n_out: int, first: int = 0) -> Decision:
-    """Attention with heads split (dim 1 of (B, H, L, D)) when every tensor input is split by heads."""
-    tensors = [a for a in node.args[first : first + n_tensor_in] if isinstance(a, fx.Node)]
-    if all(_pl(a, placements) == Shard(1) for a in tensors):
-        others = {a: R for a in node.all_input_nodes if a not in tensors and _pl(a, placements) != R}
-        return Decision(tuple(Shard(1) for _ in range(n_out)), others)
-    return _replicate_all(node, placements)
-
-
-RULES = {op: (lambda n, pl, tp: _pointwise(n, pl)) for op in POINTWISE}
-RULES.update(
-    {
-        aten.view.default: _view,
-        aten._unsafe_view.default: _view,
-        aten.reshape.default: _view,
-        aten.t.default: _permute,
-        aten.transpose.int: _permute,
-        aten.permute.default: _permute,
-        aten.split.Tensor: _split,
-        aten.cat.default: _cat,
-        operator.getitem: _getitem,
-        aten.mm.default: _matmul,
-        aten.addmm.default: _matmul,
-        aten.sum.dim_IntList: _sum,
-        aten.sum.default: _sum,
-        aten.native_layer_norm.default: _layer_norm,
-        aten.native_layer_norm_backward.default: lambda n, pl, tp: _replicate_all(n, pl),
-        aten._scaled_dot_product_flash_attention_for_cpu.default: lambda n, pl, tp: _heads(n, pl, tp, 3, 2),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward.default: lambda n, pl, tp: _heads(n, pl, tp, 6, 3),
-    }
-)
-NO_TENSOR_INPUTS_OK = {aten.arange.default, aten.arange.start, aten.full.default, aten.zeros.default}
 
 
 # ---------------------------------------------------------------- the plan
@@ -468,7 +185,7 @@ def propagate(program: DistProgram, params: dict[fx.Node, Any], tp: int) -> tupl
             continue
         rule = RULES.get(node.target)
         if rule is None:
-            decision = _replicate_all(node, placements)
+            decision = replicate_all(node, placements)
         else:
             decision = rule(node, placements, tp)
         decisions[node] = decision

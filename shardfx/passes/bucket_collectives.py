@@ -133,6 +133,16 @@ def _hoist_inputs(program: DistProgram, node: fx.Node, before: fx.Node) -> None:
             order = {n: i for i, n in enumerate(program.graph.nodes)}
 
 
+def _unflatten(flat: Tensor, shapes: list[tuple[int, ...]]) -> tuple[Tensor, ...]:
+    """Consecutive views of a flat buffer, one per shape (no copies)."""
+    parts, offset = [], 0
+    for shape in shapes:
+        length = math.prod(shape)
+        parts.append(flat[offset : offset + length].view(shape))
+        offset += length
+    return tuple(parts)
+
+
 def _merge_gathers(program: DistProgram, group: list[fx.Node], index: int) -> None:
     axis = group[0].args[1]
     n = program.mesh.size(axis)
@@ -164,13 +174,7 @@ def _merge_scatters(program: DistProgram, group: list[fx.Node], index: int) -> N
 
     def scatter_bucket(*grads: Tensor) -> tuple[Tensor, ...]:
         flat = torch.cat([g.reshape(n, -1) for g in grads], dim=1).reshape(-1)  # (N * S,)
-        out = torch.ops.shardfx.reduce_scatter(flat, axis, op, 0)  # (S,)
-        shards, offset = [], 0
-        for shape in shapes:
-            length = math.prod(shape)
-            shards.append(out[offset : offset + length].view(shape))
-            offset += length
-        return tuple(shards)
+        return _unflatten(torch.ops.shardfx.reduce_scatter(flat, axis, op, 0), shapes)  # (S,) -> shards
 
     with program.graph.inserting_before(last):
         outs = inline(program, scatter_bucket, [g.args[0] for g in group], provenance=last, origin=ORIGIN)
@@ -183,13 +187,7 @@ def _merge_all_reduces(program: DistProgram, group: list[fx.Node], index: int) -
     last = group[-1]
 
     def reduce_bucket(*grads: Tensor) -> tuple[Tensor, ...]:
-        out = torch.ops.shardfx.all_reduce(torch.cat([g.reshape(-1) for g in grads]), axis, op)
-        parts, offset = [], 0
-        for shape in shapes:
-            length = math.prod(shape)
-            parts.append(out[offset : offset + length].view(shape))
-            offset += length
-        return tuple(parts)
+        return _unflatten(torch.ops.shardfx.all_reduce(torch.cat([g.reshape(-1) for g in grads]), axis, op), shapes)
 
     with program.graph.inserting_before(last):
         outs = inline(program, reduce_bucket, [g.args[0] for g in group], provenance=last, origin=ORIGIN)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from shardfx.config import Config
-from shardfx.graphs.capture import capture
+from shardfx.graphs.capture import capture, capture_forward
 from shardfx.graphs.program import DistProgram, Mesh
 from shardfx.passes.manager import PassContext, run_passes
 from shardfx.passes.pipeline import pipeline
@@ -62,6 +62,16 @@ def compile_distributed(
         program, records = run_passes(program, pipeline(graph_config, mesh), ctx, dump_dir=config.dump_dir)
         return program, records, captured.seconds
 
+    def compile_eval_for(batch: tuple[torch.Tensor, ...]) -> DistProgram:
+        """The forward-only program of eval_step: the same passes, on a graph without a backward."""
+        local_batch = tuple(x[: x.shape[0] // dp] for x in batch)
+        compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
+        captured = capture_forward(model, local_batch, loss_fn, compute_dtype)
+        program = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
+        eval_config = graph_config.replace(recompute="none", grad_clip=None)
+        ctx = PassContext(eval_config, log or (lambda line: None))
+        return run_passes(program, pipeline(eval_config, mesh), ctx)[0]
+
     program, records, seconds = compile_for(batch)
     runtime: Any
     if _launched():
@@ -80,6 +90,7 @@ def compile_distributed(
         config=config,
         scheduler=scheduler,
         compile_for=lambda new_batch: compile_for(new_batch)[0],
+        compile_eval_for=compile_eval_for,
         model=model,
         loss_fn=loss_fn,
         log=log,

@@ -40,6 +40,10 @@ class DistributedRuntime:
         self.state.apply(out.grads, out.buffers)
         return out.loss.detach()
 
+    def evaluate(self, executor: Executor, shards: list[tuple[Tensor, ...]]) -> Tensor:
+        """Run a forward-only program on this rank's state; nothing is updated."""
+        return executor.run(self.comm, self.state.params, self.state.buffers, shards[self.rank]).loss.detach()
+
     def state_dict(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         for spec in self.program.signature.params():

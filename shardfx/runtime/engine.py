@@ -21,7 +21,6 @@ stopped on, or ignored per Config.on_nonfinite.
 from __future__ import annotations
 
 import base64
-import copy
 import logging
 import math
 import random
@@ -67,6 +66,7 @@ class Engine:
         config: Config | None = None,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         compile_for: Callable[[tuple[Tensor, ...]], DistProgram] | None = None,
+        compile_eval_for: Callable[[tuple[Tensor, ...]], DistProgram] | None = None,
         model: torch.nn.Module | None = None,
         loss_fn: Callable[..., Tensor] | None = None,
         log: Callable[[str], None] | None = None,
@@ -77,6 +77,8 @@ class Engine:
         self.capture_seconds = capture_seconds
         self.config = config or Config()
         self._compile_for = compile_for
+        self._compile_eval_for = compile_eval_for
+        self._eval_programs: OrderedDict[Any, tuple[DistProgram, Executor]] = OrderedDict()
         self._model, self._loss_fn = model, loss_fn
         self._log = log or logger.warning
         self._arity = len(example_inputs)
@@ -95,7 +97,6 @@ class Engine:
         self._phase = "idle"  # idle -> forward -> backward -> (step) idle
         self._last_loss: Tensor | None = None
         self._bad_loss: tuple[int, float] | None = None  # (micro-batch, loss) of a non-finite loss
-        self._eval: tuple[int, torch.nn.Module] | None = None
 
     # --- training -----------------------------------------------------------------------------
 
@@ -191,32 +192,25 @@ class Engine:
     # --- evaluation -----------------------------------------------------------------------------
 
     def eval_step(self, *batch: Tensor) -> Tensor:
-        """The global mean loss on `batch`, forward only, in eval mode, with no optimizer or state change.
+        """The global mean loss on `batch`, forward only, in eval mode: its own traced program.
 
-        Runs eagerly (not a compiled graph) on a copy of the model holding the current full
-        weights (engine.state_dict(), refreshed after each optimizer step): the local runtime
-        evaluates the whole batch here; the distributed one evaluates this rank's slice and
-        averages over ranks. It costs one full model per process.
+        The program is the model's loss traced in eval mode without a backward, rewritten by the
+        same passes (ZeRO gathers, tensor parallelism, ...) and run on every rank's current state;
+        nothing is updated. One program is kept per batch shape (Config.max_batch_shapes).
         """
-        from shardfx.graphs.capture import extract_loss
-
-        if self._model is None:
-            raise RuntimeError("eval_step needs the engine built by shardfx.compile_distributed (it knows the model)")
-        if self._eval is None or self._eval[0] != self.steps:
-            model = self._eval[1] if self._eval is not None else copy.deepcopy(self._model)
-            model.load_state_dict(self.state_dict())
-            self._eval = (self.steps, model.eval())
-        model = self._eval[1]
-        if is_distributed(self.runtime):
-            batch = self._split(batch)[self.runtime.rank]
-        with torch.no_grad():
-            out = model(*batch[:-1]) if self._loss_fn is not None else model(*batch)
-            loss = self._loss_fn(out, batch[-1]) if self._loss_fn is not None else extract_loss(out)
-        loss = loss.detach().float()
-        if is_distributed(self.runtime):
-            dist.all_reduce(loss)
-            loss /= dist.get_world_size()
-        return loss
+        if self._compile_eval_for is None:
+            raise RuntimeError("eval_step needs the engine built by shardfx.compile_distributed")
+        if len(batch) != self._arity:
+            raise TypeError(f"eval_step got {len(batch)} tensors; the step was compiled for {self._arity}")
+        key = _shape_key(batch)
+        if key not in self._eval_programs:
+            program = self._compile_eval_for(batch)
+            self._eval_programs[key] = (program, Executor(program))
+            while len(self._eval_programs) > self.config.max_batch_shapes:
+                self._eval_programs.popitem(last=False)
+        self._eval_programs.move_to_end(key)
+        program, executor = self._eval_programs[key]
+        return self.runtime.evaluate(executor, self._split(batch)).float()
 
     # --- state ----------------------------------------------------------------------------------
 

@@ -61,6 +61,21 @@ class LocalRuntime:
             self.world.abort(rank, exc)
             raise
 
+    def evaluate(self, executor: Executor, shards: list[tuple[Tensor, ...]]) -> Tensor:
+        """Run a forward-only program on every rank's state; nothing is updated. Returns rank 0's loss."""
+        self.world.reset()
+
+        def rank_eval(rank: int) -> Tensor:
+            state = self.states[rank]
+            try:
+                return executor.run(self.comms[rank], state.params, state.buffers, shards[rank]).loss.detach()
+            except BaseException as exc:
+                self.world.abort(rank, exc)
+                raise
+
+        futures = [self._pool.submit(rank_eval, r) for r in range(self.world_size)]
+        return [f.result() for f in futures][0]
+
     def state_dict(self) -> dict[str, Tensor]:
         return full_state_dict(self.program, self.model, self.states)
 

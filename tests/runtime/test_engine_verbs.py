@@ -90,8 +90,9 @@ def test_eval_step_is_forward_only_in_eval_mode() -> None:
     reference.load_state_dict(before)
     with torch.no_grad():
         expected = F.mse_loss(reference.eval()(batch[0]), batch[1])
-    assert torch.equal(engine.eval_step(*batch), expected)
-    assert torch.equal(engine.eval_step(*batch), expected)  # dropout is off: the same every time
+    first = engine.eval_step(*batch)
+    torch.testing.assert_close(first, expected, rtol=1e-6, atol=1e-7)  # a mean of the ranks' means
+    assert torch.equal(engine.eval_step(*batch), first)  # dropout is off: the same every time
     for key, value in engine.state_dict().items():
         assert torch.equal(before[key], value)
 
@@ -135,3 +136,53 @@ def test_nan_in_the_batch_is_reported_at_its_step(policy: str) -> None:
         assert torch.equal(engine.state_dict()[key], value)
     engine.train_step(*batch)  # and training goes on
     assert torch.isfinite(engine.state_dict()["0.weight"]).all()
+
+
+@pytest.mark.parametrize("config", [{"zero_stage": 3}, {"tp_size": 2}], ids=["zero3", "tp2"])
+def test_eval_step_is_its_own_forward_program(config) -> None:
+    """A GPT: the eval program has no backward, gathers ZeRO-3 shards (or runs tp slices), and matches eager."""
+    from shardfx.graphs import collectives, meta
+    from shardfx.models import GPT, GPTConfig, gpt_loss
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2, seq_len=16))
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, 64, (4, 16), generator=g), torch.randint(0, 64, (4, 16), generator=g)
+    engine = shardfx.compile_distributed(
+        model,
+        2,
+        example_inputs=batch,
+        loss_fn=gpt_loss,
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5),
+        config=shardfx.Config(**config),
+    )
+    engine.train_step(*batch)
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(engine.state_dict())
+    with torch.no_grad():
+        expected = gpt_loss(reference.eval()(batch[0]), batch[1])
+    torch.testing.assert_close(engine.eval_step(*batch), expected, rtol=1e-5, atol=1e-6)
+    ((program, _),) = engine._eval_programs.values()
+    assert all(n.meta.get(meta.PHASE) != meta.BACKWARD for n in program.graph.nodes)
+    kinds = {collectives.kind(n) for n in program.graph.nodes if collectives.is_collective(n)}
+    assert ("all_gather" in kinds) == ("zero_stage" in config)
+    assert [s.role for s in program.signature.outputs] == ["loss"]
+
+
+def test_eval_step_uses_running_statistics() -> None:
+    from shardfx.models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(4, (6,), 3, batchnorm=True)
+    batch = torch.randn(8, 4), torch.randn(8, 3)
+    engine = shardfx.compile_distributed(
+        model, 2, example_inputs=batch, loss_fn=F.mse_loss, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1)
+    )
+    engine.train_step(*batch)
+    reference = copy.deepcopy(model)
+    reference.load_state_dict(engine.state_dict())
+    with torch.no_grad():
+        expected = F.mse_loss(reference.eval()(batch[0]), batch[1])
+    before = engine.state_dict()
+    torch.testing.assert_close(engine.eval_step(*batch), expected, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(before[k], v) for k, v in engine.state_dict().items())  # running stats untouched

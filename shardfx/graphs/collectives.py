@@ -85,9 +85,11 @@ def all_reduce(x: Tensor, axis: str, op: str) -> Tensor:
     return current().all_reduce(x, axis, op)
 
 
-@all_reduce.register_fake
-def _(x: Tensor, axis: str, op: str) -> Tensor:
+def _reduced_fake(x: Tensor, axis: str, op: str) -> Tensor:
     return torch.empty_like(x)
+
+
+all_reduce.register_fake(_reduced_fake)
 
 
 @torch.library.custom_op("shardfx::all_gather", mutates_args=())
@@ -95,11 +97,13 @@ def all_gather(x: Tensor, axis: str, dim: int) -> Tensor:
     return current().all_gather(x, axis, dim)
 
 
-@all_gather.register_fake
-def _(x: Tensor, axis: str, dim: int) -> Tensor:
+def _gathered_fake(x: Tensor, axis: str, dim: int) -> Tensor:
     shape = list(x.shape)
     shape[dim] *= _axis_size_for_fake(axis)
     return x.new_empty(shape)
+
+
+all_gather.register_fake(_gathered_fake)
 
 
 @torch.library.custom_op("shardfx::reduce_scatter", mutates_args=())
@@ -107,13 +111,15 @@ def reduce_scatter(x: Tensor, axis: str, op: str, dim: int) -> Tensor:
     return current().reduce_scatter(x, axis, op, dim)
 
 
-@reduce_scatter.register_fake
-def _(x: Tensor, axis: str, op: str, dim: int) -> Tensor:
+def _scattered_fake(x: Tensor, axis: str, op: str, dim: int) -> Tensor:
     n = _axis_size_for_fake(axis)
     shape = list(x.shape)
     assert shape[dim] % n == 0, f"reduce_scatter of dim {dim} size {shape[dim]} over {n} ranks"
     shape[dim] //= n
     return x.new_empty(shape)
+
+
+reduce_scatter.register_fake(_scattered_fake)
 
 
 # Async pairs: `*_start` launches the collective and returns its output buffer, which
@@ -127,9 +133,7 @@ def all_reduce_start(x: Tensor, axis: str, op: str) -> Tensor:
     return current().start("all_reduce", x, axis, op=op)
 
 
-@all_reduce_start.register_fake
-def _(x: Tensor, axis: str, op: str) -> Tensor:
-    return torch.empty_like(x)
+all_reduce_start.register_fake(_reduced_fake)
 
 
 @torch.library.custom_op("shardfx::all_gather_start", mutates_args=())
@@ -137,11 +141,7 @@ def all_gather_start(x: Tensor, axis: str, dim: int) -> Tensor:
     return current().start("all_gather", x, axis, dim=dim)
 
 
-@all_gather_start.register_fake
-def _(x: Tensor, axis: str, dim: int) -> Tensor:
-    shape = list(x.shape)
-    shape[dim] *= _axis_size_for_fake(axis)
-    return x.new_empty(shape)
+all_gather_start.register_fake(_gathered_fake)
 
 
 @torch.library.custom_op("shardfx::reduce_scatter_start", mutates_args=())
@@ -149,12 +149,7 @@ def reduce_scatter_start(x: Tensor, axis: str, op: str, dim: int) -> Tensor:
     return current().start("reduce_scatter", x, axis, op=op, dim=dim)
 
 
-@reduce_scatter_start.register_fake
-def _(x: Tensor, axis: str, op: str, dim: int) -> Tensor:
-    n = _axis_size_for_fake(axis)
-    shape = list(x.shape)
-    shape[dim] //= n
-    return x.new_empty(shape)
+reduce_scatter_start.register_fake(_scattered_fake)
 
 
 @torch.library.custom_op("shardfx::chunk", mutates_args=())

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from shardfx.config import Config
 from shardfx.graphs.capture import capture, capture_forward
-from shardfx.graphs.program import DistProgram, Mesh
+from shardfx.graphs.program import DistProgram, Mesh, clone_program
 from shardfx.passes.manager import PassContext, run_passes
 from shardfx.passes.pipeline import pipeline
 from shardfx.runtime.engine import Engine
@@ -52,15 +52,27 @@ def compile_distributed(
     # With accumulation the engine clips the summed gradient at the boundary, not each micro-batch.
     graph_config = config.replace(grad_clip=None) if config.grad_accum_steps > 1 else config
 
-    def compile_for(batch: tuple[torch.Tensor, ...]) -> tuple[DistProgram, list[Any], float]:
+    # With boundary-synced accumulation the step has two variants (accumulate_gradients):
+    # "keep" for the first k-1 micro-batches, "reduce" for the last. Otherwise one: "step".
+    accumulate = config.grad_accum_steps > 1 and config.grad_accum_sync == "boundary"
+    variants = ("keep", "reduce") if accumulate else ("step",)
+
+    def compile_for(batch: tuple[torch.Tensor, ...]) -> tuple[dict[str, DistProgram], list[Any], float]:
+        """The variants of the step for this global batch shape, the passes' records and the capture time."""
         # The graph is one rank's step: trace it at the per-rank batch shape.
         local_batch = tuple(x[: x.shape[0] // dp] for x in batch)
         compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
         captured = capture(model, local_batch, loss_fn, compute_dtype)
-        program = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
-        ctx = PassContext(graph_config, log or (lambda line: None))
-        program, records = run_passes(program, pipeline(graph_config, mesh), ctx, dump_dir=config.dump_dir)
-        return program, records, captured.seconds
+        traced = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
+        programs: dict[str, DistProgram] = {}
+        records: list[Any] = []
+        for variant in variants:
+            program = clone_program(traced) if variant != variants[-1] else traced
+            passes = pipeline(graph_config, mesh, grad_accum=variant if accumulate else None)
+            dump = config.dump_dir if config.dump_dir is None or not accumulate else f"{config.dump_dir}/{variant}"
+            ctx = PassContext(graph_config, log or (lambda line: None))
+            programs[variant], records = run_passes(program, passes, ctx, dump_dir=dump)
+        return programs, records, captured.seconds
 
     def compile_eval_for(batch: tuple[torch.Tensor, ...]) -> DistProgram:
         """The forward-only program of eval_step: the same passes, on a graph without a backward."""
@@ -72,7 +84,8 @@ def compile_distributed(
         ctx = PassContext(eval_config, log or (lambda line: None))
         return run_passes(program, pipeline(eval_config, mesh), ctx)[0]
 
-    program, records, seconds = compile_for(batch)
+    programs, records, seconds = compile_for(batch)
+    program = programs[variants[-1]]
     runtime: Any
     if _launched():
         from shardfx.runtime.distributed import DistributedRuntime
@@ -89,6 +102,7 @@ def compile_distributed(
         seconds,
         config=config,
         scheduler=scheduler,
+        programs=programs,
         compile_for=lambda new_batch: compile_for(new_batch)[0],
         compile_eval_for=compile_eval_for,
         model=model,

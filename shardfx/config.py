@@ -19,6 +19,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "batchnorm": ("global", "local"),
     "recompute": ("none", "full", "selective", "budget"),
     "on_nonfinite": ("skip", "stop", "ignore"),
+    "grad_accum_sync": ("boundary", "micro_batch"),
 }
 
 
@@ -55,6 +56,10 @@ class Config:
     disable_passes: names of optional passes to skip (for bisecting).
     grad_accum_steps: micro-batches per optimizer step; `engine(*micro_batch)` takes one,
         `train_step(*batch)` takes grad_accum_steps of them stacked on dim 0.
+    grad_accum_sync: with grad_accum_steps > 1, when gradients are reduced: "boundary" (once,
+        at the last micro-batch; each rank keeps a full-size local gradient accumulator until
+        then, as DeepSpeed's and FSDP's no_sync) or "micro_batch" (every micro-batch: k times
+        the gradient traffic, but under ZeRO-2/3 a rank never holds more than its shard).
     micro_batch_size: per-rank samples of one micro-batch (None: whatever the example batch holds);
         when set, compile_distributed checks the example batch against it.
     train_batch_size: samples per optimizer step over all ranks (micro_batch_size x
@@ -87,6 +92,7 @@ class Config:
     dump_dir: str | None = None
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
     grad_accum_steps: int = 1
+    grad_accum_sync: str = "boundary"
     micro_batch_size: int | None = None
     train_batch_size: int | None = None
     on_nonfinite: str = "skip"

@@ -14,14 +14,16 @@ from dataclasses import dataclass, field
 PARAM = "param"  # a parameter (trainable or frozen)
 BUFFER = "buffer"  # a module buffer
 INPUT = "input"  # an element of the user's batch
+GRAD_ACC = "grad_acc"  # a rank's unreduced gradient of `name`, summed over earlier micro-batches
 
 # Output roles.
 LOSS = "loss"  # the scalar loss of this rank's batch shard
 GRAD = "grad"  # gradient of parameter `target`
 BUFFER_UPDATE = "buffer_update"  # new value of buffer `target`
+# GRAD_ACC is also an output role: the accumulator of `target` with this micro-batch's gradient added.
 
-INPUT_ROLES = (PARAM, BUFFER, INPUT)
-OUTPUT_ROLES = (LOSS, GRAD, BUFFER_UPDATE)
+INPUT_ROLES = (PARAM, BUFFER, INPUT, GRAD_ACC)
+OUTPUT_ROLES = (LOSS, GRAD, BUFFER_UPDATE, GRAD_ACC)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 
 from shardfx.config import Config
 from shardfx.graphs.program import Mesh
+from shardfx.passes.accumulate_gradients import accumulate_gradients
 from shardfx.passes.apply_mixed_precision import apply_mixed_precision
 from shardfx.passes.bucket_collectives import bucket_collectives
 from shardfx.passes.clip_gradients import clip_gradients
@@ -28,7 +29,9 @@ from shardfx.passes.tensor_parallel import tensor_parallel
 from shardfx.passes.tune_communication import tune_communication
 
 
-def pipeline(config: Config, mesh: Mesh) -> list[Pass]:
+def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None) -> list[Pass]:
+    """The passes for `config` on `mesh`. grad_accum: None (a plain step), or the "keep" or
+    "reduce" variant of a step under gradient accumulation (see accumulate_gradients)."""
     dp = mesh.size("dp")
     passes: list[Pass] = []
     if config.batchnorm == "global" and dp > 1:
@@ -59,9 +62,24 @@ def pipeline(config: Config, mesh: Mesh) -> list[Pass]:
                 "drop forward values the backward needs and compute them again there: activation memory",
             )
         )
+    reduce_dtype = torch.float32 if config.reduce_dtype == "fp32" else torch.bfloat16
+    if grad_accum is not None:
+        bf16 = config.mixed_precision == "bf16"
+        passes.append(
+            Pass(
+                "accumulate_gradients",
+                partial(
+                    accumulate_gradients,
+                    variant=grad_accum,
+                    acc_dtype=torch.float32 if bf16 else None,
+                    reduce_dtype=reduce_dtype if bf16 else None,
+                ),
+                "keep: add each gradient to a local accumulator, reduce nothing; "
+                "reduce: reduce the accumulated sum once, at the last micro-batch",
+            )
+        )
     passes.append(_data_parallel_pass(config))
     if config.mixed_precision == "bf16":
-        reduce_dtype = torch.float32 if config.reduce_dtype == "fp32" else torch.bfloat16
         passes.append(
             Pass(
                 "apply_mixed_precision",

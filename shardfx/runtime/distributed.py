@@ -34,10 +34,13 @@ class DistributedRuntime:
         self.state = RankState(program, model, self.rank, optimizer)
         self.executor = Executor(program)
 
-    def step(self, shards: list[tuple[Tensor, ...]]) -> Tensor:
-        self.comm.stats.reset()
-        out = self.executor.run(self.comm, self.state.params, self.state.buffers, shards[self.rank])
-        self.state.apply(out.grads, out.buffers)
+    def step(self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True) -> Tensor:
+        """Run this rank's step on shards[rank]; reset_stats=False adds to the last step's collective counts."""
+        if reset_stats:
+            self.comm.stats.reset()
+        state = self.state
+        out = self.executor.run(self.comm, state.params, state.buffers, shards[self.rank], state.grad_acc)
+        state.apply(out.grads, out.buffers, out.accumulators)
         return out.loss.detach()
 
     def evaluate(self, executor: Executor, shards: list[tuple[Tensor, ...]]) -> Tensor:

@@ -3,19 +3,22 @@
 One compiled graph runs forward AND backward (the joint graph); the optimizer runs
 outside it, on each rank's local shards. The verbs map onto that as follows:
 
-    loss = engine(*micro_batch)   runs the whole graph: forward, backward and the gradient
-                                  collectives; each rank adds its (already reduced) gradient
-                                  shards to the ones it keeps
+    loss = engine(*micro_batch)   runs the whole graph: forward and backward; at the last
+                                  micro-batch of an optimizer step also the gradient
+                                  collectives (see below)
     engine.backward(loss)         bookkeeping only: the backward already ran
     engine.step()                 at an accumulation boundary (every grad_accum_steps calls):
                                   average the kept gradients, check them, clip, step the
                                   optimizer and the LR scheduler; otherwise nothing
     engine.train_step(*batch)     all three, over grad_accum_steps micro-batches stacked on dim 0
 
-Gradient accumulation reduces every micro-batch's gradients inside the graph (the
-reduction is not deferred to the boundary): same result, more traffic than DeepSpeed's
-no_sync. A non-finite loss or gradient norm is reported with its step and skipped,
-stopped on, or ignored per Config.on_nonfinite.
+With gradient accumulation (Config.grad_accum_steps=k) the step is compiled in two
+variants (passes/accumulate_gradients.py): micro-batches 1..k-1 run "keep", which adds
+each rank's unreduced gradients to its accumulators and reduces nothing; micro-batch k
+runs "reduce", which adds its gradients to the accumulators and reduces the sum once.
+Config.grad_accum_sync="micro_batch" instead runs the plain step every micro-batch and
+adds up the reduced gradient shards. A non-finite loss or gradient norm is reported
+with its step and skipped, stopped on, or ignored per Config.on_nonfinite.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from torch import Tensor
 
 from shardfx.config import Config
 from shardfx.graphs.program import DistProgram
+from shardfx.passes import accumulate_gradients
 from shardfx.runtime import checkpoint
 from shardfx.runtime.checkpoint_layout import held_states, is_distributed
 from shardfx.runtime.executor import Executor
@@ -49,7 +53,7 @@ class NonFiniteError(RuntimeError):
 class Runtime(Protocol):
     program: DistProgram
 
-    def step(self, shards: list[tuple[Tensor, ...]]) -> Tensor: ...
+    def step(self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True) -> Tensor: ...
     def state_dict(self) -> dict[str, Tensor]: ...
     def comm_stats(self, rank: int = 0) -> dict[str, dict[str, int]]: ...
     def memory(self, rank: int = 0) -> dict[str, int]: ...
@@ -65,7 +69,8 @@ class Engine:
         *,
         config: Config | None = None,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
-        compile_for: Callable[[tuple[Tensor, ...]], DistProgram] | None = None,
+        programs: dict[str, DistProgram] | None = None,
+        compile_for: Callable[[tuple[Tensor, ...]], dict[str, DistProgram]] | None = None,
         compile_eval_for: Callable[[tuple[Tensor, ...]], DistProgram] | None = None,
         model: torch.nn.Module | None = None,
         loss_fn: Callable[..., Tensor] | None = None,
@@ -82,8 +87,13 @@ class Engine:
         self._model, self._loss_fn = model, loss_fn
         self._log = log or logger.warning
         self._arity = len(example_inputs)
-        self._programs: OrderedDict[Any, tuple[DistProgram, Any]] = OrderedDict()
-        self._programs[_shape_key(example_inputs)] = (runtime.program, getattr(runtime, "executor", None))
+        # batch shape -> variant ("step", or "keep" and "reduce") -> (program, executor)
+        self._programs: OrderedDict[Any, dict[str, tuple[DistProgram, Any]]] = OrderedDict()
+        variants = {
+            name: (p, getattr(runtime, "executor", None) if p is runtime.program else Executor(p))
+            for name, p in (programs or {"step": runtime.program}).items()
+        }
+        self._programs[_shape_key(example_inputs)] = variants
         self._states = [s for _, s in held_states(runtime)]
         for state in self._states:
             state.auto_step = False  # the engine decides when the optimizer runs
@@ -131,8 +141,14 @@ class Engine:
             raise RuntimeError(
                 f"engine(*batch) called again before engine.backward(loss) and engine.step() (state: {self._phase})"
             )
-        self._select_program(batch)
-        loss = self.runtime.step(self._split(batch))
+        k = self.config.grad_accum_steps
+        variants = self._select_program(batch)
+        if "step" in variants:
+            self._use(*variants["step"])
+        else:
+            self._use(*variants["reduce" if (self.micro_steps + 1) % k == 0 else "keep"])
+        # the collective counts of engine.stats() cover every micro-batch of the last optimizer step
+        loss = self.runtime.step(self._split(batch), reset_stats=self.micro_steps % k == 0)
         self.micro_steps += 1
         self.samples += batch[0].shape[0]
         value = float(loss)
@@ -260,9 +276,14 @@ class Engine:
         return meta["client_state"]
 
     def stats(self, rank: int = 0) -> dict[str, Any]:
-        """Per-rank bytes held (params, grads, optimizer state), collectives of the last step, step counters."""
+        """Per-rank bytes held between steps (params, grads, optimizer state), the bytes of the gradient
+        accumulators a rank holds while accumulating (0 when nothing is deferred), the collectives of
+        the last optimizer step (all its micro-batches), and step counters."""
+        keep = next(reversed(self._programs.values())).get("keep")
+        accumulators = [n.meta["val"] for n in accumulate_gradients.accumulators(keep[0])] if keep else []
         return {
             "memory": self.runtime.memory(rank),
+            "grad_accum_bytes": sum(v.numel() * v.element_size() for v in accumulators),
             "comm": self.runtime.comm_stats(rank),
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
@@ -273,8 +294,8 @@ class Engine:
 
     # --- batches ----------------------------------------------------------------------------------
 
-    def _select_program(self, batch: tuple[Tensor, ...]) -> None:
-        """Use the step compiled for this batch shape; compile one (keeping at most max_batch_shapes)."""
+    def _select_program(self, batch: tuple[Tensor, ...]) -> dict[str, tuple[DistProgram, Any]]:
+        """The step's variants compiled for this batch shape; compile them (keeping at most max_batch_shapes)."""
         if len(batch) != self._arity:
             raise TypeError(f"the step takes {self._arity} tensors; got {len(batch)}")
         for i, x in enumerate(batch):
@@ -283,8 +304,7 @@ class Engine:
         key = _shape_key(batch)
         if key in self._programs:
             self._programs.move_to_end(key)
-            self._use(*self._programs[key])
-            return
+            return self._programs[key]
         change = _difference(batch, next(reversed(self._programs)))
         if self.config.max_batch_shapes == 1 or self._compile_for is None:
             raise ValueError(
@@ -296,14 +316,14 @@ class Engine:
             if x.dim() == 0 or x.shape[0] % dp:
                 raise ValueError(f"batch[{i}] has shape {list(x.shape)}; dim 0 must divide into {dp} ranks")
         self._log(f"{change}: compiling a new step ({len(self._programs)} already kept)")
-        program = self._compile_for(batch)
-        if program.shard_specs != self.program.shard_specs:
+        programs = self._compile_for(batch)
+        if any(p.shard_specs != self.program.shard_specs for p in programs.values()):
             raise RuntimeError("recompiling for a new batch shape changed how parameters are sharded")
-        self._programs[key] = (program, Executor(program))
+        self._programs[key] = {name: (p, Executor(p)) for name, p in programs.items()}
         while len(self._programs) > self.config.max_batch_shapes:
             dropped, _ = self._programs.popitem(last=False)
             self._log(f"dropping the step compiled for {_describe(dropped)} (Config.max_batch_shapes)")
-        self._use(*self._programs[key])
+        return self._programs[key]
 
     def _use(self, program: DistProgram, executor: Any) -> None:
         self.program = program

@@ -2,7 +2,9 @@
 
 The executor knows nothing about passes: it reads the signature, runs the
 graph with this rank's communicator bound, and hands back the loss, the
-gradients (by parameter name) and the new buffer values.
+gradients (by parameter name), the new buffer values and, under gradient
+accumulation, the new gradient accumulators. An accumulator the caller does
+not have yet (the first micro-batch) is bound to zeros.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import Tensor
 
 from shardfx.graphs import collectives
 from shardfx.graphs.program import DistProgram
-from shardfx.graphs.signature import BUFFER, BUFFER_UPDATE, GRAD, INPUT, LOSS, PARAM
+from shardfx.graphs.signature import BUFFER, BUFFER_UPDATE, GRAD, GRAD_ACC, INPUT, LOSS, PARAM
 
 
 @dataclass
@@ -22,6 +24,7 @@ class StepOutputs:
     loss: Tensor
     grads: dict[str, Tensor]
     buffers: dict[str, Tensor]
+    accumulators: dict[str, Tensor]
 
 
 class Executor:
@@ -29,6 +32,7 @@ class Executor:
         self.program = program
         self.gm = program.gm
         self.signature = program.signature
+        self.placeholder_vals = [n.meta["val"] for n in program.placeholders()]
         # The k-th collective a rank issues is the k-th collective node of the graph (SPMD,
         # nodes run in graph order), so errors can name the node without an interpreter.
         self.collective_sites = [
@@ -43,15 +47,21 @@ class Executor:
         params: dict[str, Tensor],
         buffers: dict[str, Tensor],
         batch: tuple[Tensor, ...],
+        accumulators: dict[str, Tensor] | None = None,
     ) -> StepOutputs:
         args: list[Tensor] = []
-        for spec in self.signature.inputs:
+        for spec, val in zip(self.signature.inputs, self.placeholder_vals):
             if spec.role == PARAM:
                 args.append(params[spec.name].detach())
             elif spec.role == BUFFER:
                 args.append(buffers[spec.name])
             elif spec.role == INPUT:
                 args.append(batch[spec.batch_index])
+            elif spec.role == GRAD_ACC:
+                kept = (accumulators or {}).get(spec.name)
+                if kept is None:
+                    kept = torch.zeros(val.shape, dtype=val.dtype, device=params[spec.name].device)
+                args.append(kept)
             else:  # pragma: no cover - signature roles are closed
                 raise AssertionError(spec.role)
         sites = iter(self.collective_sites)
@@ -62,6 +72,7 @@ class Executor:
         loss: Tensor | None = None
         grads: dict[str, Tensor] = {}
         new_buffers: dict[str, Tensor] = {}
+        new_accumulators: dict[str, Tensor] = {}
         for spec, value in zip(self.signature.outputs, values):
             if spec.role == LOSS:
                 loss = value
@@ -69,5 +80,7 @@ class Executor:
                 grads[spec.target] = value
             elif spec.role == BUFFER_UPDATE:
                 new_buffers[spec.target] = value
+            elif spec.role == GRAD_ACC:
+                new_accumulators[spec.target] = value
         assert loss is not None
-        return StepOutputs(loss, grads, new_buffers)
+        return StepOutputs(loss, grads, new_buffers, new_accumulators)

@@ -32,11 +32,15 @@ class LocalRuntime:
         self.executor = Executor(program)
         self._pool = ThreadPoolExecutor(max_workers=self.world_size, thread_name_prefix="shardfx-rank")
 
-    def step(self, shards: list[tuple[Tensor, ...]]) -> Tensor:
-        """Run one training step; `shards[r]` is rank r's part of the batch. Returns rank 0's loss."""
+    def step(self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True) -> Tensor:
+        """Run one training step; `shards[r]` is rank r's part of the batch. Returns rank 0's loss.
+
+        reset_stats=False adds this step's collectives to the counts of the steps before it.
+        """
         self.world.reset()
-        for comm in self.comms:
-            comm.stats.reset()
+        if reset_stats:
+            for comm in self.comms:
+                comm.stats.reset()
         futures = [self._pool.submit(self._rank_step, r, shards[r]) for r in range(self.world_size)]
         errors: list[tuple[int, BaseException]] = []
         losses: list[Tensor] = []
@@ -54,8 +58,8 @@ class LocalRuntime:
     def _rank_step(self, rank: int, batch: tuple[Tensor, ...]) -> Tensor:
         state = self.states[rank]
         try:
-            out = self.executor.run(self.comms[rank], state.params, state.buffers, batch)
-            state.apply(out.grads, out.buffers)
+            out = self.executor.run(self.comms[rank], state.params, state.buffers, batch, state.grad_acc)
+            state.apply(out.grads, out.buffers, out.accumulators)
             return out.loss.detach()
         except BaseException as exc:
             self.world.abort(rank, exc)

@@ -7,7 +7,10 @@ the optimizer built by the user's factory over exactly these local tensors.
 
 With `auto_step` (the default) every step's gradients go straight into the
 optimizer. The Engine turns it off to drive the optimizer itself: gradients
-then add up in `.grad` over micro-batches until `optimizer_step()`.
+then add up in `.grad` over micro-batches until `optimizer_step()`. Under
+boundary-synced accumulation the graph itself adds each micro-batch's
+unreduced gradient to `grad_acc` (full-size, per rank) and reduces the sum
+at the last micro-batch, whose gradients land in `.grad` as usual.
 """
 
 from __future__ import annotations
@@ -44,9 +47,14 @@ class RankState:
         self.optimizer = optimizer(trainable) if optimizer is not None and trainable else None
         self.scheduler: Any = None  # an LR scheduler over self.optimizer, set by the Engine
         self.auto_step = True
+        self.grad_acc: dict[str, Tensor] = {}  # unreduced gradient sums between micro-batches
 
-    def apply(self, grads: dict[str, Tensor], buffers: dict[str, Tensor]) -> None:
-        """Take the step's gradients (added to any kept ones) and new buffer values; step if auto_step."""
+    def apply(
+        self, grads: dict[str, Tensor], buffers: dict[str, Tensor], accumulators: dict[str, Tensor] | None = None
+    ) -> None:
+        """Take the step's gradients (added to any kept ones), new buffer values and gradient
+        accumulators (replacing the old: the graph added them in); step if auto_step."""
+        self.grad_acc = dict(accumulators or {})
         for name, grad in grads.items():
             param = self.params[name]
             param.grad = grad if param.grad is None else param.grad + grad
@@ -70,6 +78,7 @@ class RankState:
     def zero_grad(self) -> None:
         for p in self.params.values():
             p.grad = None
+        self.grad_acc = {}
 
     def local_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for parameters, gradients and optimizer state."""
@@ -86,7 +95,7 @@ def full_state_dict(program: DistProgram, model: nn.Module, states: Sequence[Ran
     """Full, unpadded tensors under every key of model.state_dict(), from the ranks' local state."""
     out: dict[str, Tensor] = {}
     for spec in program.signature.params():
-        value = _unshard(program, spec.name, 0, states)
+        value = unshard(program, spec.name, 0, lambda r, n=spec.name: states[r].params[n])
         for name in (spec.name, *spec.aliases):
             out[name] = value
     for name, buf in states[0].buffers.items():
@@ -95,15 +104,16 @@ def full_state_dict(program: DistProgram, model: nn.Module, states: Sequence[Ran
     return {k: out[k] if k in out else v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _unshard(program: DistProgram, name: str, rank: int, states: Sequence[RankState]) -> Tensor:
-    """The full parameter from the shards of the ranks that share `rank`'s slice: undo ZeRO, then tp."""
+def unshard(program: DistProgram, name: str, rank: int, get: Callable[[int], Tensor]) -> Tensor:
+    """The full tensor from the pieces `get(r)` (parameter-shaped, one per rank) of the ranks that share
+    `rank`'s slice: undo ZeRO, then tensor parallelism."""
     mesh = program.mesh
     tp, dp = program.tp_specs.get(name), program.shard_specs.get(name)
 
     def tp_slice(r: int) -> Tensor:
         if dp is None:
-            return states[r].params[name].detach().clone()
-        return dp.unshard([states[q].params[name].detach() for q in mesh.group(r, dp.axis)])
+            return get(r).detach().clone()
+        return dp.unshard([get(q).detach() for q in mesh.group(r, dp.axis)])
 
     if tp is None:
         return tp_slice(rank)

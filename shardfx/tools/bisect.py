@@ -307,8 +307,8 @@ class _OutputRecorder:
         self.outputs: dict[int, Any] = {}
         runtime.executor = self
 
-    def run(self, comm: Any, params: dict, buffers: dict, batch: tuple) -> Any:
-        out = self.executor.run(comm, params, buffers, batch)
+    def run(self, comm: Any, params: dict, buffers: dict, batch: tuple, accumulators: dict | None = None) -> Any:
+        out = self.executor.run(comm, params, buffers, batch, accumulators)
         self.outputs[self.rank_of[id(params)]] = out
         return out
 

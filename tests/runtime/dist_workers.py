@@ -21,18 +21,20 @@ def tiny_gpt_batch():
 
 
 def train_gpt(zero_stage: int, steps: int, **config: object) -> dict:
+    """`steps` optimizer steps on the tiny GPT's batch (cut into grad_accum_steps micro-batches)."""
     model, batch = tiny_gpt_batch()
+    k = int(config.get("grad_accum_steps", 1))
     engine = shardfx.compile_distributed(
         model,
         None,
-        example_inputs=batch,
+        example_inputs=tuple(x[: x.shape[0] // k] for x in batch),
         loss_fn=gpt_loss,
         optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3),
         config=shardfx.Config(zero_stage=zero_stage, **config),
     )
     losses = [engine.train_step(*batch).item() for _ in range(steps)]
-    state = engine.state_dict()
-    return {"losses": losses, "state": state, "stats": engine.stats(), "rank": dist.get_rank()}
+    stats = engine.stats()  # the last step's collectives (state_dict below gathers too)
+    return {"losses": losses, "state": engine.state_dict(), "stats": stats, "rank": dist.get_rank()}
 
 
 def die_on_rank(rank_to_die: int) -> None:
@@ -55,3 +57,43 @@ def sync_and_overlapped() -> tuple[dict, dict]:
 def train_gpt_tp() -> dict:
     """ZeRO-3 over dp=2 on top of tensor parallelism over tp=2."""
     return train_gpt(3, 3, tp_size=2)
+
+
+ACCUMULATED = {"grad_accum_steps": 2, "bucket_mb": 1.0, "overlap": True}
+
+
+def train_gpt_accumulated() -> dict:
+    """ZeRO-2 over 2 micro-batches a step, bucketed and overlapped."""
+    return train_gpt(2, 3, **ACCUMULATED)
+
+
+def _gpt_engine(**config: object) -> tuple[shardfx.Engine, tuple]:
+    model, batch = tiny_gpt_batch()
+    engine = shardfx.compile_distributed(
+        model,
+        None,
+        example_inputs=batch,
+        loss_fn=gpt_loss,
+        optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+        config=shardfx.Config(**config),
+    )
+    return engine, batch
+
+
+def save_and_reload_tp(path: str) -> dict:
+    """dp=2 x tp=2, ZeRO-3: train 2 steps, save; a fresh engine loads it; both take one more step."""
+    engine, batch = _gpt_engine(zero_stage=3, tp_size=2)
+    for _ in range(2):
+        engine.train_step(*batch)
+    engine.save_checkpoint(path)
+    saved = engine.state_dict()
+    fresh, _ = _gpt_engine(zero_stage=3, tp_size=2)
+    fresh.load_checkpoint(path)
+    loaded = fresh.state_dict()
+    return {"saved": saved, "loaded": loaded, "next": [engine.train_step(*batch).item(), fresh.train_step(*batch).item()]}
+
+
+def load_state(path: str, zero_stage: int) -> dict:
+    engine, _ = _gpt_engine(zero_stage=zero_stage)
+    engine.load_checkpoint(path)
+    return engine.state_dict()

@@ -1,0 +1,193 @@
+"""Gradient accumulation: parity with eager training on the whole batch, one reduction per optimizer step.
+
+Config(grad_accum_steps=k) with grad_accum_sync="boundary" (the default) compiles a "keep"
+variant (micro-batches 1..k-1: gradients added to per-rank accumulators, nothing reduced)
+and a "reduce" variant (micro-batch k: the sum reduced once). "micro_batch" reduces every
+micro-batch. Both must train exactly as eager training on the stacked batch does.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import shardfx
+from shardfx import Config
+from shardfx.graphs import collectives, meta
+from shardfx.models import gpt_loss
+from tests.parity.test_data_parallel_parity import gpt_batch, tiny_gpt
+from tests.parity.test_mixed_precision import LOSS_RTOL
+from tests.parity_util import ATOL, RTOL, adamw, eager_train
+
+K = 3  # micro-batches per optimizer step
+BATCH = gpt_batch(12)  # one optimizer step's batch: K micro-batches of 4 rows
+
+
+def micro(batch: tuple) -> tuple:
+    return tuple(x[: x.shape[0] // K] for x in batch)
+
+
+def accumulating_engine(world_size: int, **config) -> shardfx.Engine:
+    return shardfx.compile_distributed(
+        tiny_gpt(),
+        world_size,
+        example_inputs=micro(BATCH),
+        loss_fn=gpt_loss,
+        optimizer=adamw,
+        config=Config(grad_accum_steps=K, **config),
+    )
+
+
+def train(engine: shardfx.Engine, steps: int = 4) -> tuple[torch.Tensor, dict]:
+    losses = torch.stack([engine.train_step(*BATCH) for _ in range(steps)])
+    return losses, engine.state_dict()
+
+
+def assert_matches_eager(engine: shardfx.Engine, rtol: float = RTOL, atol: float = ATOL) -> None:
+    ref_losses, ref_state = eager_train(tiny_gpt(), BATCH, gpt_loss, 4)
+    losses, state = train(engine)
+    torch.testing.assert_close(losses, ref_losses, rtol=rtol, atol=atol)
+    for key in ref_state:
+        torch.testing.assert_close(state[key], ref_state[key], rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("sync", ["boundary", "micro_batch"])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_accumulation_trains_as_eager_on_the_whole_batch(stage: int, sync: str) -> None:
+    assert_matches_eager(accumulating_engine(2, zero_stage=stage, grad_accum_sync=sync))
+
+
+def test_accumulation_with_tensor_parallel_bucketing_and_overlap() -> None:
+    assert_matches_eager(accumulating_engine(4, zero_stage=3, tp_size=2, bucket_mb=0.01, overlap=True))
+
+
+def grad_syncs(program) -> int:
+    return sum(1 for n in program.graph.nodes if n.meta.get(meta.ROLE) == "grad_sync")
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_gradients_are_reduced_once_per_optimizer_step(stage: int) -> None:
+    """"keep" has no gradient collective; "reduce" has a plain step's; an optimizer step moves one step's bytes."""
+    plain = shardfx.compile_distributed(
+        tiny_gpt(), 2, example_inputs=BATCH, loss_fn=gpt_loss, optimizer=adamw, config=Config(zero_stage=stage)
+    )
+    engines = {sync: accumulating_engine(2, zero_stage=stage, grad_accum_sync=sync) for sync in ("boundary", "micro_batch")}
+    variants = next(iter(engines["boundary"]._programs.values()))
+    assert set(variants) == {"keep", "reduce"}
+    assert grad_syncs(variants["keep"][0]) == 0
+    assert grad_syncs(variants["reduce"][0]) == grad_syncs(plain.program) > 0
+    plain.train_step(*BATCH)
+    volume = {"plain": plain.stats()["comm"]["volume"]}
+    for sync, engine in engines.items():
+        engine.train_step(*BATCH)
+        volume[sync] = engine.stats()["comm"]["volume"]  # summed over the K micro-batches
+    # Under ZeRO-0 the all-reduces also carry the scalar loss: once per micro-batch.
+    loss_volume = collectives.volume_bytes("all_reduce", 4, 4)
+    if stage == 0:
+        grads = volume["plain"]["all_reduce"] - loss_volume
+        assert volume["boundary"]["all_reduce"] == grads + K * loss_volume
+        assert volume["micro_batch"]["all_reduce"] == K * (grads + loss_volume)
+    else:
+        assert volume["boundary"]["reduce_scatter"] == volume["plain"]["reduce_scatter"]
+        assert volume["micro_batch"]["reduce_scatter"] == K * volume["plain"]["reduce_scatter"]
+        # parameters are gathered for every micro-batch either way
+        assert volume["boundary"]["all_gather"] == volume["micro_batch"]["all_gather"] == K * volume["plain"]["all_gather"]
+
+
+def test_accumulators_hold_full_local_gradients_until_the_boundary() -> None:
+    engine = accumulating_engine(2, zero_stage=3)
+    full = {name: tuple(p.shape) for name, p in tiny_gpt().named_parameters()}
+    for i in range(K):
+        loss = engine(*micro(BATCH))
+        engine.backward(loss)
+        engine.step()
+        for state in engine.runtime.states:
+            if i < K - 1:  # unreduced, unsharded: the whole parameter's shape on every rank
+                assert {n: tuple(t.shape) for n, t in state.grad_acc.items()} == {
+                    n: s for n, s in full.items() if n in state.params
+                }
+                assert all(p.grad is None for p in state.params.values())
+            else:  # reduced at the boundary, consumed by the optimizer step
+                assert state.grad_acc == {}
+    assert engine.steps == 1 and engine.micro_steps == K
+    params = sum(p.numel() * 4 for p in tiny_gpt().parameters())  # tied: counted once
+    assert engine.stats()["grad_accum_bytes"] == params
+    assert accumulating_engine(2, zero_stage=3, grad_accum_sync="micro_batch").stats()["grad_accum_bytes"] == 0
+
+
+def test_deepspeed_loop_equals_train_step_under_accumulation() -> None:
+    a, b = accumulating_engine(2, zero_stage=2), accumulating_engine(2, zero_stage=2)
+    for _ in range(2):
+        losses = []
+        for part in zip(*(torch.chunk(x, K) for x in BATCH)):
+            loss = a(*part)
+            a.backward(loss)
+            a.step()
+            losses.append(loss)
+        assert torch.equal(torch.stack(losses).mean(), b.train_step(*BATCH))
+    for key, value in a.state_dict().items():
+        assert torch.equal(b.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("reduce_dtype", ["fp32", "bf16"])
+def test_bf16_accumulates_in_fp32_and_reduces_in_reduce_dtype(reduce_dtype: str) -> None:
+    engine = accumulating_engine(2, zero_stage=3, mixed_precision="bf16", reduce_dtype=reduce_dtype)
+    keep, reduce = (p for p, _ in next(iter(engine._programs.values())).values())
+    for program in (keep, reduce):
+        accs = [n for n in program.placeholders() if n.meta.get(meta.ROLE) == "grad_acc"]
+        assert accs and all(n.meta["val"].dtype == torch.float32 for n in accs)
+    syncs = [n for n in reduce.graph.nodes if n.meta.get(meta.ROLE) == "grad_sync"]
+    want = torch.float32 if reduce_dtype == "fp32" else torch.bfloat16
+    assert syncs and all(n.meta["val"].dtype == want for n in syncs)
+    ref_losses, _ = eager_train(tiny_gpt(), BATCH, gpt_loss, 4)
+    losses, state = train(engine)
+    assert ((losses - ref_losses).abs() / ref_losses).max() < LOSS_RTOL
+
+
+def test_clipping_at_the_boundary_uses_the_whole_steps_gradient() -> None:
+    """With accumulation the clip runs on the averaged sum of the K micro-batches, as eager clipping does."""
+    ref_losses, ref_state = eager_train(tiny_gpt(), BATCH, gpt_loss, 4, grad_clip=0.05)
+    losses, state = train(accumulating_engine(2, zero_stage=1, grad_clip=0.05))
+    torch.testing.assert_close(losses, ref_losses, rtol=RTOL, atol=ATOL)
+    for key in ref_state:
+        torch.testing.assert_close(state[key], ref_state[key], rtol=RTOL, atol=ATOL)
+
+
+def test_a_nan_in_an_early_micro_batch_skips_the_step_and_does_not_leak_into_the_next() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g))
+    messages: list[str] = []
+    engine = shardfx.compile_distributed(
+        copy.deepcopy(model),
+        2,
+        example_inputs=tuple(x[:4] for x in batch),
+        loss_fn=torch.nn.functional.mse_loss,
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+        config=Config(zero_stage=2, grad_accum_steps=2),
+        log=None,
+    )
+    engine._log = messages.append
+    before = engine.state_dict()
+    bad = (batch[0].clone(), batch[1])
+    bad[0][1, 2] = float("nan")  # micro-batch 0, rank 0's rows
+    engine.train_step(*bad)
+    assert engine.skipped_steps == 1 and len(messages) == 1
+    assert messages[0].startswith("step 1: non-finite loss nan (micro-batch 0)")
+    for key, value in engine.state_dict().items():
+        assert torch.equal(before[key], value)
+    # The next, clean step starts from empty accumulators: it equals a fresh engine's first step.
+    fresh = shardfx.compile_distributed(
+        copy.deepcopy(model),
+        2,
+        example_inputs=tuple(x[:4] for x in batch),
+        loss_fn=torch.nn.functional.mse_loss,
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+        config=Config(zero_stage=2, grad_accum_steps=2),
+    )
+    assert torch.equal(engine.train_step(*batch), fresh.train_step(*batch))
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(engine.state_dict()[key], value)

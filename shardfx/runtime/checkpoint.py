@@ -9,9 +9,10 @@ A checkpoint is a folder:
 Tensor keys are `model/<param>`, `buffer/<name>` and `optim/<param>/<state key>` (e.g.
 `optim/fc.weight/exp_avg`). A sharded parameter and the optimizer state shaped like it
 are stored as ONE logical tensor, so loading at another world size or ZeRO stage
-reshards both: the local runtime saves and loads full tensors (no process group,
-DCP's single-process path); the distributed runtime hands DCP DTensors over this
-rank's unpadded rows, so each rank writes and reads only its own shard.
+reshards both, across tensor-parallel meshes too: the local runtime saves and loads full
+tensors (no process group, DCP's single-process path); the distributed runtime hands DCP
+the boxes of each logical tensor that this rank's shard covers (checkpoint_layout.Pieces),
+so each rank writes and reads only its own shard.
 
 Writes are atomic: everything goes to `<dir>.tmp`, shardfx.json last, then the folder
 is renamed into place (the previous `<dir>`, if any, is moved aside first and removed

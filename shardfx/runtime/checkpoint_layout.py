@@ -2,11 +2,13 @@
 
 A logical tensor is what a single device would hold: the full, unpadded parameter (or
 optimizer state shaped like it). The local runtime holds every rank, so it builds the
-full tensor from the shards (ShardSpec.unshard) and cuts it again on load
-(ShardSpec.shard) for whatever world size and stage it now has. The distributed runtime
-holds one rank: it wraps its unpadded rows in a DTensor sharded on dim `shard.dim`
-(ShardSpec shards are torch.chunk's: ceil(n / world) rows a rank, the last ranks
-short or empty), and DCP moves rows between the saved and the current layout.
+full tensor from the shards (undoing ZeRO, then tensor parallelism) and cuts it again
+on load for whatever mesh and stage it now has. The distributed runtime holds one rank:
+it hands DCP a `Pieces` object, the boxes of the logical tensor its local shard covers
+(one box, or several where a tensor-parallel split of fused blocks and a ZeRO split meet
+on the same dim; padding rows belong to no box), and DCP moves data between the saved
+boxes and the current ones. A piece several ranks hold (a replica) is written by the
+first of them only and read by all.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from shardfx.graphs.placement import ShardSpec
-from shardfx.runtime.state import RankState
+from shardfx.graphs.placement import ShardSpec, local_shard
+from shardfx.runtime.state import RankState, unshard
 
 
 def is_distributed(runtime: Any) -> bool:
@@ -32,8 +34,8 @@ def held_states(runtime: Any) -> list[tuple[int, RankState]]:
     return list(enumerate(runtime.states))
 
 
-def global_shape(t: Tensor) -> tuple[int, ...]:
-    return tuple(t.shape)  # a DTensor's shape is already the global one
+def global_shape(t: Any) -> tuple[int, ...]:
+    return tuple(t.size())  # a Pieces' size is the logical tensor's
 
 
 def collect(runtime: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -59,7 +61,7 @@ def collect(runtime: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
         for key, value in st.items():
             if not isinstance(value, Tensor):
                 extra["state"].setdefault(name, {})[key] = value
-            elif value.shape == shape and name in program.shard_specs:
+            elif value.shape == shape and program.specs(name):
                 tensors[f"optim/{name}/{key}"] = _logical(
                     runtime, name, lambda s, n=name, k=key: optimizer_state(s)[n][k]
                 )
@@ -91,8 +93,8 @@ def template(runtime: Any, saved: dict[str, tuple[tuple[int, ...], torch.dtype]]
             raise ValueError(
                 f"checkpoint holds {name} with shape {list(shape)}; the model's is {list(full_shapes[name])}"
             )
-        if kind in ("model", "optim") and shape == full_shapes[name] and name in program.shard_specs:
-            out[key] = _empty_logical(runtime, program.shard_specs[name], dtype)
+        if kind in ("model", "optim") and shape == full_shapes[name] and program.specs(name):
+            out[key] = _empty_logical(runtime, name, dtype)
         else:
             out[key] = torch.empty(shape, dtype=dtype)
     return out
@@ -105,11 +107,13 @@ def restore(runtime: Any, loaded: dict[str, Tensor], extra: dict[str, Any]) -> N
         coords = program.mesh.coords(rank)
 
         def local(key: str, name: str, coords: dict[str, int] = coords) -> Tensor:
-            shard = program.shard_specs.get(name)
             value = loaded[key]
-            if shard is None or value.dim() == 0 or tuple(value.shape) != shard.full_shape:
+            if isinstance(value, Pieces):
+                return value.local  # DCP read this rank's boxes into it; padding rows are zero
+            specs = program.specs(name)
+            if not specs or value.dim() == 0 or tuple(value.shape) != specs[0].full_shape:
                 return value.clone()
-            return _local_shard(value, shard, coords[shard.axis])
+            return local_shard(value, specs, coords)
 
         with torch.no_grad():
             for name, param in state.params.items():
@@ -154,63 +158,146 @@ def load_optimizer(state: RankState, named: dict[str, dict[str, Any]], groups: l
 
 
 def _full_shape(program: Any, state: RankState, name: str) -> tuple[int, ...]:
-    shard = program.shard_specs.get(name)
-    return shard.full_shape if shard is not None else tuple(state.params[name].shape)
+    specs = program.specs(name)
+    return specs[0].full_shape if specs else tuple(state.params[name].shape)
 
 
-def _logical(runtime: Any, name: str, get: Any) -> Tensor:
-    """The full logical tensor of a parameter-shaped value: concatenated (local) or a DTensor (distributed)."""
+def _logical(runtime: Any, name: str, get: Any) -> Any:
+    """The logical tensor of a parameter-shaped value: the full tensor (local) or this rank's Pieces (distributed)."""
     program = runtime.program
-    shard = program.shard_specs.get(name)
     states = held_states(runtime)
-    if shard is None:
+    if not program.specs(name):
         return get(states[0][1])
     if not is_distributed(runtime):
-        group = program.mesh.group(0, shard.axis)
-        return shard.unshard([get(runtime.states[r]) for r in group])
-    coord = program.mesh.coords(runtime.rank)[shard.axis]
-    rows = _rows(shard, coord)[1]
-    return _dtensor(runtime, get(states[0][1]).narrow(shard.dim, 0, rows).contiguous(), shard)
+        return unshard(program, name, 0, lambda r: get(runtime.states[r]))
+    local = get(states[0][1]).detach()
+    writes = _first_holder(program, name, runtime.rank)  # replicas: one rank writes, every rank reads
+    return Pieces(_full_shape(program, states[0][1], name), local, _boxes(program, name, runtime.rank) if writes else [])
 
 
-def _empty_logical(runtime: Any, shard: ShardSpec, dtype: torch.dtype) -> Tensor:
+def _empty_logical(runtime: Any, name: str, dtype: torch.dtype) -> Any:
+    program = runtime.program
+    state = held_states(runtime)[0][1]
     if not is_distributed(runtime):
-        return torch.empty(shard.full_shape, dtype=dtype)
-    coord = runtime.program.mesh.coords(runtime.rank)[shard.axis]
-    shape = list(shard.full_shape)
-    shape[shard.dim] = _rows(shard, coord)[1]
-    return _dtensor(runtime, torch.empty(shape, dtype=dtype), shard)
+        return torch.empty(_full_shape(program, state, name), dtype=dtype)
+    local = torch.zeros(state.params[name].shape, dtype=dtype, device=state.params[name].device)
+    return Pieces(_full_shape(program, state, name), local, _boxes(program, name, runtime.rank))
 
 
-def _local_shard(value: Tensor, shard: ShardSpec, coord: int) -> Tensor:
-    """This rank's padded shard from a full tensor (local) or a DTensor over unpadded rows (distributed)."""
-    if not hasattr(value, "to_local"):
-        return shard.shard(value, coord)
-    piece = value.to_local()
-    out = piece.new_zeros(shard.shard_shape)
-    out.narrow(shard.dim, 0, piece.shape[shard.dim]).copy_(piece)
+def _first_holder(program: Any, name: str, rank: int) -> bool:
+    """Whether `rank` is the first of the ranks holding the same piece (coordinate 0 on every axis not splitting it)."""
+    axes = {spec.axis for spec in program.specs(name)}
+    return all(c == 0 for axis, c in program.mesh.coords(rank).items() if axis not in axes)
+
+
+Segment = tuple[int, int, int]  # (local start, global start, length) along one dim
+
+
+def _boxes(program: Any, name: str, rank: int) -> list[tuple[tuple[int, ...], tuple[slice, ...]]]:
+    """(global offsets, local slices) of every box of the logical tensor `rank`'s shard of `name` holds.
+
+    Each dim starts as one segment mapping local to global positions; every shard spec
+    (tensor parallel, then ZeRO) keeps the positions this rank's coordinate selects, and
+    those map back through the segments so far. Padding positions map to nothing.
+    """
+    specs = program.specs(name)
+    coords = program.mesh.coords(rank)
+    segments: list[list[Segment]] = [[(0, 0, n)] for n in specs[0].full_shape]
+    for spec in specs:
+        selected = _selected(spec, coords[spec.axis])
+        segments[spec.dim] = _compose(segments[spec.dim], selected)
+    boxes: list[tuple[tuple[int, ...], tuple[slice, ...]]] = [((), ())]
+    for dim_segments in segments:
+        boxes = [
+            (offsets + (g,), slices + (slice(lo, lo + n),))
+            for offsets, slices in boxes
+            for lo, g, n in dim_segments
+            if n > 0
+        ]
+    return boxes
+
+
+def _selected(spec: ShardSpec, coord: int) -> list[tuple[int, int]]:
+    """(start, length) ranges of the unsharded dim that rank `coord`'s shard holds, in its order."""
+    size = spec.full_shape[spec.dim]
+    if spec.blocks == 1:
+        start = coord * spec.shard_size
+        return [(start, max(0, min(spec.shard_size, size - start)))]
+    out = []
+    block = size // spec.blocks
+    for b in range(spec.blocks):  # tensor_split: the first (block % world) ranks get one more
+        base, extra = divmod(block, spec.world)
+        start = b * block + coord * base + min(coord, extra)
+        out.append((start, base + (coord < extra)))
     return out
 
 
-def _rows(shard: ShardSpec, coord: int) -> tuple[int, int]:
-    """(first row, number of real rows) of rank `coord`'s shard, padding excluded."""
-    start = coord * shard.shard_size
-    return start, max(0, min(shard.shard_size, shard.full_shape[shard.dim] - start))
+def _compose(segments: list[Segment], ranges: list[tuple[int, int]]) -> list[Segment]:
+    """Map ranges of the current local positions (concatenated in order) to new local segments."""
+    out: list[Segment] = []
+    new_local = 0
+    for start, length in ranges:
+        stop = start + length
+        for lo, g, n in segments:
+            a, b = max(start, lo), min(stop, lo + n)
+            if a < b:
+                out.append((new_local + a - start, g + a - lo, b - a))
+        new_local += length
+    return out
 
 
-def _dtensor(runtime: Any, local: Tensor, shard: ShardSpec) -> Tensor:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor import Shard as DShard
+class Pieces(torch.Tensor):
+    """This rank's part of one logical tensor for DCP: boxes of the global tensor, each a view of `local`.
 
-    mesh = runtime.program.mesh
-    if mesh.names != (shard.axis,):
-        raise NotImplementedError(f"distributed checkpoints support a mesh with one axis; this one has {mesh.names}")
-    device_mesh = getattr(runtime, "_checkpoint_mesh", None)
-    if device_mesh is None:
-        device_type = "cuda" if local.is_cuda else "cpu"
-        device_mesh = init_device_mesh(device_type, (dist.get_world_size(),), mesh_dim_names=(shard.axis,))
-        runtime._checkpoint_mesh = device_mesh
-    full = torch.Size(shard.full_shape)
-    stride = torch.empty(full, device="meta").stride()
-    return DTensor.from_local(local, device_mesh, [DShard(shard.dim)], run_check=False, shape=full, stride=stride)
+    A tensor only in name (DCP looks its hooks up on tensors; no op runs on it): it implements
+    the hooks DCP uses for DTensor (__create_write_items__, __create_chunk_list__,
+    __get_tensor_shard__), a box being a chunk; what DCP reads lands in `local`'s storage.
+    """
+
+    shape: torch.Size
+    local: Tensor
+    _views: dict[tuple[int, ...], Tensor]
+
+    @staticmethod
+    def __new__(
+        cls, shape: tuple[int, ...], local: Tensor, boxes: list[tuple[tuple[int, ...], tuple[slice, ...]]]
+    ) -> Pieces:
+        out = torch.Tensor._make_wrapper_subclass(cls, torch.Size(shape), dtype=local.dtype, device=local.device)
+        out.local = local
+        out._views = {offsets: local[slices] for offsets, slices in boxes}
+        return out
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten.detach.default:  # DCP detaches what it is given
+            return args[0]
+        raise NotImplementedError(f"checkpoint Pieces hold boxes for DCP and run no ops; got {func}")
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return f"Pieces(size={list(self.size())}, boxes={list(self._views)})"
+
+    def _chunk(self, offsets: tuple[int, ...]) -> Any:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+        return ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=self._views[offsets].shape)
+
+    def __create_write_items__(self, fqn: str, obj: Any) -> list[Any]:
+        from torch.distributed.checkpoint.metadata import MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, torch.Size(offsets)),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=self._chunk(offsets), properties=TensorProperties.create_from_tensor(view), size=self.shape
+                ),
+            )
+            for offsets, view in self._views.items()
+        ]
+
+    def __create_chunk_list__(self) -> list[Any]:
+        return [self._chunk(offsets) for offsets in self._views]
+
+    def __get_tensor_shard__(self, index: Any) -> Tensor:
+        return self._views[tuple(index.offset)]

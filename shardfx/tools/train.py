@@ -63,7 +63,7 @@ class TrainOptions:
     preset: str | None = None  # None: the model's default preset ("small" for gpt)
     overrides: dict[str, Any] = field(default_factory=dict)
     steps: int = 200
-    batch_size: int = 32  # global; split over the ranks
+    batch_size: int | None = 32  # global; split over the ranks (None: from the --config file, else 32)
     lr: float = 3e-3
     zero_stage: int | None = None  # None: the --config file's stage, else 0
     seed: int = 0
@@ -98,8 +98,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--batch-size",
         type=positive_int,
-        default=defaults.batch_size,
-        help="global batch size in sequences; must divide by --world-size (default %(default)s)",
+        default=None,
+        help="global batch size in sequences, all micro-batches of a step; must divide by --world-size "
+        f"(default: the --config file's train_batch_size, or its micro-batch size x accumulation x world size, "
+        f"else {defaults.batch_size})",
     )
     parser.add_argument(
         "--lr", type=positive_float, default=defaults.lr, help="AdamW learning rate (default %(default)s)"
@@ -192,7 +194,17 @@ def train(options: TrainOptions, echo: Any = None) -> dict[str, Any]:
 
     `echo(line)` receives the header and summary lines (None: silent).
     """
-    accum = _config(options).grad_accum_steps
+    config = _config(options)
+    options = dataclasses.replace(options, batch_size=_batch_size(options, config))
+    accum = config.grad_accum_steps
+    if not _is_factory(options.model) and config.micro_batch_size is not None:
+        implied = config.micro_batch_size * accum * options.world_size
+        if options.batch_size != implied:
+            raise ValueError(
+                f"--batch-size {options.batch_size} disagrees with --config: train_micro_batch_size_per_gpu "
+                f"{config.micro_batch_size} x gradient_accumulation_steps {accum} x world size "
+                f"{options.world_size} is {implied}"
+            )
     if not _is_factory(options.model) and options.batch_size % (options.world_size * accum) != 0:
         raise ValueError(
             f"--batch-size {options.batch_size} does not divide into --world-size {options.world_size} ranks; "
@@ -237,6 +249,17 @@ def _config(options: TrainOptions) -> shardfx.Config:
     config = base.replace(**changes)
     object.__setattr__(config, "deepspeed_unsupported", base.deepspeed_unsupported)
     return config
+
+
+def _batch_size(options: TrainOptions, config: shardfx.Config) -> int:
+    """--batch-size, else what the --config file implies, else TrainOptions' default."""
+    if options.batch_size is not None:
+        return options.batch_size
+    if config.train_batch_size is not None:
+        return config.train_batch_size
+    if config.micro_batch_size is not None:
+        return config.micro_batch_size * config.grad_accum_steps * options.world_size
+    return TrainOptions.batch_size  # type: ignore[return-value]
 
 
 def _is_factory(model: str) -> bool:
@@ -425,6 +448,7 @@ def _step_line(engine: shardfx.Engine, step: int, loss: float, rate: float, unit
         f"loss {loss:.4f}",
         f"{rate:,.0f} {unit}",
         f"mem/rank {memory / 2**20:.2f} MiB",
+        f"accumulators/rank {stats['grad_accum_bytes'] / 2**20:.2f} MiB" if stats["grad_accum_bytes"] else "",
         f"sent/rank {sent / 2**20:.2f} MiB",
         f"grad norm {norm:.3g}" if norm is not None else "",
         f"lr {stats['lr'][0]:.3g}" if stats["lr"] else "",

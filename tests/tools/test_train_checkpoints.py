@@ -43,12 +43,19 @@ def test_deepspeed_config_and_step_lines(tmp_path, capsys) -> None:
         )
     )
     argv = ["train", "--runtime", "local", "--world-size", "2", "--preset", "tiny", "--steps", "2"]
-    argv += ["--batch-size", "16", "--config", str(ds), "--log-every", "1", "--no-progress"]
+    argv += ["--config", str(ds), "--log-every", "1", "--no-progress"]  # the batch size comes from the file
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "ZeRO stage 2" in out and "(2 micro-batches a step)" in out
+    assert "ZeRO stage 2" in out and "global batch 16 (2 micro-batches a step)" in out
     assert "ignored keys: zero_optimization.contiguous_gradients" in out
     assert "step      2  loss" in out and "mem/rank" in out and "sent/rank" in out
+    # the gradients wait in full-size accumulators for the last micro-batch
+    assert "accumulators/rank" in out and "passes: sync_batch_norm, accumulate_gradients, shard_gradients" in out
+    assert main(argv + ["--batch-size", "12"]) == 2
+    assert (
+        "--batch-size 12 disagrees with --config: train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 2 "
+        "x world size 2 is 16" in capsys.readouterr().err
+    )
 
 
 def test_model_from_a_factory_file(tmp_path) -> None:
@@ -66,7 +73,7 @@ def test_model_from_a_factory_file(tmp_path) -> None:
 
 @pytest.mark.multiproc
 def test_checkpoints_of_worker_processes_reshard(tmp_path) -> None:
-    """Each process writes its own shard (DTensor through DCP); threads and processes read each other's."""
+    """Each process writes its own shard (its boxes through DCP); threads and processes read each other's."""
     straight = train(dataclasses.replace(TINY, steps=5))
     ckpt = str(tmp_path / "ckpt")
     first = train(dataclasses.replace(TINY, steps=2, save_every=2, checkpoint_dir=ckpt, runtime="process"))

@@ -160,16 +160,18 @@ def test_a_nan_in_an_early_micro_batch_skips_the_step_and_does_not_leak_into_the
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
     g = torch.Generator().manual_seed(1)
     batch = (torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g))
-    messages: list[str] = []
-    engine = shardfx.compile_distributed(
-        copy.deepcopy(model),
-        2,
-        example_inputs=tuple(x[:4] for x in batch),
-        loss_fn=torch.nn.functional.mse_loss,
-        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
-        config=Config(zero_stage=2, grad_accum_steps=2),
-        log=None,
-    )
+
+    def mlp_engine() -> shardfx.Engine:
+        return shardfx.compile_distributed(
+            copy.deepcopy(model),
+            2,
+            example_inputs=tuple(x[:4] for x in batch),
+            loss_fn=torch.nn.functional.mse_loss,
+            optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+            config=Config(zero_stage=2, grad_accum_steps=2),
+        )
+
+    engine, messages = mlp_engine(), []
     engine._log = messages.append
     before = engine.state_dict()
     bad = (batch[0].clone(), batch[1])
@@ -180,14 +182,7 @@ def test_a_nan_in_an_early_micro_batch_skips_the_step_and_does_not_leak_into_the
     for key, value in engine.state_dict().items():
         assert torch.equal(before[key], value)
     # The next, clean step starts from empty accumulators: it equals a fresh engine's first step.
-    fresh = shardfx.compile_distributed(
-        copy.deepcopy(model),
-        2,
-        example_inputs=tuple(x[:4] for x in batch),
-        loss_fn=torch.nn.functional.mse_loss,
-        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
-        config=Config(zero_stage=2, grad_accum_steps=2),
-    )
+    fresh = mlp_engine()
     assert torch.equal(engine.train_step(*batch), fresh.train_step(*batch))
     for key, value in fresh.state_dict().items():
         assert torch.equal(engine.state_dict()[key], value)

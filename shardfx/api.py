@@ -52,10 +52,8 @@ def compile_distributed(
     # With accumulation the engine clips the summed gradient at the boundary, not each micro-batch.
     graph_config = config.replace(grad_clip=None) if config.grad_accum_steps > 1 else config
 
-    # With boundary-synced accumulation the step has two variants (accumulate_gradients):
-    # "keep" for the first k-1 micro-batches, "reduce" for the last. Otherwise one: "step".
-    accumulate = config.grad_accum_steps > 1 and config.grad_accum_sync == "boundary"
-    variants = ("keep", "reduce") if accumulate else ("step",)
+    variants = step_variants(config)
+    accumulate = len(variants) > 1
 
     def compile_for(batch: tuple[torch.Tensor, ...]) -> tuple[dict[str, DistProgram], list[Any], float]:
         """The variants of the step for this global batch shape, the passes' records and the capture time."""
@@ -66,9 +64,9 @@ def compile_distributed(
         traced = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
         programs: dict[str, DistProgram] = {}
         records: list[Any] = []
-        for variant in variants:
-            program = clone_program(traced) if variant != variants[-1] else traced
-            passes = pipeline(graph_config, mesh, grad_accum=variant if accumulate else None)
+        for variant, (grad_accum, replicas) in variants.items():
+            program = clone_program(traced) if variant != next(reversed(variants)) else traced
+            passes = pipeline(graph_config, mesh, grad_accum=grad_accum, replicas=replicas)
             dump = config.dump_dir if config.dump_dir is None or not accumulate else f"{config.dump_dir}/{variant}"
             ctx = PassContext(graph_config, log or (lambda line: None))
             programs[variant], records = run_passes(program, passes, ctx, dump_dir=dump)
@@ -85,7 +83,7 @@ def compile_distributed(
         return run_passes(program, pipeline(eval_config, mesh), ctx)[0]
 
     programs, records, seconds = compile_for(batch)
-    program = programs[variants[-1]]
+    program = programs[next(reversed(variants))]
     runtime: Any
     if _launched():
         from shardfx.runtime.distributed import DistributedRuntime
@@ -109,6 +107,30 @@ def compile_distributed(
         loss_fn=loss_fn,
         log=log,
     )
+
+
+def step_variants(config: Config) -> dict[str, tuple[str | None, str | None]]:
+    """The programs one batch shape needs: name -> (accumulate_gradients variant, reuse_replicas variant).
+
+    The engine runs "first" for an optimizer step's first micro-batch, "last" for its last,
+    "middle" for the others, falling back to "middle" where a name is missing; "step" is the
+    one program of a step without accumulation. Under accumulation ZeRO-1/2 gather the
+    parameters only in "first" and keep them; boundary sync reduces gradients only in "last".
+    """
+    k = config.grad_accum_steps
+    if k == 1:
+        return {"step": (None, None)}
+    boundary = config.grad_accum_sync == "boundary"
+    if config.zero_stage in (1, 2):
+        variants = {"first": ("keep" if boundary else None, "gather")}
+        if k > 2 or not boundary:
+            variants["middle"] = ("keep" if boundary else None, "reuse")
+        if boundary:
+            variants["last"] = ("reduce", "reuse")
+        return variants
+    if boundary:
+        return {"middle": ("keep", None), "last": ("reduce", None)}
+    return {"step": (None, None)}
 
 
 def _launched() -> bool:

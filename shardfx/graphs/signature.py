@@ -15,15 +15,17 @@ PARAM = "param"  # a parameter (trainable or frozen)
 BUFFER = "buffer"  # a module buffer
 INPUT = "input"  # an element of the user's batch
 GRAD_ACC = "grad_acc"  # a rank's unreduced gradient of `name`, summed over earlier micro-batches
+REPLICA = "replica"  # the full parameter `name` a ZeRO-1/2 step gathered earlier in this optimizer step
 
 # Output roles.
 LOSS = "loss"  # the scalar loss of this rank's batch shard
 GRAD = "grad"  # gradient of parameter `target`
 BUFFER_UPDATE = "buffer_update"  # new value of buffer `target`
-# GRAD_ACC is also an output role: the accumulator of `target` with this micro-batch's gradient added.
+# GRAD_ACC is also an output role: the accumulator of `target` with this micro-batch's gradient added;
+# so is REPLICA: the full parameter `target` this step gathered, kept for the next micro-batches.
 
-INPUT_ROLES = (PARAM, BUFFER, INPUT, GRAD_ACC)
-OUTPUT_ROLES = (LOSS, GRAD, BUFFER_UPDATE, GRAD_ACC)
+INPUT_ROLES = (PARAM, BUFFER, INPUT, GRAD_ACC, REPLICA)
+OUTPUT_ROLES = (LOSS, GRAD, BUFFER_UPDATE, GRAD_ACC, REPLICA)
 
 
 @dataclass

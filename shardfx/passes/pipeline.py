@@ -20,6 +20,7 @@ from shardfx.passes.fuse import fuse
 from shardfx.passes.lower_to_triton import lower_to_triton
 from shardfx.passes.manager import Pass
 from shardfx.passes.recompute import recompute
+from shardfx.passes.reuse_replicas import reuse_replicas
 from shardfx.passes.schedule_overlap import schedule_overlap
 from shardfx.passes.shard_gradients import shard_gradients
 from shardfx.passes.shard_optimizer_state import shard_optimizer_state
@@ -29,9 +30,10 @@ from shardfx.passes.tensor_parallel import tensor_parallel
 from shardfx.passes.tune_communication import tune_communication
 
 
-def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None) -> list[Pass]:
-    """The passes for `config` on `mesh`. grad_accum: None (a plain step), or the "keep" or
-    "reduce" variant of a step under gradient accumulation (see accumulate_gradients)."""
+def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None, replicas: str | None = None) -> list[Pass]:
+    """The passes for `config` on `mesh`. Under gradient accumulation a step has variants:
+    grad_accum "keep" or "reduce" (accumulate_gradients), replicas "gather" or "reuse"
+    (reuse_replicas, ZeRO-1/2); None: a plain step."""
     dp = mesh.size("dp")
     passes: list[Pass] = []
     if config.batchnorm == "global" and dp > 1:
@@ -94,6 +96,14 @@ def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None) -> list[
                 "clip_gradients",
                 partial(clip_gradients, max_norm=config.grad_clip, axis="dp"),
                 "scale gradients to a global norm, computed across shards",
+            )
+        )
+    if replicas is not None:
+        passes.append(
+            Pass(
+                "reuse_replicas",
+                partial(reuse_replicas, variant=replicas),
+                "gather: also return the gathered parameters; reuse: read them instead of gathering again",
             )
         )
     if config.tune_communication:

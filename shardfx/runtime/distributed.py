@@ -39,8 +39,8 @@ class DistributedRuntime:
         if reset_stats:
             self.comm.stats.reset()
         state = self.state
-        out = self.executor.run(self.comm, state.params, state.buffers, shards[self.rank], state.grad_acc)
-        state.apply(out.grads, out.buffers, out.accumulators)
+        out = self.executor.run(self.comm, state.params, state.buffers, shards[self.rank], state.grad_acc, state.replicas)
+        state.apply(out)
         return out.loss.detach()
 
     def evaluate(self, executor: Executor, shards: list[tuple[Tensor, ...]]) -> Tensor:

@@ -12,12 +12,13 @@ outside it, on each rank's local shards. The verbs map onto that as follows:
                                   optimizer and the LR scheduler; otherwise nothing
     engine.train_step(*batch)     all three, over grad_accum_steps micro-batches stacked on dim 0
 
-With gradient accumulation (Config.grad_accum_steps=k) the step is compiled in two
-variants (passes/accumulate_gradients.py): micro-batches 1..k-1 run "keep", which adds
-each rank's unreduced gradients to its accumulators and reduces nothing; micro-batch k
-runs "reduce", which adds its gradients to the accumulators and reduces the sum once.
-Config.grad_accum_sync="micro_batch" instead runs the plain step every micro-batch and
-adds up the reduced gradient shards. A non-finite loss or gradient norm is reported
+With gradient accumulation (Config.grad_accum_steps=k) the step is compiled in up to
+three variants (api.step_variants): with grad_accum_sync="boundary", micro-batches
+1..k-1 add each rank's unreduced gradients to its accumulators and reduce nothing, and
+micro-batch k adds its own and reduces the sum once (passes/accumulate_gradients.py);
+"micro_batch" reduces every micro-batch and adds up the reduced shards. Under ZeRO-1/2
+only the first micro-batch gathers the parameters; the others reuse the replicas it
+kept (passes/reuse_replicas.py). A non-finite loss or gradient norm is reported
 with its step and skipped, stopped on, or ignored per Config.on_nonfinite.
 """
 
@@ -143,10 +144,7 @@ class Engine:
             )
         k = self.config.grad_accum_steps
         variants = self._select_program(batch)
-        if "step" in variants:
-            self._use(*variants["step"])
-        else:
-            self._use(*variants["reduce" if (self.micro_steps + 1) % k == 0 else "keep"])
+        self._use(*variants[_variant(variants, self.micro_steps % k, k)])
         # the collective counts of engine.stats() cover every micro-batch of the last optimizer step
         loss = self.runtime.step(self._split(batch), reset_stats=self.micro_steps % k == 0)
         self.micro_steps += 1
@@ -279,8 +277,9 @@ class Engine:
         """Per-rank bytes held between steps (params, grads, optimizer state), the bytes of the gradient
         accumulators a rank holds while accumulating (0 when nothing is deferred), the collectives of
         the last optimizer step (all its micro-batches), and step counters."""
-        keep = next(reversed(self._programs.values())).get("keep")
-        accumulators = [n.meta["val"] for n in accumulate_gradients.accumulators(keep[0])] if keep else []
+        programs = [p for p, _ in next(reversed(self._programs.values())).values()]
+        accumulators = max((accumulate_gradients.accumulators(p) for p in programs), key=len)
+        accumulators = [n.meta["val"] for n in accumulators]
         return {
             "memory": self.runtime.memory(rank),
             "grad_accum_bytes": sum(v.numel() * v.element_size() for v in accumulators),
@@ -360,6 +359,17 @@ class Engine:
         total = local_sum(self.runtime.rank, self._states[0])
         dist.all_reduce(total)  # one scalar; not counted in the step's communication stats
         return math.sqrt(float(total))
+
+
+def _variant(variants: dict[str, Any], index: int, k: int) -> str:
+    """Which program runs micro-batch `index` of an optimizer step of k (see api.step_variants)."""
+    if "step" in variants:
+        return "step"
+    if index == k - 1 and "last" in variants:
+        return "last"
+    if index == 0 and "first" in variants:
+        return "first"
+    return "middle"
 
 
 def _shape_key(batch: tuple[Tensor, ...]) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:

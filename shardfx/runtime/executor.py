@@ -3,8 +3,9 @@
 The executor knows nothing about passes: it reads the signature, runs the
 graph with this rank's communicator bound, and hands back the loss, the
 gradients (by parameter name), the new buffer values and, under gradient
-accumulation, the new gradient accumulators. An accumulator the caller does
-not have yet (the first micro-batch) is bound to zeros.
+accumulation, the new gradient accumulators and the gathered parameter
+replicas to keep. An accumulator the caller does not have yet (the first
+micro-batch) is bound to zeros; a replica must have been kept.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from shardfx.graphs import collectives
 from shardfx.graphs.program import DistProgram
-from shardfx.graphs.signature import BUFFER, BUFFER_UPDATE, GRAD, GRAD_ACC, INPUT, LOSS, PARAM
+from shardfx.graphs.signature import BUFFER, BUFFER_UPDATE, GRAD, GRAD_ACC, INPUT, LOSS, PARAM, REPLICA
 
 
 @dataclass
@@ -25,6 +26,7 @@ class StepOutputs:
     grads: dict[str, Tensor]
     buffers: dict[str, Tensor]
     accumulators: dict[str, Tensor]
+    replicas: dict[str, Tensor]
 
 
 class Executor:
@@ -48,6 +50,7 @@ class Executor:
         buffers: dict[str, Tensor],
         batch: tuple[Tensor, ...],
         accumulators: dict[str, Tensor] | None = None,
+        replicas: dict[str, Tensor] | None = None,
     ) -> StepOutputs:
         args: list[Tensor] = []
         for spec, val in zip(self.signature.inputs, self.placeholder_vals):
@@ -62,6 +65,13 @@ class Executor:
                 if kept is None:
                     kept = torch.zeros(val.shape, dtype=val.dtype, device=params[spec.name].device)
                 args.append(kept)
+            elif spec.role == REPLICA:
+                if replicas is None or spec.name not in replicas:
+                    raise RuntimeError(
+                        f"this step reads the replica of {spec.name} gathered by an earlier micro-batch, "
+                        "and none is kept (the first micro-batch of an optimizer step gathers them)"
+                    )
+                args.append(replicas[spec.name])
             else:  # pragma: no cover - signature roles are closed
                 raise AssertionError(spec.role)
         sites = iter(self.collective_sites)
@@ -73,6 +83,7 @@ class Executor:
         grads: dict[str, Tensor] = {}
         new_buffers: dict[str, Tensor] = {}
         new_accumulators: dict[str, Tensor] = {}
+        new_replicas: dict[str, Tensor] = {}
         for spec, value in zip(self.signature.outputs, values):
             if spec.role == LOSS:
                 loss = value
@@ -82,5 +93,7 @@ class Executor:
                 new_buffers[spec.target] = value
             elif spec.role == GRAD_ACC:
                 new_accumulators[spec.target] = value
+            elif spec.role == REPLICA:
+                new_replicas[spec.target] = value
         assert loss is not None
-        return StepOutputs(loss, grads, new_buffers, new_accumulators)
+        return StepOutputs(loss, grads, new_buffers, new_accumulators, new_replicas)

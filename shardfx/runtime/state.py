@@ -24,6 +24,7 @@ from torch import Tensor
 
 from shardfx.graphs.placement import local_shard
 from shardfx.graphs.program import DistProgram
+from shardfx.runtime.executor import StepOutputs
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -48,13 +49,15 @@ class RankState:
         self.scheduler: Any = None  # an LR scheduler over self.optimizer, set by the Engine
         self.auto_step = True
         self.grad_acc: dict[str, Tensor] = {}  # unreduced gradient sums between micro-batches
+        self.replicas: dict[str, Tensor] = {}  # ZeRO-1/2: full parameters gathered this optimizer step
 
-    def apply(
-        self, grads: dict[str, Tensor], buffers: dict[str, Tensor], accumulators: dict[str, Tensor] | None = None
-    ) -> None:
-        """Take the step's gradients (added to any kept ones), new buffer values and gradient
-        accumulators (replacing the old: the graph added them in); step if auto_step."""
-        self.grad_acc = dict(accumulators or {})
+    def apply(self, out: StepOutputs) -> None:
+        """Take a step's outputs: gradients (added to any kept ones), new buffer values, gradient
+        accumulators (replacing the old: the graph added them in) and gathered replicas to keep
+        until the optimizer steps; step if auto_step."""
+        grads, buffers = out.grads, out.buffers
+        self.grad_acc = dict(out.accumulators)
+        self.replicas.update(out.replicas)
         for name, grad in grads.items():
             param = self.params[name]
             param.grad = grad if param.grad is None else param.grad + grad
@@ -79,6 +82,7 @@ class RankState:
         for p in self.params.values():
             p.grad = None
         self.grad_acc = {}
+        self.replicas = {}  # the parameters change: the next micro-batch gathers again
 
     def local_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for parameters, gradients and optimizer state."""

@@ -307,8 +307,8 @@ class _OutputRecorder:
         self.outputs: dict[int, Any] = {}
         runtime.executor = self
 
-    def run(self, comm: Any, params: dict, buffers: dict, batch: tuple, accumulators: dict | None = None) -> Any:
-        out = self.executor.run(comm, params, buffers, batch, accumulators)
+    def run(self, comm: Any, params: dict, buffers: dict, batch: tuple, *kept: Any) -> Any:
+        out = self.executor.run(comm, params, buffers, batch, *kept)
         self.outputs[self.rank_of[id(params)]] = out
         return out
 

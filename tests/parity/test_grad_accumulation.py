@@ -67,17 +67,30 @@ def grad_syncs(program) -> int:
     return sum(1 for n in program.graph.nodes if n.meta.get(meta.ROLE) == "grad_sync")
 
 
+def variants_of(engine: shardfx.Engine) -> dict:
+    return {name: program for name, (program, _) in next(iter(engine._programs.values())).items()}
+
+
+def count(program, role: str) -> int:
+    return sum(1 for n in program.graph.nodes if n.meta.get(meta.ROLE) == role)
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_gradients_are_reduced_once_per_optimizer_step(stage: int) -> None:
-    """"keep" has no gradient collective; "reduce" has a plain step's; an optimizer step moves one step's bytes."""
+    """Only "last" reduces gradients, with a plain step's collectives; ZeRO-1/2 gather only in "first"."""
     plain = shardfx.compile_distributed(
         tiny_gpt(), 2, example_inputs=BATCH, loss_fn=gpt_loss, optimizer=adamw, config=Config(zero_stage=stage)
     )
     engines = {sync: accumulating_engine(2, zero_stage=stage, grad_accum_sync=sync) for sync in ("boundary", "micro_batch")}
-    variants = next(iter(engines["boundary"]._programs.values()))
-    assert set(variants) == {"keep", "reduce"}
-    assert grad_syncs(variants["keep"][0]) == 0
-    assert grad_syncs(variants["reduce"][0]) == grad_syncs(plain.program) > 0
+    variants = variants_of(engines["boundary"])
+    if stage in (1, 2):
+        assert set(variants) == {"first", "middle", "last"}
+        assert count(variants["first"], "param_gather") == count(plain.program, "param_gather") > 0
+        assert count(variants["middle"], "param_gather") == count(variants["last"], "param_gather") == 0
+    else:
+        assert set(variants) == {"middle", "last"}
+    assert count(variants["middle"], "grad_sync") == count(variants.get("first", variants["middle"]), "grad_sync") == 0
+    assert count(variants["last"], "grad_sync") == count(plain.program, "grad_sync") > 0
     plain.train_step(*BATCH)
     volume = {"plain": plain.stats()["comm"]["volume"]}
     for sync, engine in engines.items():
@@ -89,11 +102,25 @@ def test_gradients_are_reduced_once_per_optimizer_step(stage: int) -> None:
         grads = volume["plain"]["all_reduce"] - loss_volume
         assert volume["boundary"]["all_reduce"] == grads + K * loss_volume
         assert volume["micro_batch"]["all_reduce"] == K * (grads + loss_volume)
-    else:
-        assert volume["boundary"]["reduce_scatter"] == volume["plain"]["reduce_scatter"]
-        assert volume["micro_batch"]["reduce_scatter"] == K * volume["plain"]["reduce_scatter"]
-        # parameters are gathered for every micro-batch either way
-        assert volume["boundary"]["all_gather"] == volume["micro_batch"]["all_gather"] == K * volume["plain"]["all_gather"]
+        return
+    assert volume["boundary"]["reduce_scatter"] == volume["plain"]["reduce_scatter"]
+    assert volume["micro_batch"]["reduce_scatter"] == K * volume["plain"]["reduce_scatter"]
+    # ZeRO-1/2 gather once per optimizer step; ZeRO-3 gathers around every use, every micro-batch.
+    gathers = volume["plain"]["all_gather"] * (K if stage == 3 else 1)
+    assert volume["boundary"]["all_gather"] == volume["micro_batch"]["all_gather"] == gathers
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero12_keeps_the_gathered_replicas_until_the_optimizer_steps(stage: int) -> None:
+    engine = accumulating_engine(2, zero_stage=stage)
+    full = {name: tuple(p.shape) for name, p in tiny_gpt().named_parameters()}
+    for i in range(K):
+        loss = engine(*micro(BATCH))
+        engine.backward(loss)
+        engine.step()
+        for state in engine.runtime.states:
+            kept = {n: tuple(t.shape) for n, t in state.replicas.items()}
+            assert kept == ({n: s for n, s in full.items() if n in state.params} if i < K - 1 else {})
 
 
 def test_accumulators_hold_full_local_gradients_until_the_boundary() -> None:
@@ -131,16 +158,19 @@ def test_deepspeed_loop_equals_train_step_under_accumulation() -> None:
         assert torch.equal(b.state_dict()[key], value)
 
 
-@pytest.mark.parametrize("reduce_dtype", ["fp32", "bf16"])
-def test_bf16_accumulates_in_fp32_and_reduces_in_reduce_dtype(reduce_dtype: str) -> None:
-    engine = accumulating_engine(2, zero_stage=3, mixed_precision="bf16", reduce_dtype=reduce_dtype)
-    keep, reduce = (p for p, _ in next(iter(engine._programs.values())).values())
+@pytest.mark.parametrize(("stage", "reduce_dtype"), [(3, "fp32"), (3, "bf16"), (2, "fp32")])
+def test_bf16_accumulates_in_fp32_and_reduces_in_reduce_dtype(stage: int, reduce_dtype: str) -> None:
+    engine = accumulating_engine(2, zero_stage=stage, mixed_precision="bf16", reduce_dtype=reduce_dtype)
+    keep, reduce = variants_of(engine)["middle"], variants_of(engine)["last"]
     for program in (keep, reduce):
         accs = [n for n in program.placeholders() if n.meta.get(meta.ROLE) == "grad_acc"]
         assert accs and all(n.meta["val"].dtype == torch.float32 for n in accs)
     syncs = [n for n in reduce.graph.nodes if n.meta.get(meta.ROLE) == "grad_sync"]
     want = torch.float32 if reduce_dtype == "fp32" else torch.bfloat16
     assert syncs and all(n.meta["val"].dtype == want for n in syncs)
+    if stage == 2:  # the replicas are kept as gathered: in bf16
+        replicas = [n for n in keep.placeholders() if n.meta.get(meta.ROLE) == "replica"]
+        assert replicas and all(n.meta["val"].dtype == torch.bfloat16 for n in replicas)
     ref_losses, _ = eager_train(tiny_gpt(), BATCH, gpt_loss, 4)
     losses, state = train(engine)
     assert ((losses - ref_losses).abs() / ref_losses).max() < LOSS_RTOL

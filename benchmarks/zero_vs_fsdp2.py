@@ -277,6 +277,28 @@ def make_batches(opts: dict[str, Any], n: int, vocab: int, seq: int) -> list[tup
     ]
 
 
+def measure(
+    strategies: list[Strategy], batches: list[tuple[Tensor, Tensor]], warmup: int, peak: Any
+) -> tuple[dict[str, list[float]], dict[str, dict[str, int]], dict[str, dict[str, Any]]]:
+    """Step every strategy on every batch, round-robin: `warmup` untimed steps, one under `peak`
+    (memory), one under the collective counter, the rest timed. Returns (times, memory, comm)."""
+    k = len(strategies)
+    times: dict[str, list[float]] = {s.name: [] for s in strategies}
+    memory: dict[str, dict[str, int]] = {}
+    comm: dict[str, dict[str, Any]] = {}
+    for i, (tokens, targets) in enumerate(batches):
+        for s in strategies[i % k :] + strategies[: i % k]:  # rotate who goes first
+            if i < warmup:
+                s.step(tokens, targets)
+            elif i == warmup:
+                memory[s.name] = peak(s, tokens, targets)
+            elif i == warmup + 1:
+                comm[s.name] = count_collectives(s, tokens, targets)
+            else:
+                times[s.name].append(timed_step(s, tokens, targets))
+    return times, memory, comm
+
+
 def worker(opts: dict[str, Any]) -> dict[str, Any]:
     """One rank of the job: every strategy, stepped round-robin; rank 0's numbers come back."""
     # shardfx's DistComm calls all_gather_into_tensor / reduce_scatter_tensor, deprecated in torch 2.13.
@@ -288,20 +310,7 @@ def worker(opts: dict[str, Any]) -> dict[str, Any]:
     held_out = batches.pop()
     names = [n for n in STRATEGIES if n == BASELINE or opts["only"] is None or n in opts["only"]]
     strategies = [build_strategy(name, opts, cfg, batches[0]) for name in names]
-    k = len(strategies)
-    times: dict[str, list[float]] = {s.name: [] for s in strategies}
-    memory: dict[str, dict[str, int]] = {}
-    comm: dict[str, dict[str, Any]] = {}
-    for i, (tokens, targets) in enumerate(batches):
-        for s in strategies[i % k :] + strategies[: i % k]:  # rotate who goes first
-            if i < opts["warmup"]:
-                s.step(tokens, targets)
-            elif i == opts["warmup"]:
-                memory[s.name] = peak_memory(s, tokens, targets)
-            elif i == opts["warmup"] + 1:
-                comm[s.name] = count_collectives(s, tokens, targets)
-            else:
-                times[s.name].append(timed_step(s, tokens, targets))
+    times, memory, comm = measure(strategies, batches, opts["warmup"], peak_memory)
     results: dict[str, Any] = {}
     reference: dict[str, Tensor] | None = None
     for s in strategies:

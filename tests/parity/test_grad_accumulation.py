@@ -110,31 +110,34 @@ def test_gradients_are_reduced_once_per_optimizer_step(stage: int) -> None:
     assert volume["boundary"]["all_gather"] == volume["micro_batch"]["all_gather"] == gathers
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero12_keeps_the_gathered_replicas_until_the_optimizer_steps(stage: int) -> None:
-    engine = accumulating_engine(2, zero_stage=stage)
-    full = {name: tuple(p.shape) for name, p in tiny_gpt().named_parameters()}
+def after_each_micro_batch(engine: shardfx.Engine):
+    """One optimizer step in DeepSpeed's loop: (micro-batch index, every rank's state) after each micro-batch."""
     for i in range(K):
         loss = engine(*micro(BATCH))
         engine.backward(loss)
         engine.step()
-        for state in engine.runtime.states:
+        yield i, engine.runtime.states
+
+
+def full_shapes(state) -> dict[str, tuple[int, ...]]:
+    """The unsharded shape of every parameter the rank holds a piece of."""
+    return {name: tuple(p.shape) for name, p in tiny_gpt().named_parameters() if name in state.params}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero12_keeps_the_gathered_replicas_until_the_optimizer_steps(stage: int) -> None:
+    for i, states in after_each_micro_batch(accumulating_engine(2, zero_stage=stage)):
+        for state in states:
             kept = {n: tuple(t.shape) for n, t in state.replicas.items()}
-            assert kept == ({n: s for n, s in full.items() if n in state.params} if i < K - 1 else {})
+            assert kept == (full_shapes(state) if i < K - 1 else {})
 
 
 def test_accumulators_hold_full_local_gradients_until_the_boundary() -> None:
     engine = accumulating_engine(2, zero_stage=3)
-    full = {name: tuple(p.shape) for name, p in tiny_gpt().named_parameters()}
-    for i in range(K):
-        loss = engine(*micro(BATCH))
-        engine.backward(loss)
-        engine.step()
-        for state in engine.runtime.states:
+    for i, states in after_each_micro_batch(engine):
+        for state in states:
             if i < K - 1:  # unreduced, unsharded: the whole parameter's shape on every rank
-                assert {n: tuple(t.shape) for n, t in state.grad_acc.items()} == {
-                    n: s for n, s in full.items() if n in state.params
-                }
+                assert {n: tuple(t.shape) for n, t in state.grad_acc.items()} == full_shapes(state)
                 assert all(p.grad is None for p in state.params.values())
             else:  # reduced at the boundary, consumed by the optimizer step
                 assert state.grad_acc == {}

@@ -21,11 +21,12 @@ REPLICA = "replica"  # the full parameter `name` a ZeRO-1/2 step gathered earlie
 LOSS = "loss"  # the scalar loss of this rank's batch shard
 GRAD = "grad"  # gradient of parameter `target`
 BUFFER_UPDATE = "buffer_update"  # new value of buffer `target`
+GRAD_NORM = "grad_norm"  # the global L2 norm of the step's reduced gradients (before any clipping)
 # GRAD_ACC is also an output role: the accumulator of `target` with this micro-batch's gradient added;
 # so is REPLICA: the full parameter `target` this step gathered, kept for the next micro-batches.
 
 INPUT_ROLES = (PARAM, BUFFER, INPUT, GRAD_ACC, REPLICA)
-OUTPUT_ROLES = (LOSS, GRAD, BUFFER_UPDATE, GRAD_ACC, REPLICA)
+OUTPUT_ROLES = (LOSS, GRAD, BUFFER_UPDATE, GRAD_NORM, GRAD_ACC, REPLICA)
 
 
 @dataclass

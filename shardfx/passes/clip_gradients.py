@@ -1,10 +1,17 @@
-"""clip_gradients: scale every gradient so their global norm is at most `max_norm`.
+"""clip_gradients / grad_norm: the global gradient norm, computed in the program; optionally clip to it.
 
-Runs after the gradients are reduced, so it sees each rank's part of the
-final gradient: for sharded gradients the squared norms of the local shards
-are all-reduced (sum) across the data-parallel axis (padding rows are zero and
-add nothing); replicated gradients count once. The coefficient is torch's:
-min(1, max_norm / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_.
+Runs after the gradients are reduced, so it sees each rank's part of the final
+gradient. Parameters are grouped by the mesh axes their gradient is split over
+(ZeRO's dp shards, tensor parallelism's tp slices, both, or none): a group's
+squared norms are summed locally, then all-reduced (sum) over each of its axes,
+so every distinct piece counts once (padding rows are zero and add nothing; a
+replicated gradient is the same on every rank and is not reduced). One scalar
+all-reduce per mesh axis, carrying every group split over that axis.
+
+The program returns the norm (output role GRAD_NORM) for the engine's
+non-finite check and its stats. With max_norm, the gradients are also scaled by
+torch's coefficient min(1, max_norm / (norm + 1e-6)), as
+torch.nn.utils.clip_grad_norm_, which also returns the norm before clipping.
 
 Needs: a sharding pass (reduced gradients, shard_specs). Provides: optimizer-phase nodes.
 """
@@ -17,37 +24,54 @@ from torch import Tensor
 from shardfx.graphs import meta
 from shardfx.graphs.program import DistProgram
 from shardfx.graphs.rewrite import inline
-from shardfx.graphs.signature import GRAD
+from shardfx.graphs.signature import GRAD, GRAD_NORM, OutputSpec
 from shardfx.passes.manager import PassContext, PassResult
 
 
-def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float, axis: str = "dp") -> PassResult:
+def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float | None) -> PassResult:
+    """max_norm=None only measures (the pipeline names that pass "grad_norm")."""
     outputs = program.outputs()
     indices = [i for i, s in enumerate(program.signature.outputs) if s.role == GRAD]
     if not indices:
         return PassResult(program, {"clipped": 0})
-    sharded = [program.signature.outputs[i].target in program.shard_specs for i in indices]
+    # the axes each gradient is split over, in mesh order; one group per distinct set
+    splits = [
+        tuple(a for a in program.mesh.names if a in {s.axis for s in program.specs(program.signature.outputs[i].target)})
+        for i in indices
+    ]
+    groups = sorted(set(splits))
+    member = [groups.index(s) for s in splits]
+    axes = [a for a in program.mesh.names if any(a in g for g in groups)]
 
-    def clip(*grads: Tensor) -> tuple[Tensor, ...]:
-        local = [g.float().pow(2).sum() for g, s in zip(grads, sharded) if s]
-        total = torch.zeros((), dtype=torch.float32)
-        if local:
-            total = torch.ops.shardfx.all_reduce(torch.stack(local).sum(), axis, "sum")
-        for g, s in zip(grads, sharded):
-            if not s:
-                total = total + g.float().pow(2).sum()
-        coef = torch.clamp(max_norm / (total.sqrt() + 1e-6), max=1.0)
-        return tuple(g * coef.to(g.dtype) for g in grads)
+    def norm_and_clip(*grads: Tensor) -> tuple[Tensor, ...]:
+        sums = [torch.zeros((), dtype=torch.float32) for _ in groups]
+        for g, k in zip(grads, member):
+            sums[k] = sums[k] + g.float().pow(2).sum()
+        for axis in axes:  # every group split over `axis` in one all-reduce
+            split = [k for k, group in enumerate(groups) if axis in group]
+            reduced = torch.ops.shardfx.all_reduce(torch.stack([sums[k] for k in split]), axis, "sum")
+            for j, k in enumerate(split):
+                sums[k] = reduced[j]
+        norm = torch.stack(sums).sum().sqrt()
+        if max_norm is None:
+            return (norm,)
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        return (norm, *(g * coef.to(g.dtype) for g in grads))
 
     before = set(program.graph.nodes)
     with program.graph.inserting_before(program.output_node()):
-        clipped = inline(
-            program, clip, [outputs[i] for i in indices], provenance=outputs[indices[-1]], origin="clip_gradients"
+        norm, *clipped = inline(
+            program,
+            norm_and_clip,
+            [outputs[i] for i in indices],
+            provenance=outputs[indices[-1]],
+            origin="clip_gradients" if max_norm is not None else "grad_norm",
         )
     for node in program.graph.nodes:
         if node not in before:
             node.meta[meta.PHASE] = meta.OPTIMIZER
     for i, new in zip(indices, clipped):
         outputs[i] = new
-    program.set_outputs(outputs)
-    return PassResult(program, {"clipped": len(indices)})
+    program.set_outputs([*outputs, norm])
+    program.signature.outputs.append(OutputSpec(GRAD_NORM))
+    return PassResult(program, {"clipped": len(clipped), "norm_groups": len(groups)})

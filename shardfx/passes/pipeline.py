@@ -45,10 +45,6 @@ def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None, replicas
             )
         )
     if config.tp_size > 1:
-        if config.grad_clip is not None:
-            raise ValueError(
-                "Config.grad_clip with tp_size > 1 is not supported yet (the norm would need a tp reduction)"
-            )
         passes.append(
             Pass(
                 "tensor_parallel",
@@ -94,8 +90,16 @@ def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None, replicas
         passes.append(
             Pass(
                 "clip_gradients",
-                partial(clip_gradients, max_norm=config.grad_clip, axis="dp"),
-                "scale gradients to a global norm, computed across shards",
+                partial(clip_gradients, max_norm=config.grad_clip),
+                "scale gradients to a global norm, computed across shards; return the norm",
+            )
+        )
+    else:
+        passes.append(
+            Pass(
+                "grad_norm",
+                partial(clip_gradients, max_norm=None),
+                "return the global gradient norm, computed across shards (non-finite check, stats)",
             )
         )
     if replicas is not None:

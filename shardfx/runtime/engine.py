@@ -178,7 +178,11 @@ class Engine:
             return
         self.steps += 1
         scale = 1.0 / k
-        norm = self._grad_norm() * scale
+        measured = self._states[0].grad_norm  # the program's (grad_norm / clip_gradients pass)
+        if measured is not None and (k == 1 or self.config.grad_accum_sync == "boundary"):
+            norm = float(measured) * scale
+        else:  # per-micro-batch reduction: the norm of the summed gradients is only known here
+            norm = self._grad_norm() * scale
         self.last_grad_norm = norm
         bad_loss, self._bad_loss = self._bad_loss, None
         if (bad_loss is not None or not math.isfinite(norm)) and self.config.on_nonfinite != "ignore":
@@ -338,7 +342,8 @@ class Engine:
         return [tuple(c[mesh.coords(r)["dp"]] for c in chunks) for r in range(mesh.world_size)]
 
     def _grad_norm(self) -> float:
-        """The global L2 norm of the kept gradients, each distinct piece counted once.
+        """The global L2 norm of the kept gradients, each distinct piece counted once (only for
+        grad_accum_sync="micro_batch": every other step's program returns its norm).
 
         A rank counts a parameter's gradient when it is the first of the ranks holding that same
         piece: its coordinate is 0 on every mesh axis the parameter is not sharded over.
@@ -357,7 +362,7 @@ class Engine:
         if not is_distributed(self.runtime):
             return math.sqrt(float(sum(local_sum(r, s) for r, s in enumerate(self._states))))
         total = local_sum(self.runtime.rank, self._states[0])
-        dist.all_reduce(total)  # one scalar; not counted in the step's communication stats
+        dist.all_reduce(total)  # one scalar outside the program; not counted in the step's communication stats
         return math.sqrt(float(total))
 
 

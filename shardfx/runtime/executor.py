@@ -17,7 +17,7 @@ from torch import Tensor
 
 from shardfx.graphs import collectives
 from shardfx.graphs.program import DistProgram
-from shardfx.graphs.signature import BUFFER, BUFFER_UPDATE, GRAD, GRAD_ACC, INPUT, LOSS, PARAM, REPLICA
+from shardfx.graphs.signature import BUFFER, BUFFER_UPDATE, GRAD, GRAD_ACC, GRAD_NORM, INPUT, LOSS, PARAM, REPLICA
 
 
 @dataclass
@@ -27,6 +27,7 @@ class StepOutputs:
     buffers: dict[str, Tensor]
     accumulators: dict[str, Tensor]
     replicas: dict[str, Tensor]
+    grad_norm: Tensor | None = None
 
 
 class Executor:
@@ -84,6 +85,7 @@ class Executor:
         new_buffers: dict[str, Tensor] = {}
         new_accumulators: dict[str, Tensor] = {}
         new_replicas: dict[str, Tensor] = {}
+        grad_norm: Tensor | None = None
         for spec, value in zip(self.signature.outputs, values):
             if spec.role == LOSS:
                 loss = value
@@ -95,5 +97,7 @@ class Executor:
                 new_accumulators[spec.target] = value
             elif spec.role == REPLICA:
                 new_replicas[spec.target] = value
+            elif spec.role == GRAD_NORM:
+                grad_norm = value
         assert loss is not None
-        return StepOutputs(loss, grads, new_buffers, new_accumulators, new_replicas)
+        return StepOutputs(loss, grads, new_buffers, new_accumulators, new_replicas, grad_norm)

@@ -50,6 +50,7 @@ class RankState:
         self.auto_step = True
         self.grad_acc: dict[str, Tensor] = {}  # unreduced gradient sums between micro-batches
         self.replicas: dict[str, Tensor] = {}  # ZeRO-1/2: full parameters gathered this optimizer step
+        self.grad_norm: Tensor | None = None  # the global gradient norm the last step's program returned
 
     def apply(self, out: StepOutputs) -> None:
         """Take a step's outputs: gradients (added to any kept ones), new buffer values, gradient
@@ -58,6 +59,7 @@ class RankState:
         grads, buffers = out.grads, out.buffers
         self.grad_acc = dict(out.accumulators)
         self.replicas.update(out.replicas)
+        self.grad_norm = out.grad_norm
         for name, grad in grads.items():
             param = self.params[name]
             param.grad = grad if param.grad is None else param.grad + grad

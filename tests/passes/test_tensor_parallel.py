@@ -41,6 +41,20 @@ def test_dp_x_tp_with_zero3() -> None:
     assert_parity(gpt(), gpt_batch(), gpt_loss, 4, shardfx.Config(tp_size=2, zero_stage=3))
 
 
+@pytest.mark.parametrize("stage", [0, 3])
+def test_clipping_with_tensor_parallelism_counts_every_slice_once(stage: int) -> None:
+    """The clip norm sums tp slices over tp, ZeRO shards over dp, replicated gradients once (SGD: see test_grad_clipping)."""
+    config = shardfx.Config(tp_size=2, zero_stage=stage, grad_clip=0.05)
+    engine = assert_parity(gpt(), gpt_batch(), gpt_loss, 4, config, optimizer=sgd)
+    reference = gpt()
+    gpt_loss(reference(gpt_batch()[0]), gpt_batch()[1]).backward()
+    eager_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), float("inf"))
+    fresh = shardfx.compile_distributed(gpt(), 4, example_inputs=gpt_batch(), loss_fn=gpt_loss, optimizer=sgd, config=config)
+    fresh.train_step(*gpt_batch())
+    assert fresh.stats()["grad_norm"] == pytest.approx(float(eager_norm), rel=1e-5)  # before clipping, as torch's
+    assert fresh.stats()["grad_norm"] > 0.05 and engine.stats()["grad_norm"] is not None
+
+
 def tp_collectives(engine) -> list:
     return [n for n in engine.program.graph.nodes if collectives.is_collective(n) and n.meta.get(meta.ROLE) == "tp"]
 

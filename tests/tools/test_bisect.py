@@ -41,7 +41,7 @@ def test_names_the_pass_that_drops_a_gradient_reduction_with_rank_and_parameter(
     result = bisect(spec, Config(zero_stage=0), 2, extra_passes=[broken])
     bad = result.first_bad
     assert bad is not None and bad.stage.name == "drop_one_grad_reduction"
-    assert all(c.ok for c in result.checks[:-1])  # capture, sync_batch_norm, data_parallel match eager
+    assert all(c.ok for c in result.checks[:-1])  # capture, sync_batch_norm, data_parallel, grad_norm match eager
     spoiled = bad.stage.record.stats["spoiled"]
     assert {m.param for m in bad.mismatches} == {spoiled}  # only that gradient, on its own ranks
     assert {m.rank for m in bad.mismatches} <= {0, 1} and all(m.max_abs > 1e-3 for m in bad.mismatches)
@@ -51,7 +51,7 @@ def test_command_exits_1_naming_pass_rank_and_parameter(capsys):
     argv = ["bisect", "mlp", "--no-progress", "--append-pass", f"{BROKEN}:drop_one_grad_reduction"]
     assert main(argv) == 1
     out = capsys.readouterr().out
-    assert "first divergence: after pass 'drop_one_grad_reduction' (stage 3)" in out
+    assert "first divergence: after pass 'drop_one_grad_reduction' (stage 4)" in out
     assert re.search(r"gradient of layers\.\d\.(weight|bias) on rank [01]: max \|diff\| \d", out), out
     assert max(len(line) for line in out.splitlines()) <= 80
 

@@ -58,7 +58,9 @@ def test_zero3_collective_counts_equal_the_graph(gpt_zero3):
     # (its embedding backward needs no weight); one reduce-scatter per parameter; one loss all-reduce.
     assert in_graph == {"all_gather": 29, "reduce_scatter": 15, "all_reduce": 1}
     assert (int(row["AG"]), int(row["RS"]), int(row["AR"])) == (29, 15, 1)
-    assert rows[-1]["collectives"] == in_graph
+    assert rows[2]["name"] == "shard_parameters" and rows[2]["collectives"] == in_graph
+    # grad_norm adds one scalar all-reduce over dp: the gradients are dp shards
+    assert rows[-1]["name"] == "grad_norm" and rows[-1]["collectives"] == {**in_graph, "all_reduce": 2}
     capture = table_row(out, "capture")
     assert (capture["AG"], capture["RS"], capture["AR"]) == ("-", "-", "-")
 
@@ -68,8 +70,9 @@ def test_zero3_bytes_follow_the_zero_formula(gpt_zero3):
     model, _, _ = build_model("gpt", preset="tiny", bias=False)
     param_bytes = 4 * sum(p.numel() for p in model.parameters())  # 2 ranks divide every dim 0 evenly: no padding
     wpe_bytes = 4 * model.wpe.weight.numel()
-    loss_bytes = 2 * 4  # all-reduce of one fp32 scalar counts twice its input
-    assert rows[-1]["comm_bytes"] == 3 * param_bytes - wpe_bytes + loss_bytes
+    scalar_bytes = 2 * 4  # all-reduce of one fp32 scalar counts twice its input: the loss, then the grad norm
+    assert rows[2]["comm_bytes"] == 3 * param_bytes - wpe_bytes + scalar_bytes
+    assert rows[-1]["comm_bytes"] == 3 * param_bytes - wpe_bytes + 2 * scalar_bytes
     assert rows[0]["comm_bytes"] == 0
 
 
@@ -77,18 +80,19 @@ def test_output_fits_80_columns_and_has_every_part(gpt_zero3):
     out, rows, dump = gpt_zero3
     too_wide = [line for line in out.splitlines() if len(line) > 80]
     assert not too_wide, too_wide[:3]
-    assert [r["name"] for r in rows] == ["capture", "sync_batch_norm", "shard_parameters"]
+    assert [r["name"] for r in rows] == ["capture", "sync_batch_norm", "shard_parameters", "grad_norm"]
     assert sorted(p.name for p in dump.iterdir()) == [
         "00_capture.txt",
         "01_sync_batch_norm.txt",
         "02_shard_parameters.txt",
+        "03_grad_norm.txt",
     ]
     assert "# after shard_parameters" in out and "%all_gather_default_1 = shardfx.all_gather(" in out
     summary = re.search(r"^# capture -> shard_parameters: (\d+) added, (\d+) removed, (\d+) moved", out, re.M)
     assert summary and summary.group(2) == "0", out
     unwrapped = out.replace("\n      ", " ")  # continuation lines of wrapped nodes
     added = re.findall(r"^\+ %\S+ = shardfx\.(\w+)\(", unwrapped, re.M)
-    assert {kind: added.count(kind) for kind in set(added)} == rows[-1]["collectives"]
+    assert {kind: added.count(kind) for kind in set(added)} == rows[2]["collectives"]
     assert re.search(r"^## added by shard_parameters \(\d+\)$", out, re.M)
 
 
@@ -137,7 +141,7 @@ def test_user_factory_file(tmp_path, capsys):
     [
         (
             ["--show", "shard_params"],
-            r"--show shard_params: no such stage \(compiled: capture, sync_batch_norm, data_parallel\)",
+            r"--show shard_params: no such stage \(compiled: capture, sync_batch_norm, data_parallel, grad_norm\)",
         ),
         (["--stop-after", "bucket"], r"--stop-after bucket: no such pass in this pipeline; allowed: capture, "),
         (["--disable", "capture"], r"--disable capture: no such pass in this pipeline; allowed: sync_batch_norm"),

@@ -38,7 +38,8 @@ def browser():
 @pytest.fixture(scope="module")
 def gpt_pages(tmp_path_factory):
     """The tiny GPT after ZeRO-3 alone, and side by side with its capture."""
-    stages = compile_stages(load_model_spec("gpt", "tiny", batch_size=8), Config(zero_stage=3), 2)
+    spec = load_model_spec("gpt", "tiny", batch_size=8)
+    stages = compile_stages(spec, Config(zero_stage=3), 2, stop_after="shard_parameters")
     folder = tmp_path_factory.mktemp("viz")
     single, compare = folder / "zero3.html", folder / "compare.html"
     single.write_text(render_html("gpt tiny, ZeRO-3", [stages[-1]]))

@@ -44,9 +44,10 @@ def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float | 
     axes = [a for a in program.mesh.names if any(a in g for g in groups)]
 
     def norm_and_clip(*grads: Tensor) -> tuple[Tensor, ...]:
-        sums = [torch.zeros((), dtype=torch.float32) for _ in groups]
+        sums: list[Tensor] = [None] * len(groups)  # type: ignore[list-item]  # no constant: no device baked in
         for g, k in zip(grads, member):
-            sums[k] = sums[k] + g.float().pow(2).sum()
+            square = g.float().pow(2).sum()
+            sums[k] = square if sums[k] is None else sums[k] + square
         for axis in axes:  # every group split over `axis` in one all-reduce
             split = [k for k, group in enumerate(groups) if axis in group]
             reduced = torch.ops.shardfx.all_reduce(torch.stack([sums[k] for k in split]), axis, "sum")
@@ -68,8 +69,9 @@ def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float | 
             origin="clip_gradients" if max_norm is not None else "grad_norm",
         )
     for node in program.graph.nodes:
-        if node not in before:
+        if node not in before:  # about every gradient: the optimizer phase of the whole model
             node.meta[meta.PHASE] = meta.OPTIMIZER
+            node.meta[meta.MODULE] = ""
     for i, new in zip(indices, clipped):
         outputs[i] = new
     program.set_outputs([*outputs, norm])

@@ -207,6 +207,11 @@ class Engine:
         optimizer = self._states[0].optimizer
         return [float(g["lr"]) for g in optimizer.param_groups] if optimizer is not None else []
 
+    def programs(self) -> dict[str, DistProgram]:
+        """The programs of the batch shape used last, by variant: "step" without accumulation, else
+        "first" / "middle" / "last" (api.step_variants); print one with graphs.format.format_program."""
+        return {name: program for name, (program, _) in next(reversed(self._programs.values())).items()}
+
     # --- evaluation -----------------------------------------------------------------------------
 
     def eval_step(self, *batch: Tensor) -> Tensor:
@@ -281,8 +286,7 @@ class Engine:
         """Per-rank bytes held between steps (params, grads, optimizer state), the bytes of the gradient
         accumulators a rank holds while accumulating (0 when nothing is deferred), the collectives of
         the last optimizer step (all its micro-batches), and step counters."""
-        programs = [p for p, _ in next(reversed(self._programs.values())).values()]
-        accumulators = max((accumulate_gradients.accumulators(p) for p in programs), key=len)
+        accumulators = max((accumulate_gradients.accumulators(p) for p in self.programs().values()), key=len)
         accumulators = [n.meta["val"] for n in accumulators]
         return {
             "memory": self.runtime.memory(rank),

@@ -67,8 +67,6 @@ def grad_syncs(program) -> int:
     return sum(1 for n in program.graph.nodes if n.meta.get(meta.ROLE) == "grad_sync")
 
 
-def variants_of(engine: shardfx.Engine) -> dict:
-    return {name: program for name, (program, _) in next(iter(engine._programs.values())).items()}
 
 
 def count(program, role: str) -> int:
@@ -82,7 +80,7 @@ def test_gradients_are_reduced_once_per_optimizer_step(stage: int) -> None:
         tiny_gpt(), 2, example_inputs=BATCH, loss_fn=gpt_loss, optimizer=adamw, config=Config(zero_stage=stage)
     )
     engines = {sync: accumulating_engine(2, zero_stage=stage, grad_accum_sync=sync) for sync in ("boundary", "micro_batch")}
-    variants = variants_of(engines["boundary"])
+    variants = engines["boundary"].programs()
     if stage in (1, 2):
         assert set(variants) == {"first", "middle", "last"}
         assert count(variants["first"], "param_gather") == count(plain.program, "param_gather") > 0
@@ -164,7 +162,7 @@ def test_deepspeed_loop_equals_train_step_under_accumulation() -> None:
 @pytest.mark.parametrize(("stage", "reduce_dtype"), [(3, "fp32"), (3, "bf16"), (2, "fp32")])
 def test_bf16_accumulates_in_fp32_and_reduces_in_reduce_dtype(stage: int, reduce_dtype: str) -> None:
     engine = accumulating_engine(2, zero_stage=stage, mixed_precision="bf16", reduce_dtype=reduce_dtype)
-    keep, reduce = variants_of(engine)["middle"], variants_of(engine)["last"]
+    keep, reduce = engine.programs()["middle"], engine.programs()["last"]
     for program in (keep, reduce):
         accs = [n for n in program.placeholders() if n.meta.get(meta.ROLE) == "grad_acc"]
         assert accs and all(n.meta["val"].dtype == torch.float32 for n in accs)

@@ -12,7 +12,7 @@ from shardfx.config import Config
 from shardfx.graphs.capture import capture, capture_forward
 from shardfx.graphs.program import DistProgram, Mesh, clone_program
 from shardfx.passes.manager import PassContext, run_passes
-from shardfx.passes.pipeline import pipeline
+from shardfx.passes.pipeline import pipeline, step_variants, variant_config
 from shardfx.runtime.engine import Engine
 
 
@@ -49,8 +49,7 @@ def compile_distributed(
             f"scheduler must be a factory taking a rank's optimizer, or None; got {type(scheduler).__name__}"
         )
     mesh = Mesh.of(dp=dp, tp=config.tp_size) if config.tp_size > 1 else Mesh.of(dp=dp)
-    # With accumulation the engine clips the summed gradient at the boundary, not each micro-batch.
-    graph_config = config.replace(grad_clip=None) if config.grad_accum_steps > 1 else config
+    graph_config = variant_config(config)
 
     variants = step_variants(config)
     accumulate = len(variants) > 1
@@ -107,30 +106,6 @@ def compile_distributed(
         loss_fn=loss_fn,
         log=log,
     )
-
-
-def step_variants(config: Config) -> dict[str, tuple[str | None, str | None]]:
-    """The programs one batch shape needs: name -> (accumulate_gradients variant, reuse_replicas variant).
-
-    The engine runs "first" for an optimizer step's first micro-batch, "last" for its last,
-    "middle" for the others, falling back to "middle" where a name is missing; "step" is the
-    one program of a step without accumulation. Under accumulation ZeRO-1/2 gather the
-    parameters only in "first" and keep them; boundary sync reduces gradients only in "last".
-    """
-    k = config.grad_accum_steps
-    if k == 1:
-        return {"step": (None, None)}
-    boundary = config.grad_accum_sync == "boundary"
-    if config.zero_stage in (1, 2):
-        variants = {"first": ("keep" if boundary else None, "gather")}
-        if k > 2 or not boundary:
-            variants["middle"] = ("keep" if boundary else None, "reuse")
-        if boundary:
-            variants["last"] = ("reduce", "reuse")
-        return variants
-    if boundary:
-        return {"middle": ("keep", None), "last": ("reduce", None)}
-    return {"step": (None, None)}
 
 
 def _launched() -> bool:

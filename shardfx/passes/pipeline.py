@@ -138,6 +138,36 @@ def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None, replicas
     return _with_fusion(passes, config)
 
 
+def step_variants(config: Config) -> dict[str, tuple[str | None, str | None]]:
+    """The programs one batch shape needs: name -> (accumulate_gradients variant, reuse_replicas variant).
+
+    The engine runs "first" for an optimizer step's first micro-batch, "last" for its last,
+    "middle" for the others, falling back to "middle" where a name is missing; "step" is the
+    one program of a step without accumulation. Under accumulation ZeRO-1/2 gather the
+    parameters only in "first" and keep them; boundary sync reduces gradients only in "last".
+    """
+    k = config.grad_accum_steps
+    if k == 1:
+        return {"step": (None, None)}
+    boundary = config.grad_accum_sync == "boundary"
+    if config.zero_stage in (1, 2):
+        variants = {"first": ("keep" if boundary else None, "gather")}
+        if k > 2 or not boundary:
+            variants["middle"] = ("keep" if boundary else None, "reuse")
+        if boundary:
+            variants["last"] = ("reduce", "reuse")
+        return variants
+    if boundary:
+        return {"middle": ("keep", None), "last": ("reduce", None)}
+    return {"step": (None, None)}
+
+
+def variant_config(config: Config) -> Config:
+    """The Config the step's programs are compiled with: under accumulation the engine clips the
+    summed gradient at the boundary, so the programs do not clip each micro-batch."""
+    return config.replace(grad_clip=None) if config.grad_accum_steps > 1 else config
+
+
 def _with_fusion(passes: list[Pass], config: Config) -> list[Pass]:
     if _fuse_enabled(config):
         passes.append(

@@ -13,7 +13,7 @@ outside it, on each rank's local shards. The verbs map onto that as follows:
     engine.train_step(*batch)     all three, over grad_accum_steps micro-batches stacked on dim 0
 
 With gradient accumulation (Config.grad_accum_steps=k) the step is compiled in up to
-three variants (api.step_variants): with grad_accum_sync="boundary", micro-batches
+three variants (passes.pipeline.step_variants): with grad_accum_sync="boundary", micro-batches
 1..k-1 add each rank's unreduced gradients to its accumulators and reduce nothing, and
 micro-batch k adds its own and reduces the sum once (passes/accumulate_gradients.py);
 "micro_batch" reduces every micro-batch and adds up the reduced shards. Under ZeRO-1/2
@@ -209,7 +209,7 @@ class Engine:
 
     def programs(self) -> dict[str, DistProgram]:
         """The programs of the batch shape used last, by variant: "step" without accumulation, else
-        "first" / "middle" / "last" (api.step_variants); print one with graphs.format.format_program."""
+        "first" / "middle" / "last" (passes.pipeline.step_variants); print one with graphs.format.format_program."""
         return {name: program for name, (program, _) in next(reversed(self._programs.values())).items()}
 
     # --- evaluation -----------------------------------------------------------------------------
@@ -371,7 +371,7 @@ class Engine:
 
 
 def _variant(variants: dict[str, Any], index: int, k: int) -> str:
-    """Which program runs micro-batch `index` of an optimizer step of k (see api.step_variants)."""
+    """Which program runs micro-batch `index` of an optimizer step of k (see passes.pipeline.step_variants)."""
     if "step" in variants:
         return "step"
     if index == k - 1 and "last" in variants:

@@ -164,6 +164,11 @@ def bisect(
     progress: bool = False,
 ) -> BisectResult:
     """Check every prefix of the pipeline (plus `extra_passes`) against eager; stops at the first divergence."""
+    if config.grad_accum_steps > 1:
+        raise ValueError(
+            f"bisect checks one step against eager; grad_accum_steps={config.grad_accum_steps} compiles several "
+            "programs a step (see them with shardfx passes --variant); bisect without it"
+        )
     default = BF16_TOLERANCE if config.mixed_precision == "bf16" else FP32_TOLERANCE
     rtol = default if rtol is None else rtol
     atol = default if atol is None else atol

@@ -27,6 +27,7 @@ from shardfx.tools.options import non_negative_int
 from shardfx.tools.stages import (
     Stage,
     add_compile_arguments,
+    add_variant_argument,
     compile_stages,
     config_from_args,
     extra_passes_from_args,
@@ -45,6 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     add_model_spec_arguments(parser)
     add_compile_arguments(parser)
+    add_variant_argument(parser)
     out = parser.add_argument_group("output")
     out.add_argument(
         "--dump", metavar="DIR", help="write the printed program after each stage: DIR/00_capture.txt, ..."
@@ -78,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         extra_passes=extra_passes_from_args(args),
         stop_after=args.stop_after,
         progress=not args.no_progress,
+        variant=args.variant,
     )
     # Check the stage names before printing anything, so a typo fails fast and alone.
     shown = find_stage(stages, args.show, "--show") if args.show else None

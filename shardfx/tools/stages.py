@@ -25,7 +25,7 @@ from shardfx.graphs.analysis import collective_summary, memory_timeline
 from shardfx.graphs.capture import capture
 from shardfx.graphs.program import DistProgram, Mesh, clone_program
 from shardfx.passes.manager import Pass, PassContext, PassRecord, run_passes
-from shardfx.passes.pipeline import pipeline
+from shardfx.passes.pipeline import pipeline, step_variants, variant_config
 from shardfx.tools.model_spec import ModelSpec, load_object
 from shardfx.tools.options import key_value, positive_float, positive_int
 
@@ -108,6 +108,16 @@ def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_variant_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--variant",
+        choices=("first", "middle", "last", "step"),
+        help="with --config grad_accum_steps=K: which program of an optimizer step to compile: first "
+        "(ZeRO-1/2 gather the parameters), middle (gradients kept in accumulators), last (the one that "
+        "reduces them); default: last",
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     values: dict[str, Any] = dict(
         zero_stage=args.zero_stage,
@@ -136,8 +146,18 @@ def as_pass(obj: Any, text: str = "") -> Pass:
     return Pass(name, obj, f"appended with --append-pass {text}".rstrip())
 
 
-def pass_list(config: Config, world_size: int, extra_passes: list[Pass] = ()) -> list[Pass]:
-    return pipeline(config, Mesh.of(dp=world_size)) + list(extra_passes)
+def pass_list(config: Config, world_size: int, extra_passes: list[Pass] = (), variant: str | None = None) -> list[Pass]:
+    """The pipeline of one program of the step: under accumulation `variant` (None: the last) of step_variants."""
+    mesh = Mesh.of(dp=world_size)
+    variants = step_variants(config)
+    if variant is None:
+        variant = next(reversed(variants))
+    if variant not in variants:
+        if config.grad_accum_steps == 1:
+            raise ValueError("--variant picks one program of an accumulating step; give --config grad_accum_steps=K")
+        raise ValueError(f"--variant {variant}: this configuration compiles {', '.join(variants)}")
+    grad_accum, replicas = variants[variant]
+    return pipeline(variant_config(config), mesh, grad_accum=grad_accum, replicas=replicas) + list(extra_passes)
 
 
 def check_pass_name(name: str, passes: list[Pass], option: str, capture_ok: bool = False) -> None:
@@ -154,10 +174,12 @@ def compile_stages(
     extra_passes: list[Pass] = (),
     stop_after: str | None = None,
     progress: bool = False,
+    variant: str | None = None,
 ) -> list[Stage]:
-    """The program after capture and after every pass (up to `stop_after`), each its own copy."""
+    """The program after capture and after every pass (up to `stop_after`), each its own copy;
+    under accumulation, of the step's program `variant` (see pass_list)."""
     mesh = Mesh.of(dp=world_size)
-    passes = pass_list(config, world_size, extra_passes)
+    passes = pass_list(config, world_size, extra_passes, variant)
     for name in config.disable_passes:
         check_pass_name(name, passes, "--disable")
     if stop_after is not None:
@@ -176,7 +198,7 @@ def compile_stages(
     program = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
     stages = [Stage(0, CAPTURE, clone_program(program), captured.seconds)]
     bar.update()
-    ctx = PassContext(config)
+    ctx = PassContext(variant_config(config))
     for i, p in enumerate(passes, start=1):
         bar.set_description(p.name)
         try:

@@ -28,6 +28,7 @@ from shardfx.tools.options import positive_int
 from shardfx.tools.stages import (
     Stage,
     add_compile_arguments,
+    add_variant_argument,
     compile_stages,
     config_from_args,
     extra_passes_from_args,
@@ -56,6 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     add_model_spec_arguments(parser)
     add_compile_arguments(parser)
+    add_variant_argument(parser)
     out = parser.add_argument_group("output")
     out.add_argument(
         "-o", "--output", metavar="FILE", help="write the program drawing: FILE.html (interactive) or FILE.svg"
@@ -92,7 +94,12 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     spec = model_spec_from_args(args)
     stages = compile_stages(
-        spec, config, args.world_size, extra_passes=extra_passes_from_args(args), progress=not args.no_progress
+        spec,
+        config,
+        args.world_size,
+        extra_passes=extra_passes_from_args(args),
+        progress=not args.no_progress,
+        variant=args.variant,
     )
     stage = find_stage(stages, args.after, "--after") if args.after else stages[-1]
     shown = [stage]

@@ -75,3 +75,8 @@ def test_user_factory_without_loss_fn_and_bf16(user_factory_file, capsys):
     assert main(["bisect", "tests.tools.factories:make", "--zero", "3", "--bf16", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert " apply_mixed_precision " in out and "within rtol 0.05, atol 0.05" in out
+
+
+def test_accumulating_configs_are_refused_with_the_way_to_see_them(capsys):
+    assert main(["bisect", "mlp", "--config", "grad_accum_steps=2", "--no-progress"]) == 2
+    assert "see them with shardfx passes --variant" in capsys.readouterr().err

@@ -160,3 +160,23 @@ def test_width_zero_keeps_lines_whole(capsys):
     assert main(["passes", "mlp", "--no-progress", "--show", "data_parallel", "--width", "0"]) == 0
     out = capsys.readouterr().out
     assert any(len(line) > 80 and line.startswith("%") for line in out.splitlines())
+
+
+def test_variant_shows_each_program_of_an_accumulating_step(tmp_path):
+    """ZeRO-2, 3 micro-batches: first gathers and reduces nothing, middle moves no tensor, last reduce-scatters."""
+    argv = [*GPT_ZERO3[:-3], "--zero", "2", "--config", "grad_accum_steps=3", "--no-progress"]
+    collectives = {}
+    for variant in ("first", "middle", "last"):
+        code, out, err = run_cli([*argv, "--variant", variant, "--json", str(tmp_path / f"{variant}.json")])
+        assert code == 0, err
+        rows = json.loads((tmp_path / f"{variant}.json").read_text())
+        collectives[variant] = rows[-1]["collectives"]
+        assert "accumulate_gradients" in [r["name"] for r in rows] and rows[-1]["name"] == "reuse_replicas"
+    model, _, _ = build_model("gpt", preset="tiny", bias=False)
+    params = len(list(model.parameters()))  # the tied embedding once
+    # every program all-reduces the loss; last also the grad norm over the dp shards
+    assert collectives["first"] == {"all_gather": params, "all_reduce": 1}
+    assert collectives["middle"] == {"all_reduce": 1}
+    assert collectives["last"] == {"reduce_scatter": params, "all_reduce": 2}
+    code, _, err = run_cli([*argv, "--zero", "3", "--variant", "first"])
+    assert code == 2 and "--variant first: this configuration compiles middle, last" in err

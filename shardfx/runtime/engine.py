@@ -179,9 +179,10 @@ class Engine:
         self.steps += 1
         scale = 1.0 / k
         measured = self._states[0].grad_norm  # the program's (grad_norm / clip_gradients pass)
-        if measured is not None and (k == 1 or self.config.grad_accum_sync == "boundary"):
+        whole_step = k == 1 or self.program.notes.get("grad_accum_variant") == "reduce"
+        if measured is not None and whole_step:
             norm = float(measured) * scale
-        else:  # per-micro-batch reduction: the norm of the summed gradients is only known here
+        else:  # each micro-batch reduced its own gradients: only their kept sum has the step's norm
             norm = self._grad_norm() * scale
         self.last_grad_norm = norm
         bad_loss, self._bad_loss = self._bad_loss, None
@@ -258,6 +259,7 @@ class Engine:
             "zero_stage": self.config.zero_stage,
             "steps": self.steps,
             "micro_steps": self.micro_steps,
+            "grad_accum_steps": self.config.grad_accum_steps,
             "samples": self.samples,
             "skipped_steps": self.skipped_steps,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -275,9 +277,12 @@ class Engine:
             state.zero_grad()
             if meta["scheduler"] is not None and state.scheduler is not None:
                 state.scheduler.load_state_dict(meta["scheduler"])
-        self.steps, self.micro_steps = meta["steps"], meta["micro_steps"]
+        # Saved at an optimizer-step boundary; this engine may accumulate over another number of
+        # micro-batches, so count its micro-batches in its own steps (the next one starts a step).
+        self.steps = meta["steps"]
+        self.micro_steps = self.steps * self.config.grad_accum_steps
+        self._bad_loss = None
         self.samples, self.skipped_steps = meta["samples"], meta["skipped_steps"]
-        self._eval = None
         if load_rng:
             _set_rng_state(meta["rng"])
         return meta["client_state"]

@@ -217,3 +217,36 @@ def test_a_nan_in_an_early_micro_batch_skips_the_step_and_does_not_leak_into_the
     assert torch.equal(engine.train_step(*batch), fresh.train_step(*batch))
     for key, value in fresh.state_dict().items():
         assert torch.equal(engine.state_dict()[key], value)
+
+
+def test_resume_with_another_accumulation_count_starts_a_whole_step(tmp_path) -> None:
+    """Saved after one step of 3 micro-batches (ZeRO-1); loaded to take 2 micro-batches of 6: the next
+    train_step is one whole optimizer step, as eager's second step on the same batch."""
+    saved = accumulating_engine(2, zero_stage=1)
+    saved.train_step(*BATCH)
+    saved.save_checkpoint(str(tmp_path / "ckpt"))
+    loaded = shardfx.compile_distributed(
+        tiny_gpt(),
+        2,
+        example_inputs=tuple(x[:6] for x in BATCH),
+        loss_fn=gpt_loss,
+        optimizer=adamw,
+        config=Config(zero_stage=1, grad_accum_steps=2),
+    )
+    loaded.load_checkpoint(str(tmp_path / "ckpt"))
+    assert (loaded.steps, loaded.micro_steps) == (1, 2)
+    ref_losses, ref_state = eager_train(tiny_gpt(), BATCH, gpt_loss, 2)
+    torch.testing.assert_close(loaded.train_step(*BATCH), ref_losses[1], rtol=RTOL, atol=ATOL)
+    for key, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, ref_state[key], rtol=RTOL, atol=ATOL)
+
+
+def test_without_the_accumulate_pass_the_engine_measures_the_summed_gradient() -> None:
+    """Disabling accumulate_gradients makes every micro-batch a plain step; the norm (and the clip) must then
+    come from the kept sum, not from the last program's own gradients."""
+    engine = accumulating_engine(2, zero_stage=0, grad_clip=0.05, disable_passes=("accumulate_gradients",))
+    ref_losses, ref_state = eager_train(tiny_gpt(), BATCH, gpt_loss, 4, grad_clip=0.05)
+    losses, state = train(engine)
+    torch.testing.assert_close(losses, ref_losses, rtol=RTOL, atol=ATOL)
+    for key in ref_state:
+        torch.testing.assert_close(state[key], ref_state[key], rtol=RTOL, atol=ATOL)

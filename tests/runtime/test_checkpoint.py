@@ -187,7 +187,8 @@ def test_tensor_parallel_checkpoints_reshard_to_any_mesh(tmp_path) -> None:
     [
         [(2, 1, 0)],  # ZeRO alone, padded (7 rows over 2)
         [(2, 3, 0), (2, 1, 0)],  # tp over 3 fused blocks, then ZeRO on the same dim
-        [(2, 3, 0), (3, 1, 0)],  # ... ZeRO cutting across block pieces, with padding
+        [(2, 3, 0), (3, 1, 0)],  # ... ZeRO cutting across block pieces
+        [(2, 3, 0), (4, 1, 0)],  # ... and padding (9 rows of the tp slice over 4 ranks)
         [(2, 1, 1), (2, 1, 0)],  # tp on dim 1, ZeRO on dim 0
     ],
 )

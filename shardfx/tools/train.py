@@ -54,6 +54,9 @@ HELP = "train a built-in model (default: a small GPT on Markov tokens) on N rank
 LAST_WINDOW = 10  # the summary's last loss is the mean of this many final steps
 
 
+DEFAULT_BATCH_SIZE = 32  # sequences a step when neither --batch-size nor --config says
+
+
 @dataclass
 class TrainOptions:
     """What `shardfx train` runs; the defaults are the command's defaults (about a minute on 2 CPU cores)."""
@@ -63,7 +66,7 @@ class TrainOptions:
     preset: str | None = None  # None: the model's default preset ("small" for gpt)
     overrides: dict[str, Any] = field(default_factory=dict)
     steps: int = 200
-    batch_size: int | None = 32  # global; split over the ranks (None: from the --config file, else 32)
+    batch_size: int | None = None  # global, split over the ranks; None: from the --config file, else 32
     lr: float = 3e-3
     zero_stage: int | None = None  # None: the --config file's stage, else 0
     seed: int = 0
@@ -101,7 +104,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help="global batch size in sequences, all micro-batches of a step; must divide by --world-size "
         f"(default: the --config file's train_batch_size, or its micro-batch size x accumulation x world size, "
-        f"else {defaults.batch_size})",
+        f"else {DEFAULT_BATCH_SIZE})",
     )
     parser.add_argument(
         "--lr", type=positive_float, default=defaults.lr, help="AdamW learning rate (default %(default)s)"
@@ -259,7 +262,7 @@ def _batch_size(options: TrainOptions, config: shardfx.Config) -> int:
         return config.train_batch_size
     if config.micro_batch_size is not None:
         return config.micro_batch_size * config.grad_accum_steps * options.world_size
-    return TrainOptions.batch_size  # type: ignore[return-value]
+    return DEFAULT_BATCH_SIZE
 
 
 def _is_factory(model: str) -> bool:

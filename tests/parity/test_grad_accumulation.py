@@ -59,8 +59,9 @@ def test_accumulation_trains_as_eager_on_the_whole_batch(stage: int, sync: str) 
     assert_matches_eager(accumulating_engine(2, zero_stage=stage, grad_accum_sync=sync))
 
 
-def test_accumulation_with_tensor_parallel_bucketing_and_overlap() -> None:
-    assert_matches_eager(accumulating_engine(4, zero_stage=3, tp_size=2, bucket_mb=0.01, overlap=True))
+@pytest.mark.parametrize("stage", [1, 3])  # ZeRO-1: tp slices gathered once, kept as replicas
+def test_accumulation_with_tensor_parallel_bucketing_and_overlap(stage: int) -> None:
+    assert_matches_eager(accumulating_engine(4, zero_stage=stage, tp_size=2, bucket_mb=0.01, overlap=True))
 
 
 def grad_syncs(program) -> int:

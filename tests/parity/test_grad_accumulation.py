@@ -251,3 +251,33 @@ def test_without_the_accumulate_pass_the_engine_measures_the_summed_gradient() -
     torch.testing.assert_close(losses, ref_losses, rtol=RTOL, atol=ATOL)
     for key in ref_state:
         torch.testing.assert_close(state[key], ref_state[key], rtol=RTOL, atol=ATOL)
+
+
+def test_a_new_batch_shape_in_the_middle_of_a_step_keeps_accumulating() -> None:
+    """Micro-batches of 4, then 8 rows (a recompile between them): one optimizer step over both, as
+    eager accumulation of loss / k over the same two micro-batches."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+    g = torch.Generator().manual_seed(1)
+    parts = [(torch.randn(rows, 4, generator=g), torch.randn(rows, 2, generator=g)) for rows in (4, 8)]
+    for stage in (1, 3):
+        engine = shardfx.compile_distributed(
+            copy.deepcopy(model),
+            2,
+            example_inputs=parts[0],
+            loss_fn=torch.nn.functional.mse_loss,
+            optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+            config=Config(zero_stage=stage, grad_accum_steps=2, max_batch_shapes=2),
+        )
+        engine._log = lambda line: None
+        for x, y in parts:
+            loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+        reference = copy.deepcopy(model)
+        for x, y in parts:
+            (torch.nn.functional.mse_loss(reference(x), y) / 2).backward()
+        torch.optim.SGD(reference.parameters(), lr=0.1).step()
+        assert engine.steps == 1 and engine.stats()["compiled_shapes"] == 2
+        for key, value in reference.state_dict().items():
+            torch.testing.assert_close(engine.state_dict()[key], value, rtol=RTOL, atol=ATOL)

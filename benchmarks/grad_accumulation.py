@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 from torch.distributed._tools.mem_tracker import MemTracker
-from zero_vs_fsdp2 import MiB, Eager, Shardfx, Strategy, make_batches, measure
+from zero_vs_fsdp2 import Eager, MiB, Shardfx, Strategy, make_batches, measure
 
 import shardfx
 from shardfx.models import GPT, GPTConfig, gpt_loss, num_params

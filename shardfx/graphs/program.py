@@ -91,6 +91,12 @@ class DistProgram:
         """The shard specs of a parameter, in the order they apply to the full tensor."""
         return [s for s in (self.tp_specs.get(name), self.shard_specs.get(name)) if s is not None]
 
+    def first_holder(self, name: str, rank: int) -> bool:
+        """Whether `rank` is the first of the ranks holding the same piece of parameter `name`:
+        its coordinate is 0 on every mesh axis that does not split the parameter."""
+        axes = {spec.axis for spec in self.specs(name)}
+        return all(c == 0 for axis, c in self.mesh.coords(rank).items() if axis not in axes)
+
     def recompile(self) -> None:
         self.graph.lint()
         self.gm.recompile()

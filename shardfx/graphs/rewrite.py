@@ -41,6 +41,23 @@ def insert_call(
     return node
 
 
+def add_input(
+    program: DistProgram, name: str, val: Any, role: str, target: str, *, provenance: fx.Node, origin: str
+) -> fx.Node:
+    """A new placeholder after the last one, with its signature entry (role, target) and `val`."""
+    from shardfx.graphs.signature import InputSpec
+
+    with program.graph.inserting_after(program.placeholders()[-1]):
+        node = program.graph.placeholder(name)
+    node.meta["val"] = val
+    meta.copy_provenance(provenance, node, origin)
+    node.meta[meta.PHASE] = meta.FORWARD  # inputs exist from the start of the step
+    node.meta[meta.ROLE] = role
+    node.meta[meta.TARGET] = target
+    program.signature.inputs.append(InputSpec(role, target))
+    return node
+
+
 def inline(
     program: DistProgram,
     fn: Callable[..., Any],

@@ -28,10 +28,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from shardfx.graphs import meta
 from shardfx.graphs.program import DistProgram
-from shardfx.graphs.rewrite import insert_call
-from shardfx.graphs.signature import GRAD, GRAD_ACC, PARAM, InputSpec, OutputSpec
+from shardfx.graphs.rewrite import add_input, insert_call
+from shardfx.graphs.signature import GRAD, GRAD_ACC, PARAM, OutputSpec
 from shardfx.passes.manager import PassContext, PassResult
 
 ORIGIN = "accumulate_gradients"
@@ -54,7 +53,6 @@ def accumulate_gradients(
     graph = program.graph
     outputs = program.outputs()
     placeholders = program.placeholders()
-    last = placeholders[-1]
     added = 0
     for i, spec in enumerate(list(program.signature.outputs)):
         if spec.role != GRAD:
@@ -62,15 +60,10 @@ def accumulate_gradients(
         grad = outputs[i]
         param = placeholders[program.signature.input_index(PARAM, spec.target)]
         val = grad.meta["val"]
-        with graph.inserting_after(last):
-            acc = graph.placeholder("acc_" + param.name.removeprefix("p_"))
-        last = acc
         with program.fake_mode:
-            acc.meta["val"] = torch.empty(val.shape, dtype=acc_dtype or val.dtype, device=val.device)
-        meta.copy_provenance(param, acc, ORIGIN)
-        acc.meta[meta.ROLE] = GRAD_ACC
-        acc.meta[meta.TARGET] = spec.target
-        program.signature.inputs.append(InputSpec(GRAD_ACC, spec.target))
+            acc_val = torch.empty(val.shape, dtype=acc_dtype or val.dtype, device=val.device)
+        name = "acc_" + param.name.removeprefix("p_")
+        acc = add_input(program, name, acc_val, GRAD_ACC, spec.target, provenance=param, origin=ORIGIN)
         # Right after the gradient is made, so its reduction can still start behind the backward.
         with graph.inserting_after(grad):
             total = insert_call(program, aten.add.Tensor, (acc, grad), provenance=grad, origin=ORIGIN)

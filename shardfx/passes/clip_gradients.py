@@ -36,7 +36,9 @@ def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float | 
         return PassResult(program, {"clipped": 0})
     # the axes each gradient is split over, in mesh order; one group per distinct set
     splits = [
-        tuple(a for a in program.mesh.names if a in {s.axis for s in program.specs(program.signature.outputs[i].target)})
+        tuple(
+            a for a in program.mesh.names if a in {s.axis for s in program.specs(program.signature.outputs[i].target)}
+        )
         for i in indices
     ]
     groups = sorted(set(splits))

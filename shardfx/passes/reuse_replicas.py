@@ -21,7 +21,8 @@ import torch.fx as fx
 
 from shardfx.graphs import meta
 from shardfx.graphs.program import DistProgram
-from shardfx.graphs.signature import REPLICA, InputSpec, OutputSpec
+from shardfx.graphs.rewrite import add_input
+from shardfx.graphs.signature import REPLICA, OutputSpec
 from shardfx.passes.manager import PassContext, PassResult
 
 ORIGIN = "reuse_replicas"
@@ -42,18 +43,10 @@ def reuse_replicas(program: DistProgram, ctx: PassContext, *, variant: str) -> P
             program.signature.outputs.append(OutputSpec(REPLICA, gather.meta[meta.TARGET]))
         program.set_outputs(outputs)
         return PassResult(program, {"replicas_returned": len(gathers)})
-    last = program.placeholders()[-1]
     for gather, replica in zip(gathers, replicas):
         name = gather.meta[meta.TARGET]
-        with graph.inserting_after(last):
-            kept = graph.placeholder("replica_" + name.replace(".", "_"))
-        last = kept
-        kept.meta["val"] = replica.meta["val"]
-        meta.copy_provenance(gather, kept, ORIGIN)
-        kept.meta[meta.PHASE] = meta.FORWARD
-        kept.meta[meta.ROLE] = REPLICA
-        kept.meta[meta.TARGET] = name
-        program.signature.inputs.append(InputSpec(REPLICA, name))
+        placeholder = "replica_" + name.replace(".", "_")
+        kept = add_input(program, placeholder, replica.meta["val"], REPLICA, name, provenance=gather, origin=ORIGIN)
         replica.replace_all_uses_with(kept)
         _erase_chain(graph, replica)
     return PassResult(program, {"gathers_removed": len(gathers)})

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from shardfx.graphs.placement import ShardSpec, local_shard
@@ -171,8 +170,10 @@ def _logical(runtime: Any, name: str, get: Any) -> Any:
     if not is_distributed(runtime):
         return unshard(program, name, 0, lambda r: get(runtime.states[r]))
     local = get(states[0][1]).detach()
-    writes = _first_holder(program, name, runtime.rank)  # replicas: one rank writes, every rank reads
-    return Pieces(_full_shape(program, states[0][1], name), local, _boxes(program, name, runtime.rank) if writes else [])
+    writes = program.first_holder(name, runtime.rank)  # replicas: one rank writes, every rank reads
+    return Pieces(
+        _full_shape(program, states[0][1], name), local, _boxes(program, name, runtime.rank) if writes else []
+    )
 
 
 def _empty_logical(runtime: Any, name: str, dtype: torch.dtype) -> Any:
@@ -182,12 +183,6 @@ def _empty_logical(runtime: Any, name: str, dtype: torch.dtype) -> Any:
         return torch.empty(_full_shape(program, state, name), dtype=dtype)
     local = torch.zeros(state.params[name].shape, dtype=dtype, device=state.params[name].device)
     return Pieces(_full_shape(program, state, name), local, _boxes(program, name, runtime.rank))
-
-
-def _first_holder(program: Any, name: str, rank: int) -> bool:
-    """Whether `rank` is the first of the ranks holding the same piece (coordinate 0 on every axis not splitting it)."""
-    axes = {spec.axis for spec in program.specs(name)}
-    return all(c == 0 for axis, c in program.mesh.coords(rank).items() if axis not in axes)
 
 
 Segment = tuple[int, int, int]  # (local start, global start, length) along one dim

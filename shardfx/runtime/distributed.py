@@ -39,7 +39,9 @@ class DistributedRuntime:
         if reset_stats:
             self.comm.stats.reset()
         state = self.state
-        out = self.executor.run(self.comm, state.params, state.buffers, shards[self.rank], state.grad_acc, state.replicas)
+        out = self.executor.run(
+            self.comm, state.params, state.buffers, shards[self.rank], state.grad_acc, state.replicas
+        )
         state.apply(out)
         return out.loss.detach()
 

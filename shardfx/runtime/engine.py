@@ -88,7 +88,7 @@ class Engine:
         self._model, self._loss_fn = model, loss_fn
         self._log = log or logger.warning
         self._arity = len(example_inputs)
-        # batch shape -> variant ("step", or "keep" and "reduce") -> (program, executor)
+        # batch shape -> variant ("step", or "first" / "middle" / "last") -> (program, executor)
         self._programs: OrderedDict[Any, dict[str, tuple[DistProgram, Any]]] = OrderedDict()
         variants = {
             name: (p, getattr(runtime, "executor", None) if p is runtime.program else Executor(p))
@@ -351,20 +351,17 @@ class Engine:
         return [tuple(c[mesh.coords(r)["dp"]] for c in chunks) for r in range(mesh.world_size)]
 
     def _grad_norm(self) -> float:
-        """The global L2 norm of the kept gradients, each distinct piece counted once (only for
-        grad_accum_sync="micro_batch": every other step's program returns its norm).
+        """The global L2 norm of the kept gradients, each distinct piece counted once (DistProgram.first_holder).
 
-        A rank counts a parameter's gradient when it is the first of the ranks holding that same
-        piece: its coordinate is 0 on every mesh axis the parameter is not sharded over.
+        Used only where no program reduced the whole step's gradients (grad_accum_sync="micro_batch",
+        or accumulate_gradients disabled); otherwise the step's program returns its norm.
         """
-        mesh, program = self.program.mesh, self.program
+        program = self.program
 
         def local_sum(rank: int, state: RankState) -> Tensor:
-            coords = mesh.coords(rank)
             total = torch.zeros((), dtype=torch.float64)
             for name, p in state.params.items():
-                axes = {spec.axis for spec in program.specs(name)}
-                if p.grad is not None and all(c == 0 for axis, c in coords.items() if axis not in axes):
+                if p.grad is not None and program.first_holder(name, rank):
                     total += p.grad.detach().double().pow(2).sum()
             return total
 

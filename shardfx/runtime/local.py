@@ -58,7 +58,9 @@ class LocalRuntime:
     def _rank_step(self, rank: int, batch: tuple[Tensor, ...]) -> Tensor:
         state = self.states[rank]
         try:
-            out = self.executor.run(self.comms[rank], state.params, state.buffers, batch, state.grad_acc, state.replicas)
+            out = self.executor.run(
+                self.comms[rank], state.params, state.buffers, batch, state.grad_acc, state.replicas
+            )
             state.apply(out)
             return out.loss.detach()
         except BaseException as exc:

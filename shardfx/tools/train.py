@@ -255,7 +255,7 @@ def _config(options: TrainOptions) -> shardfx.Config:
 
 
 def _batch_size(options: TrainOptions, config: shardfx.Config) -> int:
-    """--batch-size, else what the --config file implies, else TrainOptions' default."""
+    """--batch-size, else what the --config file implies, else DEFAULT_BATCH_SIZE."""
     if options.batch_size is not None:
         return options.batch_size
     if config.train_batch_size is not None:

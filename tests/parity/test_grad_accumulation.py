@@ -68,8 +68,6 @@ def grad_syncs(program) -> int:
     return sum(1 for n in program.graph.nodes if n.meta.get(meta.ROLE) == "grad_sync")
 
 
-
-
 def count(program, role: str) -> int:
     return sum(1 for n in program.graph.nodes if n.meta.get(meta.ROLE) == role)
 
@@ -80,7 +78,9 @@ def test_gradients_are_reduced_once_per_optimizer_step(stage: int) -> None:
     plain = shardfx.compile_distributed(
         tiny_gpt(), 2, example_inputs=BATCH, loss_fn=gpt_loss, optimizer=adamw, config=Config(zero_stage=stage)
     )
-    engines = {sync: accumulating_engine(2, zero_stage=stage, grad_accum_sync=sync) for sync in ("boundary", "micro_batch")}
+    engines = {
+        sync: accumulating_engine(2, zero_stage=stage, grad_accum_sync=sync) for sync in ("boundary", "micro_batch")
+    }
     variants = engines["boundary"].programs()
     if stage in (1, 2):
         assert set(variants) == {"first", "middle", "last"}

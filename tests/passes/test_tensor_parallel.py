@@ -49,7 +49,9 @@ def test_clipping_with_tensor_parallelism_counts_every_slice_once(stage: int) ->
     reference = gpt()
     gpt_loss(reference(gpt_batch()[0]), gpt_batch()[1]).backward()
     eager_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), float("inf"))
-    fresh = shardfx.compile_distributed(gpt(), 4, example_inputs=gpt_batch(), loss_fn=gpt_loss, optimizer=sgd, config=config)
+    fresh = shardfx.compile_distributed(
+        gpt(), 4, example_inputs=gpt_batch(), loss_fn=gpt_loss, optimizer=sgd, config=config
+    )
     fresh.train_step(*gpt_batch())
     assert fresh.stats()["grad_norm"] == pytest.approx(float(eager_norm), rel=1e-5)  # before clipping, as torch's
     assert fresh.stats()["grad_norm"] > 0.05 and engine.stats()["grad_norm"] is not None

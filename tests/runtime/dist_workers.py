@@ -90,7 +90,11 @@ def save_and_reload_tp(path: str) -> dict:
     fresh, _ = _gpt_engine(zero_stage=3, tp_size=2)
     fresh.load_checkpoint(path)
     loaded = fresh.state_dict()
-    return {"saved": saved, "loaded": loaded, "next": [engine.train_step(*batch).item(), fresh.train_step(*batch).item()]}
+    return {
+        "saved": saved,
+        "loaded": loaded,
+        "next": [engine.train_step(*batch).item(), fresh.train_step(*batch).item()],
+    }
 
 
 def load_state(path: str, zero_stage: int) -> dict:

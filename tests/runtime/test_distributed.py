@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import shardfx
-
 from shardfx.models import gpt_loss
 from shardfx.runtime.launch import WorkerFailed, launch
 from tests.parity_util import shardfx_train

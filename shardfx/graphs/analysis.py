@@ -19,32 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from shardfx.graphs import collectives
+from shardfx.graphs import collectives, ops
 from shardfx.graphs.program import DistProgram
 
-aten = torch.ops.aten
-
-# Ops whose output shares its input's storage.
-ALIAS_OPS = {
-    aten.t.default,
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.transpose.int,
-    aten.permute.default,
-    aten.expand.default,
-    aten.unsqueeze.default,
-    aten.squeeze.dim,
-    aten.squeeze.dims,
-    aten.slice.Tensor,
-    aten.select.int,
-    aten.alias.default,
-    aten.detach.default,
-    aten.as_strided.default,
-    aten.split.Tensor,
-    aten.unbind.int,
-    collectives.WAIT,  # returns the async collective's buffer
-}
+ALIAS_OPS = ops.ALIAS_OPS  # ops whose output shares its input's storage (graphs/ops.py)
 
 
 def tensor_bytes(val: object) -> int:

@@ -12,8 +12,8 @@ launches on the communication stream (after the collectives before it) and
 in waits and synchronous collectives is the exposed communication.
 
 FLOPs come from torch's own formulas (torch.utils.flop_counter) where it has
-them; attention on CPU is counted as 4*B*H*Lq*Lk*D forward and 2.5x that
-backward; every other op is memory-bound (its FLOPs ignored).
+them; every attention kernel (graphs/ops.py) is counted as 4*B*H*Lq*Lk*D
+forward and 2.5x that backward; every other op is memory-bound (its FLOPs ignored).
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import flop_registry
 
-from shardfx.graphs import collectives
+from shardfx.graphs import collectives, ops
 from shardfx.graphs.analysis import ALIAS_OPS, memory_timeline, tensor_bytes
 from shardfx.graphs.program import DistProgram
-
-aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
@@ -79,26 +77,12 @@ def save_calibration(hw: Hardware) -> Path:
     return CALIBRATION_FILE
 
 
-def _attention_flops(node: fx.Node) -> int:
-    q, k = node.args[0].meta["val"], node.args[1].meta["val"]  # (B, H, L, D), (B, H, S, D)
-    b, h, lq, d = q.shape
-    return 4 * b * h * lq * k.shape[2] * d
-
-
-_ATTENTION_FWD = {aten._scaled_dot_product_flash_attention_for_cpu.default}
-_ATTENTION_BWD = {aten._scaled_dot_product_flash_attention_for_cpu_backward.default}
-
-
 def node_flops(node: fx.Node) -> int:
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return 0
-    if node.target in _ATTENTION_FWD:
-        return _attention_flops(node)
-    if node.target in _ATTENTION_BWD:
-        # args: grad_out, query, key, value, ...
-        q, k = node.args[1].meta["val"], node.args[2].meta["val"]
-        b, h, lq, d = q.shape
-        return int(2.5 * 4 * b * h * lq * k.shape[2] * d)
+    layout = ops.attention(node.target)
+    if layout is not None:  # every CPU and CUDA scaled-dot-product kernel, forward and backward
+        return layout.flops(node)
     formula = flop_registry.get(node.target.overloadpacket)
     if formula is None:
         return 0

@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 
-from shardfx.graphs import collectives, meta
+from shardfx.graphs import meta, ops
 from shardfx.graphs.analysis import ALIAS_OPS, _storage_owner, memory_timeline, tensor_bytes
 from shardfx.graphs.cost_model import compute_seconds, hardware
 from shardfx.graphs.program import DistProgram
@@ -37,21 +36,8 @@ from shardfx.passes.bucket_collectives import block_of
 from shardfx.passes.manager import PassContext, PassResult
 
 ORIGIN = "recompute"
-aten = torch.ops.aten
-MATMUL_LIKE = {
-    aten.mm.default,
-    aten.addmm.default,
-    aten.bmm.default,
-    aten.baddbmm.default,
-    aten._scaled_dot_product_flash_attention_for_cpu.default,
-    aten._scaled_dot_product_efficient_attention.default,
-    aten._scaled_dot_product_flash_attention.default,
-}
-ATTENTION = {
-    aten._scaled_dot_product_flash_attention_for_cpu.default,
-    aten._scaled_dot_product_efficient_attention.default,
-    aten._scaled_dot_product_flash_attention.default,
-}
+MATMUL_LIKE = ops.of_kind(ops.MATMUL, ops.ATTENTION)  # recomputed last: the most time per byte freed
+ATTENTION = frozenset(op for op in ops.of_kind(ops.ATTENTION) if not ops.attention(op).backward)
 
 
 class BudgetUnreachable(ValueError):
@@ -59,19 +45,12 @@ class BudgetUnreachable(ValueError):
 
 
 def recomputable(node: fx.Node) -> bool:
+    """A forward node that may run again with bit-identical results (graphs.ops.recomputable)."""
     if node.op != "call_function" or meta.phase(node) != meta.FORWARD:
         return False
-    if collectives.is_collective(node) or collectives.is_wait(node):
-        return False
-    target = node.target
-    if target is operator.getitem:
+    if node.target is operator.getitem:
         return recomputable(node.args[0])
-    if target in ATTENTION:  # tagged random because of dropout; deterministic when dropout_p is 0
-        dropout = node.args[3] if len(node.args) > 3 else node.kwargs.get("dropout_p", 0.0)
-        return dropout == 0.0
-    if isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags:
-        return False
-    return True
+    return ops.recomputable(node)
 
 
 def _unit(node: fx.Node) -> fx.Node:

@@ -29,14 +29,13 @@ Needs: capture. Provides: program.tp_specs, meta[PLACEMENT]["tp"].
 from __future__ import annotations
 
 import fnmatch
-import operator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from shardfx.graphs import meta
+from shardfx.graphs import meta, ops
 from shardfx.graphs.placement import Partial, Shard, ShardSpec
 from shardfx.graphs.program import DistProgram
 from shardfx.graphs.rewrite import refresh_val
@@ -93,11 +92,15 @@ def find_linears(program: DistProgram) -> list[Linear]:
     return [lin for lin in linears if lin.weight not in tied]
 
 
-FRIENDLY = POINTWISE | {
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.transpose.int, aten.permute.default,
-    aten.split.Tensor, operator.getitem, aten.clone.default,
-    aten._scaled_dot_product_flash_attention_for_cpu.default,
-}  # fmt: skip
+# Ops a colwise output passes through on its way to the rowwise Linear it pairs with.
+FRIENDLY = (
+    POINTWISE
+    | ops.with_tp_rule("view")
+    | ops.with_tp_rule("split")
+    | ops.with_tp_rule("getitem")
+    | {aten.transpose.int, aten.permute.default}
+    | {op for op in ops.of_kind(ops.ATTENTION) if not ops.attention(op).backward}
+)
 
 
 def _pair(lin: Linear, by_matmul: dict[fx.Node, Linear]) -> None:

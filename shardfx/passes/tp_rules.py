@@ -3,20 +3,21 @@
 A rule takes a node and the placements of its inputs on the "tp" axis (R
 replicated, S(dim, blocks) sharded, P partial sum) and returns a Decision: the
 placement of its output(s) and the inputs it needs in another placement (the
-pass inserts the redistribution). An op without a row gets replicated inputs:
-correct, and reported when that means gathering shards. Adding an op means
-adding a row to RULES.
+pass inserts the redistribution). Which rule an op gets is a column of the op
+table (graphs/ops.py: OpFacts.tp names a family of FAMILIES); an op without
+one gets replicated inputs: correct, and reported when that means gathering
+shards. Adding an op means adding a row to that table.
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from shardfx.graphs import ops
 from shardfx.graphs.placement import Partial, Replicate, Shard
 
 aten = torch.ops.aten
@@ -50,14 +51,7 @@ def replicate_all(node: fx.Node, placements: dict) -> Decision:
     return Decision(out, want, fallback=any(isinstance(_pl(a, placements), Shard) for a in want))
 
 
-POINTWISE = {
-    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.gelu.default,
-    aten.gelu_backward.default, aten.tanh.default, aten.neg.default, aten.exp.default, aten.rsqrt.default,
-    aten.relu.default, aten.silu.default, aten.sigmoid.default, aten.clone.default, aten._to_copy.default,
-    aten.detach.default, aten.alias.default, aten.ones_like.default, aten.zeros_like.default,
-    aten.pow.Tensor_Scalar, aten.threshold_backward.default, aten.where.self, aten.tanh_backward.default,
-    aten.silu_backward.default, aten.sigmoid_backward.default,
-}  # fmt: skip
+POINTWISE = ops.with_tp_rule("pointwise")  # the rows of graphs/ops.py with the pointwise rule
 LINEAR_IN_P = {  # ops linear in their P inputs (a partial sum passes through them)
     aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.clone.default, aten.detach.default,
     aten.alias.default, aten._to_copy.default,
@@ -269,34 +263,32 @@ def _layer_norm(node: fx.Node, placements: dict, tp: int) -> Decision:
     return replicate_all(node, placements)
 
 
-def _heads(node: fx.Node, placements: dict, tp: int, n_tensor_in: int, n_out: int, first: int = 0) -> Decision:
-    """Attention with heads split (dim 1 of (B, H, L, D)) when every tensor input is split by heads."""
-    tensors = [a for a in node.args[first : first + n_tensor_in] if isinstance(a, fx.Node)]
+def _heads(node: fx.Node, placements: dict, tp: int) -> Decision:
+    """Attention (any scaled-dot-product kernel, graphs.ops.Attention) with heads split (dim 1 of
+    (B, H, L, D)) when every input carrying heads is split by heads; a mask or bias is kept whole."""
+    layout = ops.attention(node.target)
+    tensors = [node.args[i] for i in layout.heads_in if i < len(node.args) and isinstance(node.args[i], fx.Node)]
+    mask = layout.mask_arg(node)
+    if isinstance(mask, fx.Node) and mask.meta["val"].dim() == 4 and mask.meta["val"].shape[1] > 1:
+        return replicate_all(node, placements)  # a per-head mask would need splitting too: no rule yet
     if all(_pl(a, placements) == Shard(1) for a in tensors):
         others = {a: R for a in node.all_input_nodes if a not in tensors and _pl(a, placements) != R}
-        return Decision(tuple(Shard(1) for _ in range(n_out)), others)
+        heads = set(layout.heads_out)
+        return Decision(tuple(Shard(1) if i in heads else R for i in range(layout.n_out)), others)
     return replicate_all(node, placements)
 
 
-RULES = {op: (lambda n, pl, tp: _pointwise(n, pl)) for op in POINTWISE}
-RULES.update(
-    {
-        aten.view.default: _view,
-        aten._unsafe_view.default: _view,
-        aten.reshape.default: _view,
-        aten.t.default: _permute,
-        aten.transpose.int: _permute,
-        aten.permute.default: _permute,
-        aten.split.Tensor: _split,
-        aten.cat.default: _cat,
-        operator.getitem: _getitem,
-        aten.mm.default: _matmul,
-        aten.addmm.default: _matmul,
-        aten.sum.dim_IntList: _sum,
-        aten.sum.default: _sum,
-        aten.native_layer_norm.default: _layer_norm,
-        aten.native_layer_norm_backward.default: lambda n, pl, tp: replicate_all(n, pl),
-        aten._scaled_dot_product_flash_attention_for_cpu.default: lambda n, pl, tp: _heads(n, pl, tp, 3, 2),
-        aten._scaled_dot_product_flash_attention_for_cpu_backward.default: lambda n, pl, tp: _heads(n, pl, tp, 6, 3),
-    }
-)
+FAMILIES = {
+    "pointwise": lambda n, pl, tp: _pointwise(n, pl),
+    "view": _view,
+    "permute": _permute,
+    "split": _split,
+    "cat": _cat,
+    "getitem": _getitem,
+    "matmul": _matmul,
+    "sum": _sum,
+    "layer_norm": _layer_norm,
+    "replicate": lambda n, pl, tp: replicate_all(n, pl),
+    "heads": _heads,
+}
+RULES = {op: FAMILIES[f.tp] for op, f in ops.OPS.items() if f.tp is not None}  # op -> rule, from graphs/ops.py

@@ -1,0 +1,216 @@
+"""One table of facts about ATen ops, read by every pass and analysis that needs them.
+
+For each op the table says what kind of op it is (pointwise, view, reduction,
+matmul, attention, norm, ...), whether its output aliases its input's storage
+(liveness), which tensor-parallel rule family applies to it (the rules
+themselves live in passes/tp_rules.py and are looked up by that name), and for
+attention the layout of its arguments: which inputs and outputs carry heads
+on dim 1 of (B, H, L, D), where dropout and the mask are, how to count FLOPs.
+Whether an op is random comes from torch's own `nondeterministic_seeded` tag,
+refined here for attention (random only with dropout).
+
+Every scaled-dot-product variant is a row: the CPU flash kernel, CUDA flash,
+memory-efficient, cuDNN and the "overrideable" fused kernel, forward and
+backward. Adding an op is one row of OPS.
+
+    facts(node.target).kind == POINTWISE
+    attention(node.target).heads_in   # positional args split by heads under tp
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from shardfx.graphs import collectives
+
+aten = torch.ops.aten
+
+# Kinds.
+POINTWISE = "pointwise"  # elementwise with broadcasting (casts and copies included)
+VIEW = "view"  # reshapes, transposes, slices: no arithmetic
+REDUCTION = "reduction"
+MATMUL = "matmul"
+ATTENTION = "attention"  # a fused scaled-dot-product kernel (forward or backward)
+NORM = "norm"
+EMBEDDING = "embedding"
+CREATE = "create"  # makes a tensor from a shape (ones_like, zeros_like, full)
+OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Argument layout of one scaled-dot-product kernel. Tensors of heads are (B, H, L, D) or (B, H, L)."""
+
+    backward: bool
+    heads_in: tuple[int, ...]  # positional args carrying heads on dim 1 (q, k, v; grad_out, out, logsumexp)
+    heads_out: tuple[int, ...]  # outputs carrying heads on dim 1; the others are per-call scalars / empty
+    n_out: int
+    query: int  # position of the query (its shape gives B, H, L, D for FLOPs)
+    dropout: tuple[int, str]  # (position, keyword) of dropout_p
+    mask: tuple[int | None, str] | None = None  # (position or None for keyword-only, keyword) of mask / bias
+    bias_grad: int | None = None  # output index of the mask's gradient (memory-efficient backward)
+
+    def dropout_p(self, node: fx.Node) -> float:
+        pos, name = self.dropout
+        return node.args[pos] if len(node.args) > pos else node.kwargs.get(name, 0.0)
+
+    def mask_arg(self, node: fx.Node) -> Any:
+        if self.mask is None:
+            return None
+        pos, name = self.mask
+        if pos is not None and len(node.args) > pos:
+            return node.args[pos]
+        return node.kwargs.get(name)
+
+    def flops(self, node: fx.Node) -> int:
+        q = node.args[self.query].meta["val"]  # (B, H, L, D)
+        k = node.args[self.query + 1].meta["val"]  # (B, H, S, D)
+        b, h, lq, d = q.shape
+        forward = 4 * b * h * lq * k.shape[2] * d  # QK^T and PV: 2 matmuls of 2*L*S*D each per head
+        return int(2.5 * forward) if self.backward else forward  # backward: 5 matmuls of the same size
+
+
+@dataclass(frozen=True)
+class OpFacts:
+    kind: str
+    alias: bool = False  # the output shares the input's storage (a view)
+    tp: str | None = None  # tensor-parallel rule family (passes/tp_rules.py); None: no rule, inputs replicated
+    attention: Attention | None = None
+
+
+def _rows(kind: str, ops: list[Any], **facts: Any) -> dict[Any, OpFacts]:
+    return {op: OpFacts(kind, **facts) for op in ops}
+
+
+_CPU_FLASH = Attention(False, (0, 1, 2), (0, 1), 2, 0, (3, "dropout_p"), (None, "attn_mask"))
+_CPU_FLASH_BWD = Attention(True, (0, 1, 2, 3, 4, 5), (0, 1, 2), 3, 1, (6, "dropout_p"), (None, "attn_mask"))
+_FLASH = Attention(False, (0, 1, 2), (0, 1), 9, 0, (3, "dropout_p"))
+_FLASH_BWD = Attention(True, (0, 1, 2, 3, 4, 5), (0, 1, 2), 3, 1, (10, "dropout_p"))
+_EFFICIENT = Attention(False, (0, 1, 2), (0, 1), 4, 0, (5, "dropout_p"), (3, "attn_bias"))
+_EFFICIENT_BWD = Attention(True, (0, 1, 2, 3, 5, 6), (0, 1, 2), 4, 1, (9, "dropout_p"), (4, "attn_bias"), bias_grad=3)
+_CUDNN = Attention(False, (0, 1, 2), (0, 1), 9, 0, (5, "dropout_p"), (3, "attn_bias"))
+_CUDNN_BWD = Attention(True, (0, 1, 2, 3, 4, 5), (0, 1, 2), 3, 1, (13, "dropout_p"), (8, "attn_bias"))
+_FUSED = Attention(False, (0, 1, 2), (0, 1), 9, 0, (4, "dropout_p"), (3, "attn_bias"))
+_FUSED_BWD = Attention(True, (0, 1, 2, 3, 6, 7), (0, 1, 2), 4, 1, (12, "dropout_p"), (4, "attn_bias"), bias_grad=3)
+
+
+def _attention_rows() -> dict[Any, OpFacts]:
+    names = {
+        "_scaled_dot_product_flash_attention_for_cpu": (_CPU_FLASH, _CPU_FLASH_BWD),
+        "_scaled_dot_product_flash_attention": (_FLASH, _FLASH_BWD),
+        "_scaled_dot_product_efficient_attention": (_EFFICIENT, _EFFICIENT_BWD),
+        "_scaled_dot_product_cudnn_attention": (_CUDNN, _CUDNN_BWD),
+        "_scaled_dot_product_fused_attention_overrideable": (_FUSED, _FUSED_BWD),
+    }
+    rows: dict[Any, OpFacts] = {}
+    for name, (fwd, bwd) in names.items():
+        for suffix, layout in (("", fwd), ("_backward", bwd)):
+            packet = getattr(aten, name + suffix, None)  # a build may lack a kernel's ops
+            if packet is not None:
+                rows[packet.default] = OpFacts(ATTENTION, tp="heads", attention=layout)
+    return rows
+
+
+OPS: dict[Any, OpFacts] = {
+    # pointwise with a tensor-parallel rule (shards pass through; see tp_rules._pointwise)
+    **_rows(POINTWISE, [
+        aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.gelu.default,
+        aten.gelu_backward.default, aten.tanh.default, aten.neg.default, aten.exp.default, aten.rsqrt.default,
+        aten.relu.default, aten.silu.default, aten.sigmoid.default, aten.clone.default, aten._to_copy.default,
+        aten.ones_like.default, aten.zeros_like.default, aten.pow.Tensor_Scalar, aten.threshold_backward.default,
+        aten.where.self, aten.tanh_backward.default, aten.silu_backward.default, aten.sigmoid_backward.default,
+    ], tp="pointwise"),  # fmt: skip
+    aten.detach.default: OpFacts(POINTWISE, alias=True, tp="pointwise"),
+    aten.alias.default: OpFacts(POINTWISE, alias=True, tp="pointwise"),
+    # pointwise without a tensor-parallel rule yet (their inputs are replicated under tp)
+    **_rows(POINTWISE, [
+        aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.log.default,
+        aten.sqrt.default, aten.reciprocal.default, aten.abs.default, aten.erf.default, aten.maximum.default,
+        aten.minimum.default, aten.ne.Scalar, aten.ne.Tensor, aten.eq.Scalar, aten.eq.Tensor, aten.gt.Scalar,
+        aten.gt.Tensor, aten.lt.Scalar, aten.lt.Tensor, aten.ge.Scalar, aten.le.Scalar, aten.full_like.default,
+        aten.native_dropout.default, aten.native_dropout_backward.default, aten.masked_fill.Scalar,
+        aten.copy.default,
+    ]),  # fmt: skip
+    # views
+    aten.view.default: OpFacts(VIEW, alias=True, tp="view"),
+    aten._unsafe_view.default: OpFacts(VIEW, alias=True, tp="view"),
+    aten.reshape.default: OpFacts(VIEW, alias=True, tp="view"),
+    aten.t.default: OpFacts(VIEW, alias=True, tp="permute"),
+    aten.transpose.int: OpFacts(VIEW, alias=True, tp="permute"),
+    aten.permute.default: OpFacts(VIEW, alias=True, tp="permute"),
+    aten.split.Tensor: OpFacts(VIEW, alias=True, tp="split"),
+    **_rows(VIEW, [
+        aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.slice.Tensor,
+        aten.select.int, aten.as_strided.default, aten.unbind.int,
+    ], alias=True),  # fmt: skip
+    collectives.WAIT: OpFacts(OTHER, alias=True),  # returns the async collective's buffer
+    operator.getitem: OpFacts(VIEW, tp="getitem"),  # picks one output of a multi-output op
+    aten.cat.default: OpFacts(OTHER, tp="cat"),
+    # reductions
+    aten.sum.dim_IntList: OpFacts(REDUCTION, tp="sum"),
+    aten.sum.default: OpFacts(REDUCTION, tp="sum"),
+    **_rows(REDUCTION, [
+        aten.amax.default, aten.amin.default, aten.mean.dim, aten.var_mean.correction, aten._softmax.default,
+        aten._log_softmax.default, aten._softmax_backward_data.default, aten._log_softmax_backward_data.default,
+    ]),  # fmt: skip
+    # matmuls
+    aten.mm.default: OpFacts(MATMUL, tp="matmul"),
+    aten.addmm.default: OpFacts(MATMUL, tp="matmul"),
+    **_rows(MATMUL, [aten.bmm.default, aten.baddbmm.default]),
+    # norms
+    aten.native_layer_norm.default: OpFacts(NORM, tp="layer_norm"),
+    aten.native_layer_norm_backward.default: OpFacts(NORM, tp="replicate"),
+    **_rows(NORM, [aten._native_batch_norm_legit_functional.default, aten.native_batch_norm_backward.default]),
+    aten.embedding.default: OpFacts(EMBEDDING),
+    aten.embedding_dense_backward.default: OpFacts(EMBEDDING),
+    **_attention_rows(),
+}
+
+ALIAS_OPS = frozenset(op for op, f in OPS.items() if f.alias)
+UNKNOWN = OpFacts(OTHER)
+
+
+def facts(target: Any) -> OpFacts:
+    """The row of `target` (an OpOverload or operator.getitem); ops without a row are OTHER, no rule."""
+    return OPS.get(target, UNKNOWN)
+
+
+def of_kind(*kinds: str) -> frozenset[Any]:
+    return frozenset(op for op, f in OPS.items() if f.kind in kinds)
+
+
+def with_tp_rule(rule: str) -> frozenset[Any]:
+    return frozenset(op for op, f in OPS.items() if f.tp == rule)
+
+
+def attention(target: Any) -> Attention | None:
+    return facts(target).attention
+
+
+def is_attention(node: fx.Node, *, backward: bool | None = None) -> bool:
+    layout = attention(node.target) if node.op == "call_function" else None
+    return layout is not None and (backward is None or layout.backward == backward)
+
+
+def is_random(node: fx.Node) -> bool:
+    """Whether running the node twice may give different values: torch's nondeterministic_seeded tag,
+    except attention, which is random only with dropout (its kernels carry the tag regardless)."""
+    if node.op != "call_function":
+        return False
+    layout = attention(node.target)
+    if layout is not None:
+        return layout.dropout_p(node) != 0.0
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in target.tags
+
+
+def recomputable(node: fx.Node) -> bool:
+    """Whether the op may be run again for the backward with bit-identical results: not random, no collective."""
+    if node.op != "call_function" or collectives.is_collective(node) or collectives.is_wait(node):
+        return False
+    return not is_random(node)

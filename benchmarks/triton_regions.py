@@ -30,7 +30,7 @@ import torch.fx as fx
 from shardfx.config import Config
 from shardfx.graphs.analysis import ALIAS_OPS
 from shardfx.graphs.capture import capture
-from shardfx.graphs.program import DistProgram, Mesh
+from shardfx.graphs.program import FUSION_REGIONS, TRITON_REGIONS, DistProgram, Mesh
 from shardfx.models import GPT, GPTConfig, gpt_loss
 from shardfx.passes.fuse import fuse
 from shardfx.passes.manager import PassContext
@@ -54,7 +54,7 @@ def region_graphs(program: DistProgram) -> list[dict[str, Any]]:
     from shardfx.kernels.launch import CompiledRegion
     from shardfx.kernels.layout import Domain
 
-    notes = program.notes["fusion"]
+    notes = program.notes[FUSION_REGIONS]
     groups: dict[int, list[fx.Node]] = {}
     for node in program.graph.nodes:
         if node.meta.get("shardfx.fusion") is not None:
@@ -147,7 +147,7 @@ def run_static(cfg: GPTConfig, batch: int) -> None:
     s = records[-1].stats
     print(f"# GPT {cfg}; batch {batch}")
     print("## shardfx")
-    print(format_report(program.notes["triton_regions"], s["kernels_per_step_before"], s["kernels_per_step_after"]))
+    print(format_report(program.notes[TRITON_REGIONS], s["kernels_per_step_before"], s["kernels_per_step_after"]))
     from collections import Counter
 
     from shardfx.graphs.format import op_name

@@ -1,4 +1,4 @@
-"""compile_distributed: capture -> pipeline -> runtime -> Engine."""
+"""compile_distributed: the compile driver (mesh, capture, pipeline) -> runtime -> Engine."""
 
 from __future__ import annotations
 
@@ -9,11 +9,8 @@ import torch
 import torch.nn as nn
 
 from shardfx.config import Config
-from shardfx.graphs.capture import capture, capture_forward
-from shardfx.graphs.program import DistProgram, Mesh, clone_program
-from shardfx.passes.manager import PassContext, run_passes
-from shardfx.passes.pipeline import pipeline, step_variants, variant_config
-from shardfx.runtime.engine import Engine
+from shardfx.driver import build_mesh, check_batch, compile_eval, compile_step
+from shardfx.runtime.engine import Engine, EngineOptions
 
 
 def compile_distributed(
@@ -37,52 +34,16 @@ def compile_distributed(
     one micro-batch (over all ranks); train_step takes k of them stacked.
     """
     config = _check_args(model, world_size, example_inputs, loss_fn, optimizer, config)
-    world = _resolve_world_size(world_size)
+    mesh = build_mesh(config, _resolve_world_size(world_size))
     batch = tuple(example_inputs)
-    if world % config.tp_size != 0:
-        raise ValueError(f"world size {world} is not a multiple of Config.tp_size={config.tp_size}")
-    dp = world // config.tp_size  # ranks that split the batch; the tp ranks of one dp group share a slice
-    _check_batch_split(batch, dp)
-    _check_batch_sizes(batch, dp, config)
+    check_batch(batch, mesh)
+    _check_batch_sizes(batch, mesh.size("dp"), config)
     if scheduler is not None and not callable(scheduler):
         raise TypeError(
             f"scheduler must be a factory taking a rank's optimizer, or None; got {type(scheduler).__name__}"
         )
-    mesh = Mesh.of(dp=dp, tp=config.tp_size) if config.tp_size > 1 else Mesh.of(dp=dp)
-    graph_config = variant_config(config)
-
-    variants = step_variants(config)
-    accumulate = len(variants) > 1
-
-    def compile_for(batch: tuple[torch.Tensor, ...]) -> tuple[dict[str, DistProgram], list[Any], float]:
-        """The variants of the step for this global batch shape, the passes' records and the capture time."""
-        # The graph is one rank's step: trace it at the per-rank batch shape.
-        local_batch = tuple(x[: x.shape[0] // dp] for x in batch)
-        compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
-        captured = capture(model, local_batch, loss_fn, compute_dtype)
-        traced = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
-        programs: dict[str, DistProgram] = {}
-        records: list[Any] = []
-        for variant, (grad_accum, replicas) in variants.items():
-            program = clone_program(traced) if variant != next(reversed(variants)) else traced
-            passes = pipeline(graph_config, mesh, grad_accum=grad_accum, replicas=replicas)
-            dump = config.dump_dir if config.dump_dir is None or not accumulate else f"{config.dump_dir}/{variant}"
-            ctx = PassContext(graph_config, log or (lambda line: None))
-            programs[variant], records = run_passes(program, passes, ctx, dump_dir=dump)
-        return programs, records, captured.seconds
-
-    def compile_eval_for(batch: tuple[torch.Tensor, ...]) -> DistProgram:
-        """The forward-only program of eval_step: the same passes, on a graph without a backward."""
-        local_batch = tuple(x[: x.shape[0] // dp] for x in batch)
-        compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
-        captured = capture_forward(model, local_batch, loss_fn, compute_dtype)
-        program = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
-        eval_config = graph_config.replace(recompute="none", grad_clip=None)
-        ctx = PassContext(eval_config, log or (lambda line: None))
-        return run_passes(program, pipeline(eval_config, mesh), ctx)[0]
-
-    programs, records, seconds = compile_for(batch)
-    program = programs[next(reversed(variants))]
+    compiled = compile_step(model, batch, loss_fn, config, mesh, log=log)
+    program = compiled.program
     runtime: Any
     if _launched():
         from shardfx.runtime.distributed import DistributedRuntime
@@ -92,20 +53,21 @@ def compile_distributed(
         from shardfx.runtime.local import LocalRuntime
 
         runtime = LocalRuntime(program, model, optimizer, timeout=config.collective_timeout)
-    return Engine(
-        runtime,
-        batch,
-        records,
-        seconds,
+    options = EngineOptions(
+        example_inputs=batch,
+        programs=compiled.programs,
+        schedule=compiled.schedule,
         config=config,
+        records=compiled.records[compiled.last],
+        capture_seconds=compiled.capture_seconds,
         scheduler=scheduler,
-        programs=programs,
-        compile_for=lambda new_batch: compile_for(new_batch)[0],
-        compile_eval_for=compile_eval_for,
+        compile_for=lambda new_batch: compile_step(model, new_batch, loss_fn, config, mesh, log=log).programs,
+        compile_eval_for=lambda new_batch: compile_eval(model, new_batch, loss_fn, config, mesh, log=log),
         model=model,
         loss_fn=loss_fn,
         log=log,
     )
+    return Engine(runtime, options)
 
 
 def _launched() -> bool:
@@ -153,19 +115,6 @@ def _resolve_world_size(world_size: int | None) -> int:
     if world_size is not None and world_size != launched:
         raise ValueError(f"world_size={world_size} but this job was launched with {launched} ranks")
     return launched
-
-
-def _check_batch_split(batch: tuple[Any, ...], dp: int) -> None:
-    for i, x in enumerate(batch):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"example_inputs[{i}] must be a tensor; got {type(x).__name__}")
-        if x.dim() == 0:
-            raise ValueError(f"example_inputs[{i}] is a scalar; every batch element needs a batch dim 0 to split")
-        if x.shape[0] % dp != 0:
-            raise ValueError(
-                f"example_inputs[{i}] has batch size {x.shape[0]} (dim 0), which does not divide into "
-                f"{dp} data-parallel ranks; use a batch size that is a multiple of {dp}"
-            )
 
 
 def _check_batch_sizes(batch: tuple[Any, ...], dp: int, config: Config) -> None:

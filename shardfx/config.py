@@ -53,7 +53,11 @@ class Config:
     hardware: the cost model's hardware profile for decisions (shardfx.graphs.cost_model.PROFILES).
     collective_timeout: seconds a rank waits in a collective before every rank fails.
     dump_dir: write the printed program after every pass into this folder.
-    disable_passes: names of optional passes to skip (for bisecting).
+    disable_passes: names of passes to skip (for bisecting); a name that is no pass is an error
+        listing the passes, and a pass the program needs to be correct (data_parallel or the ZeRO
+        pass, clip_gradients, grad_norm) is refused unless force_disable.
+    force_disable: let disable_passes skip passes the program needs to be correct: the program
+        is then not the step this Config describes (bisect uses it to find what breaks).
     grad_accum_steps: micro-batches per optimizer step; `engine(*micro_batch)` takes one,
         `train_step(*batch)` takes grad_accum_steps of them stacked on dim 0.
     grad_accum_sync: with grad_accum_steps > 1, when gradients are reduced: "boundary" (once,
@@ -91,6 +95,7 @@ class Config:
     collective_timeout: float = 60.0
     dump_dir: str | None = None
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
+    force_disable: bool = False
     grad_accum_steps: int = 1
     grad_accum_sync: str = "boundary"
     micro_batch_size: int | None = None
@@ -136,6 +141,8 @@ class Config:
         for key in ("micro_batch_size", "train_batch_size"):
             if getattr(self, key) is not None:
                 _check_int(key, getattr(self, key))
+        if not isinstance(self.force_disable, bool):
+            raise TypeError(f"Config.force_disable must be a bool; got {self.force_disable!r}")
         if isinstance(self.disable_passes, str):
             object.__setattr__(self, "disable_passes", (self.disable_passes,))
         object.__setattr__(self, "disable_passes", tuple(self.disable_passes))

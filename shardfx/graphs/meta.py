@@ -21,6 +21,12 @@ BUCKET = "shardfx.bucket"
 FUSION = "shardfx.fusion"
 RECOMPUTE = "shardfx.recompute"
 
+# Values of meta[ROLE] on the collectives passes insert (placeholders carry signature roles).
+PARAM_GATHER = "param_gather"  # all-gathers a ZeRO-sharded parameter
+GRAD_SYNC = "grad_sync"  # reduces (or reduce-scatters) a gradient across the dp ranks
+LOSS_SYNC = "loss"  # averages the loss across the dp ranks
+TP_REDISTRIBUTE = "tp"  # changes a placement on the tp axis (tensor_parallel)
+
 FORWARD = "forward"
 BACKWARD = "backward"
 OPTIMIZER = "optimizer"
@@ -37,6 +43,11 @@ def require(node: fx.Node, key: str, provider: str) -> Any:
 
         raise ShardfxError(f"node has no {key!r}; it is provided by {provider}, which has not run", node)
     return node.meta[key]
+
+
+def role(node: fx.Node) -> str | None:
+    """meta[ROLE]: a collective's purpose (PARAM_GATHER, GRAD_SYNC, ...) or a placeholder's signature role."""
+    return node.meta.get(ROLE)
 
 
 def phase(node: fx.Node) -> str:

@@ -61,6 +61,33 @@ class Mesh:
         return " x ".join(f"{name}={n}" for name, n in self.axes)
 
 
+# Keys of DistProgram.notes: what a pass decided that a later pass or a tool reads.
+FUSION_REGIONS = "fusion"  # fuse: region id -> {"rows", "cols", "phase"}
+TRITON_REGIONS = "triton_regions"  # lower_to_triton: one kernels.report.RegionReport per generated kernel
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which program runs when: the data the compile driver hands the engine.
+
+    `micro_batches[i]` names the program (a key of the compiled programs: "step", or
+    "first" / "middle" / "last" under accumulation) that runs micro-batch i of an
+    optimizer step. `whole_step` names the programs whose gradients, and the gradient
+    norm they return, cover the whole optimizer step (the reduced sum of every
+    micro-batch); after any other program the engine adds up the reduced gradients itself.
+    """
+
+    micro_batches: tuple[str, ...]
+    whole_step: frozenset[str] = frozenset()
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return len(self.micro_batches)
+
+    def program_for(self, micro_batch: int) -> str:
+        return self.micro_batches[micro_batch % len(self.micro_batches)]
+
+
 @dataclass
 class DistProgram:
     gm: fx.GraphModule
@@ -77,6 +104,10 @@ class DistProgram:
 
     def placeholders(self) -> list[fx.Node]:
         return [n for n in self.graph.nodes if n.op == "placeholder"]
+
+    def placeholders_of(self, role: str) -> list[fx.Node]:
+        """The placeholders whose signature role is `role` (e.g. GRAD_ACC: the gradient accumulators)."""
+        return [n for spec, n in zip(self.signature.inputs, self.placeholders()) if spec.role == role]
 
     def output_node(self) -> fx.Node:
         return next(n for n in reversed(self.graph.nodes) if n.op == "output")
@@ -96,6 +127,14 @@ class DistProgram:
         its coordinate is 0 on every mesh axis that does not split the parameter."""
         axes = {spec.axis for spec in self.specs(name)}
         return all(c == 0 for axis, c in self.mesh.coords(rank).items() if axis not in axes)
+
+    def note(self, key: str, provider: str) -> Any:
+        """A note an earlier pass left (FUSION_REGIONS, TRITON_REGIONS); a clear error if it has not run."""
+        if key not in self.notes:
+            from shardfx.errors import ShardfxError
+
+            raise ShardfxError(f"the program has no {key!r} note; it is provided by {provider}, which has not run")
+        return self.notes[key]
 
     def recompile(self) -> None:
         self.graph.lint()

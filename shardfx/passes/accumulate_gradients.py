@@ -26,7 +26,6 @@ Needs: GRAD outputs. Provides: GRAD_ACC inputs (and outputs in "keep").
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
 
 from shardfx.graphs.program import DistProgram
 from shardfx.graphs.rewrite import add_input, insert_call
@@ -77,10 +76,5 @@ def accumulate_gradients(
             program.signature.outputs[i] = OutputSpec(GRAD_ACC, spec.target)
         added += 1
     program.set_outputs(outputs)
-    program.notes["grad_accum_variant"] = variant
     return PassResult(program, {"accumulators": added, "variant": variant})
 
-
-def accumulators(program: DistProgram) -> list[fx.Node]:
-    """The GRAD_ACC placeholders of a program (empty unless accumulate_gradients ran)."""
-    return [n for s, n in zip(program.signature.inputs, program.placeholders()) if s.role == GRAD_ACC]

@@ -52,7 +52,7 @@ def apply_mixed_precision(
 
 def _reduce_in(program: DistProgram, synced: fx.Node, reduce_dtype: torch.dtype) -> fx.Node:
     """Make the gradient reduction `synced` run in reduce_dtype; return an fp32 gradient node."""
-    assert synced.meta.get(meta.ROLE) == "grad_sync", synced.format_node()
+    assert meta.role(synced) == meta.GRAD_SYNC, synced.format_node()
     if reduce_dtype == torch.float32:
         chain = [synced]  # the reduction, and the padding before it if any
         if synced.args[0].target is PAD:

@@ -33,7 +33,7 @@ from shardfx.graphs.rewrite import inline
 from shardfx.passes.manager import PassContext, PassResult
 
 ORIGIN = "bucket_collectives"
-ROLES = ("param_gather", "grad_sync")
+ROLES = (meta.PARAM_GATHER, meta.GRAD_SYNC)
 
 
 def block_of(module: str) -> str:

@@ -15,7 +15,7 @@ kernel. Views whose readers are all outside stay outside (they are free);
 regions without arithmetic are dropped.
 
 Needs: capture (phase, val). Provides: meta[FUSION] = region id on members,
-program.notes["fusion"][id] = {"rows", "cols", "phase"}, nodes with origin "fuse".
+program.notes[FUSION_REGIONS][id] = {"rows", "cols", "phase"}, nodes with origin "fuse".
 Changes rounding (decompositions, fp32 math in kernels): mark the Pass exact=False.
 """
 
@@ -28,7 +28,7 @@ from torch._decomp import get_decompositions
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from shardfx.graphs import collectives, meta
-from shardfx.graphs.program import DistProgram
+from shardfx.graphs.program import FUSION_REGIONS, DistProgram
 from shardfx.graphs.rewrite import replace_tuple_node
 from shardfx.kernels import rules
 from shardfx.kernels.classify import classify, domain_for
@@ -44,7 +44,7 @@ def fuse(program: DistProgram, ctx: PassContext, *, decompose: bool = True) -> P
         for node in members:
             node.meta[meta.FUSION] = rid
         notes[rid] = {"rows": domain.rows, "cols": domain.cols, "phase": phase}
-    program.notes["fusion"] = notes
+    program.notes[FUSION_REGIONS] = notes
     fused = sum(len(m) for _, _, m in regions)
     return PassResult(program, {"decomposed": decomposed, "regions": len(regions), "fused_nodes": fused})
 

@@ -8,9 +8,9 @@ node and a getitem per value read outside the region. The node sits where the
 region's last member was; nodes that read an earlier member's value are moved
 after it (a stable topological order: everything else keeps its place).
 
-Needs: fuse (meta[FUSION], program.notes["fusion"]); triton importable (on CPU,
+Needs: fuse (meta[FUSION], program.notes[FUSION_REGIONS]); triton importable (on CPU,
 set TRITON_INTERPRET=1 before the first kernel is defined).
-Provides: origin "lower_to_triton" nodes, program.notes["triton_regions"]
+Provides: origin "lower_to_triton" nodes, program.notes[TRITON_REGIONS]
 (a RegionReport per kernel) and stats: regions, kernels per step before/after, bytes.
 """
 
@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
-from shardfx.errors import ShardfxError
 from shardfx.graphs import meta
-from shardfx.graphs.program import DistProgram
+from shardfx.graphs.program import FUSION_REGIONS, TRITON_REGIONS, DistProgram
 from shardfx.graphs.rewrite import insert_call
 from shardfx.kernels import cache
 from shardfx.kernels.codegen import generate
@@ -46,9 +45,7 @@ def lower_to_triton(program: DistProgram, ctx: PassContext, *, cache_dir: str | 
         rid = node.meta.get(meta.FUSION)
         if rid is not None and node.op == "call_function" and node.target is not TRITON_REGION:
             regions.setdefault(rid, []).append(node)
-    notes = program.notes.get("fusion")
-    if regions and notes is None:
-        raise ShardfxError("nodes carry meta['shardfx.fusion'] but the program has no fusion notes; run fuse first")
+    notes = program.note(FUSION_REGIONS, "fuse") if regions else {}
     reports: list[RegionReport] = []
     for rid, members in regions.items():
         info = notes[rid]
@@ -69,7 +66,7 @@ def lower_to_triton(program: DistProgram, ctx: PassContext, *, cache_dir: str | 
             graph.erase_node(node)
     _stable_toposort(graph)
     after = kernel_count(program)
-    program.notes["triton_regions"] = reports
+    program.notes[TRITON_REGIONS] = reports
     stats = {
         "kernels": len(reports),
         "kernels_per_step_before": before,

@@ -1,6 +1,10 @@
 """The table of contents of the compiler: which passes run, in which order, and why.
 
-Read this file to learn what shardfx does to a training step.
+Read this file to learn what shardfx does to a training step. PASSES declares
+every pass once with its contract (what it needs and provides, what must run
+before it, whether the program is correct without it: see passes/manager.py);
+`pipeline(config, mesh)` picks and binds them for one program of the step, and
+`schedule(config)` says which programs a step needs and which runs when.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from functools import partial
 import torch
 
 from shardfx.config import Config
-from shardfx.graphs.program import Mesh
+from shardfx.graphs.program import Mesh, Schedule
+from shardfx.passes import facts as f
 from shardfx.passes.accumulate_gradients import accumulate_gradients
 from shardfx.passes.apply_mixed_precision import apply_mixed_precision
 from shardfx.passes.bucket_collectives import bucket_collectives
@@ -29,6 +34,178 @@ from shardfx.passes.sync_batch_norm import sync_batch_norm
 from shardfx.passes.tensor_parallel import tensor_parallel
 from shardfx.passes.tune_communication import tune_communication
 
+SYNC_BATCH_NORM = Pass(
+    "sync_batch_norm",
+    sync_batch_norm,
+    "batch statistics over the global batch, as on one device",
+    needs=(f.PHASES,),
+    provides=(f.GLOBAL_BATCH_STATS,),
+)
+TENSOR_PARALLEL = Pass(
+    "tensor_parallel",
+    tensor_parallel,
+    "split Linear layers over the tp ranks: colwise then rowwise, collectives where placements change",
+    needs=(f.PHASES, f.MODULES),
+    provides=(f.TP_SPECS, f.PLACEMENT, f.TP_REDISTRIBUTES),
+    after=("sync_batch_norm",),
+)
+RECOMPUTE = Pass(
+    "recompute",
+    recompute,
+    "drop forward values the backward needs and compute them again there: activation memory",
+    needs=(f.PHASES, f.MODULES),
+    provides=(f.RECOMPUTE,),
+    after=("sync_batch_norm", "tensor_parallel"),
+)
+ACCUMULATE_GRADIENTS = Pass(
+    "accumulate_gradients",
+    accumulate_gradients,
+    "keep: add each gradient to a local accumulator, reduce nothing; "
+    "reduce: reduce the accumulated sum once, at the last micro-batch",
+    needs=(f.SIGNATURE,),
+    provides=(f.GRAD_ACCUMULATORS,),
+    after=("tensor_parallel", "recompute"),
+)
+# The one pass that decides how parameters, gradients and optimizer state lie on the dp axis.
+# Each runs after the passes that rewrite the single-rank step (its gathers serve their nodes).
+_BEFORE_SHARDING = ("sync_batch_norm", "tensor_parallel", "recompute", "accumulate_gradients")
+DATA_PARALLEL = Pass(
+    "data_parallel",
+    data_parallel,
+    "average every gradient (DDP)",
+    needs=(f.PHASES, f.SIGNATURE),
+    provides=(f.GRAD_SYNCS,),
+    after=_BEFORE_SHARDING,
+    required=True,
+)
+SHARD_OPTIMIZER_STATE = Pass(
+    "shard_optimizer_state",
+    shard_optimizer_state,
+    "ZeRO-1: each rank updates 1/N of every parameter; gradients reduce-scattered after the backward",
+    needs=(f.PHASES, f.SIGNATURE),
+    provides=(f.GRAD_SYNCS, f.PARAM_GATHERS, f.SHARD_SPECS, f.PLACEMENT),
+    after=_BEFORE_SHARDING,
+    required=True,
+)
+SHARD_GRADIENTS = Pass(
+    "shard_gradients",
+    shard_gradients,
+    "ZeRO-2: as ZeRO-1, each gradient reduce-scattered as soon as it is produced",
+    needs=(f.PHASES, f.SIGNATURE),
+    provides=(f.GRAD_SYNCS, f.PARAM_GATHERS, f.SHARD_SPECS, f.PLACEMENT),
+    after=_BEFORE_SHARDING,
+    required=True,
+)
+SHARD_PARAMETERS = Pass(
+    "shard_parameters",
+    shard_parameters,
+    "ZeRO-3: parameters sharded, all-gathered around each use, gradients reduce-scattered",
+    needs=(f.PHASES, f.SIGNATURE),
+    provides=(f.GRAD_SYNCS, f.PARAM_GATHERS, f.SHARD_SPECS, f.PLACEMENT),
+    after=_BEFORE_SHARDING,
+    required=True,
+)
+APPLY_MIXED_PRECISION = Pass(
+    "apply_mixed_precision",
+    apply_mixed_precision,
+    "fp32 master shards; bf16 compute and all-gathers; gradients reduced in reduce_dtype",
+    exact=False,
+    needs=(f.GRAD_SYNCS,),
+    provides=(f.MIXED_PRECISION,),
+)
+# The norm is taken over the gradients as the optimizer will see them: reduced, in fp32.
+CLIP_GRADIENTS = Pass(
+    "clip_gradients",
+    clip_gradients,
+    "scale gradients to a global norm, computed across shards; return the norm",
+    needs=(f.GRAD_SYNCS,),
+    provides=(f.GRAD_NORM_OUTPUT, f.CLIPPED_GRADIENTS),
+    after=("apply_mixed_precision",),
+    required=True,
+)
+GRAD_NORM = Pass(
+    "grad_norm",
+    partial(clip_gradients, max_norm=None),
+    "return the global gradient norm, computed across shards (non-finite check, stats)",
+    needs=(f.GRAD_SYNCS,),
+    provides=(f.GRAD_NORM_OUTPUT,),
+    after=("apply_mixed_precision",),
+    required=True,
+)
+REUSE_REPLICAS = Pass(
+    "reuse_replicas",
+    reuse_replicas,
+    "gather: also return the gathered parameters; reuse: read them instead of gathering again",
+    needs=(f.PARAM_GATHERS,),
+    provides=(f.KEPT_REPLICAS,),
+    after=("apply_mixed_precision", "clip_gradients", "grad_norm"),
+)
+# Communication scheduling runs on the final set of collectives.
+_COLLECTIVES_FINAL = ("apply_mixed_precision", "clip_gradients", "grad_norm", "reuse_replicas")
+TUNE_COMMUNICATION = Pass(
+    "tune_communication",
+    tune_communication,
+    "the cost model picks bucket size and prefetch depth under the memory cap",
+    needs=(f.GRAD_SYNCS,),
+    provides=(f.BUCKET, f.ASYNC_COLLECTIVES),
+    after=_COLLECTIVES_FINAL,
+)
+BUCKET_COLLECTIVES = Pass(
+    "bucket_collectives",
+    bucket_collectives,
+    "one flat collective per block instead of one per parameter: fewer latencies",
+    needs=(f.GRAD_SYNCS,),
+    provides=(f.BUCKET,),
+    after=_COLLECTIVES_FINAL,
+)
+SCHEDULE_OVERLAP = Pass(
+    "schedule_overlap",
+    schedule_overlap,
+    "async collectives: prefetch parameter gathers, reduce gradients behind the backward",
+    needs=(f.GRAD_SYNCS,),
+    provides=(f.ASYNC_COLLECTIVES,),
+    after=(*_COLLECTIVES_FINAL, "bucket_collectives"),
+)
+FUSE = Pass(
+    "fuse",
+    fuse,
+    "group memory-bound ops (pointwise, casts, last-dim reductions) into regions",
+    exact=False,
+    needs=(f.PHASES, f.VALS),
+    provides=(f.FUSION, f.FUSION_REGIONS),
+    after=(*_COLLECTIVES_FINAL, "tune_communication", "bucket_collectives", "schedule_overlap"),
+)
+LOWER_TO_TRITON = Pass(
+    "lower_to_triton",
+    lower_to_triton,
+    "one generated Triton kernel per region: each value read once, each result written once",
+    exact=False,
+    needs=(f.FUSION, f.FUSION_REGIONS),
+    provides=(f.TRITON_REGIONS,),
+    after=("fuse",),
+)
+
+PASSES: tuple[Pass, ...] = (
+    SYNC_BATCH_NORM,
+    TENSOR_PARALLEL,
+    RECOMPUTE,
+    ACCUMULATE_GRADIENTS,
+    DATA_PARALLEL,
+    SHARD_OPTIMIZER_STATE,
+    SHARD_GRADIENTS,
+    SHARD_PARAMETERS,
+    APPLY_MIXED_PRECISION,
+    CLIP_GRADIENTS,
+    GRAD_NORM,
+    REUSE_REPLICAS,
+    TUNE_COMMUNICATION,
+    BUCKET_COLLECTIVES,
+    SCHEDULE_OVERLAP,
+    FUSE,
+    LOWER_TO_TRITON,
+)
+PASS_NAMES: tuple[str, ...] = tuple(p.name for p in PASSES)
+
 
 def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None, replicas: str | None = None) -> list[Pass]:
     """The passes for `config` on `mesh`. Under gradient accumulation a step has variants:
@@ -37,114 +214,47 @@ def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None, replicas
     dp = mesh.size("dp")
     passes: list[Pass] = []
     if config.batchnorm == "global" and dp > 1:
-        passes.append(
-            Pass(
-                "sync_batch_norm",
-                partial(sync_batch_norm, axis="dp"),
-                "batch statistics over the global batch, as on one device",
-            )
-        )
+        passes.append(SYNC_BATCH_NORM.bind(axis="dp"))
     if config.tp_size > 1:
-        passes.append(
-            Pass(
-                "tensor_parallel",
-                partial(tensor_parallel, axis="tp", plan=config.tp_plan),
-                "split Linear layers over the tp ranks: colwise then rowwise, collectives where placements change",
-            )
-        )
+        passes.append(TENSOR_PARALLEL.bind(axis="tp", plan=config.tp_plan))
     if config.recompute != "none":
-        passes.append(
-            Pass(
-                "recompute",
-                partial(recompute, policy=config.recompute, budget=config.memory_budget, hw=config.hardware),
-                "drop forward values the backward needs and compute them again there: activation memory",
-            )
-        )
+        passes.append(RECOMPUTE.bind(policy=config.recompute, budget=config.memory_budget, hw=config.hardware))
     reduce_dtype = torch.float32 if config.reduce_dtype == "fp32" else torch.bfloat16
     if grad_accum is not None:
         bf16 = config.mixed_precision == "bf16"
         passes.append(
-            Pass(
-                "accumulate_gradients",
-                partial(
-                    accumulate_gradients,
-                    variant=grad_accum,
-                    acc_dtype=torch.float32 if bf16 else None,
-                    reduce_dtype=reduce_dtype if bf16 else None,
-                ),
-                "keep: add each gradient to a local accumulator, reduce nothing; "
-                "reduce: reduce the accumulated sum once, at the last micro-batch",
+            ACCUMULATE_GRADIENTS.bind(
+                variant=grad_accum,
+                acc_dtype=torch.float32 if bf16 else None,
+                reduce_dtype=reduce_dtype if bf16 else None,
             )
         )
     passes.append(_data_parallel_pass(config))
     if config.mixed_precision == "bf16":
-        passes.append(
-            Pass(
-                "apply_mixed_precision",
-                partial(apply_mixed_precision, param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype),
-                "fp32 master shards; bf16 compute and all-gathers; gradients reduced in reduce_dtype",
-                exact=False,
-            )
-        )
+        passes.append(APPLY_MIXED_PRECISION.bind(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype))
     if config.grad_clip is not None:
-        passes.append(
-            Pass(
-                "clip_gradients",
-                partial(clip_gradients, max_norm=config.grad_clip),
-                "scale gradients to a global norm, computed across shards; return the norm",
-            )
-        )
+        passes.append(CLIP_GRADIENTS.bind(max_norm=config.grad_clip))
     else:
-        passes.append(
-            Pass(
-                "grad_norm",
-                partial(clip_gradients, max_norm=None),
-                "return the global gradient norm, computed across shards (non-finite check, stats)",
-            )
-        )
+        passes.append(GRAD_NORM)
     if replicas is not None:
-        passes.append(
-            Pass(
-                "reuse_replicas",
-                partial(reuse_replicas, variant=replicas),
-                "gather: also return the gathered parameters; reuse: read them instead of gathering again",
-            )
-        )
+        passes.append(REUSE_REPLICAS.bind(variant=replicas))
     if config.tune_communication:
-        passes.append(
-            Pass(
-                "tune_communication",
-                partial(tune_communication, hw=config.hardware, memory_cap=config.comm_memory_cap),
-                "the cost model picks bucket size and prefetch depth under the memory cap",
-            )
-        )
+        passes.append(TUNE_COMMUNICATION.bind(hw=config.hardware, memory_cap=config.comm_memory_cap))
         return _with_fusion(passes, config)
     if config.bucket_mb > 0:
-        passes.append(
-            Pass(
-                "bucket_collectives",
-                partial(bucket_collectives, bucket_bytes=int(config.bucket_mb * 2**20)),
-                "one flat collective per block instead of one per parameter: fewer latencies",
-            )
-        )
+        passes.append(BUCKET_COLLECTIVES.bind(bucket_bytes=int(config.bucket_mb * 2**20)))
     if config.overlap:
-        passes.append(
-            Pass(
-                "schedule_overlap",
-                partial(schedule_overlap, depth=config.prefetch),
-                "async collectives: prefetch parameter gathers, reduce gradients behind the backward",
-            )
-        )
+        passes.append(SCHEDULE_OVERLAP.bind(depth=config.prefetch))
     return _with_fusion(passes, config)
 
 
 def step_variants(config: Config) -> dict[str, tuple[str | None, str | None]]:
     """The programs one batch shape needs: name -> (accumulate_gradients variant, reuse_replicas variant).
 
-    The engine runs "first" for an optimizer step's first micro-batch, "last" for its last,
-    "middle" for the others, falling back to "middle" where a name is missing; "step" is the
-    one program of a step without accumulation. Under accumulation ZeRO-1/2 gather the
-    parameters only in "first" and keep them; boundary sync reduces gradients only in "last".
+    "first" runs an optimizer step's first micro-batch, "last" its last, "middle" the others
+    (see schedule); "step" is the one program of a step without accumulation. Under
+    accumulation ZeRO-1/2 gather the parameters only in "first" and keep them; boundary sync
+    reduces gradients only in "last".
     """
     k = config.grad_accum_steps
     if k == 1:
@@ -162,6 +272,27 @@ def step_variants(config: Config) -> dict[str, tuple[str | None, str | None]]:
     return {"step": (None, None)}
 
 
+def schedule(config: Config) -> Schedule:
+    """Which of step_variants(config) runs at each micro-batch of an optimizer step, and which of
+    them reduce the whole step's gradients (a plain step, or the "last" of boundary accumulation)."""
+    variants = step_variants(config)
+    k = config.grad_accum_steps
+
+    def at(i: int) -> str:
+        if "step" in variants:
+            return "step"
+        if i == k - 1 and "last" in variants:
+            return "last"
+        if i == 0 and "first" in variants:
+            return "first"
+        return "middle"
+
+    whole = {name for name, (grad_accum, _) in variants.items() if k == 1 or grad_accum == "reduce"}
+    if "accumulate_gradients" in config.disable_passes and k > 1:
+        whole = set()  # every micro-batch reduced only its own gradients
+    return Schedule(tuple(at(i) for i in range(k)), frozenset(whole))
+
+
 def variant_config(config: Config) -> Config:
     """The Config the step's programs are compiled with: under accumulation the engine clips the
     summed gradient at the boundary, so the programs do not clip each micro-batch."""
@@ -170,19 +301,8 @@ def variant_config(config: Config) -> Config:
 
 def _with_fusion(passes: list[Pass], config: Config) -> list[Pass]:
     if _fuse_enabled(config):
-        passes.append(
-            Pass(
-                "fuse", fuse, "group memory-bound ops (pointwise, casts, last-dim reductions) into regions", exact=False
-            )
-        )
-        passes.append(
-            Pass(
-                "lower_to_triton",
-                partial(lower_to_triton, cache_dir=config.kernel_cache_dir),
-                "one generated Triton kernel per region: each value read once, each result written once",
-                exact=False,
-            )
-        )
+        passes.append(FUSE)
+        passes.append(LOWER_TO_TRITON.bind(cache_dir=config.kernel_cache_dir))
     return passes
 
 
@@ -192,24 +312,11 @@ def _fuse_enabled(config: Config) -> bool:
 
 
 def _data_parallel_pass(config: Config) -> Pass:
-    """The one pass that decides how parameters, gradients and optimizer state lie on the dp axis."""
     stage = config.zero_stage
     if stage == 0:
-        return Pass("data_parallel", partial(data_parallel, axis="dp"), "average every gradient (DDP)")
+        return DATA_PARALLEL.bind(axis="dp")
     if stage == 1:
-        return Pass(
-            "shard_optimizer_state",
-            partial(shard_optimizer_state, axis="dp"),
-            "ZeRO-1: each rank updates 1/N of every parameter; gradients reduce-scattered after the backward",
-        )
+        return SHARD_OPTIMIZER_STATE.bind(axis="dp")
     if stage == 2:
-        return Pass(
-            "shard_gradients",
-            partial(shard_gradients, axis="dp"),
-            "ZeRO-2: as ZeRO-1, each gradient reduce-scattered as soon as it is produced",
-        )
-    return Pass(
-        "shard_parameters",
-        partial(shard_parameters, axis="dp", reshard_after_forward=config.reshard_after_forward),
-        "ZeRO-3: parameters sharded, all-gathered around each use, gradients reduce-scattered",
-    )
+        return SHARD_GRADIENTS.bind(axis="dp")
+    return SHARD_PARAMETERS.bind(axis="dp", reshard_after_forward=config.reshard_after_forward)

@@ -34,7 +34,7 @@ def reuse_replicas(program: DistProgram, ctx: PassContext, *, variant: str) -> P
     if variant not in VARIANTS:
         raise ValueError(f"reuse_replicas variant must be one of {list(VARIANTS)}; got {variant!r}")
     graph = program.graph
-    gathers = [n for n in graph.nodes if n.meta.get(meta.ROLE) == "param_gather"]
+    gathers = [n for n in graph.nodes if meta.role(n) == meta.PARAM_GATHER]
     replicas = [_replica(g) for g in gathers]
     if variant == "gather":
         outputs = program.outputs()

@@ -34,10 +34,10 @@ def schedule_overlap(program: DistProgram, ctx: PassContext, *, depth: int = 1) 
         if not collectives.is_collective(node) or collectives.is_start(node):
             continue
         role = node.meta.get(meta.ROLE)
-        if role not in ("param_gather", "grad_sync"):
+        if role not in (meta.PARAM_GATHER, meta.GRAD_SYNC):
             continue
         start, wait = _split(program, node)
-        (gathers if role == "param_gather" else reductions).append((start, wait))
+        (gathers if role == meta.PARAM_GATHER else reductions).append((start, wait))
     # prefetch: move gather starts (and the input chain they need) earlier
     last_input = program.placeholders()[-1]
     for k, (start, _) in enumerate(gathers):

@@ -56,7 +56,7 @@ def gather(
 ) -> fx.Node:
     """all_gather the shard and drop the padding rows: the full parameter (at the insertion point)."""
     full = insert_call(program, ALL_GATHER, (shard, spec.axis, 0), provenance=provenance, origin=origin)
-    full.meta[meta.ROLE] = "param_gather"
+    full.meta[meta.ROLE] = meta.PARAM_GATHER
     full.meta[meta.TARGET] = name
     full.meta[meta.PLACEMENT] = {spec.axis: Replicate()}
     if spec.padding:
@@ -75,7 +75,7 @@ def reduce_scatter_grad(program: DistProgram, grad: fx.Node, spec: ShardSpec, na
         pad = [0, 0] * (len(spec.full_shape) - 1) + [0, spec.padding]
         value = insert_call(program, aten.constant_pad_nd.default, (value, pad, 0.0), provenance=grad, origin=origin)
     shard = insert_call(program, REDUCE_SCATTER, (value, spec.axis, "avg", 0), provenance=grad, origin=origin)
-    shard.meta[meta.ROLE] = "grad_sync"
+    shard.meta[meta.ROLE] = meta.GRAD_SYNC
     shard.meta[meta.TARGET] = name
     shard.meta[meta.PLACEMENT] = {spec.axis: Shard(0)}
     return shard
@@ -83,7 +83,7 @@ def reduce_scatter_grad(program: DistProgram, grad: fx.Node, spec: ShardSpec, na
 
 def all_reduce_grad(program: DistProgram, grad: fx.Node, axis: str, name: str, origin: str) -> fx.Node:
     reduced = insert_call(program, ALL_REDUCE, (grad, axis, "avg"), provenance=grad, origin=origin)
-    reduced.meta[meta.ROLE] = "grad_sync"
+    reduced.meta[meta.ROLE] = meta.GRAD_SYNC
     reduced.meta[meta.TARGET] = name
     reduced.meta[meta.PLACEMENT] = {axis: Replicate()}
     return reduced
@@ -95,7 +95,7 @@ def sync_loss(program: DistProgram, axis: str, origin: str) -> None:
     i = next(i for i, s in enumerate(program.signature.outputs) if s.role == LOSS)
     with program.graph.inserting_before(program.output_node()):
         mean = insert_call(program, ALL_REDUCE, (outputs[i], axis, "avg"), provenance=outputs[i], origin=origin)
-    mean.meta[meta.ROLE] = "loss"
+    mean.meta[meta.ROLE] = meta.LOSS_SYNC
     outputs[i] = mean
     program.set_outputs(outputs)
 

@@ -328,7 +328,7 @@ def _apply(
 
 
 def _tag(node: fx.Node) -> fx.Node:
-    node.meta[meta.ROLE] = "tp"
+    node.meta[meta.ROLE] = meta.TP_REDISTRIBUTE
     return node
 
 
@@ -379,7 +379,7 @@ def _decompose(program: DistProgram, node: fx.Node, axis: str) -> None:
         summed = _tag(program.graph.call_function(torch.ops.shardfx.all_reduce.default, (mm, axis, "sum")))
         summed.meta = dict(mm.meta)
         summed.meta[meta.ORIGIN] = ORIGIN
-        summed.meta[meta.ROLE] = "tp"
+        summed.meta[meta.ROLE] = meta.TP_REDISTRIBUTE
         out = program.graph.call_function(aten.add.Tensor, (summed, bias))
         out.meta = dict(mm.meta)
         out.meta[meta.ORIGIN] = ORIGIN

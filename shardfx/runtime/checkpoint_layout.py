@@ -19,18 +19,17 @@ import torch
 from torch import Tensor
 
 from shardfx.graphs.placement import ShardSpec, local_shard
+from shardfx.runtime.protocol import Runtime
 from shardfx.runtime.state import RankState, unshard
 
 
-def is_distributed(runtime: Any) -> bool:
-    return not hasattr(runtime, "states")
+def is_distributed(runtime: Runtime) -> bool:
+    return runtime.distributed
 
 
-def held_states(runtime: Any) -> list[tuple[int, RankState]]:
+def held_states(runtime: Runtime) -> list[tuple[int, RankState]]:
     """(rank, state) of every rank this process holds."""
-    if is_distributed(runtime):
-        return [(runtime.rank, runtime.state)]
-    return list(enumerate(runtime.states))
+    return runtime.held_states()
 
 
 def global_shape(t: Any) -> tuple[int, ...]:

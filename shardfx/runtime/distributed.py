@@ -20,6 +20,8 @@ from shardfx.runtime.state import OptimizerFactory, RankState
 
 
 class DistributedRuntime:
+    distributed = True
+
     def __init__(
         self, program: DistProgram, model: nn.Module, optimizer: OptimizerFactory | None, timeout: float | None = None
     ) -> None:
@@ -33,6 +35,12 @@ class DistributedRuntime:
                 dist.broadcast(tensor.data, src=0)
         self.state = RankState(program, model, self.rank, optimizer)
         self.executor = Executor(program)
+
+    def held_states(self) -> list[tuple[int, RankState]]:
+        return [(self.rank, self.state)]
+
+    def use(self, program: DistProgram, executor: Executor) -> None:
+        self.program, self.executor = program, executor
 
     def step(self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True) -> Tensor:
         """Run this rank's step on shards[rank]; reset_stats=False adds to the last step's collective counts."""

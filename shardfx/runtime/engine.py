@@ -13,7 +13,8 @@ outside it, on each rank's local shards. The verbs map onto that as follows:
     engine.train_step(*batch)     all three, over grad_accum_steps micro-batches stacked on dim 0
 
 With gradient accumulation (Config.grad_accum_steps=k) the step is compiled in up to
-three variants (passes.pipeline.step_variants): with grad_accum_sync="boundary", micro-batches
+three variants, and the compile driver hands over a Schedule saying which runs at which
+micro-batch: with grad_accum_sync="boundary", micro-batches
 1..k-1 add each rank's unreduced gradients to its accumulators and reduce nothing, and
 micro-batch k adds its own and reduces the sum once (passes/accumulate_gradients.py);
 "micro_batch" reduces every micro-batch and adds up the reduced shards. Under ZeRO-1/2
@@ -30,18 +31,19 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from shardfx.config import Config
-from shardfx.graphs.program import DistProgram
-from shardfx.passes import accumulate_gradients
+from shardfx.graphs.program import DistProgram, Schedule
+from shardfx.graphs.signature import GRAD_ACC
 from shardfx.runtime import checkpoint
-from shardfx.runtime.checkpoint_layout import held_states, is_distributed
 from shardfx.runtime.executor import Executor
+from shardfx.runtime.protocol import Runtime
 from shardfx.runtime.state import RankState
 
 logger = logging.getLogger("shardfx")
@@ -51,55 +53,50 @@ class NonFiniteError(RuntimeError):
     """A step's loss or gradient norm was NaN or infinite and Config.on_nonfinite is "stop"."""
 
 
-class Runtime(Protocol):
-    program: DistProgram
+@dataclass
+class EngineOptions:
+    """Everything an Engine is built with besides its runtime (the compile driver fills it in)."""
 
-    def step(self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True) -> Tensor: ...
-    def state_dict(self) -> dict[str, Tensor]: ...
-    def comm_stats(self, rank: int = 0) -> dict[str, dict[str, int]]: ...
-    def memory(self, rank: int = 0) -> dict[str, int]: ...
+    example_inputs: tuple[Tensor, ...]
+    programs: dict[str, DistProgram]  # the step's programs for the example batch shape, by variant
+    schedule: Schedule  # which of them runs at which micro-batch
+    config: Config
+    records: list[Any]  # the passes' records of the last program (PassRecord)
+    capture_seconds: float = 0.0
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
+    compile_for: Callable[[tuple[Tensor, ...]], dict[str, DistProgram]] | None = None  # a new batch shape
+    compile_eval_for: Callable[[tuple[Tensor, ...]], DistProgram] | None = None
+    model: torch.nn.Module | None = None
+    loss_fn: Callable[..., Tensor] | None = None
+    log: Callable[[str], None] | None = None
 
 
 class Engine:
-    def __init__(
-        self,
-        runtime: Runtime,
-        example_inputs: tuple[Tensor, ...],
-        records: list[Any],
-        capture_seconds: float,
-        *,
-        config: Config | None = None,
-        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
-        programs: dict[str, DistProgram] | None = None,
-        compile_for: Callable[[tuple[Tensor, ...]], dict[str, DistProgram]] | None = None,
-        compile_eval_for: Callable[[tuple[Tensor, ...]], DistProgram] | None = None,
-        model: torch.nn.Module | None = None,
-        loss_fn: Callable[..., Tensor] | None = None,
-        log: Callable[[str], None] | None = None,
-    ) -> None:
+    def __init__(self, runtime: Runtime, options: EngineOptions) -> None:
         self.runtime = runtime
         self.program = runtime.program
-        self.pass_records = records
-        self.capture_seconds = capture_seconds
-        self.config = config or Config()
-        self._compile_for = compile_for
-        self._compile_eval_for = compile_eval_for
+        self.pass_records = options.records
+        self.capture_seconds = options.capture_seconds
+        self.config = options.config
+        self.schedule = options.schedule
+        self._compile_for = options.compile_for
+        self._compile_eval_for = options.compile_eval_for
         self._eval_programs: OrderedDict[Any, tuple[DistProgram, Executor]] = OrderedDict()
-        self._model, self._loss_fn = model, loss_fn
-        self._log = log or logger.warning
-        self._arity = len(example_inputs)
+        self._model, self._loss_fn = options.model, options.loss_fn
+        self._log = options.log or logger.warning
+        self._arity = len(options.example_inputs)
         # batch shape -> variant ("step", or "first" / "middle" / "last") -> (program, executor)
-        self._programs: OrderedDict[Any, dict[str, tuple[DistProgram, Any]]] = OrderedDict()
+        self._programs: OrderedDict[Any, dict[str, tuple[DistProgram, Executor]]] = OrderedDict()
         variants = {
-            name: (p, getattr(runtime, "executor", None) if p is runtime.program else Executor(p))
-            for name, p in (programs or {"step": runtime.program}).items()
+            name: (p, runtime.executor if p is runtime.program else Executor(p)) for name, p in options.programs.items()
         }
-        self._programs[_shape_key(example_inputs)] = variants
-        self._states = [s for _, s in held_states(runtime)]
+        self._programs[_shape_key(options.example_inputs)] = variants
+        self._variant = self.schedule.micro_batches[-1]  # the variant that ran last
+        self._states = [s for _, s in runtime.held_states()]
         for state in self._states:
             state.auto_step = False  # the engine decides when the optimizer runs
-            if scheduler is not None and state.optimizer is not None:
-                state.scheduler = scheduler(state.optimizer)
+            if options.scheduler is not None and state.optimizer is not None:
+                state.scheduler = options.scheduler(state.optimizer)
         self.steps = 0  # optimizer steps, skipped ones included
         self.micro_steps = 0  # engine(*batch) calls
         self.samples = 0  # global samples seen (dim 0 of the batches)
@@ -144,7 +141,8 @@ class Engine:
             )
         k = self.config.grad_accum_steps
         variants = self._select_program(batch)
-        self._use(*variants[_variant(variants, self.micro_steps % k, k)])
+        self._variant = self.schedule.program_for(self.micro_steps)
+        self._use(*variants[self._variant])
         # the collective counts of engine.stats() cover every micro-batch of the last optimizer step
         loss = self.runtime.step(self._split(batch), reset_stats=self.micro_steps % k == 0)
         self.micro_steps += 1
@@ -179,8 +177,7 @@ class Engine:
         self.steps += 1
         scale = 1.0 / k
         measured = self._states[0].grad_norm  # the program's (grad_norm / clip_gradients pass)
-        whole_step = k == 1 or self.program.notes.get("grad_accum_variant") == "reduce"
-        if measured is not None and whole_step:
+        if measured is not None and self._variant in self.schedule.whole_step:
             norm = float(measured) * scale
         else:  # each micro-batch reduced its own gradients: only their kept sum has the step's norm
             norm = self._grad_norm() * scale
@@ -210,7 +207,7 @@ class Engine:
 
     def programs(self) -> dict[str, DistProgram]:
         """The programs of the batch shape used last, by variant: "step" without accumulation, else
-        "first" / "middle" / "last" (passes.pipeline.step_variants); print one with graphs.format.format_program."""
+        "first" / "middle" / "last" (engine.schedule says which runs when); print one with graphs.format.format_program."""
         return {name: program for name, (program, _) in next(reversed(self._programs.values())).items()}
 
     # --- evaluation -----------------------------------------------------------------------------
@@ -291,7 +288,7 @@ class Engine:
         """Per-rank bytes held between steps (params, grads, optimizer state), the bytes of the gradient
         accumulators a rank holds while accumulating (0 when nothing is deferred), the collectives of
         the last optimizer step (all its micro-batches), and step counters."""
-        accumulators = max((accumulate_gradients.accumulators(p) for p in self.programs().values()), key=len)
+        accumulators = max((p.placeholders_of(GRAD_ACC) for p in self.programs().values()), key=len)
         accumulators = [n.meta["val"] for n in accumulators]
         return {
             "memory": self.runtime.memory(rank),
@@ -337,11 +334,9 @@ class Engine:
             self._log(f"dropping the step compiled for {_describe(dropped)} (Config.max_batch_shapes)")
         return self._programs[key]
 
-    def _use(self, program: DistProgram, executor: Any) -> None:
+    def _use(self, program: DistProgram, executor: Executor) -> None:
         self.program = program
-        self.runtime.program = program
-        if executor is not None:
-            self.runtime.executor = executor  # type: ignore[attr-defined]
+        self.runtime.use(program, executor)
 
     def _split(self, batch: tuple[Tensor, ...]) -> list[tuple[Tensor, ...]]:
         """Rank r gets the dim-0 slice of its data-parallel coordinate (tp ranks share a slice)."""
@@ -365,22 +360,11 @@ class Engine:
                     total += p.grad.detach().double().pow(2).sum()
             return total
 
-        if not is_distributed(self.runtime):
+        if not self.runtime.distributed:
             return math.sqrt(float(sum(local_sum(r, s) for r, s in enumerate(self._states))))
         total = local_sum(self.runtime.rank, self._states[0])
         dist.all_reduce(total)  # one scalar outside the program; not counted in the step's communication stats
         return math.sqrt(float(total))
-
-
-def _variant(variants: dict[str, Any], index: int, k: int) -> str:
-    """Which program runs micro-batch `index` of an optimizer step of k (see passes.pipeline.step_variants)."""
-    if "step" in variants:
-        return "step"
-    if index == k - 1 and "last" in variants:
-        return "last"
-    if index == 0 and "first" in variants:
-        return "first"
-    return "middle"
 
 
 def _shape_key(batch: tuple[Tensor, ...]) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:

@@ -20,6 +20,8 @@ from shardfx.runtime.state import OptimizerFactory, RankState, full_state_dict
 
 
 class LocalRuntime:
+    distributed = False
+
     def __init__(
         self, program: DistProgram, model: nn.Module, optimizer: OptimizerFactory | None, timeout: float = 60.0
     ) -> None:
@@ -31,6 +33,12 @@ class LocalRuntime:
         self.states = [RankState(program, model, r, optimizer) for r in range(self.world_size)]
         self.executor = Executor(program)
         self._pool = ThreadPoolExecutor(max_workers=self.world_size, thread_name_prefix="shardfx-rank")
+
+    def held_states(self) -> list[tuple[int, RankState]]:
+        return list(enumerate(self.states))
+
+    def use(self, program: DistProgram, executor: Executor) -> None:
+        self.program, self.executor = program, executor
 
     def step(self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True) -> Tensor:
         """Run one training step; `shards[r]` is rank r's part of the batch. Returns rank 0's loss.

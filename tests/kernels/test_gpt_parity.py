@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 from shardfx.config import Config  # noqa: E402
 from shardfx.graphs.capture import capture  # noqa: E402
 from shardfx.graphs.format import format_program  # noqa: E402
-from shardfx.graphs.program import DistProgram, Mesh  # noqa: E402
+from shardfx.graphs.program import TRITON_REGIONS, DistProgram, Mesh  # noqa: E402
 from shardfx.kernels.launch import TRITON_REGION  # noqa: E402
 from shardfx.kernels.report import format_report  # noqa: E402
 from shardfx.models import GPT, GPTConfig, gpt_loss  # noqa: E402
@@ -57,6 +57,6 @@ def test_gpt_zero3_fused_matches_unfused(tmp_path) -> None:  # type: ignore[no-u
     text = format_program(program)
     assert "shardfx.triton_region" in text and "shardfx.all_gather" in text
     report = format_report(
-        program.notes["triton_regions"], stats["kernels_per_step_before"], stats["kernels_per_step_after"]
+        program.notes[TRITON_REGIONS], stats["kernels_per_step_before"], stats["kernels_per_step_after"]
     )
     assert "kernels per step" in report

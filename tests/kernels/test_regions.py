@@ -15,6 +15,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")
 
 from shardfx.graphs.format import format_program  # noqa: E402
+from shardfx.graphs.program import TRITON_REGIONS  # noqa: E402
 from shardfx.kernels.launch import TRITON_REGION  # noqa: E402
 from tests.kernels.util import captured, lowered, run  # noqa: E402
 
@@ -79,7 +80,7 @@ def test_region_matches_unfused_fp32(op: str, tmp_path) -> None:  # type: ignore
 def test_cross_entropy_is_one_kernel_each_way(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model, batch, loss_fn = _case("cross_entropy")
     fused, _ = lowered(captured(model, batch, loss_fn), tmp_path)
-    rows = [r for r in fused.notes["triton_regions"] if r.domain == f"{ROWS}x{COLS}"]
+    rows = [r for r in fused.notes[TRITON_REGIONS] if r.domain == f"{ROWS}x{COLS}"]
     # forward: log-softmax and the target's log-probability; backward: nll backward + log-softmax backward
     assert sorted(r.phase for r in rows) == ["backward", "forward"]
 
@@ -87,7 +88,7 @@ def test_cross_entropy_is_one_kernel_each_way(tmp_path) -> None:  # type: ignore
 def test_layer_norm_backward_is_one_kernel(tmp_path) -> None:  # type: ignore[no-untyped-def]
     model, batch, loss_fn = _case("layer_norm")
     fused, _ = lowered(captured(model, batch, loss_fn), tmp_path)
-    regions = fused.notes["triton_regions"]
+    regions = fused.notes[TRITON_REGIONS]
     backward = [r for r in regions if r.phase == "backward" and r.domain == f"{ROWS}x{COLS}"]
     assert any(r.ops >= 10 for r in backward)  # dx of layer norm (two row sums) in one kernel
     for r in regions:

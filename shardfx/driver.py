@@ -1,0 +1,202 @@
+"""The compile driver: the one way a model, an example batch and a Config become programs.
+
+Every caller compiles through it (compile_distributed, every `shardfx`
+subcommand, the benchmarks, the test helpers), so a Config means the same
+thing everywhere:
+
+    mesh = build_mesh(config, world_size)          # every axis (dp x tp), built once
+    compiled = compile_step(model, batch, loss_fn, config, mesh)
+    compiled.programs["step"]                      # or "first" / "middle" / "last" under accumulation
+    compiled.schedule                              # which program runs at which micro-batch
+    compiled.records["step"]                       # one PassRecord per pass (time, nodes, collectives)
+
+`compile_step` captures the step once at one rank's batch shape, checks the
+pipeline's contracts (passes/manager.py), then runs the pipeline for every
+program the step needs (passes/pipeline.py: schedule). An `observer` sees the
+program after the capture and after every pass, for tools that show stages.
+`compile_eval` does the same for eval_step's forward-only program.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from shardfx.config import Config
+from shardfx.graphs.capture import capture, capture_forward
+from shardfx.graphs.program import DistProgram, Mesh, Schedule, clone_program
+from shardfx.passes.manager import Pass, PassContext, PassRecord, check_pipeline, run_passes
+from shardfx.passes.pipeline import PASS_NAMES, pipeline, schedule, step_variants, variant_config
+
+CAPTURE = "capture"
+
+# observer(variant, index, pass, program, record): index 0 is the capture (pass and record None).
+# The program is the one being rewritten: copy it (clone_program) to keep it.
+Observer = Callable[[str, int, Pass | None, DistProgram, PassRecord | None], None]
+
+
+@dataclass
+class Compiled:
+    """What compile_step returns: the programs of one batch shape and how to run them."""
+
+    mesh: Mesh
+    programs: dict[str, DistProgram]  # by variant, in step_variants order
+    records: dict[str, list[PassRecord]]
+    passes: dict[str, list[Pass]]
+    schedule: Schedule
+    capture_seconds: float
+
+    @property
+    def last(self) -> str:
+        """The variant of an optimizer step's last micro-batch (the one a plain step runs)."""
+        return self.schedule.micro_batches[-1]
+
+    @property
+    def program(self) -> DistProgram:
+        return self.programs[self.last]
+
+
+def build_mesh(config: Config, world_size: int) -> Mesh:
+    """The device mesh, every axis: dp x tp (tp only when Config.tp_size > 1)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world size must be an integer >= 1; got {world_size!r}")
+    if world_size % config.tp_size != 0:
+        raise ValueError(f"world size {world_size} is not a multiple of Config.tp_size={config.tp_size}")
+    dp = world_size // config.tp_size  # ranks that split the batch; the tp ranks of one dp group share a slice
+    return Mesh.of(dp=dp, tp=config.tp_size) if config.tp_size > 1 else Mesh.of(dp=dp)
+
+
+def check_batch(batch: Sequence[Any], mesh: Mesh) -> None:
+    """Every element of a global batch is a tensor whose dim 0 splits over the dp ranks."""
+    dp = mesh.size("dp")
+    for i, x in enumerate(batch):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"example_inputs[{i}] must be a tensor; got {type(x).__name__}")
+        if x.dim() == 0:
+            raise ValueError(f"example_inputs[{i}] is a scalar; every batch element needs a batch dim 0 to split")
+        if x.shape[0] % dp != 0:
+            raise ValueError(
+                f"example_inputs[{i}] has batch size {x.shape[0]} (dim 0), which does not divide into "
+                f"{dp} data-parallel ranks; use a batch size that is a multiple of {dp}"
+            )
+
+
+def rank_batch(batch: Sequence[torch.Tensor], mesh: Mesh) -> tuple[torch.Tensor, ...]:
+    """One rank's slice of the global batch: the shape the program is traced at."""
+    dp = mesh.size("dp")
+    return tuple(x[: x.shape[0] // dp] for x in batch)
+
+
+def passes_for(
+    config: Config, mesh: Mesh, variant: str | None = None, extra_passes: Sequence[Pass] = ()
+) -> list[Pass]:
+    """The pipeline of one program of the step (`variant` of step_variants; None: the last one),
+    then `extra_passes`."""
+    variants = step_variants(config)
+    if variant is None:
+        variant = schedule(config).micro_batches[-1]
+    if variant not in variants:
+        if config.grad_accum_steps == 1:
+            raise ValueError(
+                f"variant {variant!r}: a step without accumulation compiles one program, 'step'; "
+                "the others need Config.grad_accum_steps > 1"
+            )
+        raise ValueError(f"variant {variant!r}: this configuration compiles {', '.join(variants)}")
+    grad_accum, replicas = variants[variant]
+    return pipeline(variant_config(config), mesh, grad_accum=grad_accum, replicas=replicas) + list(extra_passes)
+
+
+def check_disabled(config: Config, extra_passes: Sequence[Pass] = ()) -> None:
+    """Every Config.disable_passes entry names a pass (of any pipeline, or an extra pass)."""
+    known = (*PASS_NAMES, *(p.name for p in extra_passes))
+    unknown = [name for name in config.disable_passes if name not in known]
+    if unknown:
+        raise ValueError(
+            f"Config.disable_passes names {', '.join(map(repr, unknown))}, which is not a pass; "
+            f"passes: {', '.join(known)}"
+        )
+
+
+def compile_step(
+    model: nn.Module,
+    batch: Sequence[torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor] | None,
+    config: Config,
+    mesh: Mesh,
+    *,
+    variants: Sequence[str] | None = None,
+    extra_passes: Sequence[Pass] = (),
+    stop_after: str | None = None,
+    observer: Observer | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Compiled:
+    """Capture the training step for the global `batch` and run the pipeline for every program the
+    step needs (`variants`: only these). `stop_after`: a pass name (or "capture") to stop after."""
+    batch = tuple(batch)
+    check_batch(batch, mesh)
+    check_disabled(config, extra_passes)
+    names = list(step_variants(config)) if variants is None else list(variants)
+    pass_lists = {name: passes_for(config, mesh, name, extra_passes) for name in names}
+    if stop_after is not None:
+        pass_lists = {name: _until(passes, stop_after) for name, passes in pass_lists.items()}
+    graph_config = variant_config(config)
+    for passes in pass_lists.values():  # every contract checked before the capture starts
+        _check(passes, graph_config)
+    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
+    captured = _capture(capture, model, rank_batch(batch, mesh), loss_fn, compute_dtype)
+    traced = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
+    programs: dict[str, DistProgram] = {}
+    records: dict[str, list[PassRecord]] = {}
+    for name, passes in pass_lists.items():
+        program = clone_program(traced) if name != names[-1] else traced
+        if observer is not None:
+            observer(name, 0, None, program, None)
+        dump = config.dump_dir if config.dump_dir is None or len(names) == 1 else f"{config.dump_dir}/{name}"
+        ctx = PassContext(graph_config, log or (lambda line: None))
+        watch = None if observer is None else (lambda i, p, prog, rec, n=name: observer(n, i, p, prog, rec))
+        programs[name], records[name] = run_passes(program, passes, ctx, dump_dir=dump, observer=watch)
+    return Compiled(mesh, programs, records, pass_lists, schedule(config), captured.seconds)
+
+
+def compile_eval(
+    model: nn.Module,
+    batch: Sequence[torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor] | None,
+    config: Config,
+    mesh: Mesh,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> DistProgram:
+    """The forward-only program of eval_step: the same passes, on a graph without a backward."""
+    batch = tuple(batch)
+    check_batch(batch, mesh)
+    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
+    captured = _capture(capture_forward, model, rank_batch(batch, mesh), loss_fn, compute_dtype)
+    program = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
+    eval_config = config.replace(recompute="none", grad_clip=None)
+    ctx = PassContext(eval_config, log or (lambda line: None))
+    return run_passes(program, pipeline(eval_config, mesh), ctx)[0]
+
+
+def _check(passes: list[Pass], config: Config) -> None:
+    check_pipeline(passes, tuple(config.disable_passes), force_disable=config.force_disable)
+
+
+def _until(passes: list[Pass], stop_after: str) -> list[Pass]:
+    names = [CAPTURE] + [p.name for p in passes]
+    if stop_after not in names:
+        raise ValueError(f"stop after {stop_after!r}: no such pass in this pipeline; allowed: {', '.join(names)}")
+    return passes[: names.index(stop_after)]
+
+
+def _capture(fn: Callable[..., Any], model: nn.Module, batch: tuple[torch.Tensor, ...], *args: Any) -> Any:
+    if any(x.device.type == "meta" for x in batch):  # compiled on paper: torch warns of meta kernels' autograd
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return fn(model, batch, *args)
+    return fn(model, batch, *args)

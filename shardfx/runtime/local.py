@@ -14,7 +14,7 @@ from torch import Tensor
 
 from shardfx.errors import CollectiveError
 from shardfx.graphs.program import DistProgram
-from shardfx.runtime.executor import Executor
+from shardfx.runtime.executor import Executor, StepOutputs
 from shardfx.runtime.local_comm import LocalWorld
 from shardfx.runtime.state import OptimizerFactory, RankState, full_state_dict
 
@@ -23,8 +23,16 @@ class LocalRuntime:
     distributed = False
 
     def __init__(
-        self, program: DistProgram, model: nn.Module, optimizer: OptimizerFactory | None, timeout: float = 60.0
+        self,
+        program: DistProgram,
+        model: nn.Module,
+        optimizer: OptimizerFactory | None,
+        timeout: float = 60.0,
+        *,
+        keep_outputs: bool = False,
     ) -> None:
+        """keep_outputs: keep what every rank's program returned in the last step (`outputs[rank]`),
+        for tools that compare every rank's loss and gradients (bisect)."""
         self.program = program
         self.model = model
         self.world_size = program.mesh.world_size
@@ -32,6 +40,8 @@ class LocalRuntime:
         self.comms = [self.world.comm(r) for r in range(self.world_size)]
         self.states = [RankState(program, model, r, optimizer) for r in range(self.world_size)]
         self.executor = Executor(program)
+        self.keep_outputs = keep_outputs
+        self.outputs: dict[int, StepOutputs] = {}
         self._pool = ThreadPoolExecutor(max_workers=self.world_size, thread_name_prefix="shardfx-rank")
 
     def held_states(self) -> list[tuple[int, RankState]]:
@@ -69,6 +79,8 @@ class LocalRuntime:
             out = self.executor.run(
                 self.comms[rank], state.params, state.buffers, batch, state.grad_acc, state.replicas
             )
+            if self.keep_outputs:
+                self.outputs[rank] = out
             state.apply(out)
             return out.loss.detach()
         except BaseException as exc:

@@ -5,19 +5,24 @@ runs one step (no optimizer) on the local runtime; its loss and every
 parameter's gradient are compared with eager PyTorch on the same global batch:
 
   before the pass that reduces gradients (data_parallel or a ZeRO pass), each
-  rank holds its own batch slice's loss and gradients: they are averaged here,
-  on the host, as that pass would; from that pass on, each rank's loss and
-  gradient must match eager by itself: a replicated gradient in full, a
-  sharded one (ZeRO-2/3) as the rank's ShardSpec shard of eager's gradient.
+  rank holds its own batch slice's loss and gradients: they are averaged here
+  over the data-parallel ranks, on the host, as that pass would; from that
+  pass on, each rank's loss and gradient must match eager by itself. A rank's
+  gradient is compared with its piece of eager's: its tensor-parallel slice,
+  then its ZeRO shard (the ShardSpecs of the program).
 
-The eager reference follows the passes that change what the step computes
-: before sync_batch_norm every rank normalizes with its own batch
-statistics, so the reference is eager on each rank's slice, averaged; after
-clip_gradients the reference gradients are clipped. A prefix whose parameters
+The eager reference follows the facts the passes declare they provide
+(passes/facts.py), not their names: until a pass provides global batch
+statistics (sync_batch_norm) every rank normalizes with its own batch
+statistics, so the reference is eager on each dp slice, averaged; once one
+provides clipped gradients (clip_gradients) the reference gradients are
+clipped. Passes may be disabled with --disable, required ones too (bisect
+forces it): that is how to see what a pass is for. A prefix whose parameters
 are still in the captured compute dtype (bf16, before apply_mixed_precision)
 runs on a bf16 copy of the model.
 
     shardfx bisect gpt --preset tiny --zero 3
+    shardfx bisect gpt --preset tiny --world-size 4 --config tp_size=2 --zero 3
     shardfx bisect mlp --append-pass tests/tools/broken_pass.py:drop_one_grad_reduction
     shardfx bisect my_model.py:make --bf16 --grad-clip 1.0
 
@@ -31,16 +36,18 @@ import argparse
 import copy
 import textwrap
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from shardfx.config import Config
+from shardfx.driver import build_mesh
 from shardfx.graphs import meta
 from shardfx.graphs.capture import extract_loss
+from shardfx.graphs.placement import local_shard
 from shardfx.graphs.program import DistProgram
 from shardfx.graphs.signature import PARAM
+from shardfx.passes import facts
 from shardfx.passes.manager import Pass
 from shardfx.runtime.local import LocalRuntime
 from shardfx.tools.model_spec import ModelSpec, add_model_spec_arguments, model_spec_from_args
@@ -53,10 +60,6 @@ HELP = "find the first pass after which the loss or a gradient stops matching si
 EXIT_DIVERGED = 1
 FP32_TOLERANCE = 1e-5  # rtol and atol: the parity tests' fp32 tolerance
 BF16_TOLERANCE = 5e-2  # bf16 keeps 8 bits of mantissa: about 2 significant digits
-GRAD_SYNC = "grad_sync"  # meta ROLE of the collective that reduces a gradient (passes/sharding.py)
-# Passes after which the eager reference changes (see the module docstring).
-GLOBAL_BATCH_NORM = "sync_batch_norm"  # from here on: batch statistics over the global batch
-CLIP = "clip_gradients"  # from here on: gradients clipped to config.grad_clip
 
 
 @dataclass
@@ -172,23 +175,26 @@ def bisect(
     default = BF16_TOLERANCE if config.mixed_precision == "bf16" else FP32_TOLERANCE
     rtol = default if rtol is None else rtol
     atol = default if atol is None else atol
+    # bisect disables passes to find what breaks: a required one too (the contracts still hold)
+    config = config.replace(force_disable=True)
     stages = compile_stages(spec, config, world_size, extra_passes=extra_passes, progress=progress)
+    mesh = build_mesh(config, world_size)
     references: dict[tuple[bool, float | None], tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
     checks: list[StageCheck] = []
-    applied: set[str] = set()
+    applied: set[str] = set()  # facts the passes so far provide: they say how the eager reference changes
     reduced = False
     for stage in tqdm(stages, desc="bisect", unit="stage", disable=True if not progress else None, leave=False):
         check = StageCheck(stage)
         checks.append(check)
         if stage.disabled:
             continue
-        applied.add(stage.name)
+        applied.update(stage.provides)
         reduced = reduced or reduces_gradients(stage.program)
-        key = (GLOBAL_BATCH_NORM in applied, config.grad_clip if CLIP in applied else None)
+        key = (facts.GLOBAL_BATCH_STATS in applied, config.grad_clip if facts.CLIPPED_GRADIENTS in applied else None)
         if key not in references:
-            references[key] = eager_reference(spec, world_size, global_batch_norm=key[0], max_norm=key[1])
+            references[key] = eager_reference(spec, mesh.size("dp"), global_batch_norm=key[0], max_norm=key[1])
         try:
-            losses, grads = run_step(stage.program, spec, world_size)
+            losses, grads = run_step(stage.program, spec)
         except Exception as exc:  # noqa: BLE001 - reported as this stage's failure
             check.error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         else:
@@ -199,18 +205,15 @@ def bisect(
 
 
 def eager_reference(
-    spec: ModelSpec, world_size: int, *, global_batch_norm: bool = True, max_norm: float | None = None
+    spec: ModelSpec, dp: int, *, global_batch_norm: bool = True, max_norm: float | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and gradients of single-process eager PyTorch on the global batch.
 
-    global_batch_norm=False: the mean of eager on each rank's slice (what ranks with their
-    own batch statistics compute). max_norm: gradients clipped as torch.nn.utils.clip_grad_norm_.
+    global_batch_norm=False: the mean of eager on each of the `dp` data-parallel slices (what
+    ranks with their own batch statistics compute). max_norm: gradients clipped as
+    torch.nn.utils.clip_grad_norm_.
     """
-    slices = (
-        [spec.batch]
-        if global_batch_norm
-        else [tuple(x.chunk(world_size)[r] for x in spec.batch) for r in range(world_size)]
-    )
+    slices = [spec.batch] if global_batch_norm else [tuple(x.chunk(dp)[r] for x in spec.batch) for r in range(dp)]
     results = [eager_step(spec, batch) for batch in slices]
     loss = torch.stack([loss for loss, _ in results]).mean()
     grads = {name: torch.stack([g[name] for _, g in results]).mean(0) for name in results[0][1]}
@@ -231,18 +234,17 @@ def eager_step(spec: ModelSpec, batch: tuple[torch.Tensor, ...]) -> tuple[torch.
     return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 
-def run_step(
-    program: DistProgram, spec: ModelSpec, world_size: int
-) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """Every rank's loss and gradients from one step of `program` on the local runtime (no optimizer)."""
-    runtime = LocalRuntime(program, _in_captured_dtypes(program, spec.model), None)
-    recorder = _OutputRecorder(runtime)
+def run_step(program: DistProgram, spec: ModelSpec) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Every rank's loss and gradients from one step of `program` on the local runtime (no optimizer).
+    Rank r runs the batch slice of its dp coordinate (the tp ranks of a dp group share one)."""
+    runtime = LocalRuntime(program, _in_captured_dtypes(program, spec.model), None, keep_outputs=True)
+    mesh = program.mesh
     try:
-        shards = [tuple(torch.chunk(x, world_size, dim=0)[r] for x in spec.batch) for r in range(world_size)]
-        runtime.step(shards)
+        chunks = [torch.chunk(x, mesh.size("dp"), dim=0) for x in spec.batch]
+        runtime.step([tuple(c[mesh.coords(r)["dp"]] for c in chunks) for r in range(mesh.world_size)])
     finally:
         runtime.close()
-    outputs = [recorder.outputs[r] for r in range(world_size)]
+    outputs = [runtime.outputs[r] for r in range(mesh.world_size)]
     return [out.loss.detach() for out in outputs], [out.grads for out in outputs]
 
 
@@ -266,7 +268,7 @@ def _in_captured_dtypes(program: DistProgram, model: torch.nn.Module) -> torch.n
 
 def reduces_gradients(program: DistProgram) -> bool:
     """Whether a pass has reduced the gradients across ranks (data_parallel or a ZeRO pass has run)."""
-    return any(n.meta.get(meta.ROLE) == GRAD_SYNC for n in program.graph.nodes)
+    return any(meta.role(n) == meta.GRAD_SYNC for n in program.graph.nodes)
 
 
 def format_report(result: BisectResult, width: int = 80) -> str:
@@ -302,22 +304,6 @@ def format_report(result: BisectResult, width: int = 80) -> str:
     return "\n".join(textwrap_lines(lines, width))
 
 
-class _OutputRecorder:
-    """Keeps what every rank's step returned (LocalRuntime.step returns rank 0's loss and hands the
-    gradients to the rank's state): it stands in for the runtime's executor and forwards to it."""
-
-    def __init__(self, runtime: LocalRuntime) -> None:
-        self.executor = runtime.executor
-        self.rank_of = {id(state.params): r for r, state in enumerate(runtime.states)}
-        self.outputs: dict[int, Any] = {}
-        runtime.executor = self
-
-    def run(self, comm: Any, params: dict, buffers: dict, batch: tuple, *kept: Any) -> Any:
-        out = self.executor.run(comm, params, buffers, batch, *kept)
-        self.outputs[self.rank_of[id(params)]] = out
-        return out
-
-
 def _compare(
     check: StageCheck,
     program: DistProgram,
@@ -349,20 +335,24 @@ def _compare(
         if spec.role != PARAM or name not in expected_grads:
             continue
         expected = expected_grads[name]
-        shard = program.shard_specs.get(name)
         missing = [r for r in ranks if name not in grads[r]]
         if missing:
             note = "no gradient returned (eager has one)"
             check.mismatches.append(Mismatch("gradient", name, missing[0], float("inf"), float("inf"), note=note))
             continue
-        if shard is not None:  # reduce-scattered: rank r holds its (padded) shard of the averaged gradient
-            coords = [program.mesh.coords(r)[shard.axis] for r in ranks]
-            diffs = [(compare("gradient", name, r, grads[r][name], shard.shard(expected, coords[r])), r) for r in ranks]
-        elif reduced:
-            diffs = [(compare("gradient", name, r, grads[r][name], expected), r) for r in ranks]
-        else:  # each rank's own gradient: average them as data_parallel would
-            mean = torch.stack([g[name].double() for g in grads]).mean(0)
-            diffs = [(compare("gradient", name, None, mean, expected.double()), None)]
+        mesh, specs = program.mesh, program.specs(name)
+        # rank r's piece of eager's gradient: its tp slice, then its (padded) ZeRO shard
+        piece = {r: local_shard(expected, specs, mesh.coords(r)) for r in ranks}
+        if reduced:
+            diffs = [(compare("gradient", name, r, grads[r][name], piece[r]), r) for r in ranks]
+        else:  # each rank's own batch slice: average over the dp ranks holding the same piece, as the dp pass would
+            firsts = [r for r in ranks if mesh.coords(r)["dp"] == 0]
+            means = {r: torch.stack([grads[q][name].double() for q in mesh.group(r, "dp")]).mean(0) for r in firsts}
+            one = len(firsts) == 1
+            diffs = [
+                (compare("gradient", name, None if one else r, means[r], piece[r].double()), None if one else r)
+                for r in firsts
+            ]
         diff, rank = max(diffs, key=lambda d: d[0])
         if diff >= check.grad_diff:
             check.grad_diff = diff

@@ -135,11 +135,14 @@ def run(args: argparse.Namespace) -> int:
         from shardfx.tools.simulate import Scenario, format_simulations, simulate_scenarios
 
         mp = "bf16" if args.bf16 else None
+        tp = f" x tp{args.tp}" if args.tp > 1 else ""
         scenarios = [
-            Scenario("ZeRO-3", shardfx_config(zero_stage=3, mixed_precision=mp)),
+            Scenario(f"ZeRO-3{tp}", shardfx_config(zero_stage=3, mixed_precision=mp, tp_size=args.tp)),
             Scenario(
-                f"ZeRO-3 + bucket {args.bucket_mb:g} MiB + overlap",
-                shardfx_config(zero_stage=3, mixed_precision=mp, bucket_mb=args.bucket_mb, overlap=True),
+                f"ZeRO-3{tp} + bucket {args.bucket_mb:g} MiB + overlap",
+                shardfx_config(
+                    zero_stage=3, mixed_precision=mp, tp_size=args.tp, bucket_mb=args.bucket_mb, overlap=True
+                ),
             ),
         ]
         kwargs = model_kwargs(args.model, args.preset, args.overrides)

@@ -1,25 +1,23 @@
 """Scale on paper: compile a built-in model for a world size this machine cannot run and simulate it.
 
 The model is built and traced on the meta device (no memory, any size), the
-pipeline runs for `world_size` data-parallel ranks, and the cost model
+compile driver runs the pipeline for `world_size` ranks (dp x tp as the Config
+says), and the cost model
 (shardfx.graphs.cost_model) simulates one rank's step on named hardware.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 import shardfx
-from shardfx.graphs.capture import capture
+from shardfx.driver import build_mesh, compile_step
 from shardfx.graphs.cost_model import Simulation, hardware, simulate
-from shardfx.graphs.program import DistProgram, Mesh
+from shardfx.graphs.program import DistProgram
 from shardfx.models import build_model
-from shardfx.passes.manager import PassContext, run_passes
-from shardfx.passes.pipeline import pipeline
 
 
 @dataclass
@@ -31,17 +29,13 @@ class Scenario:
 def compile_on_meta(
     model_name: str, kwargs: dict[str, Any], world_size: int, local_batch: int, config: shardfx.Config
 ) -> DistProgram:
+    """The step's last program for `world_size` ranks (every mesh axis of `config`), compiled through
+    the compile driver with the model and a batch of `local_batch` rows per dp rank on the meta device."""
+    mesh = build_mesh(config, world_size)
     with torch.device("meta"):
         model, loss_fn, _ = build_model(model_name, **kwargs)
-        example = _meta_batch(model, local_batch)
-    dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
-    with warnings.catch_warnings():  # meta tensors: torch warns that some kernels lack autograd registrations
-        warnings.simplefilter("ignore", UserWarning)
-        cap = capture(model, example, loss_fn, dtype)
-    mesh = Mesh.of(dp=world_size)
-    program = DistProgram(cap.gm, cap.signature, mesh, cap.fake_mode)
-    program, _ = run_passes(program, pipeline(config, mesh), PassContext(config))
-    return program
+        example = _meta_batch(model, local_batch * mesh.size("dp"))
+    return compile_step(model, example, loss_fn, config, mesh).program
 
 
 def _meta_batch(model: torch.nn.Module, batch: int) -> tuple[torch.Tensor, ...]:

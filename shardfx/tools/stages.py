@@ -1,10 +1,10 @@
 """Compile a model stage by stage: the program after capture and after each pass, for the debugging tools.
 
-`compile_stages(spec, config, world_size)` captures the step as
-compile_distributed does (one rank's batch shape), then runs the pipeline one
-pass at a time through passes.manager.run_passes (which times, verifies and
-names the pass on failure), keeping a copy of the program after each pass.
-Stage 0 is "capture"; stage i is the program after the i-th pass.
+`compile_stages(spec, config, world_size)` compiles through the compile driver
+(shardfx/driver.py), as compile_distributed does: the same mesh (every axis),
+capture and pipeline; the driver's observer keeps a copy of the program after
+the capture and after every pass. Stage 0 is "capture"; stage i is the
+program after the i-th pass.
 
 `add_compile_arguments` gives the commands their shared flags (world size,
 ZeRO stage, precision, clipping, passes to disable or append).
@@ -16,20 +16,16 @@ import argparse
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from shardfx.config import Config
-from shardfx.errors import PassError
+from shardfx.driver import CAPTURE, build_mesh, compile_step, passes_for
 from shardfx.graphs.analysis import collective_summary, memory_timeline
-from shardfx.graphs.capture import capture
-from shardfx.graphs.program import DistProgram, Mesh, clone_program
-from shardfx.passes.manager import Pass, PassContext, PassRecord, run_passes
-from shardfx.passes.pipeline import pipeline, step_variants, variant_config
+from shardfx.graphs.program import DistProgram, clone_program
+from shardfx.passes.manager import Pass, PassRecord
+from shardfx.passes.pipeline import schedule, step_variants
 from shardfx.tools.model_spec import ModelSpec, load_object
 from shardfx.tools.options import key_value, positive_float, positive_int
-
-CAPTURE = "capture"
 
 
 @dataclass
@@ -40,6 +36,7 @@ class Stage:
     seconds: float  # time the capture or the pass took
     record: PassRecord | None = None  # None for the capture
     disabled: bool = False  # the pass was named by --disable: the program is the previous stage's
+    provides: tuple[str, ...] = ()  # the pass's declared facts (passes/facts.py)
 
     def stats(self) -> dict[str, Any]:
         """Nodes, collectives by kind, bytes per step and estimated per-rank peak memory (graphs.analysis)."""
@@ -98,6 +95,12 @@ def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
         "--disable", metavar="PASS", action="append", default=[], help="skip this pass of the pipeline (repeatable)"
     )
     group.add_argument(
+        "--force-disable",
+        action="store_true",
+        help="let --disable skip a pass the program needs to be correct (data_parallel, a ZeRO pass, grad_norm, "
+        "clip_gradients): the program is then not the configured step",
+    )
+    group.add_argument(
         "--append-pass",
         metavar="MODULE:FUNCTION",
         action="append",
@@ -127,6 +130,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         grad_clip=args.grad_clip,
         batchnorm=args.batchnorm,
         disable_passes=tuple(args.disable),
+        force_disable=args.force_disable,
     )
     values.update(dict(args.config_items))
     return Config.from_dict(values)
@@ -148,16 +152,12 @@ def as_pass(obj: Any, text: str = "") -> Pass:
 
 def pass_list(config: Config, world_size: int, extra_passes: list[Pass] = (), variant: str | None = None) -> list[Pass]:
     """The pipeline of one program of the step: under accumulation `variant` (None: the last) of step_variants."""
-    mesh = Mesh.of(dp=world_size)
     variants = step_variants(config)
-    if variant is None:
-        variant = next(reversed(variants))
-    if variant not in variants:
+    if variant is not None and variant not in variants:
         if config.grad_accum_steps == 1:
             raise ValueError("--variant picks one program of an accumulating step; give --config grad_accum_steps=K")
         raise ValueError(f"--variant {variant}: this configuration compiles {', '.join(variants)}")
-    grad_accum, replicas = variants[variant]
-    return pipeline(variant_config(config), mesh, grad_accum=grad_accum, replicas=replicas) + list(extra_passes)
+    return passes_for(config, build_mesh(config, world_size), variant, extra_passes)
 
 
 def check_pass_name(name: str, passes: list[Pass], option: str, capture_ok: bool = False) -> None:
@@ -177,37 +177,47 @@ def compile_stages(
     variant: str | None = None,
 ) -> list[Stage]:
     """The program after capture and after every pass (up to `stop_after`), each its own copy;
-    under accumulation, of the step's program `variant` (see pass_list)."""
-    mesh = Mesh.of(dp=world_size)
+    under accumulation, of the step's program `variant` (see pass_list). One run of the compile
+    driver: its observer copies the program after each stage."""
+    mesh = build_mesh(config, world_size)
     passes = pass_list(config, world_size, extra_passes, variant)
+    variant = variant or schedule(config).micro_batches[-1]
     for name in config.disable_passes:
         check_pass_name(name, passes, "--disable")
     if stop_after is not None:
         check_pass_name(stop_after, passes, "--stop-after", capture_ok=True)
-        names = [CAPTURE] + [p.name for p in passes]
-        passes = passes[: names.index(stop_after)]
+        passes = passes[: [CAPTURE, *(p.name for p in passes)].index(stop_after)]
+    dp = mesh.size("dp")
     for i, x in enumerate(spec.batch):
-        if x.dim() == 0 or x.shape[0] % world_size:
-            raise ValueError(
-                f"example batch[{i}] has shape {list(x.shape)}: its dim 0 must divide into {world_size} ranks"
-            )
+        if x.dim() == 0 or x.shape[0] % dp:
+            raise ValueError(f"example batch[{i}] has shape {list(x.shape)}: its dim 0 must divide into {dp} ranks")
     bar = tqdm(total=len(passes) + 1, desc=CAPTURE, unit="stage", disable=True if not progress else None, leave=False)
-    local_batch = tuple(x[: x.shape[0] // world_size] for x in spec.batch)  # the graph is one rank's step
-    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
-    captured = capture(spec.model, local_batch, spec.loss_fn, compute_dtype)
-    program = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
-    stages = [Stage(0, CAPTURE, clone_program(program), captured.seconds)]
-    bar.update()
-    ctx = PassContext(variant_config(config))
-    for i, p in enumerate(passes, start=1):
-        bar.set_description(p.name)
-        try:
-            program, (record,) = run_passes(program, [p], ctx)
-        except PassError as exc:  # run one at a time, the manager cannot know the passes before
-            raise _with_passes_before(exc, [s.name for s in stages[1:] if not s.disabled]) from exc
-        stages.append(Stage(i, p.name, clone_program(program), record.seconds, record, disabled=record.skipped))
+    stages: list[Stage] = []
+
+    def observe(_variant: str, index: int, p: Pass | None, program: DistProgram, record: PassRecord | None) -> None:
+        if p is None:
+            stages.append(Stage(0, CAPTURE, clone_program(program), 0.0))
+        else:
+            assert record is not None
+            stages.append(
+                Stage(index, p.name, clone_program(program), record.seconds, record, record.skipped, p.provides)
+            )
+        bar.set_description(passes[index].name if index < len(passes) else "done")
         bar.update()
+
+    compiled = compile_step(
+        spec.model,
+        spec.batch,
+        spec.loss_fn,
+        config,
+        mesh,
+        variants=[variant],
+        extra_passes=extra_passes,
+        stop_after=stop_after,
+        observer=observe,
+    )
     bar.close()
+    stages[0].seconds = compiled.capture_seconds
     return stages
 
 
@@ -218,11 +228,3 @@ def find_stage(stages: list[Stage], name: str, option: str) -> Stage:
             return stage
     allowed = ", ".join(s.name for s in stages)
     raise ValueError(f"{option} {name}: no such stage (compiled: {allowed})")
-
-
-def _with_passes_before(exc: PassError, done: list[str]) -> PassError:
-    before = ", ".join([CAPTURE, *done])
-    message = str(exc).replace("(passes before it: none)", f"(passes before it: {before})", 1)
-    error = PassError(message)
-    error.node = exc.node
-    return error

@@ -86,9 +86,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output and suffix not in (".html", ".htm", ".svg"):
         raise ValueError(f"-o {args.output}: the file name must end in .html or .svg")
     if suffix == ".svg":
-        dot_path()  # fail before compiling when graphviz is missing
-        if args.compare:
+        if args.compare:  # a usage error comes before a missing tool
             raise ValueError("--compare draws two stages side by side in HTML; write -o FILE.html")
+        dot_path()  # fail before compiling when graphviz is missing
     if args.memory_plot:
         _pyplot()
     config = config_from_args(args)

@@ -17,31 +17,26 @@ import time
 import torch
 
 import shardfx
-from shardfx.graphs.capture import capture
-from shardfx.graphs.program import DistProgram, Mesh
+from shardfx.driver import build_mesh, capture_step, compile_traced
 from shardfx.models import GPT, GPTConfig, gpt_loss
-from shardfx.passes.manager import PassContext, run_passes
-from shardfx.passes.pipeline import pipeline
 
 
-def measure(layers: int, stage: int, world: int, batch: int) -> dict:
+def measure(layers: int, stage: int, world: int, batch: int, seq: int = 128) -> dict:
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=1024, n_layer=layers, d_model=256, n_head=4, seq_len=128))
-    tokens = torch.randint(0, 1024, (batch // world, 128))
-    cap = capture(model, (tokens, tokens), gpt_loss)
-    nodes_captured = len(cap.gm.graph.nodes)
-    mesh = Mesh.of(dp=world)
-    program = DistProgram(cap.gm, cap.signature, mesh, cap.fake_mode)
+    model = GPT(GPTConfig(vocab_size=1024, n_layer=layers, d_model=256, n_head=4, seq_len=seq))
+    tokens = torch.randint(0, 1024, (batch, seq))
     config = shardfx.Config(zero_stage=stage)
+    traced = capture_step(model, (tokens, tokens), gpt_loss, config, build_mesh(config, world))
     start = time.perf_counter()
-    program, records = run_passes(program, pipeline(config, mesh), PassContext(config))
+    compiled = compile_traced(traced, config)
     passes = time.perf_counter() - start
+    program = compiled.program
     return {
         "layers": layers,
         "stage": stage,
-        "capture_s": cap.seconds,
+        "capture_s": traced.seconds,
         "passes_s": passes,
-        "nodes_captured": nodes_captured,
+        "nodes_captured": len(traced.program.graph.nodes),
         "nodes_final": len(program.graph.nodes),
     }
 
@@ -52,12 +47,13 @@ def main() -> None:
     parser.add_argument("--stages", default="0,3", help="comma-separated ZeRO stages (default %(default)s)")
     parser.add_argument("--world-size", type=int, default=4, help="ranks the program is compiled for (default 4)")
     parser.add_argument("--batch", type=int, default=8, help="global batch (default 8)")
+    parser.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
     args = parser.parse_args()
     print("| layers | stage | capture s | passes s | passes/capture | nodes captured | nodes after pipeline |")
     print("|---|---|---|---|---|---|---|")
     for layers in [int(x) for x in args.layers.split(",")]:
         for stage in [int(x) for x in args.stages.split(",")]:
-            r = measure(layers, stage, args.world_size, args.batch)
+            r = measure(layers, stage, args.world_size, args.batch, args.seq)
             print(
                 f"| {r['layers']} | {r['stage']} | {r['capture_s']:.2f} | {r['passes_s']:.2f} | "
                 f"{r['passes_s'] / r['capture_s']:.2f} | {r['nodes_captured']} | {r['nodes_final']} |",

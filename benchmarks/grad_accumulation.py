@@ -157,7 +157,11 @@ def peak_memory(strategy: Strategy, tokens: Tensor, targets: Tensor) -> dict[str
 def worker(opts: dict[str, Any]) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     rank = dist.get_rank()
-    cfg = GPTConfig(vocab_size=1024, n_layer=4, d_model=256, n_head=4, seq_len=128)
+    cfg = (
+        GPTConfig(vocab_size=128, n_layer=1, d_model=64, n_head=2, seq_len=32)
+        if opts.get("tiny")
+        else GPTConfig(vocab_size=1024, n_layer=4, d_model=256, n_head=4, seq_len=128)
+    )
     n_steps = opts["warmup"] + 2 + opts["steps"]
     step_batch = {**opts, "batch": opts["batch"] * opts["accum"]}
     batches = make_batches(step_batch, n_steps + 1, cfg.vocab_size, cfg.seq_len)
@@ -206,6 +210,9 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma-separated strategies besides the baseline (default: all)")
     parser.add_argument("--timeout", type=float, default=600.0, help="collective timeout, s (default %(default)s)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the raw numbers here")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a 1-layer, 64-wide GPT: checks the script runs (figures mean nothing)"
+    )
     args = parser.parse_args()
     if args.warmup < 2 or args.steps < 1 or args.accum < 2:
         parser.error("--warmup must be >= 2, --steps >= 1 and --accum >= 2")
@@ -219,7 +226,7 @@ def main() -> None:
             parser.error(f"world size {w} must divide the micro-batch {args.batch}")
     opts = {**vars(args), "only": only}
     print(
-        f"GPT 4x256, vocab 1024, seq 128; {args.accum} micro-batches of {args.batch} a step, AdamW lr {args.lr}; "
+        f"GPT {'1x64, vocab 128, seq 32 (--tiny)' if args.tiny else '4x256, vocab 1024, seq 128'}; {args.accum} micro-batches of {args.batch} a step, AdamW lr {args.lr}; "
         f"{args.warmup} warm-up + 2 instrumented + {args.steps} timed steps; {os.cpu_count()} cores"
     )
     report: dict[str, Any] = {"options": vars(args), "torch": torch.__version__, "world_sizes": {}}

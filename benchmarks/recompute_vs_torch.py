@@ -11,7 +11,7 @@ The joint graph. The training step is captured ONCE with shardfx's `capture` (to
 AOTAutograd's joint export: forward, loss and backward in ATen) and both methods start from a copy
 of that same graph, so the ops, their order and their sizes are identical on both sides:
 
-- shardfx: `run_passes(program, pipeline(Config(recompute=...), Mesh.of(dp=1)))`, which is what
+- shardfx: `compile_traced(traced, Config(recompute=...))` (the compile driver), which is what
   `shardfx.compile_distributed(model, 1, ..., optimizer=None)` runs, minus building a runtime
   (checked to give the same programs). At world size 1 the pipeline is recompute + data_parallel;
   the latter's size-1 all-reduces do not change the peak (the recompute pass's own `peak_after`
@@ -75,15 +75,13 @@ import torch.fx as fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from shardfx.config import Config
+from shardfx.driver import Traced, build_mesh, capture_step, compile_traced
 from shardfx.errors import PassError
 from shardfx.graphs import meta
 from shardfx.graphs.analysis import ALIAS_OPS, memory_timeline
-from shardfx.graphs.capture import Captured, capture
 from shardfx.graphs.cost_model import compute_seconds, hardware, node_bytes, node_flops
 from shardfx.graphs.program import DistProgram, Mesh
 from shardfx.models import GPT, GPTConfig, gpt_loss
-from shardfx.passes.manager import PassContext, run_passes
-from shardfx.passes.pipeline import pipeline
 from shardfx.passes.recompute import BudgetUnreachable
 
 MiB = 2**20
@@ -123,17 +121,11 @@ def added_cost(row: Row, nodes: list[fx.Node]) -> Row:
 # --------------------------------------------------------------------------- shardfx
 
 
-def fresh_program(cap: Captured) -> DistProgram:
-    """A copy of the captured joint graph (node meta copied per node), as capture returns it."""
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(cap.gm.graph, {}))
-    return DistProgram(fx.GraphModule(cap.gm, graph), cap.signature, Mesh.of(dp=1), cap.fake_mode)
-
-
-def run_shardfx(cap: Captured, config: Config, setting: str) -> Row:
-    program = fresh_program(cap)
+def run_shardfx(traced: Traced, config: Config, setting: str) -> Row:
+    """One row: the compile driver's pipeline for `config` on a copy of the one capture."""
     try:
-        program, records = run_passes(program, pipeline(config, program.mesh), PassContext(config))
+        compiled = compile_traced(traced, config)
+        program, records = compiled.program, compiled.records[compiled.last]
     except PassError as exc:
         if not isinstance(exc.__cause__, BudgetUnreachable):
             raise
@@ -154,7 +146,7 @@ def run_shardfx(cap: Captured, config: Config, setting: str) -> Row:
 # --------------------------------------------------------------------------- torch
 
 
-def partitioner_joint(cap: Captured) -> tuple[fx.GraphModule, list[int]]:
+def partitioner_joint(cap: DistProgram) -> tuple[fx.GraphModule, list[int]]:
     """The captured graph in min_cut_rematerialization_partition's calling convention.
 
     Placeholders: the primals (unchanged names; torch tells primals from tangents by "tangents"
@@ -183,7 +175,7 @@ def partitioner_joint(cap: Captured) -> tuple[fx.GraphModule, list[int]]:
     return fx.GraphModule(cap.gm, graph), static
 
 
-def stitch(cap: Captured, fw: fx.GraphModule, bw: fx.GraphModule) -> DistProgram:
+def stitch(cap: DistProgram, fw: fx.GraphModule, bw: fx.GraphModule) -> DistProgram:
     """Forward then backward as one graph: backward placeholders bound to the forward's nodes of the
     same name, the tangent to ones_like(loss); outputs (loss, *grads) as in shardfx's programs."""
     graph = fx.Graph()
@@ -214,7 +206,7 @@ def stitch(cap: Captured, fw: fx.GraphModule, bw: fx.GraphModule) -> DistProgram
     return DistProgram(fx.GraphModule(cap.gm, graph), cap.signature, Mesh.of(dp=1), cap.fake_mode)
 
 
-def run_torch(cap: Captured, budget: float) -> tuple[Row, float]:
+def run_torch(cap: DistProgram, budget: float) -> tuple[Row, float]:
     joint, static = partitioner_joint(cap)
     start = time.perf_counter()
     with functorch_config.patch(activation_memory_budget=budget):
@@ -366,7 +358,8 @@ def main() -> None:
     model = GPT(gpt)
     tokens = torch.randint(0, gpt.vocab_size, (args.batch, args.seq))
     targets = torch.randint(0, gpt.vocab_size, (args.batch, args.seq))
-    cap = capture(model, (tokens, targets), gpt_loss)
+    traced = capture_step(model, (tokens, targets), gpt_loss, Config(), build_mesh(Config(), 1))
+    cap = traced.program  # the joint graph as captured: torch's partitioner starts from it too
     fwd_flops = sum(node_flops(n) for n in cap.gm.graph.nodes if n.meta.get(meta.PHASE) == meta.FORWARD)
 
     torch_rows: list[Row] = []
@@ -379,14 +372,14 @@ def main() -> None:
     start = time.perf_counter()
     base = Config(hardware=args.hardware)
     ours = [
-        run_shardfx(cap, base, "none"),
-        run_shardfx(cap, base.replace(recompute="full"), "full"),
-        run_shardfx(cap, base.replace(recompute="selective"), "selective"),
+        run_shardfx(traced, base, "none"),
+        run_shardfx(traced, base.replace(recompute="full"), "full"),
+        run_shardfx(traced, base.replace(recompute="selective"), "selective"),
     ]
     none_peak = ours[0].peak
     lowest: float | None = None
     for f in fractions:
-        row = run_shardfx(cap, base.replace(recompute="budget", memory_budget=f), f"budget {f:g}")
+        row = run_shardfx(traced, base.replace(recompute="budget", memory_budget=f), f"budget {f:g}")
         row.stats.setdefault("target", f * none_peak if row.peak is not None else None)
         ours.append(row)
         if row.peak is None and row.stats.get("lowest_mib") is not None:
@@ -399,7 +392,9 @@ def main() -> None:
             byte_budgets.append((t.peak, f"= torch {t.setting}"))
     for nbytes, why in byte_budgets:
         row = run_shardfx(
-            cap, base.replace(recompute="budget", memory_budget=float(nbytes)), f"budget {nbytes / MiB:.2f} MiB ({why})"
+            traced,
+            base.replace(recompute="budget", memory_budget=float(nbytes)),
+            f"budget {nbytes / MiB:.2f} MiB ({why})",
         )
         row.stats.setdefault("target", nbytes if row.peak is not None else None)
         ours.append(row)
@@ -408,7 +403,7 @@ def main() -> None:
     print(
         f"GPT {args.layers} layers, d_model 256, 4 heads, vocab 1024, batch {args.batch} x {args.seq}, fp32, one rank; "
         f"torch {torch.__version__}; forward {fwd_flops / 1e9:.3f} GFLOP; "
-        f"joint graph {len(cap.gm.graph.nodes)} nodes (capture {cap.seconds:.1f} s)\n"
+        f"joint graph {len(cap.gm.graph.nodes)} nodes (capture {traced.seconds:.1f} s)\n"
     )
     print(table(ours + torch_rows, fwd_flops))
     print()

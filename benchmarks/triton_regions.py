@@ -28,12 +28,11 @@ import torch
 import torch.fx as fx
 
 from shardfx.config import Config
+from shardfx.driver import Traced, build_mesh, capture_step, compile_traced
 from shardfx.graphs.analysis import ALIAS_OPS
-from shardfx.graphs.capture import capture
-from shardfx.graphs.program import FUSION_REGIONS, TRITON_REGIONS, DistProgram, Mesh
+from shardfx.graphs.program import FUSION_REGIONS, TRITON_REGIONS, DistProgram
 from shardfx.models import GPT, GPTConfig, gpt_loss
-from shardfx.passes.fuse import fuse
-from shardfx.passes.manager import PassContext
+from shardfx.passes.pipeline import FUSE
 
 PEAK_GBS = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}  # data-sheet HBM bandwidth
 
@@ -43,8 +42,9 @@ def gpt_program(cfg: GPTConfig, batch: int, device: str) -> tuple[GPT, tuple, Di
     model = GPT(cfg).to(device)
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=device)
     targets = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=device)
-    c = capture(model, (tokens, targets), gpt_loss)
-    return model, (tokens, targets), DistProgram(c.gm, c.signature, Mesh.of(dp=1), c.fake_mode)
+    config = Config()
+    program = capture_step(model, (tokens, targets), gpt_loss, config, build_mesh(config, 1)).program
+    return model, (tokens, targets), program
 
 
 def region_graphs(program: DistProgram) -> list[dict[str, Any]]:
@@ -107,7 +107,7 @@ def run_gpu(cfg: GPTConfig, batch: int) -> None:
     name = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_GBS.items() if k in name), None)
     _, _, program = gpt_program(cfg, batch, "cuda")
-    fuse(program, PassContext(Config()))
+    program = compile_traced(Traced(program, 0.0), Config(), passes=[FUSE]).program  # regions marked, not lowered
     print(f"# {name}; peak {peak or '?'} GB/s; GPT {cfg}; batch {batch}")
     print(
         f"{'region':<8} {'phase':<9} {'domain':>11} {'MB':>7} {'eager us':>9} {'ours us':>8} {'compile us':>10} "
@@ -130,20 +130,15 @@ def run_gpu(cfg: GPTConfig, batch: int) -> None:
         )
 
 
-def run_static(cfg: GPTConfig, batch: int) -> None:
+def run_static(cfg: GPTConfig, batch: int, inductor: bool = True) -> None:
     """Kernels per step and fused bytes: shardfx (lowered, not run) against Inductor's CPU backend."""
-    from functools import partial
-
     from shardfx.kernels.report import format_report
-    from shardfx.passes.lower_to_triton import lower_to_triton
-    from shardfx.passes.manager import Pass, run_passes
+    from shardfx.passes.pipeline import LOWER_TO_TRITON
 
     model, batch_t, program = gpt_program(cfg, batch, "cpu")
-    passes = [
-        Pass("fuse", fuse, "regions"),
-        Pass("lower_to_triton", partial(lower_to_triton, cache_dir=tempfile.mkdtemp()), "kernels"),
-    ]
-    program, records = run_passes(program, passes, PassContext(Config()))
+    passes = [FUSE, LOWER_TO_TRITON.bind(cache_dir=tempfile.mkdtemp())]
+    compiled = compile_traced(Traced(program, 0.0), Config(), passes=passes)
+    program, records = compiled.program, compiled.records[compiled.last]
     s = records[-1].stats
     print(f"# GPT {cfg}; batch {batch}")
     print("## shardfx")
@@ -161,6 +156,8 @@ def run_static(cfg: GPTConfig, batch: int) -> None:
     others = sum(c for k, c in left.items() if not k.startswith(extern))
     print(f"eager ops left that are not matmul/attention (Inductor would generate code for these): {others}")
     print("  " + ", ".join(f"{k} x{c}" for k, c in left.most_common() if not k.startswith(extern)))
+    if not inductor:
+        return
 
     from torch._inductor import metrics
 
@@ -185,11 +182,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--no-inductor", action="store_true", help="with --static: shardfx's side only (smoke test)")
     a = ap.parse_args()
     cfg = GPTConfig(vocab_size=a.vocab, n_layer=a.layers, d_model=a.d_model, n_head=a.heads, seq_len=a.seq)
     if a.static or not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        run_static(cfg, a.batch)
+        run_static(cfg, a.batch, inductor=not a.no_inductor)
     else:
         run_gpu(cfg, a.batch)
 

@@ -299,12 +299,19 @@ def measure(
     return times, memory, comm
 
 
+def model_config(opts: dict[str, Any]) -> GPTConfig:
+    """TARGETS.md's GPT; with --tiny a 1-layer, 64-wide one (the smoke test's: it checks the script runs)."""
+    if opts.get("tiny"):
+        return GPTConfig(vocab_size=128, n_layer=1, d_model=64, n_head=2, seq_len=32, tie_weights=opts["tie_weights"])
+    return GPTConfig(vocab_size=1024, n_layer=4, d_model=256, n_head=4, seq_len=128, tie_weights=opts["tie_weights"])
+
+
 def worker(opts: dict[str, Any]) -> dict[str, Any]:
     """One rank of the job: every strategy, stepped round-robin; rank 0's numbers come back."""
     # shardfx's DistComm calls all_gather_into_tensor / reduce_scatter_tensor, deprecated in torch 2.13.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     rank = dist.get_rank()
-    cfg = GPTConfig(vocab_size=1024, n_layer=4, d_model=256, n_head=4, seq_len=128, tie_weights=opts["tie_weights"])
+    cfg = model_config(opts)
     n_steps = opts["warmup"] + 2 + opts["steps"]
     batches = make_batches(opts, n_steps + 1, cfg.vocab_size, cfg.seq_len)
     held_out = batches.pop()
@@ -427,6 +434,9 @@ def main() -> None:
         metavar="PATH",
         help="also write the raw numbers (every step time, memory breakdowns, collective counts) here",
     )
+    parser.add_argument(
+        "--tiny", action="store_true", help="a 1-layer, 64-wide GPT: checks the script runs (figures mean nothing)"
+    )
     args = parser.parse_args()
     if args.warmup < 2 or args.steps < 1:
         parser.error(f"--warmup must be >= 2 and --steps >= 1; got {args.warmup} and {args.steps}")
@@ -440,7 +450,7 @@ def main() -> None:
         parser.error(f"--only names unknown strategies {unknown}; choose from {list(STRATEGIES)}")
     opts = {**vars(args), "only": only}
     print(
-        f"GPT 4x256, vocab 1024, seq 128, {'tied' if args.tie_weights else 'untied'} head; global batch {args.batch}, "
+        f"GPT {'1x64, vocab 128, seq 32 (--tiny)' if args.tiny else '4x256, vocab 1024, seq 128'}, {'tied' if args.tie_weights else 'untied'} head; global batch {args.batch}, "
         f"AdamW lr {args.lr}; {args.warmup} warm-up + 2 instrumented + {args.steps} timed steps; {os.cpu_count()} cores"
     )
     report: dict[str, Any] = {"options": vars(args), "torch": torch.__version__, "world_sizes": {}}

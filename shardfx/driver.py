@@ -10,9 +10,11 @@ thing everywhere:
     compiled.schedule                              # which program runs at which micro-batch
     compiled.records["step"]                       # one PassRecord per pass (time, nodes, collectives)
 
-`compile_step` captures the step once at one rank's batch shape, checks the
-pipeline's contracts (passes/manager.py), then runs the pipeline for every
-program the step needs (passes/pipeline.py: schedule). An `observer` sees the
+`compile_step` captures the step once at one rank's batch shape
+(`capture_step`), checks the pipeline's contracts (passes/manager.py), then
+runs the pipeline for every program the step needs (passes/pipeline.py:
+schedule) on copies of the capture (`compile_traced`: one capture can be
+compiled under many Configs). An `observer` sees the
 program after the capture and after every pass, for tools that show stages.
 `compile_eval` does the same for eval_step's forward-only program.
 """
@@ -38,6 +40,14 @@ CAPTURE = "capture"
 # observer(variant, index, pass, program, record): index 0 is the capture (pass and record None).
 # The program is the one being rewritten: copy it (clone_program) to keep it.
 Observer = Callable[[str, int, Pass | None, DistProgram, PassRecord | None], None]
+
+
+@dataclass
+class Traced:
+    """The captured step (before any pass) and how long the capture took."""
+
+    program: DistProgram
+    seconds: float
 
 
 @dataclass
@@ -92,9 +102,7 @@ def rank_batch(batch: Sequence[torch.Tensor], mesh: Mesh) -> tuple[torch.Tensor,
     return tuple(x[: x.shape[0] // dp] for x in batch)
 
 
-def passes_for(
-    config: Config, mesh: Mesh, variant: str | None = None, extra_passes: Sequence[Pass] = ()
-) -> list[Pass]:
+def passes_for(config: Config, mesh: Mesh, variant: str | None = None, extra_passes: Sequence[Pass] = ()) -> list[Pass]:
     """The pipeline of one program of the step (`variant` of step_variants; None: the last one),
     then `extra_passes`."""
     variants = step_variants(config)
@@ -122,45 +130,72 @@ def check_disabled(config: Config, extra_passes: Sequence[Pass] = ()) -> None:
         )
 
 
+def capture_step(
+    model: nn.Module,
+    batch: Sequence[torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor] | None,
+    config: Config,
+    mesh: Mesh,
+) -> Traced:
+    """The training step captured at one rank's slice of the global `batch` (in the Config's compute dtype)."""
+    batch = tuple(batch)
+    check_batch(batch, mesh)
+    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
+    captured = _capture(capture, model, rank_batch(batch, mesh), loss_fn, compute_dtype)
+    return Traced(DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode), captured.seconds)
+
+
 def compile_step(
     model: nn.Module,
     batch: Sequence[torch.Tensor],
     loss_fn: Callable[..., torch.Tensor] | None,
     config: Config,
     mesh: Mesh,
+    **options: Any,
+) -> Compiled:
+    """Capture the training step for the global `batch` and run the pipeline for every program the
+    step needs: capture_step, then compile_traced (whose keyword options it takes)."""
+    # the contracts fail before the capture's seconds are spent
+    plan(
+        config,
+        mesh,
+        options.get("variants"),
+        options.get("extra_passes", ()),
+        options.get("stop_after"),
+        options.get("passes"),
+    )
+    return compile_traced(capture_step(model, batch, loss_fn, config, mesh), config, **options)
+
+
+def compile_traced(
+    traced: Traced,
+    config: Config,
     *,
     variants: Sequence[str] | None = None,
     extra_passes: Sequence[Pass] = (),
     stop_after: str | None = None,
     observer: Observer | None = None,
     log: Callable[[str], None] | None = None,
+    passes: Sequence[Pass] | None = None,
 ) -> Compiled:
-    """Capture the training step for the global `batch` and run the pipeline for every program the
-    step needs (`variants`: only these). `stop_after`: a pass name (or "capture") to stop after."""
-    batch = tuple(batch)
-    check_batch(batch, mesh)
-    check_disabled(config, extra_passes)
-    names = list(step_variants(config)) if variants is None else list(variants)
-    pass_lists = {name: passes_for(config, mesh, name, extra_passes) for name in names}
-    if stop_after is not None:
-        pass_lists = {name: _until(passes, stop_after) for name, passes in pass_lists.items()}
+    """Run the pipeline of `config` for every program the step needs (`variants`: only these) on a
+    copy of `traced` (which stays as captured: compile it again under another Config).
+    `stop_after`: a pass name (or "capture") to stop after. `passes`: run these instead of the
+    pipeline (tests and benchmarks of single passes). Contracts are checked first."""
+    pass_lists = plan(config, traced.program.mesh, variants, extra_passes, stop_after, passes)
+    names = list(pass_lists)
     graph_config = variant_config(config)
-    for passes in pass_lists.values():  # every contract checked before the capture starts
-        _check(passes, graph_config)
-    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
-    captured = _capture(capture, model, rank_batch(batch, mesh), loss_fn, compute_dtype)
-    traced = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
     programs: dict[str, DistProgram] = {}
     records: dict[str, list[PassRecord]] = {}
     for name, passes in pass_lists.items():
-        program = clone_program(traced) if name != names[-1] else traced
+        program = clone_program(traced.program)
         if observer is not None:
             observer(name, 0, None, program, None)
         dump = config.dump_dir if config.dump_dir is None or len(names) == 1 else f"{config.dump_dir}/{name}"
         ctx = PassContext(graph_config, log or (lambda line: None))
         watch = None if observer is None else (lambda i, p, prog, rec, n=name: observer(n, i, p, prog, rec))
         programs[name], records[name] = run_passes(program, passes, ctx, dump_dir=dump, observer=watch)
-    return Compiled(mesh, programs, records, pass_lists, schedule(config), captured.seconds)
+    return Compiled(traced.program.mesh, programs, records, pass_lists, schedule(config), traced.seconds)
 
 
 def compile_eval(
@@ -183,8 +218,29 @@ def compile_eval(
     return run_passes(program, pipeline(eval_config, mesh), ctx)[0]
 
 
-def _check(passes: list[Pass], config: Config) -> None:
-    check_pipeline(passes, tuple(config.disable_passes), force_disable=config.force_disable)
+def plan(
+    config: Config,
+    mesh: Mesh,
+    variants: Sequence[str] | None = None,
+    extra_passes: Sequence[Pass] = (),
+    stop_after: str | None = None,
+    passes: Sequence[Pass] | None = None,
+) -> dict[str, list[Pass]]:
+    """The passes of every program the step needs (`variants`: only these; `passes`: instead of the
+    pipeline), their contracts checked: Config.disable_passes names passes, required ones are not
+    disabled, needs and orders hold."""
+    check_disabled(config, [*extra_passes, *(passes or ())])
+    names = list(step_variants(config)) if variants is None else list(variants)
+    if passes is not None:
+        pass_lists = {name: [*passes, *extra_passes] for name in names}
+    else:
+        pass_lists = {name: passes_for(config, mesh, name, extra_passes) for name in names}
+    if stop_after is not None:
+        pass_lists = {name: _until(passes, stop_after) for name, passes in pass_lists.items()}
+    graph_config = variant_config(config)
+    for passes in pass_lists.values():
+        check_pipeline(passes, tuple(graph_config.disable_passes), force_disable=graph_config.force_disable)
+    return pass_lists
 
 
 def _until(passes: list[Pass], stop_after: str) -> list[Pass]:

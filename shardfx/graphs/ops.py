@@ -118,24 +118,70 @@ def _attention_rows() -> dict[Any, OpFacts]:
 
 OPS: dict[Any, OpFacts] = {
     # pointwise with a tensor-parallel rule (shards pass through; see tp_rules._pointwise)
-    **_rows(POINTWISE, [
-        aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.gelu.default,
-        aten.gelu_backward.default, aten.tanh.default, aten.neg.default, aten.exp.default, aten.rsqrt.default,
-        aten.relu.default, aten.silu.default, aten.sigmoid.default, aten.clone.default, aten._to_copy.default,
-        aten.ones_like.default, aten.zeros_like.default, aten.pow.Tensor_Scalar, aten.threshold_backward.default,
-        aten.where.self, aten.tanh_backward.default, aten.silu_backward.default, aten.sigmoid_backward.default,
-    ], tp="pointwise"),  # fmt: skip
+    **_rows(
+        POINTWISE,
+        [
+            aten.add.Tensor,
+            aten.sub.Tensor,
+            aten.mul.Tensor,
+            aten.div.Tensor,
+            aten.gelu.default,
+            aten.gelu_backward.default,
+            aten.tanh.default,
+            aten.neg.default,
+            aten.exp.default,
+            aten.rsqrt.default,
+            aten.relu.default,
+            aten.silu.default,
+            aten.sigmoid.default,
+            aten.clone.default,
+            aten._to_copy.default,
+            aten.ones_like.default,
+            aten.zeros_like.default,
+            aten.pow.Tensor_Scalar,
+            aten.threshold_backward.default,
+            aten.where.self,
+            aten.tanh_backward.default,
+            aten.silu_backward.default,
+            aten.sigmoid_backward.default,
+        ],
+        tp="pointwise",
+    ),  # fmt: skip
     aten.detach.default: OpFacts(POINTWISE, alias=True, tp="pointwise"),
     aten.alias.default: OpFacts(POINTWISE, alias=True, tp="pointwise"),
     # pointwise without a tensor-parallel rule yet (their inputs are replicated under tp)
-    **_rows(POINTWISE, [
-        aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar, aten.mul.Scalar, aten.div.Scalar, aten.log.default,
-        aten.sqrt.default, aten.reciprocal.default, aten.abs.default, aten.erf.default, aten.maximum.default,
-        aten.minimum.default, aten.ne.Scalar, aten.ne.Tensor, aten.eq.Scalar, aten.eq.Tensor, aten.gt.Scalar,
-        aten.gt.Tensor, aten.lt.Scalar, aten.lt.Tensor, aten.ge.Scalar, aten.le.Scalar, aten.full_like.default,
-        aten.native_dropout.default, aten.native_dropout_backward.default, aten.masked_fill.Scalar,
-        aten.copy.default,
-    ]),  # fmt: skip
+    **_rows(
+        POINTWISE,
+        [
+            aten.add.Scalar,
+            aten.sub.Scalar,
+            aten.rsub.Scalar,
+            aten.mul.Scalar,
+            aten.div.Scalar,
+            aten.log.default,
+            aten.sqrt.default,
+            aten.reciprocal.default,
+            aten.abs.default,
+            aten.erf.default,
+            aten.maximum.default,
+            aten.minimum.default,
+            aten.ne.Scalar,
+            aten.ne.Tensor,
+            aten.eq.Scalar,
+            aten.eq.Tensor,
+            aten.gt.Scalar,
+            aten.gt.Tensor,
+            aten.lt.Scalar,
+            aten.lt.Tensor,
+            aten.ge.Scalar,
+            aten.le.Scalar,
+            aten.full_like.default,
+            aten.native_dropout.default,
+            aten.native_dropout_backward.default,
+            aten.masked_fill.Scalar,
+            aten.copy.default,
+        ],
+    ),  # fmt: skip
     # views
     aten.view.default: OpFacts(VIEW, alias=True, tp="view"),
     aten._unsafe_view.default: OpFacts(VIEW, alias=True, tp="view"),
@@ -144,20 +190,39 @@ OPS: dict[Any, OpFacts] = {
     aten.transpose.int: OpFacts(VIEW, alias=True, tp="permute"),
     aten.permute.default: OpFacts(VIEW, alias=True, tp="permute"),
     aten.split.Tensor: OpFacts(VIEW, alias=True, tp="split"),
-    **_rows(VIEW, [
-        aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.slice.Tensor,
-        aten.select.int, aten.as_strided.default, aten.unbind.int,
-    ], alias=True),  # fmt: skip
+    **_rows(
+        VIEW,
+        [
+            aten.expand.default,
+            aten.unsqueeze.default,
+            aten.squeeze.dim,
+            aten.squeeze.dims,
+            aten.slice.Tensor,
+            aten.select.int,
+            aten.as_strided.default,
+            aten.unbind.int,
+        ],
+        alias=True,
+    ),  # fmt: skip
     collectives.WAIT: OpFacts(OTHER, alias=True),  # returns the async collective's buffer
     operator.getitem: OpFacts(VIEW, tp="getitem"),  # picks one output of a multi-output op
     aten.cat.default: OpFacts(OTHER, tp="cat"),
     # reductions
     aten.sum.dim_IntList: OpFacts(REDUCTION, tp="sum"),
     aten.sum.default: OpFacts(REDUCTION, tp="sum"),
-    **_rows(REDUCTION, [
-        aten.amax.default, aten.amin.default, aten.mean.dim, aten.var_mean.correction, aten._softmax.default,
-        aten._log_softmax.default, aten._softmax_backward_data.default, aten._log_softmax_backward_data.default,
-    ]),  # fmt: skip
+    **_rows(
+        REDUCTION,
+        [
+            aten.amax.default,
+            aten.amin.default,
+            aten.mean.dim,
+            aten.var_mean.correction,
+            aten._softmax.default,
+            aten._log_softmax.default,
+            aten._softmax_backward_data.default,
+            aten._log_softmax_backward_data.default,
+        ],
+    ),  # fmt: skip
     # matmuls
     aten.mm.default: OpFacts(MATMUL, tp="matmul"),
     aten.addmm.default: OpFacts(MATMUL, tp="matmul"),

@@ -77,4 +77,3 @@ def accumulate_gradients(
         added += 1
     program.set_outputs(outputs)
     return PassResult(program, {"accumulators": added, "variant": variant})
-

@@ -123,7 +123,9 @@ def check_pipeline(
                 continue
             source = provider.get(need)
             if source is None:
-                raise ValueError(f"pass {p.name!r} needs {need}, which no pass of this pipeline and not {capture} provides")
+                raise ValueError(
+                    f"pass {p.name!r} needs {need}, which no pass of this pipeline and not {capture} provides"
+                )
             state = "is disabled" if source in disabled else f"runs after it (#{position[source] + 1} > #{i + 1})"
             raise ValueError(f"pass {p.name!r} needs {need}, which {source!r} provides, and {source!r} {state}")
         available.update(p.provides)

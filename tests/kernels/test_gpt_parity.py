@@ -10,14 +10,12 @@ import torch
 pytest.importorskip("triton")
 
 from shardfx.config import Config  # noqa: E402
-from shardfx.graphs.capture import capture  # noqa: E402
+from shardfx.driver import build_mesh, compile_step  # noqa: E402
 from shardfx.graphs.format import format_program  # noqa: E402
-from shardfx.graphs.program import TRITON_REGIONS, DistProgram, Mesh  # noqa: E402
+from shardfx.graphs.program import TRITON_REGIONS  # noqa: E402
 from shardfx.kernels.launch import TRITON_REGION  # noqa: E402
 from shardfx.kernels.report import format_report  # noqa: E402
 from shardfx.models import GPT, GPTConfig, gpt_loss  # noqa: E402
-from shardfx.passes.manager import PassContext, run_passes  # noqa: E402
-from shardfx.passes.pipeline import pipeline  # noqa: E402
 from shardfx.runtime.local import LocalRuntime  # noqa: E402
 from tests.kernels.util import kernel_passes  # noqa: E402
 from tests.parity_util import adamw  # noqa: E402
@@ -26,11 +24,8 @@ WORLD = 2
 
 
 def _train(model, batch, config, extra, steps=2):  # type: ignore[no-untyped-def]
-    mesh = Mesh.of(dp=WORLD)
-    local = tuple(x[: x.shape[0] // WORLD] for x in batch)
-    c = capture(model, local, gpt_loss)
-    program = DistProgram(c.gm, c.signature, mesh, c.fake_mode)
-    program, records = run_passes(program, pipeline(config, mesh) + extra, PassContext(config))
+    compiled = compile_step(model, batch, gpt_loss, config, build_mesh(config, WORLD), extra_passes=extra)
+    program, records = compiled.program, compiled.records[compiled.last]
     runtime = LocalRuntime(program, copy.deepcopy(model), adamw)
     shards = [tuple(x.chunk(WORLD)[r] for x in batch) for r in range(WORLD)]
     losses = torch.stack([runtime.step(shards) for _ in range(steps)])

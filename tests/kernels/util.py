@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -11,12 +10,12 @@ import torch
 import torch.nn as nn
 
 from shardfx.config import Config
-from shardfx.graphs.capture import capture
-from shardfx.graphs.program import DistProgram, Mesh
+from shardfx.driver import Traced, build_mesh, capture_step, compile_traced
+from shardfx.graphs.program import DistProgram
 from shardfx.graphs.signature import BUFFER, PARAM
 from shardfx.passes.fuse import fuse
 from shardfx.passes.lower_to_triton import lower_to_triton
-from shardfx.passes.manager import Pass, PassContext, run_passes
+from shardfx.passes.manager import Pass
 
 
 def kernel_passes(cache_dir: str | Path) -> list[Pass]:
@@ -27,13 +26,16 @@ def kernel_passes(cache_dir: str | Path) -> list[Pass]:
 
 
 def captured(model: nn.Module, batch: tuple, loss_fn: Callable | None, dtype: torch.dtype | None = None) -> DistProgram:
-    c = capture(model, batch, loss_fn, dtype)
-    return DistProgram(c.gm, c.signature, Mesh.of(dp=1), c.fake_mode)
+    """The step captured by the compile driver on one rank (dtype: the compute dtype, bf16 or None)."""
+    config = Config(mixed_precision="bf16" if dtype == torch.bfloat16 else None)
+    assert dtype in (None, torch.float32, torch.bfloat16), dtype
+    return capture_step(model, batch, loss_fn, config, build_mesh(config, 1)).program
 
 
 def lowered(program: DistProgram, cache_dir: str | Path) -> tuple[DistProgram, list]:
-    program = DistProgram(copy.deepcopy(program.gm), program.signature, program.mesh, program.fake_mode)
-    return run_passes(program, kernel_passes(cache_dir), PassContext(Config()))
+    """A copy of `program` after fuse and lower_to_triton only (through the driver)."""
+    compiled = compile_traced(Traced(program, 0.0), Config(), passes=kernel_passes(cache_dir))
+    return compiled.program, compiled.records[compiled.last]
 
 
 def run(program: DistProgram, model: nn.Module, batch: tuple, dtype: torch.dtype | None = None) -> list[torch.Tensor]:

@@ -39,7 +39,7 @@ def test_chain_timeline() -> None:
 def test_zero3_lowers_the_peak_and_the_graph_knows_its_traffic() -> None:
     import shardfx
     from shardfx.models import gpt_loss
-    from tests.parity.test_data_parallel_parity import gpt_batch, tiny_gpt
+    from tests.fixtures import gpt_batch, tiny_gpt
 
     peaks = {}
     for stage in (0, 3):

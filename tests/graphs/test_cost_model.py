@@ -8,7 +8,7 @@ import shardfx
 from shardfx.graphs import collectives
 from shardfx.graphs.cost_model import PROFILES, hardware, node_flops, simulate
 from shardfx.models import gpt_loss
-from tests.parity.test_data_parallel_parity import gpt_batch, tiny_gpt
+from tests.fixtures import gpt_batch, tiny_gpt
 
 
 def compiled(**config):

@@ -8,12 +8,11 @@ import torch
 pytest.importorskip("triton")
 
 from shardfx.kernels import cache  # noqa: E402
-from tests.kernels.test_regions import _case  # noqa: E402
-from tests.kernels.util import captured, lowered, run  # noqa: E402
+from tests.kernels.util import captured, lowered, region_case, run  # noqa: E402
 
 
 def test_hit_then_corrupt_entry_is_rebuilt(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    model, batch, loss_fn = _case("gelu_tanh")
+    model, batch, loss_fn = region_case("gelu_tanh")
     program = captured(model, batch, loss_fn)
     lowered(program, tmp_path)
     entries = sorted(tmp_path.glob("*.py"))

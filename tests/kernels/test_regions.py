@@ -9,54 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
 from shardfx.graphs.format import format_program  # noqa: E402
 from shardfx.graphs.program import TRITON_REGIONS  # noqa: E402
 from shardfx.kernels.launch import TRITON_REGION  # noqa: E402
-from tests.kernels.util import captured, lowered, run  # noqa: E402
-
-ROWS, COLS = 37, 129
-
-
-class Head(nn.Module):
-    def __init__(self, op: str) -> None:
-        super().__init__()
-        self.op = op
-        self.fc = nn.Linear(COLS, COLS)
-        self.ln = nn.LayerNorm(COLS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)  # (ROWS, COLS)
-        if self.op == "layer_norm":
-            return self.ln(h + x)  # residual add + layer norm
-        if self.op == "gelu_tanh":
-            return F.gelu(h, approximate="tanh")
-        if self.op == "gelu":
-            return F.gelu(h)
-        if self.op == "softmax":
-            return torch.softmax(h, dim=-1)
-        return h  # logits for cross-entropy
-
-
-def mse_to(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return ((out - target) ** 2).mean()
-
-
-def cross_entropy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out, target)
-
-
-def _case(op: str) -> tuple[nn.Module, tuple, object]:
-    torch.manual_seed(0)
-    model = Head(op)
-    x = torch.randn(ROWS, COLS)
-    if op == "cross_entropy":
-        return model, (x, torch.randint(0, COLS, (ROWS,))), cross_entropy
-    return model, (x, torch.randn(ROWS, COLS)), mse_to
+from tests.kernels.util import COLS, ROWS, captured, lowered, region_case, run  # noqa: E402
 
 
 def _kernels(program) -> int:  # type: ignore[no-untyped-def]
@@ -65,7 +24,7 @@ def _kernels(program) -> int:  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("op", ["layer_norm", "gelu_tanh", "gelu", "softmax", "cross_entropy"])
 def test_region_matches_unfused_fp32(op: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    model, batch, loss_fn = _case(op)
+    model, batch, loss_fn = region_case(op)
     program = captured(model, batch, loss_fn)
     fused, records = lowered(program, tmp_path)
     expected = run(program, model, batch)
@@ -78,7 +37,7 @@ def test_region_matches_unfused_fp32(op: str, tmp_path) -> None:  # type: ignore
 
 
 def test_cross_entropy_is_one_kernel_each_way(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    model, batch, loss_fn = _case("cross_entropy")
+    model, batch, loss_fn = region_case("cross_entropy")
     fused, _ = lowered(captured(model, batch, loss_fn), tmp_path)
     rows = [r for r in fused.notes[TRITON_REGIONS] if r.domain == f"{ROWS}x{COLS}"]
     # forward: log-softmax and the target's log-probability; backward: nll backward + log-softmax backward
@@ -86,7 +45,7 @@ def test_cross_entropy_is_one_kernel_each_way(tmp_path) -> None:  # type: ignore
 
 
 def test_layer_norm_backward_is_one_kernel(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    model, batch, loss_fn = _case("layer_norm")
+    model, batch, loss_fn = region_case("layer_norm")
     fused, _ = lowered(captured(model, batch, loss_fn), tmp_path)
     regions = fused.notes[TRITON_REGIONS]
     backward = [r for r in regions if r.phase == "backward" and r.domain == f"{ROWS}x{COLS}"]
@@ -97,7 +56,7 @@ def test_layer_norm_backward_is_one_kernel(tmp_path) -> None:  # type: ignore[no
 
 @pytest.mark.parametrize("op", ["layer_norm", "gelu_tanh", "softmax", "cross_entropy"])
 def test_region_matches_unfused_bf16(op: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    model, batch, loss_fn = _case(op)
+    model, batch, loss_fn = region_case(op)
     batch = tuple(b.to(torch.bfloat16) if b.is_floating_point() else b for b in batch)
     program = captured(model, batch, loss_fn, torch.bfloat16)
     fused, _ = lowered(program, tmp_path)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from shardfx.config import Config
 from shardfx.driver import Traced, build_mesh, capture_step, compile_traced
@@ -52,3 +53,44 @@ def run(program: DistProgram, model: nn.Module, batch: tuple, dtype: torch.dtype
             args.append(batch[spec.batch_index])
     with torch.no_grad():
         return list(program.gm(*args))
+
+
+# One memory-bound op between a Linear and a loss, on odd shapes (test_regions, test_cache).
+ROWS, COLS = 37, 129
+
+
+class Head(nn.Module):
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.op = op
+        self.fc = nn.Linear(COLS, COLS)
+        self.ln = nn.LayerNorm(COLS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)  # (ROWS, COLS)
+        if self.op == "layer_norm":
+            return self.ln(h + x)  # residual add + layer norm
+        if self.op == "gelu_tanh":
+            return F.gelu(h, approximate="tanh")
+        if self.op == "gelu":
+            return F.gelu(h)
+        if self.op == "softmax":
+            return torch.softmax(h, dim=-1)
+        return h  # logits for cross-entropy
+
+
+def mse_to(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((out - target) ** 2).mean()
+
+
+def cross_entropy(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, target)
+
+
+def region_case(op: str) -> tuple[nn.Module, tuple, object]:
+    torch.manual_seed(0)
+    model = Head(op)
+    x = torch.randn(ROWS, COLS)
+    if op == "cross_entropy":
+        return model, (x, torch.randint(0, COLS, (ROWS,))), cross_entropy
+    return model, (x, torch.randn(ROWS, COLS)), mse_to

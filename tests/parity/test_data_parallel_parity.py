@@ -8,15 +8,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from shardfx import Config
-from shardfx.models import GPT, MLP, GPTConfig, gpt_loss
+from shardfx.models import MLP, gpt_loss
+from tests.fixtures import FrozenFirst, gpt_batch, mlp_batch, tiny_gpt
 from tests.parity_util import assert_parity
 
 WORLD_SIZES = [1, 2, 3, 4]
-
-
-def mlp_batch(batch: int = 12, d_in: int = 16, d_out: int = 8):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(batch, d_in, generator=g), torch.randn(batch, d_out, generator=g)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -26,19 +22,6 @@ def test_mlp_uneven_hidden(world_size: int) -> None:
     assert_parity(model, mlp_batch(), F.mse_loss, world_size)
 
 
-# GPT without biases: the key projection's bias has a gradient that is zero in exact
-# arithmetic (softmax ignores a constant added to every score), so AdamW turns its
-# rounding noise into full-size updates and no two reduction orders agree on it.
-def tiny_gpt(tie: bool = True) -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2, seq_len=16, tie_weights=tie, bias=False))
-
-
-def gpt_batch(batch: int = 12):
-    g = torch.Generator().manual_seed(2)
-    return torch.randint(0, 64, (batch, 16), generator=g), torch.randint(0, 64, (batch, 16), generator=g)
-
-
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_gpt_tied(world_size: int) -> None:
     assert_parity(tiny_gpt(tie=True), gpt_batch(), gpt_loss, world_size)
@@ -46,17 +29,6 @@ def test_gpt_tied(world_size: int) -> None:
 
 def test_gpt_untied() -> None:
     assert_parity(tiny_gpt(tie=False), gpt_batch(), gpt_loss, 2)
-
-
-class FrozenFirst(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.frozen = nn.Linear(16, 37)
-        self.frozen.requires_grad_(False)
-        self.head = nn.Linear(37, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.frozen(x)))
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -17,8 +17,8 @@ import shardfx
 from shardfx import Config
 from shardfx.graphs import collectives, meta
 from shardfx.models import gpt_loss
-from tests.parity.test_data_parallel_parity import gpt_batch, tiny_gpt
-from tests.parity.test_mixed_precision import LOSS_RTOL
+from tests.fixtures import BF16_LOSS_RTOL as LOSS_RTOL
+from tests.fixtures import gpt_batch, tiny_gpt
 from tests.parity_util import ATOL, RTOL, adamw, eager_train
 
 K = 3  # micro-batches per optimizer step

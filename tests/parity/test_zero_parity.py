@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from shardfx import Config
 from shardfx.models import MLP, gpt_loss
-from tests.parity.test_data_parallel_parity import FrozenFirst, gpt_batch, mlp_batch, tiny_gpt
+from tests.fixtures import FrozenFirst, gpt_batch, mlp_batch, tiny_gpt
 from tests.parity_util import assert_parity, eager_train
 
 

@@ -8,7 +8,7 @@ import torch
 import shardfx
 from shardfx.graphs import collectives, meta
 from shardfx.models import gpt_loss
-from tests.parity.test_data_parallel_parity import gpt_batch, tiny_gpt
+from tests.fixtures import gpt_batch, tiny_gpt
 from tests.parity_util import shardfx_train
 
 

@@ -12,7 +12,7 @@ import shardfx
 from shardfx.graphs import collectives, meta
 from shardfx.graphs.signature import GRAD
 from shardfx.models import gpt_loss
-from tests.parity.test_data_parallel_parity import FrozenFirst, gpt_batch, mlp_batch, tiny_gpt
+from tests.fixtures import FrozenFirst, gpt_batch, mlp_batch, tiny_gpt
 
 
 def compile_gpt(world_size: int, **config):

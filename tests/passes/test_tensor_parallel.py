@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import shardfx
 from shardfx.graphs import collectives, meta
 from shardfx.models import GPT, GPTConfig, gpt_loss
-from tests.parity.test_data_parallel_parity import gpt_batch, mlp_batch
+from tests.fixtures import gpt_batch, mlp_batch
 from tests.parity_util import assert_parity
 
 

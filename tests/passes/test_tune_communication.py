@@ -9,7 +9,7 @@ import shardfx
 from shardfx.graphs.analysis import memory_timeline
 from shardfx.graphs.cost_model import hardware, simulate
 from shardfx.models import gpt_loss
-from tests.parity.test_data_parallel_parity import gpt_batch, tiny_gpt
+from tests.fixtures import gpt_batch, tiny_gpt
 from tests.parity_util import shardfx_train
 
 

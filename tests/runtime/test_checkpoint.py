@@ -151,7 +151,7 @@ def test_metadata_is_json_and_the_pickle_reader_is_restricted(tmp_path) -> None:
 
 def gpt_engine(world_size: int, **config) -> shardfx.Engine:
     from shardfx.models import gpt_loss
-    from tests.parity.test_data_parallel_parity import gpt_batch, tiny_gpt
+    from tests.fixtures import gpt_batch, tiny_gpt
 
     return shardfx.compile_distributed(
         tiny_gpt(),
@@ -165,7 +165,7 @@ def gpt_engine(world_size: int, **config) -> shardfx.Engine:
 
 def test_tensor_parallel_checkpoints_reshard_to_any_mesh(tmp_path) -> None:
     """tp=2 x ZeRO-3 dp=2 (the fused qkv weight split in blocks) saves full logical tensors; every mesh loads them."""
-    from tests.parity.test_data_parallel_parity import gpt_batch
+    from tests.fixtures import gpt_batch
 
     batch = gpt_batch(8)
     saved = gpt_engine(4, tp_size=2, zero_stage=3)

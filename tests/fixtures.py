@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import torch
 import torch.nn as nn
 
@@ -39,3 +42,13 @@ class FrozenFirst(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.frozen(x)))
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """`shardfx ARGV` in this process: (exit code, stdout, stderr)."""
+    from shardfx.tools.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()

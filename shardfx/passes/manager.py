@@ -98,7 +98,8 @@ def check_pipeline(
 
     A pass listed in another's `after` must come before it; every fact a pass needs must be
     provided by the capture or by an enabled pass before it; a required pass may be disabled
-    only with force_disable (as bisect does). Raises ValueError naming both passes.
+    only with force_disable (as bisect does), which also lets the passes after it run without
+    the facts it would have provided. Raises ValueError naming both passes.
     """
     position = {p.name: i for i, p in enumerate(passes)}
     available = set(facts.CAPTURED)
@@ -126,6 +127,8 @@ def check_pipeline(
                 raise ValueError(
                     f"pass {p.name!r} needs {need}, which no pass of this pipeline and not {capture} provides"
                 )
+            if source in disabled and force_disable:
+                continue  # asked for: the pass runs without what it needs (bisect finds out what breaks)
             state = "is disabled" if source in disabled else f"runs after it (#{position[source] + 1} > #{i + 1})"
             raise ValueError(f"pass {p.name!r} needs {need}, which {source!r} provides, and {source!r} {state}")
         available.update(p.provides)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 
@@ -16,15 +14,9 @@ from shardfx.tools.cli import main
 from shardfx.tools.model_spec import load_model_spec
 from shardfx.tools.passes_cmd import format_table, stage_row
 from shardfx.tools.stages import compile_stages
+from tests.fixtures import run_cli
 
 GPT_ZERO3 = ["passes", "gpt", "--preset", "tiny", "--set", "bias=False", "--zero", "3", "--no-progress"]
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from shardfx.config import Config
 from shardfx.graphs.capture import capture, capture_forward
 from shardfx.graphs.program import DistProgram, Mesh, Schedule, clone_program
 from shardfx.passes.manager import Pass, PassContext, PassRecord, check_pipeline, run_passes
-from shardfx.passes.pipeline import PASS_NAMES, pipeline, schedule, step_variants, variant_config
+from shardfx.passes.pipeline import PASS_NAMES, pipeline, schedule, step_variants
 
 CAPTURE = "capture"
 
@@ -116,7 +116,7 @@ def passes_for(config: Config, mesh: Mesh, variant: str | None = None, extra_pas
             )
         raise ValueError(f"variant {variant!r}: this configuration compiles {', '.join(variants)}")
     grad_accum, replicas = variants[variant]
-    return pipeline(variant_config(config), mesh, grad_accum=grad_accum, replicas=replicas) + list(extra_passes)
+    return pipeline(config, mesh, grad_accum=grad_accum, replicas=replicas) + list(extra_passes)
 
 
 def check_disabled(config: Config, extra_passes: Sequence[Pass] = ()) -> None:
@@ -184,7 +184,6 @@ def compile_traced(
     pipeline (tests and benchmarks of single passes). Contracts are checked first."""
     pass_lists = plan(config, traced.program.mesh, variants, extra_passes, stop_after, passes)
     names = list(pass_lists)
-    graph_config = variant_config(config)
     programs: dict[str, DistProgram] = {}
     records: dict[str, list[PassRecord]] = {}
     for name, passes in pass_lists.items():
@@ -192,7 +191,7 @@ def compile_traced(
         if observer is not None:
             observer(name, 0, None, program, None)
         dump = config.dump_dir if config.dump_dir is None or len(names) == 1 else f"{config.dump_dir}/{name}"
-        ctx = PassContext(graph_config, log or (lambda line: None))
+        ctx = PassContext(config, log or (lambda line: None))
         watch = None if observer is None else (lambda i, p, prog, rec, n=name: observer(n, i, p, prog, rec))
         programs[name], records[name] = run_passes(program, passes, ctx, dump_dir=dump, observer=watch)
     return Compiled(traced.program.mesh, programs, records, pass_lists, schedule(config), traced.seconds)
@@ -237,9 +236,8 @@ def plan(
         pass_lists = {name: passes_for(config, mesh, name, extra_passes) for name in names}
     if stop_after is not None:
         pass_lists = {name: _until(passes, stop_after) for name, passes in pass_lists.items()}
-    graph_config = variant_config(config)
     for passes in pass_lists.values():
-        check_pipeline(passes, tuple(graph_config.disable_passes), force_disable=graph_config.force_disable)
+        check_pipeline(passes, tuple(config.disable_passes), force_disable=config.force_disable)
     return pass_lists
 
 

@@ -16,6 +16,7 @@ BUFFER = "buffer"  # a module buffer
 INPUT = "input"  # an element of the user's batch
 GRAD_ACC = "grad_acc"  # a rank's unreduced gradient of `name`, summed over earlier micro-batches
 REPLICA = "replica"  # the full parameter `name` a ZeRO-1/2 step gathered earlier in this optimizer step
+GRAD_SUM = "grad_sum"  # the reduced gradient (shard) of `name` kept from this optimizer step's earlier micro-batches
 
 # Output roles.
 LOSS = "loss"  # the scalar loss of this rank's batch shard
@@ -25,7 +26,8 @@ GRAD_NORM = "grad_norm"  # the global L2 norm of the step's reduced gradients (b
 # GRAD_ACC is also an output role: the accumulator of `target` with this micro-batch's gradient added;
 # so is REPLICA: the full parameter `target` this step gathered, kept for the next micro-batches.
 
-INPUT_ROLES = (PARAM, BUFFER, INPUT, GRAD_ACC, REPLICA)
+# A program that reads GRAD_SUM returns, as the GRAD of that parameter, the kept sum with its own added.
+INPUT_ROLES = (PARAM, BUFFER, INPUT, GRAD_ACC, REPLICA, GRAD_SUM)
 OUTPUT_ROLES = (LOSS, GRAD, BUFFER_UPDATE, GRAD_NORM, GRAD_ACC, REPLICA)
 
 

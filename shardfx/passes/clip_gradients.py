@@ -28,8 +28,10 @@ from shardfx.graphs.signature import GRAD, GRAD_NORM, OutputSpec
 from shardfx.passes.manager import PassContext, PassResult
 
 
-def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float | None) -> PassResult:
-    """max_norm=None only measures (the pipeline names that pass "grad_norm")."""
+def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float | None, eps: float = 1e-6) -> PassResult:
+    """max_norm=None only measures (the pipeline names that pass "grad_norm"). The gradients of a step
+    of k micro-batches are their sum, k times the mean one device clips: the pipeline passes
+    max_norm and eps times k, which gives torch's coefficient on the mean exactly."""
     outputs = program.outputs()
     indices = [i for i, s in enumerate(program.signature.outputs) if s.role == GRAD]
     if not indices:
@@ -58,7 +60,7 @@ def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float | 
         norm = torch.stack(sums).sum().sqrt()
         if max_norm is None:
             return (norm,)
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        coef = torch.clamp(max_norm / (norm + eps), max=1.0)
         return (norm, *(g * coef.to(g.dtype) for g in grads))
 
     before = set(program.graph.nodes)

@@ -14,6 +14,7 @@ from shardfx.graphs.program import FUSION_REGIONS as _FUSION_REGIONS
 from shardfx.graphs.program import TRITON_REGIONS as _TRITON_REGIONS
 from shardfx.graphs.signature import GRAD_ACC as _GRAD_ACC
 from shardfx.graphs.signature import GRAD_NORM as _GRAD_NORM
+from shardfx.graphs.signature import GRAD_SUM as _GRAD_SUM
 from shardfx.graphs.signature import REPLICA as _REPLICA
 
 # From the capture.
@@ -37,6 +38,7 @@ ASYNC_COLLECTIVES = "async collectives (*_start / wait)"
 GRAD_ACCUMULATORS = f"signature {_GRAD_ACC}"
 GRAD_NORM_OUTPUT = f"signature {_GRAD_NORM}"
 KEPT_REPLICAS = f"signature {_REPLICA}"
+KEPT_GRADIENT_SUM = f"signature {_GRAD_SUM} (GRAD outputs are the step's total)"
 
 # Program fields and notes.
 SHARD_SPECS = "program.shard_specs (ZeRO on dp)"

@@ -30,6 +30,7 @@ from shardfx.passes.schedule_overlap import schedule_overlap
 from shardfx.passes.shard_gradients import shard_gradients
 from shardfx.passes.shard_optimizer_state import shard_optimizer_state
 from shardfx.passes.shard_parameters import shard_parameters
+from shardfx.passes.sum_gradients import sum_gradients
 from shardfx.passes.sync_batch_norm import sync_batch_norm
 from shardfx.passes.tensor_parallel import tensor_parallel
 from shardfx.passes.tune_communication import tune_communication
@@ -120,7 +121,7 @@ CLIP_GRADIENTS = Pass(
     "scale gradients to a global norm, computed across shards; return the norm",
     needs=(f.GRAD_SYNCS,),
     provides=(f.GRAD_NORM_OUTPUT, f.CLIPPED_GRADIENTS),
-    after=("apply_mixed_precision",),
+    after=("apply_mixed_precision", "sum_gradients"),
     required=True,
 )
 GRAD_NORM = Pass(
@@ -129,6 +130,15 @@ GRAD_NORM = Pass(
     "return the global gradient norm, computed across shards (non-finite check, stats)",
     needs=(f.GRAD_SYNCS,),
     provides=(f.GRAD_NORM_OUTPUT,),
+    after=("apply_mixed_precision", "sum_gradients"),
+    required=True,
+)
+SUM_GRADIENTS = Pass(
+    "sum_gradients",
+    sum_gradients,
+    "the last micro-batch adds the reduced gradients kept from the others: norm and clip see the whole step",
+    needs=(f.GRAD_SYNCS,),
+    provides=(f.KEPT_GRADIENT_SUM,),
     after=("apply_mixed_precision",),
     required=True,
 )
@@ -195,6 +205,7 @@ PASSES: tuple[Pass, ...] = (
     SHARD_GRADIENTS,
     SHARD_PARAMETERS,
     APPLY_MIXED_PRECISION,
+    SUM_GRADIENTS,
     CLIP_GRADIENTS,
     GRAD_NORM,
     REUSE_REPLICAS,
@@ -208,9 +219,14 @@ PASS_NAMES: tuple[str, ...] = tuple(p.name for p in PASSES)
 
 
 def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None, replicas: str | None = None) -> list[Pass]:
-    """The passes for `config` on `mesh`. Under gradient accumulation a step has variants:
-    grad_accum "keep" or "reduce" (accumulate_gradients), replicas "gather" or "reuse"
-    (reuse_replicas, ZeRO-1/2); None: a plain step."""
+    """The passes for `config` on `mesh`, for one program of the step (see step_variants):
+
+    grad_accum: None a plain step; with accumulation, "keep" (add to accumulators, reduce nothing),
+    "reduce" (reduce the accumulated sum: the step's last micro-batch), "partial" (reduce this
+    micro-batch only) or "sum" (reduce it and add the reduced sum the others kept: the last).
+    replicas: "gather" or "reuse" (reuse_replicas, ZeRO-1/2), None."""
+    if grad_accum not in GRAD_ACCUM_VARIANTS:
+        raise ValueError(f"grad_accum must be one of {list(GRAD_ACCUM_VARIANTS)}; got {grad_accum!r}")
     dp = mesh.size("dp")
     passes: list[Pass] = []
     if config.batchnorm == "global" and dp > 1:
@@ -220,7 +236,7 @@ def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None, replicas
     if config.recompute != "none":
         passes.append(RECOMPUTE.bind(policy=config.recompute, budget=config.memory_budget, hw=config.hardware))
     reduce_dtype = torch.float32 if config.reduce_dtype == "fp32" else torch.bfloat16
-    if grad_accum is not None:
+    if grad_accum in ("keep", "reduce"):
         bf16 = config.mixed_precision == "bf16"
         passes.append(
             ACCUMULATE_GRADIENTS.bind(
@@ -232,10 +248,16 @@ def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None, replicas
     passes.append(_data_parallel_pass(config))
     if config.mixed_precision == "bf16":
         passes.append(APPLY_MIXED_PRECISION.bind(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype))
-    if config.grad_clip is not None:
-        passes.append(CLIP_GRADIENTS.bind(max_norm=config.grad_clip))
-    else:
-        passes.append(GRAD_NORM)
+    if grad_accum == "sum":
+        passes.append(SUM_GRADIENTS)
+    # The norm (and the clip) of the whole step, in the program that holds its gradient; a step of k
+    # micro-batches holds their sum, k times the mean gradient one device would clip.
+    if grad_accum in (None, "reduce", "sum"):
+        k = config.grad_accum_steps
+        if config.grad_clip is not None:
+            passes.append(CLIP_GRADIENTS.bind(max_norm=config.grad_clip * k, eps=1e-6 * k))
+        else:
+            passes.append(GRAD_NORM)
     if replicas is not None:
         passes.append(REUSE_REPLICAS.bind(variant=replicas))
     if config.tune_communication:
@@ -248,55 +270,48 @@ def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None, replicas
     return _with_fusion(passes, config)
 
 
+GRAD_ACCUM_VARIANTS = (None, "keep", "reduce", "partial", "sum")
+
+
 def step_variants(config: Config) -> dict[str, tuple[str | None, str | None]]:
-    """The programs one batch shape needs: name -> (accumulate_gradients variant, reuse_replicas variant).
+    """The programs one batch shape needs: name -> (grad_accum variant of pipeline(), reuse_replicas variant).
 
     "first" runs an optimizer step's first micro-batch, "last" its last, "middle" the others
-    (see schedule); "step" is the one program of a step without accumulation. Under
-    accumulation ZeRO-1/2 gather the parameters only in "first" and keep them; boundary sync
-    reduces gradients only in "last".
+    (see schedule); "step" is the one program of a step without accumulation. Under accumulation
+    ZeRO-1/2 gather the parameters only in "first" and keep them; boundary sync reduces gradients
+    only in "last"; micro-batch sync (also what disabling accumulate_gradients means) reduces in
+    every one, and "last" adds in the reduced sum the others kept.
     """
     k = config.grad_accum_steps
     if k == 1:
         return {"step": (None, None)}
-    boundary = config.grad_accum_sync == "boundary"
+    boundary = config.grad_accum_sync == "boundary" and "accumulate_gradients" not in config.disable_passes
+    early, last = ("keep", "reduce") if boundary else ("partial", "sum")
     if config.zero_stage in (1, 2):
-        variants = {"first": ("keep" if boundary else None, "gather")}
-        if k > 2 or not boundary:
-            variants["middle"] = ("keep" if boundary else None, "reuse")
-        if boundary:
-            variants["last"] = ("reduce", "reuse")
+        variants = {"first": (early, "gather")}
+        if k > 2:
+            variants["middle"] = (early, "reuse")
+        variants["last"] = (last, "reuse")
         return variants
-    if boundary:
-        return {"middle": ("keep", None), "last": ("reduce", None)}
-    return {"step": (None, None)}
+    return {"middle": (early, None), "last": (last, None)}
 
 
 def schedule(config: Config) -> Schedule:
     """Which of step_variants(config) runs at each micro-batch of an optimizer step, and which of
-    them reduce the whole step's gradients (a plain step, or the "last" of boundary accumulation)."""
+    them hold the whole step's gradients and norm (a plain step, or an accumulating step's last)."""
     variants = step_variants(config)
     k = config.grad_accum_steps
 
     def at(i: int) -> str:
         if "step" in variants:
             return "step"
-        if i == k - 1 and "last" in variants:
+        if i == k - 1:
             return "last"
         if i == 0 and "first" in variants:
             return "first"
         return "middle"
 
-    whole = {name for name, (grad_accum, _) in variants.items() if k == 1 or grad_accum == "reduce"}
-    if "accumulate_gradients" in config.disable_passes and k > 1:
-        whole = set()  # every micro-batch reduced only its own gradients
-    return Schedule(tuple(at(i) for i in range(k)), frozenset(whole))
-
-
-def variant_config(config: Config) -> Config:
-    """The Config the step's programs are compiled with: under accumulation the engine clips the
-    summed gradient at the boundary, so the programs do not clip each micro-batch."""
-    return config.replace(grad_clip=None) if config.grad_accum_steps > 1 else config
+    return Schedule(tuple(at(i) for i in range(k)), frozenset({"step", "last"} & set(variants)))
 
 
 def _with_fusion(passes: list[Pass], config: Config) -> list[Pass]:

@@ -8,8 +8,10 @@ outside it, on each rank's local shards. The verbs map onto that as follows:
                                   collectives (see below)
     engine.backward(loss)         bookkeeping only: the backward already ran
     engine.step()                 at an accumulation boundary (every grad_accum_steps calls):
-                                  average the kept gradients, check them, clip, step the
-                                  optimizer and the LR scheduler; otherwise nothing
+                                  check the step's loss and gradient norm (the program
+                                  computed the norm and clipped), average the kept
+                                  gradients, step the optimizer and the LR scheduler;
+                                  otherwise nothing
     engine.train_step(*batch)     all three, over grad_accum_steps micro-batches stacked on dim 0
 
 With gradient accumulation (Config.grad_accum_steps=k) the step is compiled in up to
@@ -17,7 +19,8 @@ three variants, and the compile driver hands over a Schedule saying which runs a
 micro-batch: with grad_accum_sync="boundary", micro-batches
 1..k-1 add each rank's unreduced gradients to its accumulators and reduce nothing, and
 micro-batch k adds its own and reduces the sum once (passes/accumulate_gradients.py);
-"micro_batch" reduces every micro-batch and adds up the reduced shards. Under ZeRO-1/2
+"micro_batch" reduces every micro-batch and adds up the reduced shards, and the last
+program adds the kept sum in itself (passes/sum_gradients.py). Under ZeRO-1/2
 only the first micro-batch gathers the parameters; the others reuse the replicas it
 kept (passes/reuse_replicas.py). A non-finite loss or gradient norm is reported
 with its step and skipped, stopped on, or ignored per Config.on_nonfinite.
@@ -35,7 +38,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from shardfx.config import Config
@@ -44,7 +46,6 @@ from shardfx.graphs.signature import GRAD_ACC
 from shardfx.runtime import checkpoint
 from shardfx.runtime.executor import Executor
 from shardfx.runtime.protocol import Runtime
-from shardfx.runtime.state import RankState
 
 logger = logging.getLogger("shardfx")
 
@@ -176,14 +177,15 @@ class Engine:
             return
         self.steps += 1
         scale = 1.0 / k
-        measured = self._states[0].grad_norm  # the program's (grad_norm / clip_gradients pass)
-        if measured is not None and self._variant in self.schedule.whole_step:
-            norm = float(measured) * scale
-        else:  # each micro-batch reduced its own gradients: only their kept sum has the step's norm
-            norm = self._grad_norm() * scale
+        # The program that holds the whole step's gradient computed its norm (and clipped to it): the
+        # norm of the sum of k micro-batches' gradients, k times the mean's. None: no norm was computed
+        # (no trainable parameter, or the norm pass force-disabled).
+        measured = self._states[0].grad_norm if self._variant in self.schedule.whole_step else None
+        norm = None if measured is None else float(measured) * scale
         self.last_grad_norm = norm
         bad_loss, self._bad_loss = self._bad_loss, None
-        if (bad_loss is not None or not math.isfinite(norm)) and self.config.on_nonfinite != "ignore":
+        bad_norm = norm is not None and not math.isfinite(norm)
+        if (bad_loss is not None or bad_norm) and self.config.on_nonfinite != "ignore":
             for state in self._states:
                 state.zero_grad()
             where = f"loss {bad_loss[1]} (micro-batch {bad_loss[0]})" if bad_loss else "loss finite"
@@ -193,10 +195,6 @@ class Engine:
             self.skipped_steps += 1
             self._log(message + "; optimizer step skipped (Config.on_nonfinite='skip')")
             return
-        clip = self.config.grad_clip
-        if k > 1 and clip is not None and math.isfinite(norm):
-            # With accumulation the clip_gradients pass is off (it would clip each micro-batch): clip here.
-            scale *= min(1.0, clip / (norm + 1e-6))
         for state in self._states:
             state.optimizer_step(scale if k > 1 else None)
 
@@ -344,27 +342,6 @@ class Engine:
         dp = mesh.size("dp")
         chunks = [torch.chunk(x, dp, dim=0) for x in batch]
         return [tuple(c[mesh.coords(r)["dp"]] for c in chunks) for r in range(mesh.world_size)]
-
-    def _grad_norm(self) -> float:
-        """The global L2 norm of the kept gradients, each distinct piece counted once (DistProgram.first_holder).
-
-        Used only where no program reduced the whole step's gradients (grad_accum_sync="micro_batch",
-        or accumulate_gradients disabled); otherwise the step's program returns its norm.
-        """
-        program = self.program
-
-        def local_sum(rank: int, state: RankState) -> Tensor:
-            total = torch.zeros((), dtype=torch.float64)
-            for name, p in state.params.items():
-                if p.grad is not None and program.first_holder(name, rank):
-                    total += p.grad.detach().double().pow(2).sum()
-            return total
-
-        if not self.runtime.distributed:
-            return math.sqrt(float(sum(local_sum(r, s) for r, s in enumerate(self._states))))
-        total = local_sum(self.runtime.rank, self._states[0])
-        dist.all_reduce(total)  # one scalar outside the program; not counted in the step's communication stats
-        return math.sqrt(float(total))
 
 
 def _shape_key(batch: tuple[Tensor, ...]) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:

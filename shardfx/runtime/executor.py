@@ -5,7 +5,8 @@ graph with this rank's communicator bound, and hands back the loss, the
 gradients (by parameter name), the new buffer values and, under gradient
 accumulation, the new gradient accumulators and the gathered parameter
 replicas to keep. An accumulator the caller does not have yet (the first
-micro-batch) is bound to zeros; a replica must have been kept.
+micro-batch) is bound to zeros; a replica must have been kept. A GRAD_SUM
+input is bound to the parameter's kept `.grad` (zeros if none).
 """
 
 from __future__ import annotations
@@ -17,7 +18,18 @@ from torch import Tensor
 
 from shardfx.graphs import collectives
 from shardfx.graphs.program import DistProgram
-from shardfx.graphs.signature import BUFFER, BUFFER_UPDATE, GRAD, GRAD_ACC, GRAD_NORM, INPUT, LOSS, PARAM, REPLICA
+from shardfx.graphs.signature import (
+    BUFFER,
+    BUFFER_UPDATE,
+    GRAD,
+    GRAD_ACC,
+    GRAD_NORM,
+    GRAD_SUM,
+    INPUT,
+    LOSS,
+    PARAM,
+    REPLICA,
+)
 
 
 @dataclass
@@ -28,6 +40,7 @@ class StepOutputs:
     accumulators: dict[str, Tensor]
     replicas: dict[str, Tensor]
     grad_norm: Tensor | None = None
+    totals: frozenset[str] = frozenset()  # params whose GRAD already includes the kept sum (GRAD_SUM)
 
 
 class Executor:
@@ -73,6 +86,11 @@ class Executor:
                         "and none is kept (the first micro-batch of an optimizer step gathers them)"
                     )
                 args.append(replicas[spec.name])
+            elif spec.role == GRAD_SUM:
+                kept = params[spec.name].grad
+                if kept is None:
+                    kept = torch.zeros(val.shape, dtype=val.dtype, device=params[spec.name].device)
+                args.append(kept)
             else:  # pragma: no cover - signature roles are closed
                 raise AssertionError(spec.role)
         sites = iter(self.collective_sites)
@@ -100,4 +118,5 @@ class Executor:
             elif spec.role == GRAD_NORM:
                 grad_norm = value
         assert loss is not None
-        return StepOutputs(loss, grads, new_buffers, new_accumulators, new_replicas, grad_norm)
+        totals = frozenset(spec.name for spec in self.signature.inputs if spec.role == GRAD_SUM)
+        return StepOutputs(loss, grads, new_buffers, new_accumulators, new_replicas, grad_norm, totals)

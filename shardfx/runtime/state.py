@@ -62,7 +62,8 @@ class RankState:
         self.grad_norm = out.grad_norm
         for name, grad in grads.items():
             param = self.params[name]
-            param.grad = grad if param.grad is None else param.grad + grad
+            # a total (the program added the kept sum in: sum_gradients) replaces; anything else adds
+            param.grad = grad if param.grad is None or name in out.totals else param.grad + grad
         for name, value in buffers.items():
             self.buffers[name].copy_(value)
         if self.auto_step:

@@ -281,3 +281,46 @@ def test_a_new_batch_shape_in_the_middle_of_a_step_keeps_accumulating() -> None:
         assert engine.steps == 1 and engine.stats()["compiled_shapes"] == 2
         for key, value in reference.state_dict().items():
             torch.testing.assert_close(engine.state_dict()[key], value, rtol=RTOL, atol=ATOL)
+
+
+def sgd(params):  # type: ignore[no-untyped-def]
+    # SGD, not Adam: Adam is nearly scale-invariant and would hide a wrong clipping coefficient
+    return torch.optim.SGD(params, lr=0.5, momentum=0.9)
+
+
+@pytest.mark.parametrize("sync", ["boundary", "micro_batch"])
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_the_step_program_computes_the_norm_and_clips_the_whole_steps_gradient(stage: int, sync: str) -> None:
+    """The last program of the step holds the whole step's gradient (the accumulated sum reduced once, or
+    the kept reduced sum added in by sum_gradients): it measures the norm and clips, as eager
+    clip_grad_norm_ does on the mean gradient; the engine computes no norm of its own."""
+    clip = 0.05
+    engine = shardfx.compile_distributed(
+        tiny_gpt(),
+        2,
+        example_inputs=micro(BATCH),
+        loss_fn=gpt_loss,
+        optimizer=sgd,
+        config=Config(grad_accum_steps=K, zero_stage=stage, grad_accum_sync=sync, grad_clip=clip),
+    )
+    last = engine.programs()["last"]
+    origins = {n.meta.get(meta.ORIGIN) for n in last.graph.nodes}
+    assert "clip_gradients" in origins
+    assert ("sum_gradients" in origins) == (sync == "micro_batch")
+    assert all("clip_gradients" not in {n.meta.get(meta.ORIGIN) for n in p.graph.nodes}
+               for name, p in engine.programs().items() if name != "last")  # fmt: skip
+    ref_losses, ref_state = eager_train(tiny_gpt(), BATCH, gpt_loss, 3, optimizer=sgd, grad_clip=clip)
+    unclipped, _ = eager_train(tiny_gpt(), BATCH, gpt_loss, 3, optimizer=sgd)
+    assert not torch.allclose(ref_losses[1:], unclipped[1:], rtol=1e-3)  # the clip changes training
+    model = tiny_gpt()
+    gpt_loss(model(BATCH[0]), BATCH[1]).backward()
+    first_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    losses = []
+    for step in range(3):
+        losses.append(engine.train_step(*BATCH))
+        if step == 0:
+            assert engine.stats()["grad_norm"] == pytest.approx(float(first_norm), rel=1e-5)
+    torch.testing.assert_close(torch.stack(losses), ref_losses, rtol=RTOL, atol=ATOL)
+    state = engine.state_dict()
+    for key in ref_state:
+        torch.testing.assert_close(state[key], ref_state[key], rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{k}: {m}")

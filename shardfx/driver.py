@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 
 from shardfx.config import Config
-from shardfx.graphs.capture import capture, capture_forward
+from shardfx.graphs.capture import capture
+from shardfx.graphs.capture_forward import capture_forward
 from shardfx.graphs.program import DistProgram, Mesh, Schedule, clone_program
 from shardfx.passes.manager import Pass, PassContext, PassRecord, check_pipeline, run_passes
 from shardfx.passes.pipeline import PASS_NAMES, pipeline, schedule, step_variants

@@ -11,16 +11,13 @@ Signature; the joint graph is cleaned up so it reads as one training step:
 - frozen parameters have no gradient output;
 - every node carries `val`, a phase and the nn.Module path it came from.
 
-torch's version is read here and nowhere else (DESIGN.md §3).
+torch's version is read here and nowhere else (DESIGN.md §3). The forward-only
+trace of eval_step is capture_forward.py; the errors both raise, trace_errors.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
-import sys
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from shardfx.errors import TraceError, node_source
+from shardfx.errors import TraceError
 from shardfx.graphs import meta
 from shardfx.graphs.signature import (
     BUFFER,
@@ -42,11 +39,10 @@ from shardfx.graphs.signature import (
     OutputSpec,
     Signature,
 )
+from shardfx.graphs.trace_errors import ROOT, quiet_torch_logs, trace_error
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 SUPPORTED_TORCH = ((2, 11), (2, 14))
-
-_ROOT = "model"  # attribute of the wrapper that holds the user's model
 
 
 @dataclass
@@ -57,7 +53,7 @@ class Captured:
     seconds: float
 
 
-class _TrainStep(nn.Module):
+class TrainStep(nn.Module):
     """model + loss_fn as one module whose forward returns the scalar loss."""
 
     def __init__(
@@ -114,8 +110,8 @@ def capture(
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"example_inputs[{i}] must be a tensor; got {type(x).__name__}")
     if compute_dtype is not None:
-        model = _cast_params(model, compute_dtype)
-    step = _TrainStep(model, loss_fn, compute_dtype)
+        model = cast_params(model, compute_dtype)
+    step = TrainStep(model, loss_fn, compute_dtype)
     exported = _export(step, batch)
     _check_loss(exported)
     with contextlib.ExitStack() as stack:
@@ -124,20 +120,20 @@ def capture(
 
             joint = aot_export_joint_with_descriptors(stack, exported.module(), batch)
         except Exception as exc:  # noqa: BLE001 - turned into a TraceError with context
-            raise _trace_error(exc, "AOTAutograd could not trace the backward", None, exported.graph) from exc
+            raise trace_error(exc, "AOTAutograd could not trace the backward", None, exported.graph) from exc
         gm = joint.graph_module
         fake_mode = joint.fake_mode
     gm.graph._codegen = fx.graph.CodeGen()  # plain positional placeholders, flat tuple output
     signature = _build_signature(gm, model)
-    _drop_runtime_asserts(gm)
-    _annotate(gm)
+    drop_runtime_asserts(gm)
+    annotate(gm)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     return Captured(gm, signature, fake_mode, time.perf_counter() - start)
 
 
-def _cast_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def cast_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     import copy
 
     traced = copy.deepcopy(model)
@@ -158,7 +154,7 @@ def _check_loss(exported: torch.export.ExportedProgram) -> None:
         )
 
 
-def _export(step: _TrainStep, batch: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+def _export(step: TrainStep, batch: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
     stack: list[tuple[str, str]] = []  # (module path, class name) of the modules being run
     hooks = []
 
@@ -175,89 +171,13 @@ def _export(step: _TrainStep, batch: tuple[torch.Tensor, ...]) -> torch.export.E
         hooks.append(module.register_forward_pre_hook(enter(name)))
         hooks.append(module.register_forward_hook(leave))
     try:
-        with _quiet_torch_logs():
+        with quiet_torch_logs():
             return torch.export.export(step, batch, strict=False)
     except Exception as exc:  # noqa: BLE001 - turned into a TraceError with context
-        raise _trace_error(exc, "torch.export could not trace the model", stack[-1] if stack else None) from exc
+        raise trace_error(exc, "torch.export could not trace the model", stack[-1] if stack else None) from exc
     finally:
         for h in hooks:
             h.remove()
-
-
-@contextlib.contextmanager
-def _quiet_torch_logs() -> Any:
-    """torch prints the half-traced graph on a failed export; our TraceError says what matters.
-
-    What torch writes to stderr is held back, and passed on only if the export succeeds.
-    """
-    names = ("torch", "torch.fx.experimental.symbolic_shapes")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    held = io.StringIO()
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stderr(held):
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-    sys.stderr.write(held.getvalue())
-
-
-def _trace_error(
-    exc: BaseException, what: str, module: tuple[str, str] | None, graph: fx.Graph | None = None
-) -> TraceError:
-    """A short error naming the module, the op and the user's source line instead of a torch stack."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    user = [f for f in frames if "/torch/" not in f.filename and "/shardfx/" not in f.filename]
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    lines = [f"{what}: {type(exc).__name__}: {first}"]
-    op = _op_name(str(exc))
-    node = _node_of_op(graph, op) if graph is not None and op else None
-    if node is not None:  # the failure is in a later stage: the exported graph knows where the op came from
-        stack = node.meta.get("nn_module_stack") or {}
-        path, cls = list(stack.values())[-1] if stack else ("", "")
-        path = path[len(_ROOT) + 1 :] if path.startswith(_ROOT + ".") else ("" if path == _ROOT else path)
-        module = (path, str(getattr(cls, "__name__", cls)).split(".")[-1])
-    if module is not None:
-        lines.append(f"  module: {module[0] or '(root)'} ({module[1]})")
-    if node is not None:
-        source = node_source(node)
-        if source:
-            lines.append(f"  source: {source}")
-    elif user:
-        f = user[-1]
-        lines.append(f'  source: File "{f.filename}", line {f.lineno}, in {f.name}: {f.line}')
-    if op:
-        lines.append(f"  op: {op}")
-    hint = _hint(str(exc))
-    if hint:
-        lines.append(f"  hint: {hint}")
-    return TraceError("\n".join(lines))
-
-
-def _node_of_op(graph: fx.Graph, op: str) -> fx.Node | None:
-    for node in graph.nodes:
-        if node.op == "call_function" and str(node.target).replace("::", ".").startswith(op.replace("::", ".")):
-            return node
-    return None
-
-
-def _op_name(text: str) -> str:
-    for token in text.replace("(", " ").replace(",", " ").split():
-        if token.startswith(("aten.", "aten::", "torch.ops.")):
-            return token.rstrip(".:'\"")
-    return ""
-
-
-def _hint(text: str) -> str:
-    if "data-dependent" in text or "data dependent" in text or "GuardOnDataDependent" in text:
-        return (
-            "Python control flow on a tensor's value cannot be traced into one graph; "
-            "use torch.where / torch.cond, or move the decision out of forward()"
-        )
-    return ""
 
 
 def _descriptor_name(desc: Any) -> str:
@@ -266,7 +186,7 @@ def _descriptor_name(desc: Any) -> str:
 
 def _fqn(desc: Any) -> str:
     target = desc.target
-    return target[len(_ROOT) + 1 :] if target.startswith(_ROOT + ".") else target
+    return target[len(ROOT) + 1 :] if target.startswith(ROOT + ".") else target
 
 
 def _build_signature(gm: fx.GraphModule, model: nn.Module) -> Signature:
@@ -277,7 +197,7 @@ def _build_signature(gm: fx.GraphModule, model: nn.Module) -> Signature:
     out_descs = list(output.meta["desc"])
 
     # Tied parameters: every name of one tensor, first name canonical.
-    names_of = _names_by_tensor(model)
+    names_of = names_by_tensor(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     canonical = {name: names[0] for names in names_of.values() for name in names}
 
@@ -313,14 +233,14 @@ def _build_signature(gm: fx.GraphModule, model: nn.Module) -> Signature:
             aliases = tuple(n for n in names_of[id(params[name])] if n != name)
             spec = InputSpec(PARAM, name, trainable=params[name].requires_grad, aliases=aliases)
             inputs.append((spec, node))
-            _rename(node, "p_" + name)
+            rename(node, "p_" + name)
         elif kind == "BufferAOTInput":
             name = _fqn(desc)
             inputs.append((InputSpec(BUFFER, name), node))
-            _rename(node, "b_" + name)
+            rename(node, "b_" + name)
         elif kind == "PlainAOTInput":
             inputs.append((InputSpec(INPUT, f"batch[{desc.idx}]", batch_index=desc.idx), node))
-            _rename(node, f"batch_{desc.idx}")
+            rename(node, f"batch_{desc.idx}")
         elif kind == "TangentAOTInput":
             with graph.inserting_after(loss_node):
                 one = graph.call_function(torch.ops.aten.ones_like.default, (loss_node,))
@@ -361,19 +281,19 @@ _ASSERTS = {
 }
 
 
-def _drop_runtime_asserts(gm: fx.GraphModule) -> None:
+def drop_runtime_asserts(gm: fx.GraphModule) -> None:
     """export's dtype/shape asserts hold by construction for our static graph; they carry no value."""
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _ASSERTS and not node.users:
             gm.graph.erase_node(node)
 
 
-def _rename(node: fx.Node, name: str) -> None:
+def rename(node: fx.Node, name: str) -> None:
     node._rename(name.replace(".", "_"))
     node.target = node.name
 
 
-def _annotate(gm: fx.GraphModule) -> None:
+def annotate(gm: fx.GraphModule) -> None:
     """phase, module path and origin on every node."""
     for node in gm.graph.nodes:
         if node.op == "output":
@@ -385,75 +305,15 @@ def _annotate(gm: fx.GraphModule) -> None:
             node.meta[meta.PHASE] = meta.BACKWARD if tag == "is_backward" else meta.FORWARD
         stack = node.meta.get("nn_module_stack") or node.meta.get("fwd_nn_module_stack") or {}
         path = list(stack.values())[-1][0] if stack else ""
-        if path.startswith(_ROOT + "."):
-            path = path[len(_ROOT) + 1 :]
-        elif path == _ROOT:
+        if path.startswith(ROOT + "."):
+            path = path[len(ROOT) + 1 :]
+        elif path == ROOT:
             path = ""
         node.meta[meta.MODULE] = path
         node.meta[meta.ORIGIN] = "capture"
 
 
-def capture_forward(
-    model: nn.Module,
-    example_inputs: Sequence[torch.Tensor],
-    loss_fn: Callable[..., torch.Tensor] | None = None,
-    compute_dtype: torch.dtype | None = None,
-) -> Captured:
-    """Trace the loss of `model` in eval mode, forward only, into an ATen graph with a signature.
-
-    The evaluation program: parameters, buffers and the batch in, the scalar loss out, at the
-    same ATen level as the training graph (so the same passes and rules apply). The model's
-    train/eval flag is restored afterwards; evaluation writes no state.
-    """
-    import time
-
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    start = time.perf_counter()
-    batch = tuple(example_inputs)
-    traced = _cast_params(model, compute_dtype) if compute_dtype is not None else model
-    step = _TrainStep(traced, loss_fn, compute_dtype)
-    params = {k[len(_ROOT) + 1 :]: v for k, v in step.named_parameters()}  # tied weights once, first name
-    buffers = {k[len(_ROOT) + 1 :]: v for k, v in step.named_buffers()}
-
-    def loss_of(params: dict, buffers: dict, *batch: torch.Tensor) -> torch.Tensor:
-        state = {f"{_ROOT}.{k}": v for k, v in {**params, **buffers}.items()}
-        return torch.func.functional_call(step, state, batch, tie_weights=True)
-
-    was_training = traced.training
-    traced.eval()
-    try:
-        with torch.no_grad():
-            gm = make_fx(loss_of, tracing_mode="fake", record_module_stack=True)(params, buffers, *batch)
-    except Exception as exc:  # noqa: BLE001 - turned into a TraceError with context
-        raise _trace_error(exc, "could not trace the evaluation step", None) from exc
-    finally:
-        traced.train(was_training)
-    gm.graph._codegen = fx.graph.CodeGen()
-    aliases: dict[str, tuple[str, ...]] = {}
-    for names in _names_by_tensor(model).values():
-        aliases[names[0]] = tuple(names[1:])
-    inputs = [InputSpec(PARAM, n, trainable=p.requires_grad, aliases=aliases.get(n, ())) for n, p in params.items()]
-    inputs += [InputSpec(BUFFER, n) for n in buffers]
-    inputs += [InputSpec(INPUT, f"batch[{i}]", batch_index=i) for i in range(len(batch))]
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    assert len(placeholders) == len(inputs), (len(placeholders), len(inputs))
-    for spec, node in zip(inputs, placeholders):
-        prefix = {PARAM: "p_", BUFFER: "b_"}.get(spec.role, "")
-        _rename(node, prefix + spec.name if prefix else f"batch_{spec.batch_index}")
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-    loss = output.args[0]
-    output.args = ((loss[0] if isinstance(loss, (tuple, list)) else loss,),)
-    _drop_runtime_asserts(gm)
-    _annotate(gm)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    fake_mode = next(n.meta["val"].fake_mode for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor))
-    return Captured(gm, Signature(inputs, [OutputSpec(LOSS)]), fake_mode, time.perf_counter() - start)
-
-
-def _names_by_tensor(model: nn.Module) -> dict[int, list[str]]:
+def names_by_tensor(model: nn.Module) -> dict[int, list[str]]:
     names: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)

@@ -16,15 +16,13 @@ import torch.fx as fx
 
 from shardfx.graphs import collectives, meta
 from shardfx.graphs.analysis import ALIAS_OPS
-from shardfx.graphs.placement import Replicate, Shard, ShardSpec
+from shardfx.graphs.placement import Shard, ShardSpec
 from shardfx.graphs.program import DistProgram
 from shardfx.graphs.rewrite import insert_call
 from shardfx.graphs.signature import GRAD, LOSS, PARAM
+from shardfx.passes import redistribute
 
 aten = torch.ops.aten
-ALL_GATHER = torch.ops.shardfx.all_gather.default
-REDUCE_SCATTER = torch.ops.shardfx.reduce_scatter.default
-ALL_REDUCE = torch.ops.shardfx.all_reduce.default
 
 # Ops that only re-view (or re-cast) their first argument: a parameter seen through
 # them is still "the parameter" and is re-derived from a fresh gather in backward.
@@ -51,42 +49,36 @@ def shard_placeholder(program: DistProgram, node: fx.Node, name: str, axis: str)
     return spec
 
 
+def _maker(program: DistProgram, provenance: fx.Node, origin: str) -> redistribute.Make:
+    """New nodes with their `val` computed at once, serving `provenance` (phase, module, source line)."""
+    return lambda target, args, kwargs=None: insert_call(
+        program, target, args, kwargs, provenance=provenance, origin=origin
+    )
+
+
 def gather(
     program: DistProgram, shard: fx.Node, spec: ShardSpec, name: str, provenance: fx.Node, origin: str
 ) -> fx.Node:
     """all_gather the shard and drop the padding rows: the full parameter (at the insertion point)."""
-    full = insert_call(program, ALL_GATHER, (shard, spec.axis, 0), provenance=provenance, origin=origin)
-    full.meta[meta.ROLE] = meta.PARAM_GATHER
-    full.meta[meta.TARGET] = name
-    full.meta[meta.PLACEMENT] = {spec.axis: Replicate()}
-    if spec.padding:
-        # (padded_d0, ...) -> (d0, ...)
-        full = insert_call(
-            program, aten.slice.Tensor, (full, 0, 0, spec.full_shape[0]), provenance=provenance, origin=origin
-        )
+    make = _maker(program, provenance, origin)
+    full = redistribute.all_gather(make, shard, spec.axis, 0, role=meta.PARAM_GATHER, target=name, placement=True)
+    if spec.padding:  # (padded_d0, ...) -> (d0, ...)
+        full = redistribute.unpad(make, full, 0, spec.full_shape[0])
     return full
 
 
 def reduce_scatter_grad(program: DistProgram, grad: fx.Node, spec: ShardSpec, name: str, origin: str) -> fx.Node:
     """Pad the full gradient to N * shard rows and reduce-scatter it (average): this rank's gradient shard."""
+    make = _maker(program, grad, origin)
     value = grad
-    if spec.padding:
-        # (d0, ...) -> (padded_d0, ...): pad spec lists the last dim first, dim 0 last
-        pad = [0, 0] * (len(spec.full_shape) - 1) + [0, spec.padding]
-        value = insert_call(program, aten.constant_pad_nd.default, (value, pad, 0.0), provenance=grad, origin=origin)
-    shard = insert_call(program, REDUCE_SCATTER, (value, spec.axis, "avg", 0), provenance=grad, origin=origin)
-    shard.meta[meta.ROLE] = meta.GRAD_SYNC
-    shard.meta[meta.TARGET] = name
-    shard.meta[meta.PLACEMENT] = {spec.axis: Shard(0)}
-    return shard
+    if spec.padding:  # (d0, ...) -> (padded_d0, ...)
+        value = redistribute.pad(make, value, len(spec.full_shape), 0, spec.padding)
+    return redistribute.reduce_scatter(make, value, spec.axis, "avg", 0, role=meta.GRAD_SYNC, target=name)
 
 
 def all_reduce_grad(program: DistProgram, grad: fx.Node, axis: str, name: str, origin: str) -> fx.Node:
-    reduced = insert_call(program, ALL_REDUCE, (grad, axis, "avg"), provenance=grad, origin=origin)
-    reduced.meta[meta.ROLE] = meta.GRAD_SYNC
-    reduced.meta[meta.TARGET] = name
-    reduced.meta[meta.PLACEMENT] = {axis: Replicate()}
-    return reduced
+    make = _maker(program, grad, origin)
+    return redistribute.all_reduce(make, grad, axis, "avg", role=meta.GRAD_SYNC, target=name, placement=True)
 
 
 def sync_loss(program: DistProgram, axis: str, origin: str) -> None:
@@ -94,8 +86,8 @@ def sync_loss(program: DistProgram, axis: str, origin: str) -> None:
     outputs = program.outputs()
     i = next(i for i, s in enumerate(program.signature.outputs) if s.role == LOSS)
     with program.graph.inserting_before(program.output_node()):
-        mean = insert_call(program, ALL_REDUCE, (outputs[i], axis, "avg"), provenance=outputs[i], origin=origin)
-    mean.meta[meta.ROLE] = meta.LOSS_SYNC
+        make = _maker(program, outputs[i], origin)
+        mean = redistribute.all_reduce(make, outputs[i], axis, "avg", role=meta.LOSS_SYNC)
     outputs[i] = mean
     program.set_outputs(outputs)
 

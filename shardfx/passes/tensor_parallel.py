@@ -20,6 +20,10 @@
 3. Shapes in size arguments (view, split) are rewritten to the local sizes
    and every `val` is recomputed, so the program is checked shape by shape.
 
+The plan is passes/tp_plan.py, the rules and their propagation
+passes/tp_rules.py, the redistributions passes/redistribute.py; this file is
+the pass and its rewrite.
+
 Megatron's count follows from the rules: per block, the rowwise outputs are
 partial sums (2 all-reduces in forward) and the colwise input gradients are
 partial sums (2 all-reduces in backward).
@@ -28,175 +32,23 @@ Needs: capture. Provides: program.tp_specs, meta[PLACEMENT]["tp"].
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from shardfx.graphs import meta, ops
-from shardfx.graphs.placement import Partial, Shard, ShardSpec
+from shardfx.graphs import meta
+from shardfx.graphs.placement import Shard, ShardSpec
 from shardfx.graphs.program import DistProgram
 from shardfx.graphs.rewrite import refresh_val
 from shardfx.graphs.signature import GRAD, PARAM
+from shardfx.passes import redistribute
 from shardfx.passes.manager import PassContext, PassResult
-from shardfx.passes.tp_rules import POINTWISE, RULES, Decision, R, replicate_all
+from shardfx.passes.tp_plan import Linear, auto_plan, find_linears, nearest_pair, param_placements, user_plan
+from shardfx.passes.tp_rules import R, propagate
 
 aten = torch.ops.aten
 ORIGIN = "tensor_parallel"
-STYLES = ("colwise", "rowwise", "replicate")
-
-
-@dataclass
-class Linear:
-    module: str
-    weight: fx.Node  # the parameter placeholder (out_features, in_features)
-    bias: fx.Node | None
-    matmul: fx.Node  # the forward mm/addmm
-    blocks: int = 1
-    partner: Linear | None = None
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.meta["val"].shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.meta["val"].shape[1]
-
-
-# ---------------------------------------------------------------- the plan
-
-
-def find_linears(program: DistProgram) -> list[Linear]:
-    """Forward mm/addmm nodes whose weight operand is t(a 2-D parameter): the model's Linear layers."""
-    names = {n: s.name for s, n in zip(program.signature.inputs, program.placeholders()) if s.role == PARAM}
-    found: dict[fx.Node, Linear] = {}
-    for node in program.graph.nodes:
-        if node.op != "call_function" or meta.phase(node) != meta.FORWARD:
-            continue
-        if node.target not in (aten.mm.default, aten.addmm.default):
-            continue
-        w_t = node.args[2] if node.target is aten.addmm.default else node.args[1]
-        if not (isinstance(w_t, fx.Node) and w_t.target is aten.t.default and w_t.args[0] in names):
-            continue
-        weight = w_t.args[0]
-        if weight in found or weight.meta["val"].dim() != 2:
-            continue  # a tied weight used twice stays replicated (its second use is e.g. an embedding)
-        bias = node.args[0] if node.target is aten.addmm.default and node.args[0] in names else None
-        module = names[weight].rsplit(".", 1)[0]
-        found[weight] = Linear(module, weight, bias, node)
-    linears = list(found.values())
-    tied = {w for w in found if any(u.target is aten.embedding.default for u in w.users)}
-    return [lin for lin in linears if lin.weight not in tied]
-
-
-# Ops a colwise output passes through on its way to the rowwise Linear it pairs with.
-FRIENDLY = (
-    POINTWISE
-    | ops.with_tp_rule("view")
-    | ops.with_tp_rule("split")
-    | ops.with_tp_rule("getitem")
-    | {aten.transpose.int, aten.permute.default}
-    | {op for op in ops.of_kind(ops.ATTENTION) if not ops.attention(op).backward}
-)
-
-
-def _pair(lin: Linear, by_matmul: dict[fx.Node, Linear]) -> None:
-    """Walk forward from a Linear's output through friendly ops; reaching another Linear's input pairs them."""
-    frontier, seen = [lin.matmul], {lin.matmul}
-    while frontier:
-        node = frontier.pop()
-        for user in node.users:
-            if user in seen or meta.phase(user) != meta.FORWARD:
-                continue
-            seen.add(user)
-            other = by_matmul.get(user)
-            if other is not None and other is not lin:
-                a = user.args[1] if user.target is aten.addmm.default else user.args[0]
-                if a is node and lin.partner is None and other.partner is None:
-                    lin.partner, other.partner = other, lin
-                continue
-            if user.target is aten.split.Tensor and user.args[0] is node:
-                lin.blocks = max(lin.blocks, len(user.meta["val"]))
-            if user.target in FRIENDLY:
-                frontier.append(user)
-
-
-def auto_plan(linears: list[Linear], tp: int, demoted: set[str]) -> dict[str, str]:
-    by_matmul = {lin.matmul: lin for lin in linears}
-    for lin in linears:
-        lin.partner, lin.blocks = None, 1
-    for lin in linears:
-        if lin.partner is None:
-            _pair(lin, by_matmul)
-    plan: dict[str, str] = {}
-    for lin in linears:
-        plan[lin.module] = "replicate"
-        partner = lin.partner
-        if partner is None or lin.module in demoted:
-            continue
-        col, row = (lin, partner) if _comes_first(lin, partner) else (partner, lin)
-        fits = col.out_features % (tp * col.blocks) == 0 and row.in_features % tp == 0
-        if fits:
-            plan[lin.module] = "colwise" if lin is col else "rowwise"
-    return plan
-
-
-def _comes_first(a: Linear, b: Linear) -> bool:
-    for node in a.matmul.graph.nodes:
-        if node is a.matmul:
-            return True
-        if node is b.matmul:
-            return False
-    return True
-
-
-def user_plan(linears: list[Linear], patterns: dict[str, str], tp: int) -> dict[str, str]:
-    for style in patterns.values():
-        if style not in STYLES:
-            raise ValueError(f"tensor-parallel style {style!r} is not one of {list(STYLES)}")
-    plan = {}
-    by_matmul = {lin.matmul: lin for lin in linears}
-    for lin in linears:
-        _pair(lin, by_matmul)  # detects fused q|k|v (blocks)
-        style = next((s for pat, s in patterns.items() if fnmatch.fnmatch(lin.module, pat)), "replicate")
-        if style == "colwise" and lin.out_features % (tp * lin.blocks):
-            raise ValueError(
-                f"{lin.module}: colwise needs out_features {lin.out_features} divisible by tp={tp}"
-                + (f" in each of its {lin.blocks} parts" if lin.blocks > 1 else "")
-            )
-        if style == "rowwise" and lin.in_features % tp:
-            raise ValueError(f"{lin.module}: rowwise needs in_features {lin.in_features} divisible by tp={tp}")
-        plan[lin.module] = style
-    return plan
-
-
-# ---------------------------------------------------------------- propagation
-
-
-def propagate(program: DistProgram, params: dict[fx.Node, Any], tp: int) -> tuple[dict, dict]:
-    """Placements of every node and the decisions that produced them (no graph changes)."""
-    placements: dict[fx.Node, Any] = dict(params)
-    decisions: dict[fx.Node, Decision] = {}
-    for node in program.graph.nodes:
-        if node.op == "placeholder":
-            placements.setdefault(node, R)
-            continue
-        if node.op != "call_function":
-            continue
-        rule = RULES.get(node.target)
-        if rule is None:
-            decision = replicate_all(node, placements)
-        else:
-            decision = rule(node, placements, tp)
-        decisions[node] = decision
-        placements[node] = decision.out
-    return placements, decisions
-
-
-# ---------------------------------------------------------------- the pass
 
 
 def tensor_parallel(
@@ -207,7 +59,7 @@ def tensor_parallel(
     demoted: set[str] = set()
     while True:
         styles = auto_plan(linears, tp, demoted) if plan is None else user_plan(linears, plan, tp)
-        params = _param_placements(linears, styles)
+        params = param_placements(linears, styles)
         placements, decisions = propagate(program, params, tp)
         gathers = [
             n
@@ -217,7 +69,7 @@ def tensor_parallel(
         if plan is not None or not gathers:
             break
         # auto: a pair whose shards had to be gathered back (sizes that do not divide) stays replicated
-        culprit = _nearest_pair(gathers[0], linears, styles)
+        culprit = nearest_pair(gathers[0], linears, styles)
         if culprit is None:
             break
         demoted.update({culprit.module, culprit.partner.module})
@@ -233,39 +85,6 @@ def tensor_parallel(
     if demoted:
         ctx.log(f"tensor_parallel: left replicated (sizes do not divide by tp={tp}): {', '.join(sorted(demoted))}")
     return PassResult(program, stats)
-
-
-def _param_placements(linears: list[Linear], styles: dict[str, str]) -> dict[fx.Node, Any]:
-    out: dict[fx.Node, Any] = {}
-    for lin in linears:
-        style = styles.get(lin.module, "replicate")
-        if style == "colwise":
-            out[lin.weight] = Shard(0, lin.blocks)
-            if lin.bias is not None:
-                out[lin.bias] = Shard(0, lin.blocks)
-        elif style == "rowwise":
-            out[lin.weight] = Shard(1)
-    return out
-
-
-def _nearest_pair(node: fx.Node, linears: list[Linear], styles: dict[str, str]) -> Linear | None:
-    module = node.meta.get(meta.MODULE, "")
-    best, best_len = None, -1
-    for lin in linears:
-        if styles.get(lin.module) == "colwise":
-            prefix = _common_prefix(module, lin.module)
-            if prefix > best_len:
-                best, best_len = lin, prefix
-    return best
-
-
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a.split("."), b.split(".")):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _apply(
@@ -327,47 +146,26 @@ def _apply(
     return {"tp_all_reduces": n_all_reduce, "tp_all_gathers": n_gather}
 
 
-def _tag(node: fx.Node) -> fx.Node:
-    node.meta[meta.ROLE] = meta.TP_REDISTRIBUTE
-    return node
+def _maker(program: DistProgram, at: fx.Node) -> redistribute.Make:
+    """New nodes at the insertion point without a `val`: _refresh_all gives every node its local one."""
 
+    def make(target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        node = program.graph.call_function(target, args, kwargs or {})
+        meta.copy_provenance(at, node, ORIGIN)
+        return node
 
-def _call(program: DistProgram, target: Any, args: tuple, at: fx.Node, kwargs: dict | None = None) -> fx.Node:
-    """A new node at the insertion point; its `val` comes from _refresh_all once all shapes are local."""
-    node = program.graph.call_function(target, args, kwargs or {})
-    meta.copy_provenance(at, node, ORIGIN)
-    return node
+    return make
 
 
 def _redistribute(
     program: DistProgram, x: fx.Node, have: Any, want: Any, axis: str, at: fx.Node
 ) -> tuple[fx.Node, str]:
-    """Insert (at the current point) what turns placement `have` into `want`."""
-    moved = ""
-    if isinstance(have, Partial):
-        x = _tag(_call(program, torch.ops.shardfx.all_reduce.default, (x, axis, "sum"), at))
-        have, moved = R, "all_reduce"
-    if isinstance(have, Shard) and have != want:
-        x = _gather(program, x, have, axis, at)
-        have, moved = R, moved or "all_gather"
-    if isinstance(want, Shard) and have == R:
-        x = _call(program, torch.ops.shardfx.chunk.default, (x, axis, want.dim, want.blocks), at)
-    return x, moved
-
-
-def _gather(program: DistProgram, x: fx.Node, have: Shard, axis: str, at: fx.Node) -> fx.Node:
-    tp = program.mesh.size(axis)
-    g = _tag(_call(program, torch.ops.shardfx.all_gather.default, (x, axis, have.dim), at))
-    if have.blocks == 1:
-        return g
-    # gathered as [rank0: b0 b1 .., rank1: b0 b1 ..] along dim; reorder to [b0: rank0 rank1 .., b1: ..]
+    """Insert (at the current point) what turns placement `have` into `want` (passes/redistribute.py)."""
     shape = list(x.meta["val"].shape)  # still the global shape: vals are made local at the end
-    d = have.dim
-    split = shape[:d] + [tp, have.blocks, shape[d] // (tp * have.blocks)] + shape[d + 1 :]
-    v = _call(program, aten.view.default, (g, split), at)
-    t = _call(program, aten.transpose.int, (v, d, d + 1), at)
-    c = _call(program, aten.clone.default, (t,), at, {"memory_format": torch.contiguous_format})
-    return _call(program, aten.view.default, (c, shape), at)
+    make = _maker(program, at)
+    return redistribute.redistribute(
+        make, x, have, want, axis, program.mesh.size(axis), shape, role=meta.TP_REDISTRIBUTE
+    )
 
 
 def _decompose(program: DistProgram, node: fx.Node, axis: str) -> None:
@@ -376,10 +174,8 @@ def _decompose(program: DistProgram, node: fx.Node, axis: str) -> None:
     with program.graph.inserting_before(node):
         mm = program.graph.call_function(aten.mm.default, (a, b))
         mm.meta = {k: v for k, v in node.meta.items() if k != meta.PLACEMENT}
-        summed = _tag(program.graph.call_function(torch.ops.shardfx.all_reduce.default, (mm, axis, "sum")))
-        summed.meta = dict(mm.meta)
-        summed.meta[meta.ORIGIN] = ORIGIN
-        summed.meta[meta.ROLE] = meta.TP_REDISTRIBUTE
+        summed = redistribute.all_reduce(_maker(program, mm), mm, axis, "sum", role=meta.TP_REDISTRIBUTE)
+        summed.meta.update({k: v for k, v in mm.meta.items() if k not in summed.meta})
         out = program.graph.call_function(aten.add.Tensor, (summed, bias))
         out.meta = dict(mm.meta)
         out.meta[meta.ORIGIN] = ORIGIN

@@ -6,7 +6,9 @@ placement of its output(s) and the inputs it needs in another placement (the
 pass inserts the redistribution). Which rule an op gets is a column of the op
 table (graphs/ops.py: OpFacts.tp names a family of FAMILIES); an op without
 one gets replicated inputs: correct, and reported when that means gathering
-shards. Adding an op means adding a row to that table.
+shards. Adding an op means adding a row to that table. `propagate` applies the
+rules to every node in graph order (forward then backward) without changing
+the graph: tensor_parallel inserts the redistributions they ask for.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.fx as fx
 
 from shardfx.graphs import ops
 from shardfx.graphs.placement import Partial, Replicate, Shard
+from shardfx.graphs.program import DistProgram
 
 aten = torch.ops.aten
 R = Replicate()
@@ -292,3 +295,23 @@ FAMILIES = {
     "heads": _heads,
 }
 RULES = {op: FAMILIES[f.tp] for op, f in ops.OPS.items() if f.tp is not None}  # op -> rule, from graphs/ops.py
+
+
+def propagate(program: DistProgram, params: dict[fx.Node, Any], tp: int) -> tuple[dict, dict]:
+    """Placements of every node and the decisions that produced them (no graph changes)."""
+    placements: dict[fx.Node, Any] = dict(params)
+    decisions: dict[fx.Node, Decision] = {}
+    for node in program.graph.nodes:
+        if node.op == "placeholder":
+            placements.setdefault(node, R)
+            continue
+        if node.op != "call_function":
+            continue
+        rule = RULES.get(node.target)
+        if rule is None:
+            decision = replicate_all(node, placements)
+        else:
+            decision = rule(node, placements, tp)
+        decisions[node] = decision
+        placements[node] = decision.out
+    return placements, decisions

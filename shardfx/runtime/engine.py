@@ -28,11 +28,7 @@ with its step and skipped, stopped on, or ignored per Config.on_nonfinite.
 
 from __future__ import annotations
 
-import base64
 import logging
-import math
-import random
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,13 +41,12 @@ from shardfx.graphs.program import DistProgram, Schedule
 from shardfx.graphs.signature import GRAD_ACC
 from shardfx.runtime import checkpoint
 from shardfx.runtime.executor import Executor
+from shardfx.runtime.nonfinite import NonFiniteError, NonFinitePolicy
+from shardfx.runtime.program_cache import ProgramCache
 from shardfx.runtime.protocol import Runtime
+from shardfx.runtime.rng import rng_state, set_rng_state
 
 logger = logging.getLogger("shardfx")
-
-
-class NonFiniteError(RuntimeError):
-    """A step's loss or gradient norm was NaN or infinite and Config.on_nonfinite is "stop"."""
 
 
 @dataclass
@@ -80,18 +75,25 @@ class Engine:
         self.capture_seconds = options.capture_seconds
         self.config = options.config
         self.schedule = options.schedule
-        self._compile_for = options.compile_for
-        self._compile_eval_for = options.compile_eval_for
-        self._eval_programs: OrderedDict[Any, tuple[DistProgram, Executor]] = OrderedDict()
         self._model, self._loss_fn = options.model, options.loss_fn
         self._log = options.log or logger.warning
         self._arity = len(options.example_inputs)
-        # batch shape -> variant ("step", or "first" / "middle" / "last") -> (program, executor)
-        self._programs: OrderedDict[Any, dict[str, tuple[DistProgram, Executor]]] = OrderedDict()
-        variants = {
-            name: (p, runtime.executor if p is runtime.program else Executor(p)) for name, p in options.programs.items()
-        }
-        self._programs[_shape_key(options.example_inputs)] = variants
+        # per batch shape: variant ("step", or "first" / "middle" / "last") -> (program, executor)
+        self._programs = ProgramCache(options.compile_for, self.config.max_batch_shapes, lambda line: self._log(line))
+        self._programs.add(
+            options.example_inputs,
+            {n: (p, runtime.executor if p is runtime.program else Executor(p)) for n, p in options.programs.items()},
+        )
+        compile_eval = options.compile_eval_for
+        self._can_eval = compile_eval is not None
+        self._eval_programs = ProgramCache(
+            None if compile_eval is None else (lambda batch: {"eval": compile_eval(batch)}),
+            self.config.max_batch_shapes,
+            lambda line: None,
+            what="eval program",
+            strict=False,
+        )
+        self._nonfinite = NonFinitePolicy(self.config.on_nonfinite, lambda line: self._log(line))
         self._variant = self.schedule.micro_batches[-1]  # the variant that ran last
         self._states = [s for _, s in runtime.held_states()]
         for state in self._states:
@@ -105,7 +107,6 @@ class Engine:
         self.last_grad_norm: float | None = None
         self._phase = "idle"  # idle -> forward -> backward -> (step) idle
         self._last_loss: Tensor | None = None
-        self._bad_loss: tuple[int, float] | None = None  # (micro-batch, loss) of a non-finite loss
 
     # --- training -----------------------------------------------------------------------------
 
@@ -148,9 +149,7 @@ class Engine:
         loss = self.runtime.step(self._split(batch), reset_stats=self.micro_steps % k == 0)
         self.micro_steps += 1
         self.samples += batch[0].shape[0]
-        value = float(loss)
-        if not math.isfinite(value) and self._bad_loss is None:
-            self._bad_loss = ((self.micro_steps - 1) % self.config.grad_accum_steps, value)
+        self._nonfinite.record_loss((self.micro_steps - 1) % k, float(loss))
         self._phase, self._last_loss = "forward", loss
         return loss
 
@@ -183,17 +182,16 @@ class Engine:
         measured = self._states[0].grad_norm if self._variant in self.schedule.whole_step else None
         norm = None if measured is None else float(measured) * scale
         self.last_grad_norm = norm
-        bad_loss, self._bad_loss = self._bad_loss, None
-        bad_norm = norm is not None and not math.isfinite(norm)
-        if (bad_loss is not None or bad_norm) and self.config.on_nonfinite != "ignore":
+        try:
+            allowed = self._nonfinite.allows_step(self.steps, norm)
+        except NonFiniteError:  # "stop": nothing of the step is kept
             for state in self._states:
                 state.zero_grad()
-            where = f"loss {bad_loss[1]} (micro-batch {bad_loss[0]})" if bad_loss else "loss finite"
-            message = f"step {self.steps}: non-finite {where}, gradient norm {norm}"
-            if self.config.on_nonfinite == "stop":
-                raise NonFiniteError(message + "; stopping (Config.on_nonfinite='stop')")
+            raise
+        if not allowed:  # "skip"
+            for state in self._states:
+                state.zero_grad()
             self.skipped_steps += 1
-            self._log(message + "; optimizer step skipped (Config.on_nonfinite='skip')")
             return
         for state in self._states:
             state.optimizer_step(scale if k > 1 else None)
@@ -206,9 +204,15 @@ class Engine:
     def programs(self) -> dict[str, DistProgram]:
         """The programs of the batch shape used last, by variant: "step" without accumulation, else
         "first" / "middle" / "last" (engine.schedule says which runs when); print one with graphs.format.format_program."""
-        return {name: program for name, (program, _) in next(reversed(self._programs.values())).items()}
+        return {name: program for name, (program, _) in self._programs.latest().items()}
 
     # --- evaluation -----------------------------------------------------------------------------
+
+    def eval_program(self) -> DistProgram:
+        """The forward-only program eval_step ran last (for graphs.format.format_program)."""
+        if not len(self._eval_programs):
+            raise RuntimeError("no eval_step has run yet")
+        return self._eval_programs.latest()["eval"][0]
 
     def eval_step(self, *batch: Tensor) -> Tensor:
         """The global mean loss on `batch`, forward only, in eval mode: its own traced program.
@@ -217,18 +221,11 @@ class Engine:
         same passes (ZeRO gathers, tensor parallelism, ...) and run on every rank's current state;
         nothing is updated. One program is kept per batch shape (Config.max_batch_shapes).
         """
-        if self._compile_eval_for is None:
-            raise RuntimeError("eval_step needs the engine built by shardfx.compile_distributed")
         if len(batch) != self._arity:
             raise TypeError(f"eval_step got {len(batch)} tensors; the step was compiled for {self._arity}")
-        key = _shape_key(batch)
-        if key not in self._eval_programs:
-            program = self._compile_eval_for(batch)
-            self._eval_programs[key] = (program, Executor(program))
-            while len(self._eval_programs) > self.config.max_batch_shapes:
-                self._eval_programs.popitem(last=False)
-        self._eval_programs.move_to_end(key)
-        program, executor = self._eval_programs[key]
+        if not self._can_eval:
+            raise RuntimeError("eval_step needs the engine built by shardfx.compile_distributed")
+        (_, executor) = self._eval_programs.get(batch, self.program.mesh.size("dp"))["eval"]
         return self.runtime.evaluate(executor, self._split(batch)).float()
 
     # --- state ----------------------------------------------------------------------------------
@@ -258,7 +255,7 @@ class Engine:
             "samples": self.samples,
             "skipped_steps": self.skipped_steps,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "rng": _rng_state(),
+            "rng": rng_state(),
             "client_state": client_state or {},
         }
         checkpoint.save(path, self.runtime, meta)
@@ -276,10 +273,10 @@ class Engine:
         # micro-batches, so count its micro-batches in its own steps (the next one starts a step).
         self.steps = meta["steps"]
         self.micro_steps = self.steps * self.config.grad_accum_steps
-        self._bad_loss = None
+        self._nonfinite.forget()
         self.samples, self.skipped_steps = meta["samples"], meta["skipped_steps"]
         if load_rng:
-            _set_rng_state(meta["rng"])
+            set_rng_state(meta["rng"])
         return meta["client_state"]
 
     def stats(self, rank: int = 0) -> dict[str, Any]:
@@ -301,36 +298,17 @@ class Engine:
 
     # --- batches ----------------------------------------------------------------------------------
 
-    def _select_program(self, batch: tuple[Tensor, ...]) -> dict[str, tuple[DistProgram, Any]]:
-        """The step's variants compiled for this batch shape; compile them (keeping at most max_batch_shapes)."""
+    def _select_program(self, batch: tuple[Tensor, ...]) -> dict[str, tuple[DistProgram, Executor]]:
+        """The step's variants compiled for this batch shape (compiled now if new: program_cache)."""
         if len(batch) != self._arity:
             raise TypeError(f"the step takes {self._arity} tensors; got {len(batch)}")
         for i, x in enumerate(batch):
             if not isinstance(x, Tensor):
                 raise TypeError(f"batch[{i}] must be a tensor; got {type(x).__name__}")
-        key = _shape_key(batch)
-        if key in self._programs:
-            self._programs.move_to_end(key)
-            return self._programs[key]
-        change = _difference(batch, next(reversed(self._programs)))
-        if self.config.max_batch_shapes == 1 or self._compile_for is None:
-            raise ValueError(
-                f"{change}. Compile again for a new batch shape (or let the engine recompile: "
-                "Config(max_batch_shapes=N > 1))."
-            )
-        dp = self.program.mesh.size("dp")
-        for i, x in enumerate(batch):
-            if x.dim() == 0 or x.shape[0] % dp:
-                raise ValueError(f"batch[{i}] has shape {list(x.shape)}; dim 0 must divide into {dp} ranks")
-        self._log(f"{change}: compiling a new step ({len(self._programs)} already kept)")
-        programs = self._compile_for(batch)
-        if any(p.shard_specs != self.program.shard_specs for p in programs.values()):
+        programs = self._programs.get(batch, self.program.mesh.size("dp"))
+        if any(p.shard_specs != self.program.shard_specs for p, _ in programs.values()):
             raise RuntimeError("recompiling for a new batch shape changed how parameters are sharded")
-        self._programs[key] = {name: (p, Executor(p)) for name, p in programs.items()}
-        while len(self._programs) > self.config.max_batch_shapes:
-            dropped, _ = self._programs.popitem(last=False)
-            self._log(f"dropping the step compiled for {_describe(dropped)} (Config.max_batch_shapes)")
-        return self._programs[key]
+        return programs
 
     def _use(self, program: DistProgram, executor: Executor) -> None:
         self.program = program
@@ -342,44 +320,3 @@ class Engine:
         dp = mesh.size("dp")
         chunks = [torch.chunk(x, dp, dim=0) for x in batch]
         return [tuple(c[mesh.coords(r)["dp"]] for c in chunks) for r in range(mesh.world_size)]
-
-
-def _shape_key(batch: tuple[Tensor, ...]) -> tuple[tuple[tuple[int, ...], torch.dtype], ...]:
-    return tuple((tuple(x.shape), x.dtype) for x in batch)
-
-
-def _difference(batch: tuple[Tensor, ...], compiled: Any) -> str:
-    """'batch[i] has shape ...; the step was compiled for ...' for the first tensor that differs."""
-    for i, (x, (shape, dtype)) in enumerate(zip(batch, compiled)):
-        if (tuple(x.shape), x.dtype) != (shape, dtype):
-            return f"batch[{i}] has shape {list(x.shape)} {x.dtype}; the step was compiled for {list(shape)} {dtype}"
-    return "the batch differs"
-
-
-def _describe(key: Any) -> str:
-    return "(" + ", ".join(f"{list(shape)} {str(dtype).removeprefix('torch.')}" for shape, dtype in key) + ")"
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-        "python": _jsonable(random.getstate()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    def tensor(text: str) -> Tensor:
-        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-    torch.set_rng_state(tensor(state["torch"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([tensor(s) for s in state["cuda"]])
-
-
-def _jsonable(value: Any) -> Any:
-    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value

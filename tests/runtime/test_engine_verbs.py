@@ -162,7 +162,7 @@ def test_eval_step_is_its_own_forward_program(config) -> None:
     with torch.no_grad():
         expected = gpt_loss(reference.eval()(batch[0]), batch[1])
     torch.testing.assert_close(engine.eval_step(*batch), expected, rtol=1e-5, atol=1e-6)
-    ((program, _),) = engine._eval_programs.values()
+    program = engine.eval_program()
     assert all(n.meta.get(meta.PHASE) != meta.BACKWARD for n in program.graph.nodes)
     kinds = {collectives.kind(n) for n in program.graph.nodes if collectives.is_collective(n)}
     assert ("all_gather" in kinds) == ("zero_stage" in config)

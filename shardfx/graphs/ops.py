@@ -180,6 +180,7 @@ OPS: dict[Any, OpFacts] = {
             aten.native_dropout_backward.default,
             aten.masked_fill.Scalar,
             aten.copy.default,
+            torch.ops.prims.convert_element_type.default,
         ],
     ),  # fmt: skip
     # views
@@ -231,6 +232,11 @@ OPS: dict[Any, OpFacts] = {
     aten.native_layer_norm.default: OpFacts(NORM, tp="layer_norm"),
     aten.native_layer_norm_backward.default: OpFacts(NORM, tp="replicate"),
     **_rows(NORM, [aten._native_batch_norm_legit_functional.default, aten.native_batch_norm_backward.default]),
+    aten.scalar_tensor.default: OpFacts(CREATE),
+    aten.gather.default: OpFacts(OTHER),
+    aten.scatter.value: OpFacts(OTHER),
+    aten.nll_loss_forward.default: OpFacts(REDUCTION),
+    aten.nll_loss_backward.default: OpFacts(OTHER),
     aten.embedding.default: OpFacts(EMBEDDING),
     aten.embedding_dense_backward.default: OpFacts(EMBEDDING),
     **_attention_rows(),

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from shardfx.graphs import ops
+
 aten = torch.ops.aten
 prims = torch.ops.prims
 
@@ -271,7 +273,7 @@ DECOMPOSE = (
 
 def rule(node: fx.Node) -> Rule | None:
     """The row for a node, or None when it cannot be part of a region."""
-    if node.op != "call_function":
+    if node.op != "call_function" or ops.is_random(node):  # a region runs once: no random op in it
         return None
     r = RULES.get(node.target)
     if r is None:

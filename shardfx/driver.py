@@ -69,6 +69,9 @@ class Compiled:
 
     @property
     def program(self) -> DistProgram:
+        """The program of the step's last micro-batch (the plain step's one program)."""
+        if self.last not in self.programs:
+            raise KeyError(f"compiled only {', '.join(self.programs)}; the step's last program is {self.last!r}")
         return self.programs[self.last]
 
 
@@ -139,11 +142,7 @@ def capture_step(
     mesh: Mesh,
 ) -> Traced:
     """The training step captured at one rank's slice of the global `batch` (in the Config's compute dtype)."""
-    batch = tuple(batch)
-    check_batch(batch, mesh)
-    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
-    captured = _capture(capture, model, rank_batch(batch, mesh), loss_fn, compute_dtype)
-    return Traced(DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode), captured.seconds)
+    return _trace(capture, model, batch, loss_fn, config, mesh)
 
 
 def compile_step(
@@ -208,11 +207,7 @@ def compile_eval(
     log: Callable[[str], None] | None = None,
 ) -> DistProgram:
     """The forward-only program of eval_step: the same passes, on a graph without a backward."""
-    batch = tuple(batch)
-    check_batch(batch, mesh)
-    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
-    captured = _capture(capture_forward, model, rank_batch(batch, mesh), loss_fn, compute_dtype)
-    program = DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode)
+    program = _trace(capture_forward, model, batch, loss_fn, config, mesh).program
     eval_config = config.replace(recompute="none", grad_clip=None)
     ctx = PassContext(eval_config, log or (lambda line: None))
     return run_passes(program, pipeline(eval_config, mesh), ctx)[0]
@@ -249,9 +244,21 @@ def _until(passes: list[Pass], stop_after: str) -> list[Pass]:
     return passes[: names.index(stop_after)]
 
 
-def _capture(fn: Callable[..., Any], model: nn.Module, batch: tuple[torch.Tensor, ...], *args: Any) -> Any:
-    if any(x.device.type == "meta" for x in batch):  # compiled on paper: torch warns of meta kernels' autograd
-        with warnings.catch_warnings():
+def _trace(
+    fn: Callable[..., Any],
+    model: nn.Module,
+    batch: Sequence[torch.Tensor],
+    loss_fn: Callable[..., torch.Tensor] | None,
+    config: Config,
+    mesh: Mesh,
+) -> Traced:
+    """`fn` (capture or capture_forward) at one rank's slice of the global batch, in the compute dtype."""
+    batch = tuple(batch)
+    check_batch(batch, mesh)
+    local = rank_batch(batch, mesh)
+    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
+    with warnings.catch_warnings():
+        if any(x.device.type == "meta" for x in local):  # compiled on paper: torch warns of meta kernels' autograd
             warnings.simplefilter("ignore", UserWarning)
-            return fn(model, batch, *args)
-    return fn(model, batch, *args)
+        captured = fn(model, local, loss_fn, compute_dtype)
+    return Traced(DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode), captured.seconds)

@@ -263,11 +263,6 @@ def attention(target: Any) -> Attention | None:
     return facts(target).attention
 
 
-def is_attention(node: fx.Node, *, backward: bool | None = None) -> bool:
-    layout = attention(node.target) if node.op == "call_function" else None
-    return layout is not None and (backward is None or layout.backward == backward)
-
-
 def is_random(node: fx.Node) -> bool:
     """Whether running the node twice may give different values: torch's nondeterministic_seeded tag,
     except attention, which is random only with dropout (its kernels carry the tag regardless)."""

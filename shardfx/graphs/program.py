@@ -74,7 +74,7 @@ class Schedule:
     "first" / "middle" / "last" under accumulation) that runs micro-batch i of an
     optimizer step. `whole_step` names the programs whose gradients, and the gradient
     norm they return, cover the whole optimizer step (the reduced sum of every
-    micro-batch); after any other program the engine adds up the reduced gradients itself.
+    micro-batch); the others' gradients are kept by each rank's state until then.
     """
 
     micro_batches: tuple[str, ...]

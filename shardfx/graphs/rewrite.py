@@ -12,6 +12,7 @@ import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -56,6 +57,28 @@ def add_input(
     node.meta[meta.TARGET] = target
     program.signature.inputs.append(InputSpec(role, target))
     return node
+
+
+def add_gradient_input(
+    program: DistProgram,
+    prefix: str,
+    grad: fx.Node,
+    target: str,
+    role: str,
+    *,
+    origin: str,
+    dtype: torch.dtype | None = None,
+) -> fx.Node:
+    """A placeholder shaped like `grad`, the gradient of parameter `target` (in `dtype`, None: the
+    gradient's), named `prefix` + the parameter's name, with signature role `role`."""
+    from shardfx.graphs.signature import PARAM
+
+    param = program.placeholders()[program.signature.input_index(PARAM, target)]
+    val = grad.meta["val"]
+    with program.fake_mode:
+        like = torch.empty(val.shape, dtype=dtype or val.dtype, device=val.device)
+    name = prefix + param.name.removeprefix("p_")
+    return add_input(program, name, like, role, target, provenance=param, origin=origin)
 
 
 def inline(

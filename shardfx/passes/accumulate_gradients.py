@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 
 from shardfx.graphs.program import DistProgram
-from shardfx.graphs.rewrite import add_input, insert_call
-from shardfx.graphs.signature import GRAD, GRAD_ACC, PARAM, OutputSpec
+from shardfx.graphs.rewrite import add_gradient_input, insert_call
+from shardfx.graphs.signature import GRAD, GRAD_ACC, OutputSpec
 from shardfx.passes.manager import PassContext, PassResult
 
 ORIGIN = "accumulate_gradients"
@@ -51,18 +51,12 @@ def accumulate_gradients(
         raise ValueError(f"accumulate_gradients variant must be one of {list(VARIANTS)}; got {variant!r}")
     graph = program.graph
     outputs = program.outputs()
-    placeholders = program.placeholders()
     added = 0
     for i, spec in enumerate(list(program.signature.outputs)):
         if spec.role != GRAD:
             continue
         grad = outputs[i]
-        param = placeholders[program.signature.input_index(PARAM, spec.target)]
-        val = grad.meta["val"]
-        with program.fake_mode:
-            acc_val = torch.empty(val.shape, dtype=acc_dtype or val.dtype, device=val.device)
-        name = "acc_" + param.name.removeprefix("p_")
-        acc = add_input(program, name, acc_val, GRAD_ACC, spec.target, provenance=param, origin=ORIGIN)
+        acc = add_gradient_input(program, "acc_", grad, spec.target, GRAD_ACC, origin=ORIGIN, dtype=acc_dtype)
         # Right after the gradient is made, so its reduction can still start behind the backward.
         with graph.inserting_after(grad):
             total = insert_call(program, aten.add.Tensor, (acc, grad), provenance=grad, origin=ORIGIN)

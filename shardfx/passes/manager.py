@@ -91,9 +91,7 @@ def program_stats(program: DistProgram) -> tuple[int, dict[str, int], int]:
     return nodes, dict(kinds), volume
 
 
-def check_pipeline(
-    passes: list[Pass], disabled: tuple[str, ...] = (), *, force_disable: bool = False, capture: str = "capture"
-) -> None:
+def check_pipeline(passes: list[Pass], disabled: tuple[str, ...] = (), *, force_disable: bool = False) -> None:
     """Check the contracts of `passes` (with `disabled` skipped) before anything runs.
 
     A pass listed in another's `after` must come before it; every fact a pass needs must be
@@ -103,7 +101,10 @@ def check_pipeline(
     """
     position = {p.name: i for i, p in enumerate(passes)}
     available = set(facts.CAPTURED)
-    provider = {f: p.name for p in passes for f in p.provides}
+    providers: dict[str, list[str]] = {}
+    for p in passes:
+        for fact in p.provides:
+            providers.setdefault(fact, []).append(p.name)
     for i, p in enumerate(passes):
         if p.name in disabled:
             if p.required and not force_disable:
@@ -122,13 +123,14 @@ def check_pipeline(
         for need in p.needs:
             if need in available:
                 continue
-            source = provider.get(need)
-            if source is None:
+            sources = providers.get(need, [])
+            if not sources:
                 raise ValueError(
-                    f"pass {p.name!r} needs {need}, which no pass of this pipeline and not {capture} provides"
+                    f"pass {p.name!r} needs {need}, which neither the capture nor a pass of this pipeline provides"
                 )
-            if source in disabled and force_disable:
+            if force_disable and all(s in disabled for s in sources):
                 continue  # asked for: the pass runs without what it needs (bisect finds out what breaks)
+            source = sources[0]
             state = "is disabled" if source in disabled else f"runs after it (#{position[source] + 1} > #{i + 1})"
             raise ValueError(f"pass {p.name!r} needs {need}, which {source!r} provides, and {source!r} {state}")
         available.update(p.provides)
@@ -141,14 +143,12 @@ def run_passes(
     dump_dir: str | Path | None = None,
     *,
     observer: ObserverFn | None = None,
-    force_disable: bool | None = None,
 ) -> tuple[DistProgram, list[PassRecord]]:
     """Run `passes` on `program` after check_pipeline; `observer(i, pass, program, record)` is called
     after each (disabled ones too, with the unchanged program): tools keep every stage from one run.
     The program is rewritten in place: an observer that keeps a stage copies it (clone_program)."""
     disabled = tuple(ctx.config.disable_passes)
-    force = ctx.config.force_disable if force_disable is None else force_disable
-    check_pipeline(passes, disabled, force_disable=force)
+    check_pipeline(passes, disabled, force_disable=ctx.config.force_disable)
     records: list[PassRecord] = []
     dump = Path(dump_dir) if dump_dir else None
     if dump is not None:

@@ -190,9 +190,8 @@ LOWER_TO_TRITON = Pass(
     lower_to_triton,
     "one generated Triton kernel per region: each value read once, each result written once",
     exact=False,
-    needs=(f.FUSION, f.FUSION_REGIONS),
     provides=(f.TRITON_REGIONS,),
-    after=("fuse",),
+    after=("fuse",),  # lowers the regions fuse marked; with fuse disabled there are none and it does nothing
 )
 
 PASSES: tuple[Pass, ...] = (

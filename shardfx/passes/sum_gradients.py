@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from shardfx.graphs.program import DistProgram
-from shardfx.graphs.rewrite import add_input, insert_call
-from shardfx.graphs.signature import GRAD, GRAD_SUM, PARAM
+from shardfx.graphs.rewrite import add_gradient_input, insert_call
+from shardfx.graphs.signature import GRAD, GRAD_SUM
 from shardfx.passes.manager import PassContext, PassResult
 
 ORIGIN = "sum_gradients"
@@ -30,18 +30,12 @@ aten = torch.ops.aten
 
 def sum_gradients(program: DistProgram, ctx: PassContext) -> PassResult:
     outputs = program.outputs()
-    placeholders = program.placeholders()
     added = 0
     for i, spec in enumerate(list(program.signature.outputs)):
         if spec.role != GRAD:
             continue
         grad = outputs[i]
-        param = placeholders[program.signature.input_index(PARAM, spec.target)]
-        val = grad.meta["val"]
-        with program.fake_mode:
-            kept_val = torch.empty(val.shape, dtype=val.dtype, device=val.device)
-        name = "kept_" + param.name.removeprefix("p_")
-        kept = add_input(program, name, kept_val, GRAD_SUM, spec.target, provenance=param, origin=ORIGIN)
+        kept = add_gradient_input(program, "kept_", grad, spec.target, GRAD_SUM, origin=ORIGIN)
         with program.graph.inserting_before(program.output_node()):
             outputs[i] = insert_call(program, aten.add.Tensor, (kept, grad), provenance=grad, origin=ORIGIN)
         added += 1

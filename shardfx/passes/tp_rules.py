@@ -272,8 +272,11 @@ def _heads(node: fx.Node, placements: dict, tp: int) -> Decision:
     layout = ops.attention(node.target)
     tensors = [node.args[i] for i in layout.heads_in if i < len(node.args) and isinstance(node.args[i], fx.Node)]
     mask = layout.mask_arg(node)
-    if isinstance(mask, fx.Node) and mask.meta["val"].dim() == 4 and mask.meta["val"].shape[1] > 1:
-        return replicate_all(node, placements)  # a per-head mask would need splitting too: no rule yet
+    per_head = isinstance(mask, fx.Node) and mask.meta["val"].dim() == 4 and mask.meta["val"].shape[1] > 1
+    if per_head or (isinstance(mask, fx.Node) and layout.bias_grad is not None):
+        # a per-head mask would need splitting too, and a mask's gradient is a sum over every head
+        # (a partial sum on each rank): no rule for either yet, the op runs whole
+        return replicate_all(node, placements)
     if all(_pl(a, placements) == Shard(1) for a in tensors):
         others = {a: R for a in node.all_input_nodes if a not in tensors and _pl(a, placements) != R}
         heads = set(layout.heads_out)

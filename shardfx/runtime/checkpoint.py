@@ -45,7 +45,7 @@ META_FILE = "shardfx.json"
 def save(path: str | os.PathLike, runtime: Any, meta: dict[str, Any]) -> None:
     """Write `runtime`'s model and optimizer state and `meta` (JSON-able) to the folder `path`, atomically."""
     path = os.fspath(path)
-    distributed = layout.is_distributed(runtime)
+    distributed = runtime.distributed
     rank0 = not distributed or dist.get_rank() == 0
     tensors, extra = layout.collect(runtime)
     meta = {
@@ -97,7 +97,7 @@ def load(path: str | os.PathLike, runtime: Any) -> dict[str, Any]:
     meta = read_meta(path)
     saved = {k: (tuple(v["shape"]), _dtype(v["dtype"])) for k, v in meta["tensors"].items()}
     template = layout.template(runtime, saved)
-    _dcp(dcp.load, template, _SafeReader(path), layout.is_distributed(runtime))
+    _dcp(dcp.load, template, _SafeReader(path), runtime.distributed)
     layout.restore(runtime, template, meta.get("optimizer_extra", {}))
     return meta
 

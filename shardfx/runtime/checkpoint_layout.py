@@ -19,17 +19,7 @@ import torch
 from torch import Tensor
 
 from shardfx.graphs.placement import ShardSpec, local_shard
-from shardfx.runtime.protocol import Runtime
 from shardfx.runtime.state import RankState, unshard
-
-
-def is_distributed(runtime: Runtime) -> bool:
-    return runtime.distributed
-
-
-def held_states(runtime: Runtime) -> list[tuple[int, RankState]]:
-    """(rank, state) of every rank this process holds."""
-    return runtime.held_states()
 
 
 def global_shape(t: Any) -> tuple[int, ...]:
@@ -39,7 +29,7 @@ def global_shape(t: Any) -> tuple[int, ...]:
 def collect(runtime: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(logical tensors by checkpoint key, JSON part of the optimizer: groups and non-tensor state)."""
     program = runtime.program
-    states = held_states(runtime)
+    states = runtime.held_states()
     first = states[0][1]
     tensors: dict[str, Tensor] = {}
     for spec in program.signature.params():
@@ -71,7 +61,7 @@ def collect(runtime: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
 def template(runtime: Any, saved: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
     """Empty tensors, laid out as this runtime holds them, for every saved key it can take."""
     program = runtime.program
-    first = held_states(runtime)[0][1]
+    first = runtime.held_states()[0][1]
     full_shapes = {s.name: _full_shape(program, first, s.name) for s in program.signature.params()}
     saved_params = {k.split("/", 1)[1] for k in saved if k.startswith("model/")}
     missing, extra = sorted(set(full_shapes) - saved_params), sorted(saved_params - set(full_shapes))
@@ -101,7 +91,7 @@ def template(runtime: Any, saved: dict[str, tuple[tuple[int, ...], torch.dtype]]
 def restore(runtime: Any, loaded: dict[str, Tensor], extra: dict[str, Any]) -> None:
     """Copy loaded logical tensors into every held rank's parameters, buffers and optimizer."""
     program = runtime.program
-    for rank, state in held_states(runtime):
+    for rank, state in runtime.held_states():
         coords = program.mesh.coords(rank)
 
         def local(key: str, name: str, coords: dict[str, int] = coords) -> Tensor:
@@ -163,10 +153,10 @@ def _full_shape(program: Any, state: RankState, name: str) -> tuple[int, ...]:
 def _logical(runtime: Any, name: str, get: Any) -> Any:
     """The logical tensor of a parameter-shaped value: the full tensor (local) or this rank's Pieces (distributed)."""
     program = runtime.program
-    states = held_states(runtime)
+    states = runtime.held_states()
     if not program.specs(name):
         return get(states[0][1])
-    if not is_distributed(runtime):
+    if not runtime.distributed:
         return unshard(program, name, 0, lambda r: get(runtime.states[r]))
     local = get(states[0][1]).detach()
     writes = program.first_holder(name, runtime.rank)  # replicas: one rank writes, every rank reads
@@ -177,8 +167,8 @@ def _logical(runtime: Any, name: str, get: Any) -> Any:
 
 def _empty_logical(runtime: Any, name: str, dtype: torch.dtype) -> Any:
     program = runtime.program
-    state = held_states(runtime)[0][1]
-    if not is_distributed(runtime):
+    state = runtime.held_states()[0][1]
+    if not runtime.distributed:
         return torch.empty(_full_shape(program, state, name), dtype=dtype)
     local = torch.zeros(state.params[name].shape, dtype=dtype, device=state.params[name].device)
     return Pieces(_full_shape(program, state, name), local, _boxes(program, name, runtime.rank))

@@ -305,10 +305,14 @@ class Engine:
         for i, x in enumerate(batch):
             if not isinstance(x, Tensor):
                 raise TypeError(f"batch[{i}] must be a tensor; got {type(x).__name__}")
-        programs = self._programs.get(batch, self.program.mesh.size("dp"))
-        if any(p.shard_specs != self.program.shard_specs for p, _ in programs.values()):
+        return self._programs.get(batch, self.program.mesh.size("dp"), self._same_sharding)
+
+    def _same_sharding(self, programs: dict[str, DistProgram]) -> None:
+        """A new batch shape's programs must shard the parameters as the state the ranks hold."""
+        if any(
+            p.shard_specs != self.program.shard_specs or p.tp_specs != self.program.tp_specs for p in programs.values()
+        ):
             raise RuntimeError("recompiling for a new batch shape changed how parameters are sharded")
-        return programs
 
     def _use(self, program: DistProgram, executor: Executor) -> None:
         self.program = program

@@ -55,9 +55,11 @@ class ProgramCache:
         """The set of the batch shape used last."""
         return next(reversed(self._sets.values()))
 
-    def get(self, batch: tuple[Tensor, ...], dp: int) -> Programs:
+    def get(
+        self, batch: tuple[Tensor, ...], dp: int, validate: Callable[[dict[str, DistProgram]], None] | None = None
+    ) -> Programs:
         """The set compiled for this batch shape; compiled now if there is none (the batch's dim 0 must
-        split over the `dp` ranks)."""
+        split over the `dp` ranks), and checked by `validate` before it is kept."""
         key = shape_key(batch)
         if key in self._sets:
             self._sets.move_to_end(key)
@@ -74,6 +76,8 @@ class ProgramCache:
         if self._sets:
             self._log(f"{change}: compiling a new {self._what} ({len(self._sets)} already kept)")
         programs = self._compile_for(batch)
+        if validate is not None:
+            validate(programs)
         self._sets[key] = {name: (p, Executor(p)) for name, p in programs.items()}
         while len(self._sets) > self._max:
             dropped, _ = self._sets.popitem(last=False)

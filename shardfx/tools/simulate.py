@@ -18,6 +18,7 @@ from shardfx.driver import build_mesh, compile_step
 from shardfx.graphs.cost_model import Simulation, hardware, simulate
 from shardfx.graphs.program import DistProgram
 from shardfx.models import build_model
+from shardfx.passes.pipeline import schedule
 
 
 @dataclass
@@ -35,7 +36,8 @@ def compile_on_meta(
     with torch.device("meta"):
         model, loss_fn, _ = build_model(model_name, **kwargs)
         example = _meta_batch(model, local_batch * mesh.size("dp"))
-    return compile_step(model, example, loss_fn, config, mesh).program
+    last = schedule(config).micro_batches[-1]  # the plain step, or an accumulating step's last micro-batch
+    return compile_step(model, example, loss_fn, config, mesh, variants=[last]).program
 
 
 def _meta_batch(model: torch.nn.Module, batch: int) -> tuple[torch.Tensor, ...]:

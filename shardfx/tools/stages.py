@@ -23,7 +23,7 @@ from shardfx.driver import CAPTURE, build_mesh, compile_step, passes_for
 from shardfx.graphs.analysis import collective_summary, memory_timeline
 from shardfx.graphs.program import DistProgram, clone_program
 from shardfx.passes.manager import Pass, PassRecord
-from shardfx.passes.pipeline import schedule, step_variants
+from shardfx.passes.pipeline import PASS_NAMES, schedule, step_variants
 from shardfx.tools.model_spec import ModelSpec, load_object
 from shardfx.tools.options import key_value, positive_float, positive_int
 
@@ -98,7 +98,7 @@ def add_compile_arguments(parser: argparse.ArgumentParser) -> None:
         "--force-disable",
         action="store_true",
         help="let --disable skip a pass the program needs to be correct (data_parallel, a ZeRO pass, grad_norm, "
-        "clip_gradients): the program is then not the configured step",
+        "clip_gradients, sum_gradients): the program is then not the configured step",
     )
     group.add_argument(
         "--append-pass",
@@ -182,8 +182,9 @@ def compile_stages(
     mesh = build_mesh(config, world_size)
     passes = pass_list(config, world_size, extra_passes, variant)
     variant = variant or schedule(config).micro_batches[-1]
-    for name in config.disable_passes:
-        check_pass_name(name, passes, "--disable")
+    for name in config.disable_passes:  # a pass of any pipeline (e.g. accumulate_gradients) may be disabled
+        if name not in PASS_NAMES:
+            check_pass_name(name, passes, "--disable")
     if stop_after is not None:
         check_pass_name(stop_after, passes, "--stop-after", capture_ok=True)
         passes = passes[: [CAPTURE, *(p.name for p in passes)].index(stop_after)]

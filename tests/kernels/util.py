@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,16 +13,13 @@ from shardfx.config import Config
 from shardfx.driver import Traced, build_mesh, capture_step, compile_traced
 from shardfx.graphs.program import DistProgram
 from shardfx.graphs.signature import BUFFER, PARAM
-from shardfx.passes.fuse import fuse
-from shardfx.passes.lower_to_triton import lower_to_triton
 from shardfx.passes.manager import Pass
+from shardfx.passes.pipeline import FUSE, LOWER_TO_TRITON
 
 
 def kernel_passes(cache_dir: str | Path) -> list[Pass]:
-    return [
-        Pass("fuse", fuse, "regions of memory-bound ops", exact=False),
-        Pass("lower_to_triton", partial(lower_to_triton, cache_dir=cache_dir), "one Triton kernel each", exact=False),
-    ]
+    """The pipeline's own fuse and lower_to_triton entries (their contracts included)."""
+    return [FUSE, LOWER_TO_TRITON.bind(cache_dir=cache_dir)]
 
 
 def captured(model: nn.Module, batch: tuple, loss_fn: Callable | None, dtype: torch.dtype | None = None) -> DistProgram:

@@ -43,14 +43,18 @@ def test_disabling_a_required_pass_is_refused_unless_forced() -> None:
 
 
 def test_disabling_the_pass_that_provides_a_need_names_both() -> None:
-    config = shardfx.Config(fuse=True, disable_passes=("fuse",))
+    maker = Pass("maker", lambda p, c: PassResult(p), "makes a thing", provides=("a thing",))
+    user = Pass("user", lambda p, c: PassResult(p), "uses it", needs=("a thing",))
     with pytest.raises(ValueError) as info:
-        plan(config, build_mesh(config, 2))
-    assert (
-        str(info.value) == f"pass 'lower_to_triton' needs {facts.FUSION}, which 'fuse' provides, and 'fuse' is disabled"
-    )
-    forced = config.replace(force_disable=True)  # asked for: the needs of later passes go unmet knowingly
-    assert [p.name for p in plan(forced, build_mesh(forced, 2))["step"]][-2:] == ["fuse", "lower_to_triton"]
+        check_pipeline([maker, user], disabled=("maker",))
+    assert str(info.value) == "pass 'user' needs a thing, which 'maker' provides, and 'maker' is disabled"
+    check_pipeline([maker, user], disabled=("maker",), force_disable=True)  # asked for: runs without it
+
+
+def test_disabling_fuse_leaves_lower_to_triton_nothing_to_do() -> None:
+    config = shardfx.Config(fuse=True, disable_passes=("fuse",))
+    names = [p.name for p in plan(config, build_mesh(config, 2))["step"]]
+    assert names[-2:] == ["fuse", "lower_to_triton"]
 
 
 def test_an_order_that_breaks_a_need_fails_before_running_naming_both() -> None:

@@ -54,3 +54,14 @@ def test_estimate_simulates_the_tp_mesh(capsys) -> None:
 def test_a_world_size_tp_does_not_divide_is_one_line(capsys) -> None:
     assert main(["passes", "gpt", "--preset", "tiny", "--world-size", "3", "--config", "tp_size=2"]) == 2
     assert "world size 3 is not a multiple of Config.tp_size=2" in capsys.readouterr().err
+
+
+def test_disabling_accumulate_gradients_reduces_every_micro_batch(tmp_path) -> None:
+    """A pass of another pipeline may be disabled: without accumulate_gradients every micro-batch reduces
+    its own gradients and the last adds the kept sum in (sum_gradients), so the norm covers the step."""
+    path = tmp_path / "rows.json"
+    argv = ["passes", "mlp", "--config", "grad_accum_steps=2", "--disable", "accumulate_gradients", "--no-progress"]
+    code, out, err = run_cli([*argv, "--json", str(path)])
+    assert code == 0, err
+    names = [r["name"] for r in json.loads(path.read_text())]
+    assert "sum_gradients" in names and "accumulate_gradients" not in names

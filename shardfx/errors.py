@@ -53,5 +53,9 @@ class PassError(ShardfxError):
     """A pass failed; the message names the pass and the passes before it."""
 
 
+class CheckpointError(ShardfxError, ValueError):
+    """A checkpoint that cannot be loaded: missing, malformed, or holding what a checkpoint never holds."""
+
+
 class CollectiveError(ShardfxError):
     """Ranks disagreed on a collective, or a rank failed or timed out inside one."""

@@ -18,7 +18,10 @@ Writes are atomic: everything goes to `<dir>.tmp`, shardfx.json last, then the f
 is renamed into place (the previous `<dir>`, if any, is moved aside first and removed
 after). A save killed while writing leaves `<dir>` as it was. Loading reads tensors
 with torch.load(weights_only=True) (DCP's own reader) and DCP's `.metadata` with an
-unpickler that admits only DCP's metadata classes; no other pickle is read.
+unpickler that admits exact (module, name) pairs of DCP's metadata classes, no dotted
+name; a `.metadata` that declares any entry as bytes (which DCP would read with
+torch.load(weights_only=False)) is refused before any data file is opened. No other
+pickle is read, so a crafted checkpoint cannot run code.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
+from shardfx.errors import CheckpointError
 from shardfx.runtime import checkpoint_layout as layout
 
 FORMAT = "shardfx-checkpoint/1"
@@ -97,6 +101,7 @@ def load(path: str | os.PathLike, runtime: Any) -> dict[str, Any]:
     meta = read_meta(path)
     saved = {k: (tuple(v["shape"]), _dtype(v["dtype"])) for k, v in meta["tensors"].items()}
     template = layout.template(runtime, saved)
+    read_dcp_metadata(path)  # refused here, in one line, before DCP starts
     _dcp(dcp.load, template, _SafeReader(path), runtime.distributed)
     layout.restore(runtime, template, meta.get("optimizer_extra", {}))
     return meta
@@ -111,6 +116,7 @@ def consolidate(path: str | os.PathLike) -> dict[str, Tensor]:
         for k, v in meta["tensors"].items()
         if k.startswith(("model/", "buffer/"))
     }
+    read_dcp_metadata(path)
     _dcp(dcp.load, template, _SafeReader(path), distributed=False)
     values = {k.split("/", 1)[1]: v for k, v in template.items()}
     for name, aliases in meta.get("aliases", {}).items():
@@ -152,34 +158,72 @@ def _dtype(text: str) -> torch.dtype:
     return value
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only what DCP's `.metadata` holds: its dataclasses, torch.Size, dtypes, layouts, paths."""
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
 
-    _MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
-    _NAMES = {
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits exactly the (module, name) pairs DCP's `.metadata` holds: its dataclasses, torch.Size, dtypes,
+    the layout lookup, paths. A dotted name (protocol 4 resolves `os.system` inside any allowed module) or
+    any other pair is refused: unpickling builds data, it never calls anything else."""
+
+    _ALLOWED = {
+        (_DCP_METADATA, "Metadata"),
+        (_DCP_METADATA, "MetadataIndex"),
+        (_DCP_METADATA, "StorageMeta"),
+        (_DCP_METADATA, "TensorProperties"),
+        (_DCP_METADATA, "TensorStorageMetadata"),
+        (_DCP_METADATA, "ChunkStorageMetadata"),
+        (_DCP_METADATA, "BytesStorageMetadata"),  # admitted to be named and refused (see _check_entries)
+        (_DCP_METADATA, "_MEM_FORMAT_ENCODING"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
         ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),
+        ("torch.serialization", "_get_layout"),  # a lookup in a table of torch's layouts
         ("pathlib", "PosixPath"),
         ("pathlib", "WindowsPath"),
         ("collections", "OrderedDict"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
-        if module in self._MODULES or (module, name) in self._NAMES:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"checkpoint .metadata refers to {module}.{name}, which a checkpoint never holds")
+        if "." not in name:
+            if (module, name) in self._ALLOWED:
+                return super().find_class(module, name)
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a checkpoint never holds")
+
+
+def read_dcp_metadata(path: str) -> Any:
+    """DCP's `.metadata` of the checkpoint at `path`, read by _MetadataUnpickler and checked: every entry a
+    tensor (DCP reads a bytes entry with torch.load(weights_only=False): code could run). CheckpointError
+    otherwise, in one line, before any data file is opened."""
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+    file = os.path.join(path, ".metadata")
+    try:
+        with open(file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path!r} has no .metadata (not a complete checkpoint)") from None
+    except Exception as exc:  # noqa: BLE001 - any malformed or hostile pickle: one clear line
+        raise CheckpointError(f"checkpoint {path!r}: .metadata refused: {exc}") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"checkpoint {path!r}: .metadata holds a {type(metadata).__name__}, not DCP metadata")
+    for key, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            raise CheckpointError(
+                f"checkpoint {path!r}: .metadata declares {key!r} as {type(entry).__name__} (bytes); shardfx writes "
+                "only tensors and reads no pickled objects"
+            )
+    return metadata
 
 
 class _SafeReader(FileSystemReader):
-    """DCP's file reader, with the `.metadata` pickle read by _MetadataUnpickler."""
+    """DCP's file reader, with the `.metadata` read and checked by read_dcp_metadata."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
         from torch.distributed.checkpoint.metadata import StorageMeta
 
-        with open(os.path.join(os.fspath(self.path), ".metadata"), "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+        metadata = read_dcp_metadata(os.fspath(self.path))
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = getattr(self, "load_id", None)

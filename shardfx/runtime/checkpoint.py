@@ -4,7 +4,11 @@ A checkpoint is a folder:
 
     .metadata, __*_*.distcp    DCP: every tensor, in its full, unpadded logical shape
     shardfx.json               step, data position, optimizer hyperparameters, scheduler, RNG,
-                               the user's client_state, and the shape/dtype of every tensor
+                               the user's client_state, the shape/dtype of every tensor, and
+                               the sha256 of every other file of the folder
+
+Loading validates shardfx.json field by field and checks every file's sha256 before it
+reads a tensor: a flipped bit is refused, naming the file and the tensors in it.
 
 Tensor keys are `model/<param>`, `buffer/<name>` and `optim/<param>/<state key>` (e.g.
 `optim/fc.weight/exp_avg`). A sharded parameter and the optimizer state shaped like it
@@ -26,6 +30,7 @@ pickle is read, so a crafted checkpoint cannot run code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -72,7 +77,9 @@ def save(path: str | os.PathLike, runtime: Any, meta: dict[str, Any]) -> None:
         os.makedirs(tmp)
     _barrier(distributed)
     _dcp(dcp.save, tensors, FileSystemWriter(tmp), distributed)
-    if rank0:
+    if rank0:  # dcp.save returns on rank 0 after every rank's files are written
+        meta["files"] = {name: _sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        text = json.dumps(meta, indent=1)
         with open(os.path.join(tmp, META_FILE), "w") as f:
             f.write(text)
             f.flush()
@@ -88,11 +95,95 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.isfile(file):
         what = "does not exist" if not os.path.exists(path) else f"has no {META_FILE} (not a complete checkpoint)"
         raise ValueError(f"checkpoint {path!r} {what}")
-    with open(file) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path!r} has format {meta.get('format')!r}; this shardfx reads {FORMAT!r}")
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {path!r}: {META_FILE} is not readable JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"checkpoint {path!r} has format {found!r}; this shardfx reads {FORMAT!r}")
+    _check_meta(meta, path)
     return meta
+
+
+# shardfx.json: every field this code reads, with its type (None allowed where listed).
+_META_FIELDS: dict[str, tuple[type, ...]] = {
+    "world_size": (int,),
+    "zero_stage": (int,),
+    "steps": (int,),
+    "micro_steps": (int,),
+    "samples": (int,),
+    "skipped_steps": (int,),
+    "scheduler": (dict, type(None)),
+    "rng": (dict,),
+    "client_state": (dict,),
+    "optimizer_extra": (dict,),
+    "state_dict_keys": (list,),
+    "aliases": (dict,),
+    "tensors": (dict,),
+}
+
+
+def _check_meta(meta: dict[str, Any], path: str) -> None:
+    """Every field of shardfx.json has the type this code reads it as (CheckpointError naming the field)."""
+
+    def bad(field: str, value: Any, wanted: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path!r}: {META_FILE} field {field!r} is {value!r}; expected {wanted}")
+
+    for field, types in _META_FIELDS.items():
+        value = meta.get(field)
+        if field not in meta or isinstance(value, bool) or not isinstance(value, types):
+            raise bad(field, value, " or ".join(t.__name__ for t in types))
+    for key, entry in meta["tensors"].items():
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (
+            isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise bad(f"tensors.{key}.shape", shape, "a list of sizes")
+        if not isinstance(entry.get("dtype"), str):
+            raise bad(f"tensors.{key}.dtype", entry.get("dtype"), "a dtype name")
+    if not all(isinstance(k, str) for k in meta["state_dict_keys"]):
+        raise bad("state_dict_keys", meta["state_dict_keys"], "a list of names")
+    files = meta.get("files")
+    if files is not None and not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
+        raise bad("files", files, "file name -> sha256")
+
+
+def verify_files(path: str, meta: dict[str, Any]) -> None:
+    """The checkpoint's data files are the bytes it was saved with (the sha256 of each, in shardfx.json);
+    a mismatch names the file and the tensors stored in it. Checkpoints from before checksums load unchecked."""
+    files = meta.get("files")
+    if files is None:
+        warnings.warn(f"checkpoint {path!r} has no checksums (written by an older shardfx): not verified", stacklevel=3)
+        return
+    for name, digest in files.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"checkpoint {path!r}: {name} is missing")
+        if _sha256(file) != digest:
+            raise CheckpointError(
+                f"checkpoint {path!r}: {name} is corrupt (its sha256 differs from the one saved)"
+                + _tensors_in(path, name)
+            )
+
+
+def _tensors_in(path: str, name: str) -> str:
+    """'; it holds model/fc.weight, ...' from DCP's metadata ('' when that cannot be read)."""
+    try:
+        metadata = read_dcp_metadata(path)
+    except CheckpointError:
+        return ""
+    keys = sorted({index.fqn for index, info in metadata.storage_data.items() if info.relative_path == name})
+    return f"; it holds {', '.join(keys)}" if keys else ""
+
+
+def _sha256(file: str) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load(path: str | os.PathLike, runtime: Any) -> dict[str, Any]:
@@ -101,8 +192,9 @@ def load(path: str | os.PathLike, runtime: Any) -> dict[str, Any]:
     meta = read_meta(path)
     saved = {k: (tuple(v["shape"]), _dtype(v["dtype"])) for k, v in meta["tensors"].items()}
     template = layout.template(runtime, saved)
+    verify_files(path, meta)
     read_dcp_metadata(path)  # refused here, in one line, before DCP starts
-    _dcp(dcp.load, template, _SafeReader(path), runtime.distributed)
+    _load(path, template, runtime.distributed)
     layout.restore(runtime, template, meta.get("optimizer_extra", {}))
     return meta
 
@@ -116,8 +208,9 @@ def consolidate(path: str | os.PathLike) -> dict[str, Tensor]:
         for k, v in meta["tensors"].items()
         if k.startswith(("model/", "buffer/"))
     }
+    verify_files(path, meta)
     read_dcp_metadata(path)
-    _dcp(dcp.load, template, _SafeReader(path), distributed=False)
+    _load(path, template, distributed=False)
     values = {k.split("/", 1)[1]: v for k, v in template.items()}
     for name, aliases in meta.get("aliases", {}).items():
         for alias in aliases:
@@ -135,6 +228,21 @@ def _dcp(fn: Any, tensors: dict[str, Tensor], storage: Any, distributed: bool) -
             fn(tensors, storage_writer=storage, no_dist=True)
         else:
             fn(tensors, storage_reader=storage, no_dist=True)
+
+
+def _load(path: str, template: dict[str, Tensor], distributed: bool) -> None:
+    """dcp.load with its failures as one CheckpointError line (DCP raises a BaseException with tracebacks)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        _dcp(dcp.load, template, _SafeReader(path), distributed)
+    except CheckpointException as exc:
+        causes = list(getattr(exc, "failures", {}).values())
+        cause = causes[0] if causes else exc
+        if isinstance(cause, CheckpointError):
+            raise CheckpointError(str(cause)) from None
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[-1]
+        raise CheckpointError(f"checkpoint {path!r} could not be read: {type(cause).__name__}: {first}") from None
 
 
 def _replace_dir(tmp: str, path: str) -> None:

@@ -8,7 +8,9 @@ the tools that call them.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import pickle
 from pathlib import Path
@@ -62,6 +64,16 @@ class _Payload:
         return (os.system, (self.command,))
 
 
+def rehash(path: Path) -> None:
+    """Record the planted files' checksums in shardfx.json, as an attacker would: the guards must hold
+    without the integrity check."""
+    meta = json.loads((path / checkpoint.META_FILE).read_text())
+    meta["files"] = {
+        f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in path.iterdir() if f.name != checkpoint.META_FILE
+    }
+    (path / checkpoint.META_FILE).write_text(json.dumps(meta))
+
+
 def read_metadata(path: Path):  # type: ignore[no-untyped-def]
     with open(path / ".metadata", "rb") as f:
         return pickle.load(f)  # the test's own, trusted checkpoint
@@ -91,8 +103,9 @@ def test_a_metadata_pickle_naming_a_callable_runs_nothing(saved: Path, tmp_path:
     canary = tmp_path / "canary"
     payload = call_pickle(module, name, touch(canary) if "system" in name else "open('x')")
     (saved / ".metadata").write_bytes(payload)
+    rehash(saved)
     for error in load_every_way(saved):
-        assert ".metadata" in error and len(error.splitlines()) == 1, error
+        assert ".metadata refused" in error and len(error.splitlines()) == 1, error
     assert not canary.exists()
 
 
@@ -114,6 +127,7 @@ def test_a_bytes_entry_is_refused_before_any_data_is_read(saved: Path, tmp_path:
     meta.storage_data[MetadataIndex(key)] = _StorageInfo("payload.distcp", 0, len(data))
     with open(saved / ".metadata", "wb") as f:
         pickle.dump(meta, f)
+    rehash(saved)
     for error in load_every_way(saved):
         assert key in error and "bytes" in error, error
     assert not canary.exists()
@@ -125,3 +139,30 @@ def test_the_corpus_would_run_code_without_the_guards(saved: Path, tmp_path: Pat
     canary = tmp_path / "canary"
     pickle.loads(call_pickle("torch.distributed.checkpoint.filesystem", "os.system", touch(canary)))
     assert canary.exists()
+
+
+def test_a_flipped_bit_is_refused_naming_the_tensors(saved: Path) -> None:
+    data_file = next(f for f in saved.iterdir() if f.suffix == ".distcp")
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data_file.write_bytes(bytes(raw))
+    for error in load_every_way(saved):
+        assert f"{data_file.name} is corrupt" in error and "model/" in error, error
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("steps", "abc"), ("steps", True), ("tensors", []), ("rng", None), ("state_dict_keys", [1, 2])],
+)
+def test_a_malformed_shardfx_json_is_refused_naming_the_field(saved: Path, field: str, value: object) -> None:
+    meta = json.loads((saved / checkpoint.META_FILE).read_text())
+    meta[field] = value
+    (saved / checkpoint.META_FILE).write_text(json.dumps(meta))
+    for error in load_every_way(saved):
+        assert f"field {field!r}" in error and len(error.splitlines()) == 1, error
+
+
+def test_shardfx_json_that_is_not_json_is_one_line(saved: Path) -> None:
+    (saved / checkpoint.META_FILE).write_text("{not json")
+    for error in load_every_way(saved):
+        assert "is not readable JSON" in error and len(error.splitlines()) == 1, error

@@ -106,7 +106,7 @@ class Config:
     def __post_init__(self) -> None:
         for key, allowed in _CHOICES.items():
             value = getattr(self, key)
-            if value not in allowed:
+            if value not in allowed or (isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed)):
                 raise ValueError(f"Config.{key}={value!r} is not allowed; choose one of {list(allowed)}")
         if not isinstance(self.reshard_after_forward, bool):
             raise TypeError(f"Config.reshard_after_forward must be a bool; got {self.reshard_after_forward!r}")

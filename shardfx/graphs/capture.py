@@ -68,24 +68,43 @@ class TrainStep(nn.Module):
         if self.compute_dtype is not None:  # mixed precision: float inputs in the compute dtype, loss in fp32
             batch = tuple(x.to(self.compute_dtype) if x.is_floating_point() else x for x in batch)
         if self.loss_fn is not None:
-            loss = self.loss_fn(self.model(*batch[:-1]), batch[-1])
+            loss = extract_loss(self.loss_fn(self.model(*batch[:-1]), batch[-1]), "the loss_fn")
         else:
             loss = extract_loss(self.model(*batch))
         return loss.float() if self.compute_dtype is not None else loss
 
 
-def extract_loss(out: Any) -> torch.Tensor:
-    """The loss from what a model returns: a tensor, the first element of a tuple, or `.loss`."""
+class LossError(TraceError, TypeError):
+    """What the model or loss_fn returned holds no loss to train on (a TypeError too: a user mistake)."""
+
+
+def extract_loss(out: Any, who: str = "the model") -> torch.Tensor:
+    """The loss from what a model (loss_fn=None) or a loss_fn returns: a tensor; in a tuple or list, its
+    first floating-point scalar (HF's (loss, logits), nanoGPT's (logits, loss)), the other elements are
+    not trained on; or `.loss`. The same rule with and without a loss_fn."""
     if isinstance(out, torch.Tensor):
         return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+    if isinstance(out, (tuple, list)) and out:
+        scalars = [x for x in out if isinstance(x, torch.Tensor) and x.dim() == 0 and x.is_floating_point()]
+        if scalars:
+            return scalars[0]
+        if who != "the model" or not isinstance(out[0], torch.Tensor):
+            kinds = ", ".join(
+                type(x).__name__ if not isinstance(x, torch.Tensor) else f"tensor{list(x.shape)}" for x in out
+            )
+            raise LossError(
+                f"{who} returned a {type(out).__name__} ({kinds}) with no floating-point scalar to train on; return "
+                "the loss (a scalar tensor), or a tuple whose first scalar is the loss (log other values outside)"
+            )
         return out[0]
     loss = getattr(out, "loss", None)
     if isinstance(loss, torch.Tensor):
         return loss
-    raise TypeError(
-        f"without a loss_fn the model must return its loss (a tensor, a tuple whose first element is "
-        f"the loss, or an object with .loss); it returned {type(out).__name__}. Pass loss_fn=..."
+    if who != "the model":
+        raise LossError(f"{who} must return the loss as a scalar tensor; it returned {type(out).__name__}")
+    raise LossError(
+        f"without a loss_fn the model must return its loss (a tensor, a tuple holding it as its first "
+        f"scalar, or an object with .loss); it returned {type(out).__name__}. Pass loss_fn=..."
     )
 
 
@@ -173,6 +192,8 @@ def _export(step: TrainStep, batch: tuple[torch.Tensor, ...]) -> torch.export.Ex
     try:
         with quiet_torch_logs():
             return torch.export.export(step, batch, strict=False)
+    except LossError:
+        raise
     except Exception as exc:  # noqa: BLE001 - turned into a TraceError with context
         raise trace_error(exc, "torch.export could not trace the model", stack[-1] if stack else None) from exc
     finally:

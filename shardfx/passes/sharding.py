@@ -134,6 +134,8 @@ def gather_all_at_top(program: DistProgram, axis: str, origin: str) -> int:
         name = param_name(program, index)
         users = list(node.users)
         spec = shard_placeholder(program, node, name, axis)
+        if not users:  # a parameter the step never reads: kept as a shard, never gathered
+            continue
         with program.graph.inserting_before(first_op):
             full = gather(program, node, spec, name, provenance=node, origin=origin)
         for user in users:

@@ -138,6 +138,13 @@ def user_plan(linears: list[Linear], patterns: dict[str, str], tp: int) -> dict[
     for style in patterns.values():
         if style not in STYLES:
             raise ValueError(f"tensor-parallel style {style!r} is not one of {list(STYLES)}")
+    unmatched = [pat for pat in patterns if not any(fnmatch.fnmatch(lin.module, pat) for lin in linears)]
+    if unmatched:
+        modules = ", ".join(lin.module for lin in linears) or "none"
+        raise ValueError(
+            f"tp_plan pattern {', '.join(map(repr, unmatched))} matches no Linear layer of the model; "
+            f"its Linear layers: {modules}"
+        )
     plan = {}
     by_matmul = {lin.matmul: lin for lin in linears}
     for lin in linears:

@@ -46,6 +46,11 @@ class RankState:
         }
         trainable = [self.params[s.name] for s in program.signature.params(trainable_only=True)]
         self.optimizer = optimizer(trainable) if optimizer is not None and trainable else None
+        if optimizer is not None and trainable and not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"the optimizer factory returned {type(self.optimizer).__name__}; it must return a "
+                "torch.optim.Optimizer over the parameters it is given, e.g. lambda params: torch.optim.AdamW(params)"
+            )
         self.scheduler: Any = None  # an LR scheduler over self.optimizer, set by the Engine
         self.auto_step = True
         self.grad_acc: dict[str, Tensor] = {}  # unreduced gradient sums between micro-batches

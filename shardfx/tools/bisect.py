@@ -229,7 +229,7 @@ def eager_step(spec: ModelSpec, batch: tuple[torch.Tensor, ...]) -> tuple[torch.
     if spec.loss_fn is None:
         loss = extract_loss(model(*batch))
     else:
-        loss = spec.loss_fn(model(*batch[:-1]), batch[-1])
+        loss = extract_loss(spec.loss_fn(model(*batch[:-1]), batch[-1]), "the loss_fn")
     loss.backward()
     return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 

@@ -19,8 +19,10 @@ the boxes of each logical tensor that this rank's shard covers (checkpoint_layou
 so each rank writes and reads only its own shard.
 
 Writes are atomic: everything goes to `<dir>.tmp`, shardfx.json last, then the folder
-is renamed into place (the previous `<dir>`, if any, is moved aside first and removed
-after). A save killed while writing leaves `<dir>` as it was. Loading reads tensors
+is renamed into place (the previous `<dir>`, if any, is moved aside to `<dir>.old` first
+and removed after). A save killed while writing leaves `<dir>` as it was; one killed
+between the two renames leaves both complete copies beside it, and loading (or the next
+save) renames the newer back into place (`recover`). Loading reads tensors
 with torch.load(weights_only=True) (DCP's own reader) and DCP's `.metadata` with an
 unpickler that admits exact (module, name) pairs of DCP's metadata classes, no dotted
 name; a `.metadata` that declares any entry as bytes (which DCP would read with
@@ -73,6 +75,7 @@ def save(path: str | os.PathLike, runtime: Any, meta: dict[str, Any]) -> None:
         ) from exc
     tmp = path + ".tmp"
     if rank0:
+        recover(path)  # a save killed between its renames: put the complete checkpoint back first
         shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed before
         os.makedirs(tmp)
     _barrier(distributed)
@@ -86,6 +89,23 @@ def save(path: str | os.PathLike, runtime: Any, meta: dict[str, Any]) -> None:
             os.fsync(f.fileno())
         _replace_dir(tmp, path)
     _barrier(distributed)
+
+
+def recover(path: str) -> str:
+    """The folder holding the complete checkpoint saved as `path`: `path` itself, or, when a save was
+    killed after moving the old one aside and before renaming the new one in, the new one (`<path>.tmp`,
+    complete once its shardfx.json exists: it is written last) or else the old (`<path>.old`), renamed
+    back to `path`. Loading and saving call it first, so at every instant one complete copy is found."""
+    if os.path.isfile(os.path.join(path, META_FILE)) or os.path.exists(path):
+        return path
+    for sibling in (path + ".tmp", path + ".old"):
+        if os.path.isfile(os.path.join(sibling, META_FILE)):
+            try:
+                os.rename(sibling, path)
+            except OSError:  # read-only, or another rank got there first: read it where it lies
+                return sibling if os.path.isdir(sibling) else path
+            return path
+    return path
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
@@ -188,7 +208,7 @@ def _sha256(file: str) -> str:
 
 def load(path: str | os.PathLike, runtime: Any) -> dict[str, Any]:
     """Load a checkpoint into `runtime` (resharding to its world size and ZeRO stage); returns the metadata."""
-    path = os.fspath(path)
+    path = recover(os.fspath(path))
     meta = read_meta(path)
     saved = {k: (tuple(v["shape"]), _dtype(v["dtype"])) for k, v in meta["tensors"].items()}
     template = layout.template(runtime, saved)
@@ -201,7 +221,7 @@ def load(path: str | os.PathLike, runtime: Any) -> dict[str, Any]:
 
 def consolidate(path: str | os.PathLike) -> dict[str, Tensor]:
     """The model's full state_dict (its own keys and order, tied names included) from a checkpoint, in one process."""
-    path = os.fspath(path)
+    path = recover(os.fspath(path))
     meta = read_meta(path)
     template = {
         k: torch.empty(v["shape"], dtype=_dtype(v["dtype"]))

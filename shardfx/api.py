@@ -27,7 +27,8 @@ def compile_distributed(
     """Compile `model`'s training step for `world_size` ranks and return an Engine.
 
     With a loss_fn, loss = loss_fn(model(*batch[:-1]), batch[-1]); without one,
-    model(*batch) returns the loss (a tensor, the first element of a tuple, or .loss).
+    model(*batch) returns the loss (a tensor, a tuple holding it as its first floating-point
+    scalar, or .loss); the same tuple rule applies to what a loss_fn returns.
     `optimizer` is a factory called with each rank's local parameters; `scheduler` (optional)
     a factory called with each rank's optimizer, e.g. lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10),
     stepped after every optimizer step. With Config(grad_accum_steps=k), example_inputs is

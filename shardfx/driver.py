@@ -151,20 +151,19 @@ def compile_step(
     loss_fn: Callable[..., torch.Tensor] | None,
     config: Config,
     mesh: Mesh,
-    **options: Any,
+    *,
+    variants: Sequence[str] | None = None,
+    extra_passes: Sequence[Pass] = (),
+    stop_after: str | None = None,
+    observer: Observer | None = None,
+    log: Callable[[str], None] | None = None,
+    passes: Sequence[Pass] | None = None,
 ) -> Compiled:
     """Capture the training step for the global `batch` and run the pipeline for every program the
-    step needs: capture_step, then compile_traced (whose keyword options it takes)."""
-    # the contracts fail before the capture's seconds are spent
-    plan(
-        config,
-        mesh,
-        options.get("variants"),
-        options.get("extra_passes", ()),
-        options.get("stop_after"),
-        options.get("passes"),
-    )
-    return compile_traced(capture_step(model, batch, loss_fn, config, mesh), config, **options)
+    step needs (options as compile_traced). The contracts are checked before the capture starts."""
+    pass_lists = plan(config, mesh, variants, extra_passes, stop_after, passes)
+    traced = capture_step(model, batch, loss_fn, config, mesh)
+    return _run(traced, config, pass_lists, observer, log)
 
 
 def compile_traced(
@@ -183,14 +182,24 @@ def compile_traced(
     `stop_after`: a pass name (or "capture") to stop after. `passes`: run these instead of the
     pipeline (tests and benchmarks of single passes). Contracts are checked first."""
     pass_lists = plan(config, traced.program.mesh, variants, extra_passes, stop_after, passes)
-    names = list(pass_lists)
+    return _run(traced, config, pass_lists, observer, log)
+
+
+def _run(
+    traced: Traced,
+    config: Config,
+    pass_lists: dict[str, list[Pass]],
+    observer: Observer | None,
+    log: Callable[[str], None] | None,
+) -> Compiled:
+    """Each program's passes (already checked by plan) on its own copy of the capture."""
     programs: dict[str, DistProgram] = {}
     records: dict[str, list[PassRecord]] = {}
     for name, passes in pass_lists.items():
         program = clone_program(traced.program)
         if observer is not None:
             observer(name, 0, None, program, None)
-        dump = config.dump_dir if config.dump_dir is None or len(names) == 1 else f"{config.dump_dir}/{name}"
+        dump = config.dump_dir if config.dump_dir is None or len(pass_lists) == 1 else f"{config.dump_dir}/{name}"
         ctx = PassContext(config, log or (lambda line: None))
         watch = None if observer is None else (lambda i, p, prog, rec, n=name: observer(n, i, p, prog, rec))
         programs[name], records[name] = run_passes(program, passes, ctx, dump_dir=dump, observer=watch)

@@ -49,6 +49,8 @@ class Executor:
         self.gm = program.gm
         self.signature = program.signature
         self.placeholder_vals = [n.meta["val"] for n in program.placeholders()]
+        # parameters whose GRAD output already holds the kept sum (sum_gradients): the state replaces .grad
+        self.totals = frozenset(spec.name for spec in self.signature.inputs if spec.role == GRAD_SUM)
         # The k-th collective a rank issues is the k-th collective node of the graph (SPMD,
         # nodes run in graph order), so errors can name the node without an interpreter.
         self.collective_sites = [
@@ -118,5 +120,4 @@ class Executor:
             elif spec.role == GRAD_NORM:
                 grad_norm = value
         assert loss is not None
-        totals = frozenset(spec.name for spec in self.signature.inputs if spec.role == GRAD_SUM)
-        return StepOutputs(loss, grads, new_buffers, new_accumulators, new_replicas, grad_norm, totals)
+        return StepOutputs(loss, grads, new_buffers, new_accumulators, new_replicas, grad_norm, self.totals)

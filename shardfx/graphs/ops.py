@@ -149,7 +149,7 @@ OPS: dict[Any, OpFacts] = {
     ),  # fmt: skip
     aten.detach.default: OpFacts(POINTWISE, alias=True, tp="pointwise"),
     aten.alias.default: OpFacts(POINTWISE, alias=True, tp="pointwise"),
-    # pointwise without a tensor-parallel rule yet (their inputs are replicated under tp)
+    # pointwise ops whose scalars are arguments, casts and comparisons: the same rule
     **_rows(
         POINTWISE,
         [
@@ -158,11 +158,14 @@ OPS: dict[Any, OpFacts] = {
             aten.rsub.Scalar,
             aten.mul.Scalar,
             aten.div.Scalar,
+            aten.pow.Tensor_Tensor,
             aten.log.default,
             aten.sqrt.default,
             aten.reciprocal.default,
             aten.abs.default,
             aten.erf.default,
+            aten.cos.default,
+            aten.sin.default,
             aten.maximum.default,
             aten.minimum.default,
             aten.ne.Scalar,
@@ -175,14 +178,18 @@ OPS: dict[Any, OpFacts] = {
             aten.lt.Tensor,
             aten.ge.Scalar,
             aten.le.Scalar,
+            aten.bitwise_not.default,
+            aten.logical_not.default,
             aten.full_like.default,
-            aten.native_dropout.default,
             aten.native_dropout_backward.default,
             aten.masked_fill.Scalar,
             aten.copy.default,
             torch.ops.prims.convert_element_type.default,
         ],
+        tp="pointwise",
     ),  # fmt: skip
+    # random: a shard would draw a different mask than the whole tensor does (no rule: run whole)
+    aten.native_dropout.default: OpFacts(POINTWISE),
     # views
     aten.view.default: OpFacts(VIEW, alias=True, tp="view"),
     aten._unsafe_view.default: OpFacts(VIEW, alias=True, tp="view"),
@@ -191,20 +198,25 @@ OPS: dict[Any, OpFacts] = {
     aten.transpose.int: OpFacts(VIEW, alias=True, tp="permute"),
     aten.permute.default: OpFacts(VIEW, alias=True, tp="permute"),
     aten.split.Tensor: OpFacts(VIEW, alias=True, tp="split"),
+    aten.split_with_sizes.default: OpFacts(VIEW, alias=True, tp="split"),
     **_rows(
         VIEW,
         [
             aten.expand.default,
             aten.unsqueeze.default,
+            aten.squeeze.default,
             aten.squeeze.dim,
             aten.squeeze.dims,
             aten.slice.Tensor,
             aten.select.int,
-            aten.as_strided.default,
-            aten.unbind.int,
         ],
         alias=True,
+        tp="dims",
     ),  # fmt: skip
+    **_rows(VIEW, [aten.as_strided.default, aten.unbind.int], alias=True),
+    # the gradients of slice and select: zeros around the incoming gradient (a new tensor)
+    aten.slice_backward.default: OpFacts(OTHER, tp="dims"),
+    aten.select_backward.default: OpFacts(OTHER, tp="dims"),
     collectives.WAIT: OpFacts(OTHER, alias=True),  # returns the async collective's buffer
     operator.getitem: OpFacts(VIEW, tp="getitem"),  # picks one output of a multi-output op
     aten.cat.default: OpFacts(OTHER, tp="cat"),
@@ -219,20 +231,24 @@ OPS: dict[Any, OpFacts] = {
             aten.mean.dim,
             aten.var_mean.correction,
             aten._softmax.default,
+            aten._safe_softmax.default,
             aten._log_softmax.default,
             aten._softmax_backward_data.default,
             aten._log_softmax_backward_data.default,
         ],
+        tp="reduce",
     ),  # fmt: skip
     # matmuls
     aten.mm.default: OpFacts(MATMUL, tp="matmul"),
     aten.addmm.default: OpFacts(MATMUL, tp="matmul"),
-    **_rows(MATMUL, [aten.bmm.default, aten.baddbmm.default]),
+    aten.bmm.default: OpFacts(MATMUL, tp="bmm"),
+    aten.baddbmm.default: OpFacts(MATMUL),
     # norms
     aten.native_layer_norm.default: OpFacts(NORM, tp="layer_norm"),
     aten.native_layer_norm_backward.default: OpFacts(NORM, tp="replicate"),
     **_rows(NORM, [aten._native_batch_norm_legit_functional.default, aten.native_batch_norm_backward.default]),
     aten.scalar_tensor.default: OpFacts(CREATE),
+    aten.lift_fresh_copy.default: OpFacts(CREATE),
     aten.gather.default: OpFacts(OTHER),
     aten.scatter.value: OpFacts(OTHER),
     aten.nll_loss_forward.default: OpFacts(REDUCTION),

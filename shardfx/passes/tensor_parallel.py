@@ -44,8 +44,8 @@ from shardfx.graphs.rewrite import refresh_val
 from shardfx.graphs.signature import GRAD, PARAM
 from shardfx.passes import redistribute
 from shardfx.passes.manager import PassContext, PassResult
-from shardfx.passes.tp_plan import Linear, auto_plan, find_linears, nearest_pair, param_placements, user_plan
-from shardfx.passes.tp_rules import R, propagate
+from shardfx.passes.tp_plan import Linear, auto_plan, culprits, find_linears, param_placements, user_plan
+from shardfx.passes.tp_rules import RULES, R, propagate
 
 aten = torch.ops.aten
 ORIGIN = "tensor_parallel"
@@ -56,35 +56,66 @@ def tensor_parallel(
 ) -> PassResult:
     tp = program.mesh.size(axis)
     linears = find_linears(program)
-    demoted: set[str] = set()
+    demoted: dict[str, str] = {}  # group row -> why it stays replicated
     while True:
-        styles = auto_plan(linears, tp, demoted) if plan is None else user_plan(linears, plan, tp)
-        params = param_placements(linears, styles)
+        chosen = auto_plan(linears, tp, demoted) if plan is None else user_plan(linears, plan, tp)
+        params = param_placements(linears, chosen.styles)
         placements, decisions = propagate(program, params, tp)
         gathers = [
             n
             for n, d in decisions.items()
-            if any(isinstance(placements.get(i, R), Shard) and w == R for i, w in d.want.items())
+            if meta.phase(n) == meta.FORWARD
+            and any(isinstance(placements.get(i, R), Shard) and w == R for i, w in d.want.items())
         ]
         if plan is not None or not gathers:
             break
-        # auto: a pair whose shards had to be gathered back (sizes that do not divide) stays replicated
-        culprit = nearest_pair(gathers[0], linears, styles)
-        if culprit is None:
+        # auto: a group whose shard the rules could not carry to its rowwise input stays replicated
+        modules = culprits(gathers[0], chosen, linears, placements)
+        if not modules:
             break
-        demoted.update({culprit.module, culprit.partner.module})
+        demoted.update({m: _why_gathered(gathers[0]) for m in modules})
     fallbacks = sorted({str(n.target) for n, d in decisions.items() if d.fallback})
-    stats = _apply(program, linears, styles, placements, decisions, axis, tp)
+    stats = _apply(program, linears, chosen.styles, placements, decisions, axis, tp)
+    split = [lin for lin in linears if chosen.styles[lin.module] != "replicate"]
+    total = sum(lin.nbytes for lin in linears)
     stats.update(
-        plan={k: v for k, v in styles.items()},
-        left_replicated=sorted(demoted),
+        plan=dict(chosen.styles),
+        reasons=dict(chosen.reasons),
+        left_replicated=sorted(
+            m
+            for g in chosen.groups
+            if g.row.module in demoted
+            for m in (g.row.module,) + tuple(c.module for c in g.cols)
+        ),
         fallback_ops=fallbacks,
+        split_linears=len(split),
+        linears=len(linears),
+        split_fraction=round(sum(lin.nbytes for lin in split) / total, 4) if total else 0.0,
+    )
+    ctx.log(
+        f"tensor_parallel: {len(split)} of {len(linears)} Linear layers split "
+        f"({stats['split_fraction']:.0%} of their bytes)"
     )
     if fallbacks:
-        ctx.log(f"tensor_parallel: ops without a rule ran replicated: {', '.join(fallbacks)}")
-    if demoted:
-        ctx.log(f"tensor_parallel: left replicated (sizes do not divide by tp={tp}): {', '.join(sorted(demoted))}")
+        ctx.log(f"tensor_parallel: ops without a rule ran on whole tensors: {', '.join(fallbacks)}")
+    for lin in linears:
+        if chosen.styles[lin.module] == "replicate" and plan is None:
+            ctx.log(f"tensor_parallel: {lin.module} {chosen.reasons[lin.module]}")
     return PassResult(program, stats)
+
+
+def _why_gathered(node: fx.Node) -> str:
+    where = f"node {node.name} in {node.meta.get(meta.MODULE) or 'the model'}"
+    if node.target not in RULES:
+        return f"{node.target} has no tensor-parallel rule ({where}); its input had to be gathered"
+    shapes = [tuple(a.meta["val"].shape) for a in node.all_input_nodes if hasattr(a.meta.get("val"), "shape")]
+    if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
+        out = tuple(node.meta["val"].shape)
+        return (
+            f"the reshape {shapes[0]} -> {out} at {where} cuts the split features into parts "
+            f"(heads) that do not divide by tp; it was gathered"
+        )
+    return f"{node.target} cannot keep the split at {where} (input shapes {shapes}); it was gathered"
 
 
 def _apply(
@@ -193,14 +224,19 @@ def _local_shape(node: fx.Node, p: Any, tp: int) -> list[int]:
 def _rewrite_sizes(node: fx.Node, placements: dict, tp: int) -> None:
     """Size arguments hold global sizes: give sharded outputs their local ones."""
     p = placements.get(node, R)
-    if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
+    if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default):
         if isinstance(p, Shard):
             node.args = (node.args[0], _local_shape(node, p, tp), *node.args[2:])
-    elif node.target is aten.split.Tensor:
+    elif node.target in (aten.slice_backward.default, aten.select_backward.default):
+        if isinstance(p, Shard):
+            node.args = (node.args[0], _local_shape(node, p, tp), *node.args[2:])
+    elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
         src_p = placements.get(node.args[0], R)
         dim = (node.args[2] if len(node.args) > 2 else 0) % node.args[0].meta["val"].dim()
         if isinstance(src_p, Shard) and src_p.dim == dim:
-            node.args = (node.args[0], node.args[1] // tp, *node.args[2:])
+            size = node.args[1]
+            local = [k // tp for k in size] if isinstance(size, (list, tuple)) else size // tp
+            node.args = (node.args[0], local, *node.args[2:])
 
 
 def _refresh_all(program: DistProgram, tp: int) -> None:

@@ -1,22 +1,29 @@
-"""The tensor-parallel plan: which Linear layers of the traced graph split, and how.
+"""The tensor-parallel plan: which Linear layers of the traced graph split, how, and why not.
 
-Every Linear (a forward mm/addmm whose weight operand is t(a 2-D parameter))
-gets a style: "colwise" (weight rows split: each rank computes a slice of the
-output features), "rowwise" (weight columns split: each rank computes a partial
-sum of the output) or "replicate".
-- auto: a Linear whose output reaches another Linear's input through the ops
-  of FRIENDLY only is colwise, the other rowwise (attention qkv -> proj, MLP
-  fc -> proj). A colwise output split into k equal parts (a fused q|k|v) is
-  sharded per part (blocks=k). A pair whose sizes do not divide is left
-  replicated (the pass demotes pairs whose shards had to be gathered back).
-- user: {module pattern: style} (fnmatch); a split that cannot be made is an
-  error naming the module and the sizes.
+A Linear is a forward mm/addmm one of whose operands is a 2-D parameter: t(W),
+W.permute(1, 0) or W.transpose(0, 1) of an (out, in) weight (nn.Linear,
+F.linear, `x @ W.T`), or W itself stored (in, out) (Hugging Face's Conv1D,
+`x @ W`). Each gets a style: "colwise" (the output features split: each rank
+computes a slice), "rowwise" (the input features split: each rank computes a
+partial sum of the output) or "replicate".
+- auto (Megatron's plan): a group is one rowwise Linear and the colwise
+  Linears whose outputs reach its input through element-wise, view,
+  softmax and attention ops, inside the module that holds it (attention: q, k,
+  v -> o; MLP: gate, up -> down). The walk stops at norms and leaves the
+  module, so it never crosses a residual add or pairs a block's output with
+  the head. A colwise output split into k equal parts (a fused q|k|v) is
+  sharded per part (blocks=k). Sizes that do not divide leave the group
+  replicated; so does a split the rules cannot carry to the rowwise input (the
+  pass demotes the group whose shard had to be gathered back), with the real
+  reason recorded per Linear.
+- user: {module pattern: style} (fnmatch); a pattern that matches no Linear,
+  or a split that cannot be made, is a ValueError naming it.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,32 +33,63 @@ from shardfx.graphs import meta, ops
 from shardfx.graphs.placement import Shard
 from shardfx.graphs.program import DistProgram
 from shardfx.graphs.signature import PARAM
-from shardfx.passes.tp_rules import POINTWISE
+from shardfx.passes import tp_rules
 
 aten = torch.ops.aten
 STYLES = ("colwise", "rowwise", "replicate")
+TRANSPOSES = (aten.t.default, aten.permute.default, aten.transpose.int)
 
 
 @dataclass
 class Linear:
     module: str
-    weight: fx.Node  # the parameter placeholder (out_features, in_features)
+    weight: fx.Node  # the parameter placeholder
     bias: fx.Node | None
     matmul: fx.Node  # the forward mm/addmm
+    out_dim: int = 0  # the weight's dim of output features: 0 for (out, in), 1 for Conv1D's (in, out)
     blocks: int = 1
-    partner: Linear | None = None
 
     @property
     def out_features(self) -> int:
-        return self.weight.meta["val"].shape[0]
+        return self.weight.meta["val"].shape[self.out_dim]
 
     @property
     def in_features(self) -> int:
-        return self.weight.meta["val"].shape[1]
+        return self.weight.meta["val"].shape[1 - self.out_dim]
+
+    @property
+    def activation(self) -> Any:
+        return self.matmul.args[1] if self.matmul.target is aten.addmm.default else self.matmul.args[0]
+
+    @property
+    def nbytes(self) -> int:
+        val = self.weight.meta["val"]
+        return val.numel() * val.element_size()
+
+
+@dataclass
+class Group:
+    row: Linear
+    cols: list[Linear]
+
+
+@dataclass
+class Plan:
+    styles: dict[str, str]  # module -> style
+    reasons: dict[str, str] = field(default_factory=dict)  # module -> why this style (or why not split)
+    groups: list[Group] = field(default_factory=list)
+
+
+def _is_transpose_of(node: Any, names: dict) -> bool:
+    if not (isinstance(node, fx.Node) and node.target in TRANSPOSES and node.args[0] in names):
+        return False
+    if node.target is aten.permute.default:
+        return list(node.args[1]) == [1, 0]
+    return True  # t() or transpose(0, 1) of a 2-D tensor
 
 
 def find_linears(program: DistProgram) -> list[Linear]:
-    """Forward mm/addmm nodes whose weight operand is t(a 2-D parameter): the model's Linear layers."""
+    """The model's Linear layers (see the module docstring), in graph order."""
     names = {n: s.name for s, n in zip(program.signature.inputs, program.placeholders()) if s.role == PARAM}
     found: dict[fx.Node, Linear] = {}
     for node in program.graph.nodes:
@@ -59,82 +97,175 @@ def find_linears(program: DistProgram) -> list[Linear]:
             continue
         if node.target not in (aten.mm.default, aten.addmm.default):
             continue
-        w_t = node.args[2] if node.target is aten.addmm.default else node.args[1]
-        if not (isinstance(w_t, fx.Node) and w_t.target is aten.t.default and w_t.args[0] in names):
+        operand = node.args[2] if node.target is aten.addmm.default else node.args[1]
+        if _is_transpose_of(operand, names):
+            weight, out_dim = operand.args[0], 0
+        elif isinstance(operand, fx.Node) and operand in names:
+            weight, out_dim = operand, 1
+        else:
             continue
-        weight = w_t.args[0]
         if weight in found or weight.meta["val"].dim() != 2:
             continue  # a tied weight used twice stays replicated (its second use is e.g. an embedding)
         bias = node.args[0] if node.target is aten.addmm.default and node.args[0] in names else None
         module = names[weight].rsplit(".", 1)[0]
-        found[weight] = Linear(module, weight, bias, node)
-    linears = list(found.values())
+        found[weight] = Linear(module, weight, bias, node, out_dim)
     tied = {w for w in found if any(u.target is aten.embedding.default for u in w.users)}
-    return [lin for lin in linears if lin.weight not in tied]
+    linears = [lin for lin in found.values() if lin.weight not in tied]
+    for lin in linears:
+        lin.blocks = _blocks(lin)
+    return linears
 
 
-# Ops a colwise output passes through on its way to the rowwise Linear it pairs with.
-FRIENDLY = (
-    POINTWISE
-    | ops.with_tp_rule("view")
-    | ops.with_tp_rule("split")
-    | ops.with_tp_rule("getitem")
-    | {aten.transpose.int, aten.permute.default}
-    | {op for op in ops.of_kind(ops.ATTENTION) if not ops.attention(op).backward}
-)
+RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 
 
-def _pair(lin: Linear, by_matmul: dict[fx.Node, Linear]) -> None:
-    """Walk forward from a Linear's output through friendly ops; reaching another Linear's input pairs them."""
-    frontier, seen = [lin.matmul], {lin.matmul}
+def _blocks(lin: Linear) -> int:
+    """k when the output (through reshapes of its leading dims) is split into k equal parts along its
+    features: a fused q|k|v; 1 otherwise."""
+    frontier = [lin.matmul]
     while frontier:
         node = frontier.pop()
         for user in node.users:
-            if user in seen or meta.phase(user) != meta.FORWARD:
-                continue
-            seen.add(user)
-            other = by_matmul.get(user)
-            if other is not None and other is not lin:
-                a = user.args[1] if user.target is aten.addmm.default else user.args[0]
-                if a is node and lin.partner is None and other.partner is None:
-                    lin.partner, other.partner = other, lin
-                continue
-            if user.target is aten.split.Tensor and user.args[0] is node:
-                lin.blocks = max(lin.blocks, len(user.meta["val"]))
-            if user.target in FRIENDLY:
+            shape = user.meta.get("val")
+            if user.target in RESHAPES and hasattr(shape, "shape") and shape.shape[-1] == lin.out_features:
                 frontier.append(user)
+            elif user.target is aten.split.Tensor and user.args[0] is node:
+                dim = user.args[2] if len(user.args) > 2 else 0
+                parts = user.meta["val"]
+                if dim % node.meta["val"].dim() == node.meta["val"].dim() - 1 and len(parts) > 1:
+                    if len({p.shape[-1] for p in parts}) == 1:
+                        return len(parts)
+    return 1
 
 
-def auto_plan(linears: list[Linear], tp: int, demoted: set[str]) -> dict[str, str]:
-    by_matmul = {lin.matmul: lin for lin in linears}
-    for lin in linears:
-        lin.partner, lin.blocks = None, 1
-    for lin in linears:
-        if lin.partner is None:
-            _pair(lin, by_matmul)
-    plan: dict[str, str] = {}
-    for lin in linears:
-        plan[lin.module] = "replicate"
-        partner = lin.partner
-        if partner is None or lin.module in demoted:
+# Ops a colwise output passes through on its way to the rowwise Linear of its group.
+FRIENDLY = (
+    tp_rules.POINTWISE
+    | ops.with_tp_rule("view")
+    | ops.with_tp_rule("dims")
+    | ops.with_tp_rule("split")
+    | ops.with_tp_rule("getitem")
+    | ops.with_tp_rule("permute")
+    | ops.with_tp_rule("cat")
+    | ops.with_tp_rule("bmm")
+    | tp_rules.SOFTMAX
+    | {aten.mm.default, aten.native_dropout.default}
+    | {op for op in ops.of_kind(ops.ATTENTION) if not ops.attention(op).backward}
+)
+NORM_DIVISORS = {aten.rsqrt.default, aten.sqrt.default}  # x * rsqrt(mean(x^2)): a norm, decomposed
+
+
+def _is_norm(node: fx.Node) -> bool:
+    if node.target in (aten.native_layer_norm.default, aten.var_mean.correction):
+        return True
+    if node.target in (aten.mul.Tensor, aten.div.Tensor):
+        return any(isinstance(a, fx.Node) and a.target in NORM_DIVISORS for a in node.args)
+    return False
+
+
+def _parent(module: str) -> str:
+    return module.rsplit(".", 1)[0] if "." in module else ""
+
+
+def _scope(lin: Linear, linears: list[Linear]) -> str:
+    """The module a group stays inside: the Linear's parent, or its grandparent when the parent holds
+    no other Linear (BERT's attention.output.dense pairs with attention.self's q, k, v)."""
+    parent = _parent(lin.module)
+    inside = lambda m, scope: scope == "" or m == scope or m.startswith(scope + ".")  # noqa: E731
+    if parent and not any(o is not lin and inside(o.module, parent) for o in linears):
+        return _parent(parent)
+    return parent
+
+
+def _inside(node: fx.Node, scope: str) -> bool:
+    module = node.meta.get(meta.MODULE, "")
+    return scope == "" or module == scope or module.startswith(scope + ".")
+
+
+def _feeders(lin: Linear, by_matmul: dict[fx.Node, Linear], scope: str) -> list[Linear]:
+    """The Linears whose outputs reach `lin`'s input through FRIENDLY ops inside `scope`."""
+    found: list[Linear] = []
+    frontier, seen = [lin.activation], set()
+    while frontier:
+        node = frontier.pop()
+        if not isinstance(node, fx.Node) or node in seen:
             continue
-        col, row = (lin, partner) if _comes_first(lin, partner) else (partner, lin)
-        fits = col.out_features % (tp * col.blocks) == 0 and row.in_features % tp == 0
-        if fits:
-            plan[lin.module] = "colwise" if lin is col else "rowwise"
+        seen.add(node)
+        other = by_matmul.get(node)
+        if other is not None:
+            if other is not lin and other not in found:
+                found.append(other)
+            continue
+        if node.op != "call_function" or not _inside(node, scope) or node.target not in FRIENDLY or _is_norm(node):
+            continue
+        frontier.extend(node.all_input_nodes)
+    order = {lin.matmul: i for i, lin in enumerate(by_matmul.values())}
+    return sorted(found, key=lambda c: order[c.matmul])
+
+
+def find_groups(linears: list[Linear]) -> list[Group]:
+    """One group per rowwise Linear, in graph order; a Linear already rowwise is nobody's colwise,
+    and a Linear already colwise is not rowwise (a chain of three splits only its first pair)."""
+    by_matmul = {lin.matmul: lin for lin in linears}
+    rows: set[str] = set()
+    cols: set[str] = set()
+    groups = []
+    for lin in linears:
+        if lin.module in cols:
+            continue
+        feeders = [c for c in _feeders(lin, by_matmul, _scope(lin, linears)) if c.module not in rows | cols]
+        if feeders:
+            groups.append(Group(lin, feeders))
+            rows.add(lin.module)
+            cols.update(c.module for c in feeders)
+    return groups
+
+
+def _fits(group: Group, tp: int) -> str | None:
+    """Why the group's sizes do not divide by tp, or None."""
+    for col in group.cols:
+        if col.out_features % (tp * col.blocks):
+            parts = f" in each of its {col.blocks} parts" if col.blocks > 1 else ""
+            return f"{col.module}: out_features {col.out_features} do not divide by tp={tp}{parts}"
+    if group.row.in_features % tp:
+        return f"{group.row.module}: in_features {group.row.in_features} do not divide by tp={tp}"
+    return None
+
+
+def auto_plan(linears: list[Linear], tp: int, demoted: dict[str, str]) -> Plan:
+    """Megatron's plan over the groups. `demoted`: module -> why it stays replicated; a demoted row
+    leaves its whole group replicated, a demoted colwise Linear only itself (grouped-query
+    attention whose kv heads do not divide tp: q and o split, k and v computed whole and each
+    rank takes its heads' share after the repeat)."""
+    plan = Plan({lin.module: "replicate" for lin in linears}, groups=find_groups(linears))
+    grouped = set()
+    for group in plan.groups:
+        grouped.update(m.module for m in [group.row, *group.cols])
+        cols = [c for c in group.cols if c.module not in demoted]
+        why = demoted.get(group.row.module) or _fits(Group(group.row, cols), tp)
+        if not cols:
+            why = why or demoted[group.cols[0].module]
+        for m in [group.row, *group.cols]:
+            if why is not None or m.module in demoted:
+                plan.reasons[m.module] = f"replicated: {why or demoted[m.module]}"
+            elif m is group.row:
+                plan.styles[m.module] = "rowwise"
+                plan.reasons[m.module] = "rowwise after " + ", ".join(c.module for c in cols)
+            else:
+                plan.styles[m.module] = "colwise"
+                plan.reasons[m.module] = f"colwise into {group.row.module}" + (
+                    f" ({m.blocks} parts)" if m.blocks > 1 else ""
+                )
+    for lin in linears:
+        if lin.module not in grouped:
+            plan.reasons[lin.module] = (
+                "replicated: no Linear of its module reads its output through element-wise, view or "
+                "attention ops, and it reads none's (a split needs a colwise -> rowwise pair)"
+            )
     return plan
 
 
-def _comes_first(a: Linear, b: Linear) -> bool:
-    for node in a.matmul.graph.nodes:
-        if node is a.matmul:
-            return True
-        if node is b.matmul:
-            return False
-    return True
-
-
-def user_plan(linears: list[Linear], patterns: dict[str, str], tp: int) -> dict[str, str]:
+def user_plan(linears: list[Linear], patterns: dict[str, str], tp: int) -> Plan:
     for style in patterns.values():
         if style not in STYLES:
             raise ValueError(f"tensor-parallel style {style!r} is not one of {list(STYLES)}")
@@ -145,11 +276,10 @@ def user_plan(linears: list[Linear], patterns: dict[str, str], tp: int) -> dict[
             f"tp_plan pattern {', '.join(map(repr, unmatched))} matches no Linear layer of the model; "
             f"its Linear layers: {modules}"
         )
-    plan = {}
-    by_matmul = {lin.matmul: lin for lin in linears}
+    plan = Plan({})
     for lin in linears:
-        _pair(lin, by_matmul)  # detects fused q|k|v (blocks)
-        style = next((s for pat, s in patterns.items() if fnmatch.fnmatch(lin.module, pat)), "replicate")
+        pattern, style = next(((pat, s) for pat, s in patterns.items() if fnmatch.fnmatch(lin.module, pat)), ("", ""))
+        style = style or "replicate"
         if style == "colwise" and lin.out_features % (tp * lin.blocks):
             raise ValueError(
                 f"{lin.module}: colwise needs out_features {lin.out_features} divisible by tp={tp}"
@@ -157,7 +287,10 @@ def user_plan(linears: list[Linear], patterns: dict[str, str], tp: int) -> dict[
             )
         if style == "rowwise" and lin.in_features % tp:
             raise ValueError(f"{lin.module}: rowwise needs in_features {lin.in_features} divisible by tp={tp}")
-        plan[lin.module] = style
+        plan.styles[lin.module] = style
+        plan.reasons[lin.module] = (
+            f"{style}: tp_plan pattern {pattern!r}" if pattern else "replicate: no tp_plan pattern"
+        )
     return plan
 
 
@@ -166,23 +299,43 @@ def param_placements(linears: list[Linear], styles: dict[str, str]) -> dict[fx.N
     for lin in linears:
         style = styles.get(lin.module, "replicate")
         if style == "colwise":
-            out[lin.weight] = Shard(0, lin.blocks)
+            out[lin.weight] = Shard(lin.out_dim, lin.blocks)
             if lin.bias is not None:
                 out[lin.bias] = Shard(0, lin.blocks)
         elif style == "rowwise":
-            out[lin.weight] = Shard(1)
+            out[lin.weight] = Shard(1 - lin.out_dim)
     return out
 
 
-def nearest_pair(node: fx.Node, linears: list[Linear], styles: dict[str, str]) -> Linear | None:
-    module = node.meta.get(meta.MODULE, "")
-    best, best_len = None, -1
-    for lin in linears:
-        if styles.get(lin.module) == "colwise":
-            prefix = _common_prefix(module, lin.module)
-            if prefix > best_len:
-                best, best_len = lin, prefix
-    return best
+def culprits(node: fx.Node, plan: Plan, linears: list[Linear], placements: dict[fx.Node, Any]) -> list[str]:
+    """What to leave replicated for a gather at `node`: the colwise Linears its sharded inputs come
+    from when they are only some of their group's (k and v of grouped-query attention), else the
+    group's rowwise Linear (the whole group). Empty when no split Linear feeds it."""
+    by_matmul = {lin.matmul: lin for lin in linears if plan.styles.get(lin.module) != "replicate"}
+    sources: list[Linear] = []
+    frontier = [a for a in node.all_input_nodes if isinstance(placements.get(a), Shard)]
+    seen: set[fx.Node] = set()
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in by_matmul:
+            sources.append(by_matmul[n])
+            continue
+        p = placements.get(n)
+        if isinstance(p, Shard) or (isinstance(p, tuple) and any(isinstance(x, Shard) for x in p)):
+            frontier.extend(n.all_input_nodes)  # back along the shard only
+    for group in plan.groups:
+        if plan.styles.get(group.row.module) != "rowwise":
+            continue
+        live = [c for c in group.cols if plan.styles.get(c.module) == "colwise"]
+        hit = [c for c in live if c in sources]
+        if hit and len(hit) < len(live):
+            return [c.module for c in hit]
+        if hit or group.row in sources:
+            return [group.row.module]
+    return []
 
 
 def _common_prefix(a: str, b: str) -> int:

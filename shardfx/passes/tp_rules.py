@@ -13,6 +13,7 @@ the graph: tensor_parallel inserts the redistributions they ask for.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,8 +58,9 @@ def replicate_all(node: fx.Node, placements: dict) -> Decision:
 POINTWISE = ops.with_tp_rule("pointwise")  # the rows of graphs/ops.py with the pointwise rule
 LINEAR_IN_P = {  # ops linear in their P inputs (a partial sum passes through them)
     aten.add.Tensor, aten.sub.Tensor, aten.neg.default, aten.clone.default, aten.detach.default,
-    aten.alias.default, aten._to_copy.default,
+    aten.alias.default, aten._to_copy.default, torch.ops.prims.convert_element_type.default,
 }  # fmt: skip
+SCALED = {aten.mul.Scalar, aten.div.Scalar}  # x * c is linear: a partial sum scaled is the scaled sum
 
 
 def _pointwise(node: fx.Node, placements: dict) -> Decision:
@@ -67,7 +69,7 @@ def _pointwise(node: fx.Node, placements: dict) -> Decision:
     pls = [_pl(a, placements) for a in tensors]
     partial = [a for a, p in zip(tensors, pls) if isinstance(p, Partial)]
     if partial:
-        linear = node.target in LINEAR_IN_P and all(isinstance(p, Partial) for p in pls)
+        linear = node.target in LINEAR_IN_P | SCALED and all(isinstance(p, Partial) for p in pls)
         linear |= (
             node.target in (aten.mul.Tensor, aten.div.Tensor)
             and len(partial) == 1
@@ -115,25 +117,69 @@ def _groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], lis
     return out
 
 
+def carry(src: tuple[int, ...], p: Shard, out: tuple[int, ...], tp: int) -> Shard | None:
+    """Where a reshape of `src` (sharded as p) to `out` puts the shard, or None when no Shard describes it.
+
+    Within the run of dims the reshape merges or splits, S(d, blocks) reads as the flat run
+    (O, S, I): O outer blocks (the dims before d times `blocks`), each block's S*I elements
+    cut into tp equal chunks. Out dim j of the run, with B elements of the run before it,
+    holds the same chunks as S(j, O/B) when B divides O and each of its O/B blocks divides by
+    tp. Merging heads into (batch*heads) gives S(0, batch); splitting it back gives S(1);
+    (B, L, H*D) -> (B, L, H, D) puts the shard on the heads."""
+    for ga, gb in _groups(src, out) or []:
+        if p.dim not in ga:
+            continue
+        outer = math.prod(src[k] for k in ga if k < p.dim) * p.blocks
+        before = 1
+        for j in gb:
+            if outer % before == 0 and out[j] % (outer // before * tp) == 0:
+                return Shard(j, outer // before)
+            before *= out[j]
+        return None
+    return None
+
+
 def _view(node: fx.Node, placements: dict, tp: int) -> Decision:
     src = node.args[0]
     p = _pl(src, placements)
     if p == R or isinstance(p, Partial):
         return Decision(p)
-    src_shape, out_shape = _shape(src), _shape(node)
-    for ga, gb in _groups(src_shape, out_shape) or []:
-        if p.dim not in ga:
-            continue
-        # the shard must be the outermost real (size > 1) dim of its group on both sides
-        ga_real = [k for k in ga if src_shape[k] != 1]
-        gb_real = [k for k in gb if out_shape[k] != 1]
-        if not ga_real or ga_real[0] != p.dim or not gb_real:
-            break
-        target = gb_real[0]
-        fits = out_shape[target] % (tp * p.blocks) == 0
-        if fits and (p.blocks == 1 or (len(ga_real) == 1 and len(gb_real) == 1)):
-            return Decision(Shard(target, p.blocks))
-        break
+    moved = carry(_shape(src), p, _shape(node), tp)
+    return Decision(moved) if moved is not None else replicate_all(node, placements)
+
+
+def _dims(node: fx.Node, placements: dict, tp: int) -> Decision:
+    """unsqueeze, squeeze, select, slice, expand: the shard moves with the dims around it; a slice
+    or select of the sharded dim itself needs it whole (a full slice keeps it)."""
+    src = node.args[0]
+    p = _pl(src, placements)
+    if not isinstance(p, Shard):
+        return Decision(p)  # R stays R, a partial sum stays partial (these are linear)
+    shape, t = _shape(src), node.target
+    if t in (aten.slice_backward.default, aten.select_backward.default):
+        # (grad, input_sizes, dim, ...): the gradient of a slice along another dim keeps the shard
+        full = tuple(node.args[1])
+        d = node.args[2] % len(full)
+        at = p.dim + (t is aten.select_backward.default and d <= p.dim)
+        return replicate_all(node, placements) if d == at else Decision(Shard(at, p.blocks))
+    if t is aten.unsqueeze.default:
+        d = node.args[1] % (len(shape) + 1)
+        return Decision(Shard(p.dim + (d <= p.dim), p.blocks))
+    if t in (aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims):
+        given = node.args[1] if len(node.args) > 1 else list(range(len(shape)))
+        given = [given] if isinstance(given, int) else given
+        gone = [d % len(shape) for d in given if shape[d % len(shape)] == 1]
+        return Decision(Shard(p.dim - sum(d < p.dim for d in gone), p.blocks))
+    if t is aten.expand.default:
+        return Decision(Shard(p.dim + len(node.args[1]) - len(shape), p.blocks))  # the sharded dim is > 1
+    d = (node.args[1] if len(node.args) > 1 else 0) % len(shape)
+    if d != p.dim:
+        return Decision(Shard(p.dim - (t is aten.select.int and d < p.dim), p.blocks))
+    if t is aten.slice.Tensor:
+        start, end = (list(node.args[2:4]) + [None, None])[:2]
+        step = node.args[4] if len(node.args) > 4 else 1
+        if (start or 0) == 0 and (end is None or end >= shape[d]) and step == 1:
+            return Decision(p)  # the whole dim
     return replicate_all(node, placements)
 
 
@@ -157,22 +203,24 @@ def _permute(node: fx.Node, placements: dict, tp: int) -> Decision:
 
 
 def _split(node: fx.Node, placements: dict, tp: int) -> Decision:
-    src, size = node.args[0], node.args[1]
+    """split / split_with_sizes: along another dim every part keeps the shard; along the sharded
+    dim of k equal blocks, k*m blocks in k equal parts give each part m blocks (a fused q|k|v)."""
+    src = node.args[0]
     dim = (node.args[2] if len(node.args) > 2 else 0) % src.meta["val"].dim()
     p = _pl(src, placements)
     n_out = len(node.meta["val"])
-    if p == R or isinstance(p, Partial):
+    if not isinstance(p, Shard) or p.dim != dim:
         return Decision(tuple(p for _ in range(n_out)))
-    if p.dim != dim:
-        return Decision(tuple(p for _ in range(n_out)))
-    if p.blocks == n_out and _shape(src)[dim] == size * n_out and size % tp == 0:
-        return Decision(tuple(Shard(dim) for _ in range(n_out)))
+    sizes = {tuple(v.shape)[dim] for v in node.meta["val"]}
+    if len(sizes) == 1 and p.blocks % n_out == 0 and sizes.pop() * n_out == _shape(src)[dim]:
+        return Decision(tuple(Shard(dim, p.blocks // n_out) for _ in range(n_out)))
     return replicate_all(node, placements)
 
 
 def _cat(node: fx.Node, placements: dict, tp: int) -> Decision:
     """cat of k slices sharded along the cat dim is that dim in k blocks (the inverse of split)."""
-    parts = node.args[0]
+    # torch.cat skips 1-D empty tensors (an empty key/value cache concatenated with the new keys)
+    parts = [a for a in node.args[0] if tuple(a.meta["val"].shape) != (0,)]
     dim = (node.args[1] if len(node.args) > 1 else 0) % node.meta["val"].dim()
     pls = [_pl(a, placements) for a in parts]
     if all(p == R for p in pls):
@@ -217,11 +265,19 @@ def _mm(a_pl: Any, b_pl: Any) -> tuple[Any, dict[str, Any]] | None:
 def _matmul(node: fx.Node, placements: dict, tp: int) -> Decision:
     addmm = node.target is aten.addmm.default
     a, b = (node.args[1], node.args[2]) if addmm else (node.args[0], node.args[1])
-    got = _mm(_pl(a, placements), _pl(b, placements))
+    pa, pb = _pl(a, placements), _pl(b, placements)
+    got = _mm(pa, pb)
+    summed: dict[fx.Node, Any] = {}
+    if got is None and isinstance(pa, Partial) != isinstance(pb, Partial):
+        # a partial sum times a shard (a gradient summed over the ranks' heads, times a split
+        # activation): sum it first (Megatron's backward all-reduce), then the shard's rule
+        summed = {a: R} if isinstance(pa, Partial) else {b: R}
+        got = _mm(R if a in summed else pa, R if b in summed else pb)
     if got is None:
         return replicate_all(node, placements)
     out, want = got
-    want_nodes = {a: want["a"]} if "a" in want else {}
+    want_nodes = {a: want["a"]} if "a" in want else dict(summed)
+    want_nodes.update({x: w for x, w in summed.items() if x not in want_nodes})
     if "b" in want:
         want_nodes[b] = want["b"]
     if not addmm:
@@ -256,6 +312,74 @@ def _sum(node: fx.Node, placements: dict, tp: int) -> Decision:
     return Decision(Shard(p.dim - shift, p.blocks))
 
 
+def _reduced_dims(node: fx.Node) -> tuple[list[int], bool]:
+    nd = node.args[0].meta["val"].dim()
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        dims = list(range(nd))  # amax(x, []) and mean(x, None) reduce every dim
+    dims = [dims] if isinstance(dims, int) else dims
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    return [d % nd for d in dims], bool(keep)
+
+
+SOFTMAX = {aten._softmax.default, aten._safe_softmax.default, aten._log_softmax.default}
+SOFTMAX_BACKWARD = {aten._softmax_backward_data.default, aten._log_softmax_backward_data.default}
+
+
+def _reduce(node: fx.Node, placements: dict, tp: int) -> Decision:
+    """mean, amax, amin, var_mean and softmax along dims other than the sharded one keep the shard
+    (attention probabilities split by heads); along it they need the whole tensor. A mean of a
+    partial sum is the partial sum of the means."""
+    srcs = [node.args[0], node.args[1]] if node.target in SOFTMAX_BACKWARD else [node.args[0]]
+    pls = [_pl(a, placements) for a in srcs]
+    n_out = len(node.meta["val"]) if isinstance(node.meta["val"], (tuple, list)) else 0
+    wrap = (lambda pl: tuple(pl for _ in range(n_out))) if n_out else (lambda pl: pl)
+    if all(pl == R for pl in pls):
+        return Decision(wrap(R))
+    if node.target is aten.mean.dim and isinstance(pls[0], Partial):
+        return Decision(P)
+    shards = {pl for pl in pls if isinstance(pl, Shard)}
+    if len(shards) != 1 or any(isinstance(pl, Partial) for pl in pls):
+        return replicate_all(node, placements)
+    p = shards.pop()
+    nd = node.args[0].meta["val"].dim()
+    if node.target in SOFTMAX or node.target in SOFTMAX_BACKWARD:
+        dim = node.args[2 if node.target in SOFTMAX_BACKWARD else 1] % nd
+        if dim == p.dim:
+            return replicate_all(node, placements)
+        return Decision(p, {a: p for a, pl in zip(srcs, pls) if pl != p})
+    dims, keep = _reduced_dims(node)
+    if p.dim in dims:
+        return replicate_all(node, placements)
+    out = Shard(p.dim - (0 if keep else sum(d < p.dim for d in dims)), p.blocks)
+    return Decision(wrap(out))
+
+
+def _bmm(node: fx.Node, placements: dict, tp: int) -> Decision:
+    """(b, n, k) @ (b, k, m) with the batch split (heads folded into it): each rank its batches; the
+    other splits as in mm (rows of a, columns of b, or the contracted dim: a partial sum)."""
+    a, b = node.args[:2]
+    pa, pb = _pl(a, placements), _pl(b, placements)
+    on = lambda p, d: isinstance(p, Shard) and p.dim == d  # noqa: E731
+    if pa == R and pb == R:
+        return Decision(R)
+    if on(pa, 0) or on(pb, 0):
+        p = pa if on(pa, 0) else pb
+        want = {x: p for x, px in ((a, pa), (b, pb)) if px != p}
+        if all(px in (R, p) for px in (pa, pb)):
+            return Decision(p, want)
+        return replicate_all(node, placements)
+    if on(pa, 2) and on(pb, 1) and pa.blocks == pb.blocks:
+        return Decision(P)
+    if on(pa, 1) and pb == R:
+        return Decision(pa)
+    if pa == R and on(pb, 2):
+        return Decision(pb)
+    if (isinstance(pa, Partial) and pb == R) or (pa == R and isinstance(pb, Partial)):
+        return Decision(P)
+    return replicate_all(node, placements)
+
+
 def _layer_norm(node: fx.Node, placements: dict, tp: int) -> Decision:
     x = node.args[0]
     p = _pl(x, placements)
@@ -268,20 +392,32 @@ def _layer_norm(node: fx.Node, placements: dict, tp: int) -> Decision:
 
 def _heads(node: fx.Node, placements: dict, tp: int) -> Decision:
     """Attention (any scaled-dot-product kernel, graphs.ops.Attention) with heads split (dim 1 of
-    (B, H, L, D)) when every input carrying heads is split by heads; a mask or bias is kept whole."""
+    (B, H, L, D)) when an input carrying heads is split by heads (the others are then chunked). A mask broadcast over heads
+    is kept whole, a per-head one (T5's position bias, ALiBi) is split with the heads; the mask's
+    gradient (memory-efficient backward) is then split too, or, for a broadcast mask, a sum over
+    every head: a partial sum on each rank."""
     layout = ops.attention(node.target)
     tensors = [node.args[i] for i in layout.heads_in if i < len(node.args) and isinstance(node.args[i], fx.Node)]
-    mask = layout.mask_arg(node)
-    per_head = isinstance(mask, fx.Node) and mask.meta["val"].dim() == 4 and mask.meta["val"].shape[1] > 1
-    if per_head or (isinstance(mask, fx.Node) and layout.bias_grad is not None):
-        # a per-head mask would need splitting too, and a mask's gradient is a sum over every head
-        # (a partial sum on each rank): no rule for either yet, the op runs whole
+    pls = [_pl(a, placements) for a in tensors]
+    if Shard(1) not in pls or any(p not in (R, Shard(1)) for p in pls):
         return replicate_all(node, placements)
-    if all(_pl(a, placements) == Shard(1) for a in tensors):
-        others = {a: R for a in node.all_input_nodes if a not in tensors and _pl(a, placements) != R}
-        heads = set(layout.heads_out)
-        return Decision(tuple(Shard(1) if i in heads else R for i in range(layout.n_out)), others)
-    return replicate_all(node, placements)
+    mask = layout.mask_arg(node)
+    want = {a: R for a in node.all_input_nodes if a not in tensors and _pl(a, placements) != R}
+    # keys and values computed whole (kv heads that do not divide tp): each rank takes its heads
+    want.update({a: Shard(1) for a, p in zip(tensors, pls) if p == R})
+    mask_out = R
+    if isinstance(mask, fx.Node):
+        shape = _shape(mask)
+        per_head = len(shape) == 4 and shape[1] > 1
+        want.pop(mask, None)
+        if per_head and _pl(mask, placements) != Shard(1):
+            want[mask] = Shard(1)
+        elif not per_head and _pl(mask, placements) != R:
+            want[mask] = R
+        mask_out = Shard(1) if per_head else P
+    heads = set(layout.heads_out)
+    out = tuple(Shard(1) if i in heads else mask_out if i == layout.bias_grad else R for i in range(layout.n_out))
+    return Decision(out, want)
 
 
 FAMILIES = {
@@ -296,6 +432,9 @@ FAMILIES = {
     "layer_norm": _layer_norm,
     "replicate": lambda n, pl, tp: replicate_all(n, pl),
     "heads": _heads,
+    "dims": _dims,
+    "reduce": _reduce,
+    "bmm": _bmm,
 }
 RULES = {op: FAMILIES[f.tp] for op, f in ops.OPS.items() if f.tp is not None}  # op -> rule, from graphs/ops.py
 

@@ -138,6 +138,7 @@ def _apply(
             program.tp_specs[names[node]] = spec
             node.meta.setdefault(meta.PLACEMENT, {})[axis] = p
     # redistributions and shape rewrites, in graph order
+    moved_to: dict[tuple[fx.Node, Any], fx.Node] = {}
     for node in list(graph.nodes):
         decision = decisions.get(node)
         if decision is None:
@@ -146,10 +147,13 @@ def _apply(
             have = placements.get(inp, R)
             if want == have:
                 continue
-            with graph.inserting_before(node):
-                new, moved = _redistribute(program, inp, have, want, axis, node)
-            n_all_reduce += moved == "all_reduce"
-            n_gather += moved == "all_gather"
+            new = moved_to.get((inp, want))
+            if new is None:  # one redistribution per value and placement, shared by its users
+                with graph.inserting_before(node):
+                    new, moved = _redistribute(program, inp, have, want, axis, node)
+                moved_to[(inp, want)] = new
+                n_all_reduce += moved == "all_reduce"
+                n_gather += moved == "all_gather"
             node.replace_input_with(inp, new)
         if decision.decompose_addmm:
             n_all_reduce += 1

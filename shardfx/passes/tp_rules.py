@@ -69,13 +69,10 @@ def _pointwise(node: fx.Node, placements: dict) -> Decision:
     pls = [_pl(a, placements) for a in tensors]
     partial = [a for a, p in zip(tensors, pls) if isinstance(p, Partial)]
     if partial:
+        # A partial sum passes through sums of partial sums, copies and scaling by a constant; any
+        # other op reduces it first. Passing it through x * w too would reduce it later, at ops
+        # that meet it twice (a norm's backward): more all-reduces than Megatron's one.
         linear = node.target in LINEAR_IN_P | SCALED and all(isinstance(p, Partial) for p in pls)
-        linear |= (
-            node.target in (aten.mul.Tensor, aten.div.Tensor)
-            and len(partial) == 1
-            and (node.target is aten.mul.Tensor or node.args[0] is partial[0])
-            and all(p == R for a, p in zip(tensors, pls) if a is not partial[0])
-        )
         if linear:
             return Decision(P)
         return replicate_all(node, placements)

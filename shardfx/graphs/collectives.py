@@ -168,6 +168,20 @@ def _(x: Tensor, axis: str, dim: int, blocks: int) -> Tensor:
     return x.new_empty(shape)
 
 
+@torch.library.custom_op("shardfx::local_index", mutates_args=())
+def local_index(ids: Tensor, axis: str, size: int) -> Tensor:
+    """Indices into this rank's rows of a tensor split in blocks of `size` rows along `axis` (a
+    vocab-parallel embedding or head): ids - rank * size; outside [0, size) is another rank's row."""
+    return ids - current().coordinate(axis) * size
+
+
+@local_index.register_fake
+def _(ids: Tensor, axis: str, size: int) -> Tensor:
+    return torch.empty_like(ids)
+
+
+LOCAL_INDEX = torch.ops.shardfx.local_index.default
+
 _lib = torch.library.Library("shardfx", "FRAGMENT")
 _lib.define("wait(Tensor(a) t) -> Tensor(a)")  # returns its input: an alias, so no copy
 

@@ -232,9 +232,7 @@ OPS: dict[Any, OpFacts] = {
             aten.var_mean.correction,
             aten._softmax.default,
             aten._safe_softmax.default,
-            aten._log_softmax.default,
             aten._softmax_backward_data.default,
-            aten._log_softmax_backward_data.default,
         ],
         tp="reduce",
     ),  # fmt: skip
@@ -251,10 +249,15 @@ OPS: dict[Any, OpFacts] = {
     aten.lift_fresh_copy.default: OpFacts(CREATE),
     aten.gather.default: OpFacts(OTHER),
     aten.scatter.value: OpFacts(OTHER),
-    aten.nll_loss_forward.default: OpFacts(REDUCTION),
-    aten.nll_loss_backward.default: OpFacts(OTHER),
-    aten.embedding.default: OpFacts(EMBEDDING),
-    aten.embedding_dense_backward.default: OpFacts(EMBEDDING),
+    aten.scatter.src: OpFacts(OTHER),
+    aten.logical_and.default: OpFacts(POINTWISE, tp="pointwise"),
+    # vocab-parallel (passes/tp_vocab.py) when the classes are split, else their ordinary rules
+    aten._log_softmax.default: OpFacts(REDUCTION, tp="log_softmax"),
+    aten._log_softmax_backward_data.default: OpFacts(REDUCTION, tp="log_softmax_backward"),
+    aten.nll_loss_forward.default: OpFacts(REDUCTION, tp="nll_loss"),
+    aten.nll_loss_backward.default: OpFacts(OTHER, tp="nll_loss_backward"),
+    aten.embedding.default: OpFacts(EMBEDDING, tp="embedding"),
+    aten.embedding_dense_backward.default: OpFacts(EMBEDDING, tp="embedding_backward"),
     **_attention_rows(),
 }
 

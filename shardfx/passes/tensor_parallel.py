@@ -44,7 +44,7 @@ from shardfx.graphs.rewrite import refresh_val
 from shardfx.graphs.signature import GRAD, PARAM
 from shardfx.passes import redistribute
 from shardfx.passes.manager import PassContext, PassResult
-from shardfx.passes.tp_plan import Linear, auto_plan, culprits, find_linears, param_placements, user_plan
+from shardfx.passes.tp_plan import Linear, auto_plan, culprits, find_linears, find_vocab, param_placements, user_plan
 from shardfx.passes.tp_rules import RULES, R, propagate
 
 aten = torch.ops.aten
@@ -57,9 +57,12 @@ def tensor_parallel(
     tp = program.mesh.size(axis)
     linears = find_linears(program)
     demoted: dict[str, str] = {}  # group row -> why it stays replicated
+    vocab, vocab_why = find_vocab(program, tp) if plan is None else (None, "a user tp_plan")
     while True:
         chosen = auto_plan(linears, tp, demoted) if plan is None else user_plan(linears, plan, tp)
         params = param_placements(linears, chosen.styles)
+        if vocab is not None:
+            params.update(vocab.placements())
         placements, decisions = propagate(program, params, tp)
         gathers = [
             n
@@ -71,9 +74,18 @@ def tensor_parallel(
             break
         # auto: a group whose shard the rules could not carry to its rowwise input stays replicated
         modules = culprits(gathers[0], chosen, linears, placements)
+        if not modules and vocab is not None:  # the loss could not stay split: a whole vocab
+            vocab, vocab_why = None, _why_gathered(gathers[0])
+            continue
         if not modules:
             break
         demoted.update({m: _why_gathered(gathers[0]) for m in modules})
+    if vocab is not None:
+        if vocab.head is not None:
+            chosen.styles[vocab.head_module] = "colwise"
+        chosen.reasons[vocab.head_module] = (
+            f"colwise: vocab-parallel head, {vocab.size} classes split, parallel cross-entropy"
+        )
     fallbacks = sorted({str(n.target) for n, d in decisions.items() if d.fallback})
     stats = _apply(program, linears, chosen.styles, placements, decisions, axis, tp)
     split = [lin for lin in linears if chosen.styles[lin.module] != "replicate"]
@@ -91,10 +103,17 @@ def tensor_parallel(
         split_linears=len(split),
         linears=len(linears),
         split_fraction=round(sum(lin.nbytes for lin in split) / total, 4) if total else 0.0,
+        vocab_parallel=vocab.size if vocab is not None else None,
+        vocab_reason=vocab_why,
     )
     ctx.log(
         f"tensor_parallel: {len(split)} of {len(linears)} Linear layers split "
         f"({stats['split_fraction']:.0%} of their bytes)"
+    )
+    ctx.log(
+        f"tensor_parallel: vocab-parallel embedding, head and cross-entropy ({vocab.size} classes)"
+        if vocab is not None
+        else f"tensor_parallel: vocab not split: {vocab_why}"
     )
     if fallbacks:
         ctx.log(f"tensor_parallel: ops without a rule ran on whole tensors: {', '.join(fallbacks)}")
@@ -139,11 +158,13 @@ def _apply(
             node.meta.setdefault(meta.PLACEMENT, {})[axis] = p
     # redistributions and shape rewrites, in graph order
     moved_to: dict[tuple[fx.Node, Any], fx.Node] = {}
+    renamed: dict[fx.Node, fx.Node] = {}  # a node replaced by a vocab-parallel rule -> what replaced it
     for node in list(graph.nodes):
         decision = decisions.get(node)
-        if decision is None:
+        if decision is None or node in renamed:
             continue
         for inp, want in decision.want.items():
+            inp = renamed.get(inp, inp)
             have = placements.get(inp, R)
             if want == have:
                 continue
@@ -158,6 +179,9 @@ def _apply(
         if decision.decompose_addmm:
             n_all_reduce += 1
             _decompose(program, node, axis)
+            continue
+        if decision.rewrite is not None:
+            n_all_reduce += _replace(program, node, decision, axis, placements, renamed)
             continue
         _rewrite_sizes(node, placements, tp)
         out = decision.out
@@ -216,6 +240,37 @@ def _decompose(program: DistProgram, node: fx.Node, axis: str) -> None:
         out.meta[meta.ORIGIN] = ORIGIN
     node.replace_all_uses_with(out)
     program.graph.erase_node(node)
+
+
+def _replace(program: DistProgram, node: fx.Node, decision: Any, axis: str, placements: dict, renamed: dict) -> int:
+    """Replace `node` by the local ops its vocab-parallel rule builds; returns the all-reduces added.
+    The new nodes get their local `val` in _refresh_all; the results keep the global one till then."""
+    base, targets = _maker(program, node), []
+
+    def make(target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        targets.append(target)
+        return base(target, args, kwargs)
+
+    with program.graph.inserting_before(node):
+        made = decision.rewrite(make, axis)
+    added = targets.count(redistribute.ALL_REDUCE)
+    if isinstance(made, list):  # a multi-output op: its getitem users take the parts
+        for user in list(node.users):
+            part = made[user.args[1]]
+            part.meta["val"] = user.meta["val"]
+            placements[part] = R
+            user.replace_all_uses_with(part)
+            program.graph.erase_node(user)
+            renamed[user] = part
+    else:
+        made.meta["val"] = node.meta["val"]
+        placements[made] = decision.out
+        if decision.out is not R:
+            made.meta.setdefault(meta.PLACEMENT, {})[axis] = decision.out
+        node.replace_all_uses_with(made)
+        renamed[node] = made
+    program.graph.erase_node(node)
+    return added
 
 
 def _local_shape(node: fx.Node, p: Any, tp: int) -> list[int]:

@@ -345,3 +345,70 @@ def _common_prefix(a: str, b: str) -> int:
             break
         n += 1
     return n
+
+
+@dataclass
+class Vocab:
+    """The vocab-parallel split: the head feeding the cross-entropy and the embeddings of its size."""
+
+    size: int
+    head: fx.Node | None  # the head's weight placeholder (V, E)
+    head_bias: fx.Node | None
+    embeddings: list[fx.Node]  # embedding weight placeholders (V, E), the head's when tied
+    head_module: str = ""
+
+    def placements(self) -> dict[fx.Node, Any]:
+        out: dict[fx.Node, Any] = {w: Shard(0) for w in self.embeddings}
+        if self.head is not None:
+            out[self.head] = Shard(0)
+        if self.head_bias is not None:
+            out[self.head_bias] = Shard(0)
+        return out
+
+
+LOSS_PATH = RESHAPES | {aten._to_copy.default, torch.ops.prims.convert_element_type.default, aten.slice.Tensor}
+
+
+def _feeds_log_softmax(node: fx.Node) -> bool:
+    frontier = [node]
+    while frontier:
+        n = frontier.pop()
+        for user in n.users:
+            if user.target is aten._log_softmax.default:
+                return True
+            if user.target in LOSS_PATH:
+                frontier.append(user)
+    return False
+
+
+def find_vocab(program: DistProgram, tp: int) -> tuple[Vocab | None, str]:
+    """The head whose logits go to a log_softmax (cross-entropy) and the embeddings with its rows;
+    (None, why) when there is none or its size does not divide by tp."""
+    names = {n: s.name for s, n in zip(program.signature.inputs, program.placeholders()) if s.role == PARAM}
+    head = None
+    for node in program.graph.nodes:
+        if node.op != "call_function" or node.target not in (aten.mm.default, aten.addmm.default):
+            continue
+        if meta.phase(node) != meta.FORWARD:
+            continue
+        operand = node.args[2] if node.target is aten.addmm.default else node.args[1]
+        if _is_transpose_of(operand, names) and _feeds_log_softmax(node):
+            head = node
+    if head is None:
+        return None, "no Linear feeds a cross-entropy"
+    weight = (head.args[2] if head.target is aten.addmm.default else head.args[1]).args[0]
+    size = weight.meta["val"].shape[0]
+    if size % tp:
+        return None, f"the vocab {size} does not divide by tp={tp}"
+    bias = head.args[0] if head.target is aten.addmm.default and head.args[0] in names else None
+    embeddings = [
+        n.args[0]
+        for n in program.graph.nodes
+        if n.target is aten.embedding.default and n.args[0] in names and n.args[0].meta["val"].shape[0] == size
+    ]
+    embeddings = list(dict.fromkeys(w for w in embeddings if w is not weight))
+    tied = any(u.target is aten.embedding.default for u in weight.users)
+    if tied:
+        embeddings.append(weight)
+    module = names[weight].rsplit(".", 1)[0]
+    return Vocab(size, None if tied else weight, bias, embeddings, module), ""

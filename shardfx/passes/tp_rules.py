@@ -14,6 +14,7 @@ the graph: tensor_parallel inserts the redistributions they ask for.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch.fx as fx
 from shardfx.graphs import ops
 from shardfx.graphs.placement import Partial, Replicate, Shard
 from shardfx.graphs.program import DistProgram
+from shardfx.passes import tp_vocab
 
 aten = torch.ops.aten
 R = Replicate()
@@ -35,6 +37,7 @@ class Decision:
     want: dict[fx.Node, Any] = field(default_factory=dict)  # inputs that must be redistributed first
     fallback: bool = False  # the op has no rule: inputs made replicated
     decompose_addmm: bool = False  # rowwise addmm: all_reduce(mm) + bias
+    rewrite: Callable[..., Any] | None = None  # rewrite(make, axis) -> the local node(s) replacing this op
 
 
 def _pl(node: Any, placements: dict[fx.Node, Any]) -> Any:
@@ -417,6 +420,39 @@ def _heads(node: fx.Node, placements: dict, tp: int) -> Decision:
     return Decision(out, want)
 
 
+def _vocab(op_rule: Callable[..., Any], fallback: Callable[..., Decision]) -> Callable[..., Decision]:
+    """A vocab-parallel rule (passes/tp_vocab.py) where it applies, else `fallback`. Its tensor inputs
+    other than the split ones must be whole (targets, ids, the incoming loss gradient)."""
+
+    def rule(node: fx.Node, placements: dict, tp: int) -> Decision:
+        got = op_rule(node, placements, tp)
+        if got is None:
+            return fallback(node, placements, tp)
+        out, rewrite = got
+        split = [a for a in node.all_input_nodes if isinstance(_pl(a, placements), Shard)]
+        want = {a: R for a in node.all_input_nodes if a not in split and _pl(a, placements) != R}
+        if isinstance(out, tuple):
+            out = tuple(R for _ in out)
+        return Decision(out, want, rewrite=rewrite)
+
+    return rule
+
+
+def _embedding(node: fx.Node, placements: dict, tp: int) -> Decision:
+    weight, ids = node.args[:2]
+    if _pl(ids, placements) == R:
+        got = tp_vocab.embedding(node, _pl(weight, placements), tp)
+        if got is not None:
+            return Decision(got[0], rewrite=got[1])
+    return replicate_all(node, placements)
+
+
+def _log_softmax(node: fx.Node, placements: dict, tp: int) -> Decision:
+    p = _pl(node.args[0], placements)
+    got = tp_vocab.log_softmax(node, p, tp) if isinstance(p, Shard) else None
+    return Decision(got[0], rewrite=got[1]) if got is not None else _reduce(node, placements, tp)
+
+
 FAMILIES = {
     "pointwise": lambda n, pl, tp: _pointwise(n, pl),
     "view": _view,
@@ -432,6 +468,12 @@ FAMILIES = {
     "dims": _dims,
     "reduce": _reduce,
     "bmm": _bmm,
+    "embedding": _embedding,
+    "embedding_backward": _vocab(tp_vocab.embedding_backward, lambda n, pl, tp: replicate_all(n, pl)),
+    "log_softmax": _log_softmax,
+    "log_softmax_backward": _vocab(tp_vocab.log_softmax_backward, _reduce),
+    "nll_loss": _vocab(tp_vocab.nll_loss, lambda n, pl, tp: replicate_all(n, pl)),
+    "nll_loss_backward": _vocab(tp_vocab.nll_loss_backward, lambda n, pl, tp: replicate_all(n, pl)),
 }
 RULES = {op: FAMILIES[f.tp] for op, f in ops.OPS.items() if f.tp is not None}  # op -> rule, from graphs/ops.py
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import shardfx
 from shardfx.graphs import collectives, meta
-from tests.hf_models import MODELS, T, batch, build, lm_loss, sgd
+from tests.hf_models import MODELS, VOCAB, T, batch, build, lm_loss, sgd
 from tests.parity_util import assert_parity
 
 RTOL = 1e-4  # the bound; the runs measure within 1e-5
@@ -66,8 +66,21 @@ def test_every_architecture_splits_its_blocks_and_trains_as_eager(name: str, tp:
     stats = next(r.stats for r in engine.pass_records if r.name == "tensor_parallel")
     assert not stats["left_replicated"], stats["reasons"]
     if name in PER_BLOCK:
+        # plus the vocab: forward, the embedding's partial sum and the loss's max, sum of exponentials
+        # and target logits; backward, the log_softmax gradient's sum and the head's input gradient
         n = PER_BLOCK[name] * 2  # two blocks
-        assert tp_collectives(engine) == {"forward all_reduce": n, "backward all_reduce": n}
+        assert tp_collectives(engine) == {"forward all_reduce": n + 4, "backward all_reduce": n + 2}
+    # vocab-parallel: the embedding's rows split, and no tensor on any rank is as wide as the vocab
+    assert stats["vocab_parallel"] == VOCAB, stats["vocab_reason"]
+    embedding = getattr(model, "t5", model).get_input_embeddings().weight
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    assert engine.program.tp_specs[name_of[id(embedding)]].dim == 0
+    wide = [
+        n.name
+        for n in engine.program.graph.nodes
+        if n.op == "call_function" and getattr(n.meta.get("val"), "shape", (0,))[-1:] == (VOCAB,)
+    ]
+    assert not wide, f"full-vocab tensors on a rank: {wide}"
 
 
 @pytest.mark.slow

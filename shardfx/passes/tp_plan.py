@@ -178,8 +178,10 @@ def _scope(lin: Linear, linears: list[Linear]) -> str:
 
 
 def _inside(node: fx.Node, scope: str) -> bool:
+    """Whether `node` comes from `scope`; a node without a module path (the forward-only capture of
+    eval_step keeps none) counts as inside: the norm stop and the graph alone bound the walk."""
     module = node.meta.get(meta.MODULE, "")
-    return scope == "" or module == scope or module.startswith(scope + ".")
+    return scope == "" or module == "" or module == scope or module.startswith(scope + ".")
 
 
 def _feeders(lin: Linear, by_matmul: dict[fx.Node, Linear], scope: str) -> list[Linear]:

@@ -23,12 +23,13 @@ def test_passes_with_tp_shows_the_tp_and_dp_collectives(zero: str, tmp_path) -> 
     code, out, err = run_cli(["passes", *TP, "--zero", zero, "--json", str(path)])
     assert code == 0, err
     rows = {r["name"]: r for r in json.loads(path.read_text())}
-    assert rows["tensor_parallel"]["collectives"] == {"all_reduce": 8}  # 2 per block each way, 2 blocks
+    # 2 per block each way, 2 blocks; the vocab: the embedding and 3 in the loss forward, 2 backward
+    assert rows["tensor_parallel"]["collectives"] == {"all_reduce": 8 + 4 + 2}
     last = rows["grad_norm"]["collectives"]
     if zero == "3":
         assert last["all_gather"] > 0 and last["reduce_scatter"] > 0
     else:
-        assert "all_gather" not in last and last["all_reduce"] > 8
+        assert "all_gather" not in last and last["all_reduce"] > 14
 
 
 @pytest.mark.parametrize("zero", ["0", "3"])

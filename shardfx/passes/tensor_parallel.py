@@ -32,6 +32,7 @@ Needs: capture. Provides: program.tp_specs, meta[PLACEMENT]["tp"].
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -105,6 +106,7 @@ def tensor_parallel(
         split_fraction=round(sum(lin.nbytes for lin in split) / total, 4) if total else 0.0,
         vocab_parallel=vocab.size if vocab is not None else None,
         vocab_reason=vocab_why,
+        layers=_layers(program, linears, chosen, vocab),
     )
     ctx.log(
         f"tensor_parallel: {len(split)} of {len(linears)} Linear layers split "
@@ -121,6 +123,32 @@ def tensor_parallel(
         if chosen.styles[lin.module] == "replicate" and plan is None:
             ctx.log(f"tensor_parallel: {lin.module} {chosen.reasons[lin.module]}")
     return PassResult(program, stats)
+
+
+def _layers(program: DistProgram, linears: list[Linear], chosen: Any, vocab: Any) -> list[dict[str, Any]]:
+    """One row per Linear (and the vocab's embeddings): style, full and per-rank weight bytes, reason."""
+    names = {n: s.name for s, n in zip(program.signature.inputs, program.placeholders())}
+    rows = []
+    weights = [(lin.module, lin.weight) for lin in linears]
+    if vocab is not None:
+        weights += [(names[w].rsplit(".", 1)[0], w) for w in vocab.embeddings if all(w is not x for _, x in weights)]
+    for module, weight in weights:
+        val = weight.meta["val"]  # local by now
+        spec = program.tp_specs.get(names[weight])
+        full = math.prod(spec.full_shape) if spec is not None else val.numel()
+        rank = val.numel()
+        style = "vocab" if vocab is not None and weight in vocab.placements() else chosen.styles.get(module, "replicate")
+        reason = chosen.reasons.get(module, "vocab-parallel embedding" if spec is not None else "")
+        rows.append(
+            {
+                "module": module,
+                "style": style,
+                "bytes": full * val.element_size(),
+                "rank_bytes": rank * val.element_size(),
+                "reason": reason,
+            }
+        )
+    return rows
 
 
 def _why_gathered(node: fx.Node) -> str:

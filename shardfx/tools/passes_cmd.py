@@ -88,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
     rows = [stage_row(s) for s in stages]
     print(f"{spec.label}: {spec.num_params():,} parameters, world size {args.world_size}, ZeRO {config.zero_stage}")
     print(format_table(rows, args.width or 80))
+    tp_stage = next((s for s in stages if s.name == "tensor_parallel" and s.record is not None), None)
+    if tp_stage is not None and not tp_stage.disabled and tp_stage.record.stats.get("layers"):
+        print()
+        print(format_tp_plan(tp_stage.record.stats, args.width or 80))
     if args.dump:
         dump_stages(stages, Path(args.dump))
         print(f"printed programs written to {args.dump}/")
@@ -107,6 +111,23 @@ def run(args: argparse.Namespace) -> int:
 def stage_row(stage: Stage) -> dict[str, Any]:
     row = {"index": stage.index, "name": stage.name, "seconds": stage.seconds, "disabled": stage.disabled}
     return {**row, **stage.stats()}
+
+
+def format_tp_plan(stats: dict[str, Any], width: int = 80) -> str:
+    """The tensor-parallel plan: one row per Linear (style, bytes per rank of its weight, why)."""
+    rows = stats["layers"]
+    name_w = min(max(len(r["module"]) for r in rows), max(20, width // 2))
+    vocab = stats.get("vocab_parallel")
+    head = (
+        f"tensor-parallel plan: {stats['split_linears']} of {stats['linears']} Linear layers split "
+        f"({stats['split_fraction']:.0%} of their bytes); vocab "
+        + (f"split ({vocab} classes)" if vocab else f"not split: {stats.get('vocab_reason', '')}")
+    )
+    lines = [head, f"{'layer':<{name_w}}  {'style':<9} {'per rank':>17}  reason"]
+    for r in rows:
+        share = f"{format_bytes(r['rank_bytes'])}/{format_bytes(r['bytes'])}"
+        lines.append(f"{_fit(r['module'], name_w):<{name_w}}  {r['style']:<9} {share:>17}  {r['reason']}")
+    return "\n".join(lines)
 
 
 def dump_stages(stages: list[Stage], folder: Path) -> None:

@@ -40,6 +40,9 @@ class Config:
     overlap: issue collectives asynchronously and prefetch parameter gathers `prefetch` blocks ahead.
     tp_size: tensor-parallel ranks (world size = dp x tp); Linear layers split Megatron-style.
     tp_plan: {module pattern: "colwise" | "rowwise" | "replicate"}; None: the automatic plan.
+    sequence_parallel: with tp_size > 1, Megatron's sequence parallelism: between the blocks
+        (norms, residual adds) activations are split along the sequence (dim 1 of (B, L, ...)),
+        each block's all-reduce becomes a reduce-scatter and an all-gather (the same bytes).
     tune_communication: let the cost model choose bucket size and prefetch depth (overrides
         bucket_mb/overlap/prefetch) on the `hardware` profile, keeping the simulated peak under
         comm_memory_cap bytes (None: no cap).
@@ -87,6 +90,7 @@ class Config:
     comm_memory_cap: float | None = None
     tp_size: int = 1
     tp_plan: dict[str, str] | None = None
+    sequence_parallel: bool = False
     recompute: str = "none"
     memory_budget: float | None = None
     hardware: str = "cpu"
@@ -128,6 +132,12 @@ class Config:
             raise TypeError(f"Config.fuse must be True, False or None (on with CUDA); got {self.fuse!r}")
         if not (isinstance(self.tp_size, int) and not isinstance(self.tp_size, bool) and self.tp_size >= 1):
             raise ValueError(f"Config.tp_size must be an integer >= 1; got {self.tp_size!r}")
+        if not isinstance(self.sequence_parallel, bool):
+            raise TypeError(f"Config.sequence_parallel must be a bool; got {self.sequence_parallel!r}")
+        if self.sequence_parallel and self.tp_size == 1:
+            raise ValueError(
+                "Config(sequence_parallel=True) splits along tp ranks: it needs tp_size > 1; got tp_size=1"
+            )
         if self.tp_plan is not None and not isinstance(self.tp_plan, dict):
             raise TypeError(f"Config.tp_plan must be a dict of module pattern -> style, or None; got {self.tp_plan!r}")
         if self.recompute == "budget" and not (isinstance(self.memory_budget, (int, float)) and self.memory_budget > 0):

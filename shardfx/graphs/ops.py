@@ -243,7 +243,7 @@ OPS: dict[Any, OpFacts] = {
     aten.baddbmm.default: OpFacts(MATMUL),
     # norms
     aten.native_layer_norm.default: OpFacts(NORM, tp="layer_norm"),
-    aten.native_layer_norm_backward.default: OpFacts(NORM, tp="replicate"),
+    aten.native_layer_norm_backward.default: OpFacts(NORM, tp="layer_norm_backward"),
     **_rows(NORM, [aten._native_batch_norm_legit_functional.default, aten.native_batch_norm_backward.default]),
     aten.scalar_tensor.default: OpFacts(CREATE),
     aten.lift_fresh_copy.default: OpFacts(CREATE),

@@ -231,7 +231,7 @@ def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None, replicas
     if config.batchnorm == "global" and dp > 1:
         passes.append(SYNC_BATCH_NORM.bind(axis="dp"))
     if config.tp_size > 1:
-        passes.append(TENSOR_PARALLEL.bind(axis="tp", plan=config.tp_plan))
+        passes.append(TENSOR_PARALLEL.bind(axis="tp", plan=config.tp_plan, sequence=config.sequence_parallel))
     if config.recompute != "none":
         passes.append(RECOMPUTE.bind(policy=config.recompute, budget=config.memory_budget, hw=config.hardware))
     reduce_dtype = torch.float32 if config.reduce_dtype == "fp32" else torch.bfloat16

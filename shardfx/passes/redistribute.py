@@ -96,8 +96,12 @@ def redistribute(
     make: Make, x: fx.Node, have: Any, want: Any, axis: str, world: int, shape: list[int], *, role: str
 ) -> tuple[fx.Node, str]:
     """What turns placement `have` into `want` on `axis` (`shape`: the global shape of `x`); returns the
-    node and the collective it took ("all_reduce", "all_gather" or "" for none or a local chunk)."""
+    node and the collective it took ("all_reduce", "all_gather", "reduce_scatter" or "" for none or a
+    local chunk)."""
     moved = ""
+    if isinstance(have, Partial) and isinstance(want, Shard) and want.blocks == 1:
+        # sequence parallelism: the sum lands split (ring: (N-1)/N of the tensor, half an all-reduce)
+        return reduce_scatter(make, x, axis, "sum", want.dim, role=role), "reduce_scatter"
     if isinstance(have, Partial):
         x = all_reduce(make, x, axis, "sum", role=role)
         have, moved = Replicate(), "all_reduce"

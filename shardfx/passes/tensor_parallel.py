@@ -42,7 +42,7 @@ from shardfx.graphs import meta
 from shardfx.graphs.placement import Shard, ShardSpec
 from shardfx.graphs.program import DistProgram
 from shardfx.graphs.rewrite import refresh_val
-from shardfx.graphs.signature import GRAD, PARAM
+from shardfx.graphs.signature import GRAD, INPUT, PARAM
 from shardfx.passes import redistribute
 from shardfx.passes.manager import PassContext, PassResult
 from shardfx.passes.tp_plan import Linear, auto_plan, culprits, find_linears, find_vocab, param_placements, user_plan
@@ -53,7 +53,12 @@ ORIGIN = "tensor_parallel"
 
 
 def tensor_parallel(
-    program: DistProgram, ctx: PassContext, *, axis: str = "tp", plan: dict[str, str] | None = None
+    program: DistProgram,
+    ctx: PassContext,
+    *,
+    axis: str = "tp",
+    plan: dict[str, str] | None = None,
+    sequence: bool = False,
 ) -> PassResult:
     tp = program.mesh.size(axis)
     linears = find_linears(program)
@@ -81,6 +86,9 @@ def tensor_parallel(
         if not modules:
             break
         demoted.update({m: _why_gathered(gathers[0]) for m in modules})
+    length, sequence_why = _sequence_length(program, tp) if sequence else (None, "off")
+    if length is not None:  # the same plan, the stream between the blocks split along the sequence
+        placements, decisions = propagate(program, params, tp, sequence=length)
     if vocab is not None:
         if vocab.head is not None:
             chosen.styles[vocab.head_module] = "colwise"
@@ -107,7 +115,15 @@ def tensor_parallel(
         vocab_parallel=vocab.size if vocab is not None else None,
         vocab_reason=vocab_why,
         layers=_layers(program, linears, chosen, vocab),
+        sequence_parallel=length,
+        sequence_reason=sequence_why,
     )
+    if sequence:
+        ctx.log(
+            f"tensor_parallel: sequence parallel over {length} tokens"
+            if length is not None
+            else f"tensor_parallel: sequence parallelism off: {sequence_why}"
+        )
     ctx.log(
         f"tensor_parallel: {len(split)} of {len(linears)} Linear layers split "
         f"({stats['split_fraction']:.0%} of their bytes)"
@@ -137,7 +153,9 @@ def _layers(program: DistProgram, linears: list[Linear], chosen: Any, vocab: Any
         spec = program.tp_specs.get(names[weight])
         full = math.prod(spec.full_shape) if spec is not None else val.numel()
         rank = val.numel()
-        style = "vocab" if vocab is not None and weight in vocab.placements() else chosen.styles.get(module, "replicate")
+        style = (
+            "vocab" if vocab is not None and weight in vocab.placements() else chosen.styles.get(module, "replicate")
+        )
         reason = chosen.reasons.get(module, "vocab-parallel embedding" if spec is not None else "")
         rows.append(
             {
@@ -149,6 +167,42 @@ def _layers(program: DistProgram, linears: list[Linear], chosen: Any, vocab: Any
             }
         )
     return rows
+
+
+REVIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default, aten.transpose.int)
+
+
+def _reshaped_from(node: fx.Node, placements: dict) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(the split tensor `node` is made from through reshapes and transposes only, those ops from it
+    outwards) when that tensor is split along a plain dim (no blocks); None otherwise."""
+    chain: list[fx.Node] = []
+    while node.op == "call_function" and node.target in REVIEWS and isinstance(placements.get(node.args[0]), Shard):
+        chain.append(node)
+        node = node.args[0]
+    root = placements.get(node)
+    return (node, chain[::-1]) if chain and isinstance(root, Shard) and root.blocks == 1 else None
+
+
+def _reapply(make: redistribute.Make, whole: fx.Node, chain: list[fx.Node]) -> fx.Node:
+    """The ops of `chain` again on the whole tensor (sizes: the global ones, from each node's val)."""
+    for op in chain:
+        if op.target in (aten.t.default, aten.transpose.int):
+            whole = make(op.target, (whole, *op.args[1:]))
+        else:
+            whole = make(op.target, (whole, list(op.meta["val"].shape)))
+    return whole
+
+
+def _sequence_length(program: DistProgram, tp: int) -> tuple[int | None, str]:
+    """The sequence length L of the batch (dim 1 of its first input of 2 or more dims), if it divides by tp."""
+    for spec, node in zip(program.signature.inputs, program.placeholders()):
+        val = node.meta.get("val")
+        if spec.role == INPUT and hasattr(val, "shape") and val.dim() >= 2:
+            length = val.shape[1]
+            if length % tp:
+                return None, f"the sequence length {length} does not divide by tp={tp}"
+            return length, ""
+    return None, "no batch input has a sequence dim (B, L, ...)"
 
 
 def _why_gathered(node: fx.Node) -> str:
@@ -176,7 +230,7 @@ def _apply(
 ) -> dict[str, Any]:
     graph = program.graph
     names = {n: s.name for s, n in zip(program.signature.inputs, program.placeholders())}
-    n_all_reduce = n_gather = 0
+    n_all_reduce = n_gather = n_scatter = 0
     # parameters become this rank's slices
     for node, p in list(placements.items()):
         if node.op == "placeholder" and isinstance(p, Shard):
@@ -197,12 +251,27 @@ def _apply(
             if want == have:
                 continue
             new = moved_to.get((inp, want))
+            found = _reshaped_from(inp, placements) if want == R and isinstance(have, Shard) else None
+            if new is None and found is not None:
+                # a reshape of a split tensor gathered: gather the tensor once (one all-gather for
+                # q, k and v, and for a gradient and its transpose, under sequence parallelism)
+                root, chain = found
+                whole = moved_to.get((root, R))
+                if whole is None:
+                    with graph.inserting_before(node):
+                        whole, moved = _redistribute(program, root, placements[root], R, axis, node)
+                    moved_to[(root, R)] = whole
+                    n_gather += moved == "all_gather"
+                with graph.inserting_before(node):
+                    new = _reapply(_maker(program, node), whole, chain)
+                moved_to[(inp, want)] = new
             if new is None:  # one redistribution per value and placement, shared by its users
                 with graph.inserting_before(node):
                     new, moved = _redistribute(program, inp, have, want, axis, node)
                 moved_to[(inp, want)] = new
                 n_all_reduce += moved == "all_reduce"
                 n_gather += moved == "all_gather"
+                n_scatter += moved == "reduce_scatter"
             node.replace_input_with(inp, new)
         if decision.decompose_addmm:
             n_all_reduce += 1
@@ -230,7 +299,7 @@ def _apply(
             n_gather += moved == "all_gather"
     program.set_outputs(outputs)
     _refresh_all(program, tp)
-    return {"tp_all_reduces": n_all_reduce, "tp_all_gathers": n_gather}
+    return {"tp_all_reduces": n_all_reduce, "tp_all_gathers": n_gather, "tp_reduce_scatters": n_scatter}
 
 
 def _maker(program: DistProgram, at: fx.Node) -> redistribute.Make:

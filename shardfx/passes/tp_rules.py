@@ -13,6 +13,7 @@ the graph: tensor_parallel inserts the redistributions they ask for.
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from shardfx.passes import tp_vocab
 aten = torch.ops.aten
 R = Replicate()
 P = Partial()
+# Sequence parallelism (Config.sequence_parallel): the sequence length while propagate runs with it
+_sequence: contextvars.ContextVar[int | None] = contextvars.ContextVar("shardfx_tp_sequence", default=None)
 
 
 @dataclass
@@ -71,6 +74,10 @@ def _pointwise(node: fx.Node, placements: dict) -> Decision:
     tensors = node.all_input_nodes
     pls = [_pl(a, placements) for a in tensors]
     partial = [a for a, p in zip(tensors, pls) if isinstance(p, Partial)]
+    if partial and not (node.target in LINEAR_IN_P | SCALED and all(isinstance(p, Partial) for p in pls)):
+        split = _sequence_split(node, tensors, pls)
+        if split is not None:
+            return split
     if partial:
         # A partial sum passes through sums of partial sums, copies and scaling by a constant; any
         # other op reduces it first. Passing it through x * w too would reduce it later, at ops
@@ -92,6 +99,30 @@ def _pointwise(node: fx.Node, placements: dict) -> Decision:
         if p != Shard(a_dim, blocks):
             want[a] = Shard(a_dim, blocks)
     return Decision(Shard(dim, blocks), want)
+
+
+def _sequence_split(node: fx.Node, tensors: list[fx.Node], pls: list[Any]) -> Decision | None:
+    """Sequence parallelism: a partial sum of shape (B, L, ...) that must be summed (it meets the
+    residual stream, or a norm) is reduce-scattered along the sequence instead of all-reduced, and
+    the element-wise op runs on this rank's tokens (S(1))."""
+    length = _sequence.get()
+    shape = _shape(node)
+    if length is None or len(shape) < 2 or shape[1] != length:
+        return None
+    seq = Shard(1)
+    want = {}
+    for a, p in zip(tensors, pls):
+        a_shape = _shape(a)
+        lead = len(shape) - len(a_shape)
+        if 1 - lead < 0 or a_shape[1 - lead] == 1:
+            if isinstance(p, Partial):
+                return None
+            continue  # broadcast along the sequence: whole on every rank
+        if isinstance(p, Shard) and p != Shard(1 - lead):
+            return None
+        if p != Shard(1 - lead):
+            want[a] = Shard(1 - lead)  # P: reduce-scatter; R: this rank's tokens (free)
+    return Decision(seq, want)
 
 
 def _groups(a: tuple[int, ...], b: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
@@ -262,6 +293,16 @@ def _mm(a_pl: Any, b_pl: Any) -> tuple[Any, dict[str, Any]] | None:
     return None
 
 
+VIEWS_OF_WEIGHT = {aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default, aten._to_copy.default}
+
+
+def _is_weight(node: fx.Node) -> bool:
+    """A placeholder (a parameter) or a transpose, view or cast of one: a tensor split to stay split."""
+    while node.op == "call_function" and node.target in VIEWS_OF_WEIGHT:
+        node = node.args[0]
+    return node.op == "placeholder" and node.name.startswith("p_")
+
+
 def _matmul(node: fx.Node, placements: dict, tp: int) -> Decision:
     addmm = node.target is aten.addmm.default
     a, b = (node.args[1], node.args[2]) if addmm else (node.args[0], node.args[1])
@@ -273,6 +314,18 @@ def _matmul(node: fx.Node, placements: dict, tp: int) -> Decision:
         # activation): sum it first (Megatron's backward all-reduce), then the shard's rule
         summed = {a: R} if isinstance(pa, Partial) else {b: R}
         got = _mm(R if a in summed else pa, R if b in summed else pb)
+    if got is None and not (isinstance(pa, Partial) or isinstance(pb, Partial)):
+        # tokens split (sequence parallelism): gather an activation, never a weight; rather one whose
+        # product is not a partial sum, then the smaller
+        options = []
+        for x, px in ((a, pa), (b, pb)):
+            if isinstance(px, Shard) and not _is_weight(x):
+                trial = _mm(R if x is a else pa, R if x is b else pb)
+                if trial is not None:
+                    options.append((isinstance(trial[0], Partial), x.meta["val"].numel(), x, trial))
+        if options:
+            _, _, x, got = min(options, key=lambda o: o[:2])
+            summed = {x: R}
     if got is None:
         return replicate_all(node, placements)
     out, want = got
@@ -390,6 +443,22 @@ def _layer_norm(node: fx.Node, placements: dict, tp: int) -> Decision:
     return replicate_all(node, placements)
 
 
+def _layer_norm_backward(node: fx.Node, placements: dict, tp: int) -> Decision:
+    """native_layer_norm_backward(grad, x, shape, mean, rstd, weight, bias, mask) on tokens split
+    (sequence parallelism): the input gradient keeps the split, the weight and bias gradients are
+    sums over this rank's tokens (partial sums)."""
+    grad, x = node.args[:2]
+    p = _pl(x, placements)
+    normalized = len(node.args[2])
+    nd = x.meta["val"].dim()
+    if not (isinstance(p, Shard) and p.dim < nd - normalized):
+        return replicate_all(node, placements)
+    stats = [node.args[3], node.args[4]]
+    want = {a: p for a in [grad, *stats] if isinstance(a, fx.Node) and _pl(a, placements) != p}
+    want.update({a: R for a in node.args[5:7] if isinstance(a, fx.Node) and _pl(a, placements) != R})
+    return Decision((p, P, P), want)
+
+
 def _heads(node: fx.Node, placements: dict, tp: int) -> Decision:
     """Attention (any scaled-dot-product kernel, graphs.ops.Attention) with heads split (dim 1 of
     (B, H, L, D)) when an input carrying heads is split by heads (the others are then chunked). A mask broadcast over heads
@@ -428,8 +497,7 @@ def _vocab(op_rule: Callable[..., Any], fallback: Callable[..., Decision]) -> Ca
         got = op_rule(node, placements, tp)
         if got is None:
             return fallback(node, placements, tp)
-        out, rewrite = got
-        split = [a for a in node.all_input_nodes if isinstance(_pl(a, placements), Shard)]
+        out, rewrite, split = got
         want = {a: R for a in node.all_input_nodes if a not in split and _pl(a, placements) != R}
         if isinstance(out, tuple):
             out = tuple(R for _ in out)
@@ -465,6 +533,7 @@ FAMILIES = {
     "layer_norm": _layer_norm,
     "replicate": lambda n, pl, tp: replicate_all(n, pl),
     "heads": _heads,
+    "layer_norm_backward": _layer_norm_backward,
     "dims": _dims,
     "reduce": _reduce,
     "bmm": _bmm,
@@ -478,8 +547,19 @@ FAMILIES = {
 RULES = {op: FAMILIES[f.tp] for op, f in ops.OPS.items() if f.tp is not None}  # op -> rule, from graphs/ops.py
 
 
-def propagate(program: DistProgram, params: dict[fx.Node, Any], tp: int) -> tuple[dict, dict]:
-    """Placements of every node and the decisions that produced them (no graph changes)."""
+def propagate(
+    program: DistProgram, params: dict[fx.Node, Any], tp: int, sequence: int | None = None
+) -> tuple[dict, dict]:
+    """Placements of every node and the decisions that produced them (no graph changes).
+    `sequence`: the sequence length, for sequence parallelism (None: off)."""
+    token = _sequence.set(sequence)
+    try:
+        return _propagate(program, params, tp)
+    finally:
+        _sequence.reset(token)
+
+
+def _propagate(program: DistProgram, params: dict[fx.Node, Any], tp: int) -> tuple[dict, dict]:
     placements: dict[fx.Node, Any] = dict(params)
     decisions: dict[fx.Node, Decision] = {}
     for node in program.graph.nodes:

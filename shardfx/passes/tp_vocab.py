@@ -13,8 +13,9 @@ and the full logits never exist on one rank.
 A head tied to the embedding holds the same rows for both uses.
 
 Rank-dependent indices come from `shardfx.local_index` (ids - rank * V/tp), so
-the program stays one graph for every rank. Each rule returns a Decision whose
-`rewrite` replaces the op with these local ops and collectives.
+the program stays one graph for every rank. Each rule returns (output placement,
+rewrite, the inputs that stay split): the rewrite replaces the op with these local ops and
+collectives; every other input is made whole first.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def embedding_backward(node: fx.Node, placements: dict, tp: int) -> Any:
         masked = make(aten.mul.Tensor, (grad, make(aten.unsqueeze.default, (keep, -1))))
         return make(aten.embedding_dense_backward.default, (masked, safe, rows, -1, False))
 
-    return Shard(0), rewrite
+    return Shard(0), rewrite, ()
 
 
 def log_softmax(node: fx.Node, p: Shard, tp: int) -> Any:
@@ -115,7 +116,7 @@ def log_softmax_backward(node: fx.Node, placements: dict, tp: int) -> Any:
         total = _all_reduce(make, make(aten.sum.dim_IntList, (grad, [dim], True)), axis)
         return make(aten.sub.Tensor, (grad, make(aten.mul.Tensor, (make(aten.exp.default, (out,)), total))))
 
-    return Shard(dim), rewrite
+    return Shard(dim), rewrite, (grad, out)
 
 
 MEAN, SUM = 1, 2  # torch's Reduction enum
@@ -144,7 +145,7 @@ def nll_loss(node: fx.Node, placements: dict, tp: int) -> Any:
         loss = make(aten.div.Tensor, (total, count)) if reduction == MEAN else total
         return [loss, count]
 
-    return (None, None), rewrite
+    return (None, None), rewrite, (logp,)
 
 
 def nll_loss_backward(node: fx.Node, placements: dict, tp: int) -> Any:
@@ -166,4 +167,4 @@ def nll_loss_backward(node: fx.Node, placements: dict, tp: int) -> Any:
         zeros = make(aten.zeros_like.default, (logp,))
         return make(aten.scatter.src, (zeros, 1, make(aten.unsqueeze.default, (safe, 1)), values))
 
-    return Shard(1), rewrite
+    return Shard(1), rewrite, (logp,)

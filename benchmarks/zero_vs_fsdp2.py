@@ -103,6 +103,11 @@ _COLLECTIVES: dict[str, tuple[str, int | str, int]] = {
 }
 
 
+# Ops of those namespaces that move no data: waits, DTensor's autograd wrapper, rank-relative indices.
+NOT_COLLECTIVES = {"shardfx::wait", "shardfx::local_index", "_c10d_functional::wait_tensor",
+                   "_c10d_functional::_wrap_tensor_autograd"}  # fmt: skip
+
+
 def _nbytes(tree: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, Tensor))
 
@@ -130,7 +135,7 @@ class CollectiveCounter(TorchDispatchMode):
             n = self.world_size
             self.calls[kind] += 1
             self.sent[kind] += volume * (n - 1) // n
-        elif func.namespace in ("c10d", "_c10d_functional", "shardfx") and name != "shardfx::wait":
+        elif func.namespace in ("c10d", "_c10d_functional", "shardfx") and name not in NOT_COLLECTIVES:
             self.unknown[name] += 1
         return out
 

@@ -69,3 +69,9 @@ def test_grad_accumulation() -> None:
         "--only", "shardfx ZeRO-2 boundary",
     )  # fmt: skip
     assert "| DDP no_sync |" in out and "| shardfx ZeRO-2 boundary |" in out, out
+
+
+def test_tp_vs_torch() -> None:
+    out = run("tp_vs_torch.py", "--tiny", "--tp-sizes", "2", "--steps", "1", "--warmup", "1")
+    assert "| torch TP |" in out and "| shardfx tp |" in out and "| shardfx tp+SP |" in out, out
+    assert "MISMATCH" not in out, out

@@ -275,7 +275,12 @@ def _apply(
             node.replace_input_with(inp, new)
         if decision.decompose_addmm:
             n_all_reduce += 1
-            _decompose(program, node, axis)
+            made = _decompose(program, node, axis, decision.out, tp)
+            placements[made] = decision.out
+            renamed[node] = made
+            if isinstance(decision.out, Shard):
+                n_all_reduce -= 1
+                n_scatter += 1
             continue
         if decision.rewrite is not None:
             n_all_reduce += _replace(program, node, decision, axis, placements, renamed)
@@ -324,19 +329,30 @@ def _redistribute(
     )
 
 
-def _decompose(program: DistProgram, node: fx.Node, axis: str) -> None:
-    """addmm(bias, a, b) with a partial-sum product: all_reduce(a @ b) + bias (bias added once)."""
+def _decompose(program: DistProgram, node: fx.Node, axis: str, out_pl: Any, tp: int) -> fx.Node:
+    """addmm(bias, a, b) with a partial-sum product: all_reduce(a @ b) + bias (bias added once); under
+    sequence parallelism (out_pl S(0, B) of (B*L, E)) a reduce-scatter of the (B, L, E) sum along L."""
     bias, a, b = node.args[:3]
+    make = _maker(program, node)
     with program.graph.inserting_before(node):
         mm = program.graph.call_function(aten.mm.default, (a, b))
         mm.meta = {k: v for k, v in node.meta.items() if k != meta.PLACEMENT}
-        summed = redistribute.all_reduce(_maker(program, mm), mm, axis, "sum", role=meta.TP_REDISTRIBUTE)
-        summed.meta.update({k: v for k, v in mm.meta.items() if k not in summed.meta})
-        out = program.graph.call_function(aten.add.Tensor, (summed, bias))
-        out.meta = dict(mm.meta)
-        out.meta[meta.ORIGIN] = ORIGIN
+        if isinstance(out_pl, Shard):
+            rows, features = node.meta["val"].shape
+            tokens = make(aten.view.default, (mm, [out_pl.blocks, rows // out_pl.blocks, features]))
+            summed = redistribute.reduce_scatter(make, tokens, axis, "sum", 1, role=meta.TP_REDISTRIBUTE)
+            biased = make(aten.add.Tensor, (summed, bias))
+            out = make(aten.view.default, (biased, [rows // tp, features]))  # local rows
+            out.meta["val"] = node.meta["val"]  # global until _refresh_all
+        else:
+            summed = redistribute.all_reduce(make, mm, axis, "sum", role=meta.TP_REDISTRIBUTE)
+            summed.meta.update({k: v for k, v in mm.meta.items() if k not in summed.meta})
+            out = program.graph.call_function(aten.add.Tensor, (summed, bias))
+            out.meta = dict(mm.meta)
+            out.meta[meta.ORIGIN] = ORIGIN
     node.replace_all_uses_with(out)
     program.graph.erase_node(node)
+    return out
 
 
 def _replace(program: DistProgram, node: fx.Node, decision: Any, axis: str, placements: dict, renamed: dict) -> int:

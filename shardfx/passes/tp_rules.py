@@ -339,6 +339,10 @@ def _matmul(node: fx.Node, placements: dict, tp: int) -> Decision:
     if isinstance(out, Partial):  # bias must be added once, after the sum: all_reduce(a @ b) + bias
         if bias_pl != R:
             want_nodes[node.args[0]] = R
+        rows, length = _shape(node)[0], _sequence.get()
+        if length is not None and rows % length == 0:
+            # sequence parallelism: reduce_scatter(a @ b) along the tokens + bias: (B*L, E) as S(0, B)
+            return Decision(Shard(0, rows // length), want_nodes, decompose_addmm=True)
         return Decision(R, want_nodes, decompose_addmm=True)
     if isinstance(out, Shard) and out.dim == 1:
         if bias_pl != Shard(0, out.blocks):

@@ -25,10 +25,10 @@ def compiled(name: str, sequence_parallel: bool):  # type: ignore[no-untyped-def
     return engine.program
 
 
-def stream_collectives(program) -> dict[str, int]:  # type: ignore[no-untyped-def]
+def stream_collectives(program, nodes=None) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """tp collectives of the residual stream's (B, L, E) values: kind -> bytes (the ZeRO paper's unit)."""
     out: dict[str, int] = {}
-    for node in program.graph.nodes:
+    for node in program.graph.nodes if nodes is None else nodes:
         if not (collectives.is_collective(node) and node.meta.get(meta.ROLE) == meta.TP_REDISTRIBUTE):
             continue
         src, val = node.args[0].meta["val"], node.meta["val"]
@@ -47,6 +47,10 @@ def test_sequence_parallel_trains_as_eager(name: str) -> None:
     engine = assert_parity(build(name), batch(), lm_loss, 2, config, steps=3, optimizer=sgd, rtol=1e-4)
     stats = next(r.stats for r in engine.pass_records if r.name == "tensor_parallel")
     assert stats["sequence_parallel"] == SEQ
+    # forward: no all-reduce of the stream is left (GPT-2's and BERT's rowwise biases included):
+    # each is a reduce-scatter and, before the next Linears, an all-gather
+    forward = [n for n in engine.program.graph.nodes if n.op == "call_function" and meta.phase(n) == meta.FORWARD]
+    assert set(stream_collectives(engine.program, forward)) == {"reduce_scatter", "all_gather"}
 
 
 def test_each_all_reduce_becomes_a_reduce_scatter_and_an_all_gather_of_the_same_bytes() -> None:

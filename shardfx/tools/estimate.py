@@ -128,6 +128,15 @@ def run(args: argparse.Namespace) -> int:
         if args.preset is not None or args.overrides:
             raise ValueError("--preset and --set describe a --model; they do not apply to --params")
         params, source = args.params, "--params"
+    if args.tp > 1 and args.model is not None:
+        from shardfx.tools.simulate import tp_held_params
+
+        held, total = tp_held_params(args.model, model_kwargs(args.model, args.preset, args.overrides), args.tp)
+        print(
+            f"tensor-parallel plan at tp={args.tp} (shardfx passes --config tp_size={args.tp} shows it): rank 0 holds "
+            f"{_count(held)} of {_count(total)} parameters ({held / total:.1%}; every one split would be {1 / args.tp:.1%}); "
+            "the table below assumes every parameter split, as Megatron's estimate does"
+        )
     print(format_table(params, args.world_size, args.k, source, args.tp))
     if args.simulate:
         if args.model is None:

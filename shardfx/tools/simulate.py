@@ -78,3 +78,21 @@ def format_simulations(rows: list[tuple[Scenario, Simulation]], hardware_name: s
         "peak: the step's live tensors per rank (parameters, gradients, activations, buffers); optimizer state not included"
     )
     return "\n".join(lines)
+
+
+def tp_held_params(model_name: str, kwargs: dict[str, Any], tp: int) -> tuple[int, int]:
+    """(rank 0's parameter count, the model's) under the tensor-parallel plan that compile_distributed
+    would run at tp ranks (the same plan `shardfx passes --config tp_size=N` prints), on the meta device."""
+    config = shardfx.Config(tp_size=tp)
+    mesh = build_mesh(config, tp)
+    with torch.device("meta"):
+        model, loss_fn, _ = build_model(model_name, **kwargs)
+        example = _meta_batch(model, 1)
+    program = compile_step(model, example, loss_fn, config, mesh, stop_after="tensor_parallel").program
+    held = total = 0
+    for spec, node in zip(program.signature.inputs, program.placeholders()):
+        if spec.role == "param":
+            held += node.meta["val"].numel()  # this rank's slice (the pass made every val local)
+            shard = program.tp_specs.get(spec.name)
+            total += int(torch.Size(shard.full_shape).numel()) if shard is not None else node.meta["val"].numel()
+    return held, total

@@ -66,3 +66,17 @@ def test_disabling_accumulate_gradients_reduces_every_micro_batch(tmp_path) -> N
     assert code == 0, err
     names = [r["name"] for r in json.loads(path.read_text())]
     assert "sum_gradients" in names and "accumulate_gradients" not in names
+
+
+def test_passes_prints_the_tensor_parallel_plan() -> None:
+    code, out, err = run_cli(["passes", *TP])
+    assert code == 0, err
+    assert "tensor-parallel plan: 8 of 8 Linear layers split (100% of their bytes); vocab split (64 classes)" in out
+    row = next(line for line in out.splitlines() if line.startswith("blocks.0.attn.qkv "))
+    assert "colwise" in row and "6.0 KiB/12.0 KiB" in row and "into blocks.0.attn.proj (3 parts)" in row
+
+
+def test_estimate_reports_what_the_plan_holds() -> None:
+    code, out, err = run_cli(["estimate", "--model", "gpt", "--preset", "tiny", "--world-size", "4", "--tp", "2"])
+    assert code == 0, err
+    assert "tensor-parallel plan at tp=2" in out and "rank 0 holds 14.5K of 28K parameters" in out

@@ -1,32 +1,31 @@
 """tensor_parallel: split Linear layers across the "tp" ranks (Megatron-LM style) by propagating placements.
 
-1. A plan gives every Linear a style: "colwise" (weight rows split: each rank
-   computes a slice of the output features), "rowwise" (weight columns split:
-   each rank computes a partial sum of the output) or "replicate".
-   - auto: a Linear whose output reaches another Linear's input through
-     element-wise, view, split and attention ops only is colwise, the other
-     rowwise (attention qkv -> proj, MLP fc -> proj). A colwise output split
-     into k equal parts (a fused q|k|v) is sharded per part (blocks=k). A pair
-     whose sizes do not divide (heads, features) is left replicated, and the
-     plan says so; it never fails on sizes.
-   - user: {module pattern: style} (fnmatch); a split that cannot be made is
-     an error naming the module and the sizes.
+1. A plan (passes/tp_plan.py) gives every Linear a style: "colwise" (output
+   features split), "rowwise" (input features split: each rank computes a
+   partial sum) or "replicate".
+   - auto: Megatron's groups (one rowwise Linear and the colwise ones feeding
+     it inside its module: q, k, v -> o; gate, up -> down), fused q|k|v split
+     per part (blocks=k), the vocab (embedding, head, cross-entropy) split by
+     rows (passes/tp_vocab.py). A group whose sizes do not divide, or whose
+     split the rules had to gather back in the forward, stays replicated, and
+     the reason is recorded per Linear; it never fails on sizes.
+   - user: {module pattern: style} (fnmatch); a pattern matching nothing or a
+     split that cannot be made is an error naming the pattern or the module.
 2. Placements (R replicated, S(dim) sharded, P partial sum) propagate through
-   the forward and backward graph in order, one rule per op (RULES). A rule
-   returns the output placement and the input placements it needs; where an
-   input differs, a redistribution is inserted: P->R all_reduce, S->R
-   all_gather, R->S a local chunk (free). Ops without a rule get replicated
-   inputs (correct, maybe slow); they are reported once by name.
-3. Shapes in size arguments (view, split) are rewritten to the local sizes
-   and every `val` is recomputed, so the program is checked shape by shape.
-
-The plan is passes/tp_plan.py, the rules and their propagation
-passes/tp_rules.py, the redistributions passes/redistribute.py; this file is
-the pass and its rewrite.
+   the forward and backward graph in order, one rule per op (tp_rules.RULES,
+   from the op table graphs/ops.py). Where an input's placement differs from
+   what a rule needs, a redistribution is inserted (passes/redistribute.py):
+   P->R all_reduce, S->R all_gather, R->S a local chunk (free), P->S
+   reduce_scatter (sequence parallelism). A rule may also rewrite its op into
+   local ops (the vocab-parallel ones). Ops without a rule get whole inputs
+   (correct, maybe slow); they are reported once by name.
+3. Size arguments (view, expand, split) are rewritten to the local sizes and
+   every `val` is recomputed, so the program is checked shape by shape.
 
 Megatron's count follows from the rules: per block, the rowwise outputs are
 partial sums (2 all-reduces in forward) and the colwise input gradients are
-partial sums (2 all-reduces in backward).
+partial sums (2 all-reduces in backward); under sequence parallelism each is
+a reduce-scatter along the sequence and an all-gather before the next group.
 Needs: capture. Provides: program.tp_specs, meta[PLACEMENT]["tp"].
 """
 
@@ -239,7 +238,7 @@ def _apply(
             program.tp_specs[names[node]] = spec
             node.meta.setdefault(meta.PLACEMENT, {})[axis] = p
     # redistributions and shape rewrites, in graph order
-    moved_to: dict[tuple[fx.Node, Any], fx.Node] = {}
+    moved_to: dict[tuple[fx.Node, Any, str], fx.Node] = {}
     renamed: dict[fx.Node, fx.Node] = {}  # a node replaced by a vocab-parallel rule -> what replaced it
     for node in list(graph.nodes):
         decision = decisions.get(node)
@@ -250,25 +249,27 @@ def _apply(
             have = placements.get(inp, R)
             if want == have:
                 continue
-            new = moved_to.get((inp, want))
+            # the backward gathers again (nothing whole is saved for it); sums are shared
+            key = (inp, want, meta.phase(node) if isinstance(have, Shard) else "")
+            new = moved_to.get(key)
             found = _reshaped_from(inp, placements) if want == R and isinstance(have, Shard) else None
             if new is None and found is not None:
                 # a reshape of a split tensor gathered: gather the tensor once (one all-gather for
                 # q, k and v, and for a gradient and its transpose, under sequence parallelism)
                 root, chain = found
-                whole = moved_to.get((root, R))
+                whole = moved_to.get((root, R, meta.phase(node)))
                 if whole is None:
                     with graph.inserting_before(node):
                         whole, moved = _redistribute(program, root, placements[root], R, axis, node)
-                    moved_to[(root, R)] = whole
+                    moved_to[(root, R, meta.phase(node))] = whole
                     n_gather += moved == "all_gather"
                 with graph.inserting_before(node):
                     new = _reapply(_maker(program, node), whole, chain)
-                moved_to[(inp, want)] = new
+                moved_to[key] = new
             if new is None:  # one redistribution per value and placement, shared by its users
                 with graph.inserting_before(node):
                     new, moved = _redistribute(program, inp, have, want, axis, node)
-                moved_to[(inp, want)] = new
+                moved_to[key] = new
                 n_all_reduce += moved == "all_reduce"
                 n_gather += moved == "all_gather"
                 n_scatter += moved == "reduce_scatter"
@@ -302,6 +303,7 @@ def _apply(
                 outputs[i], moved = _redistribute(program, value, have, want, axis, value)
             n_all_reduce += moved == "all_reduce"
             n_gather += moved == "all_gather"
+            n_scatter += moved == "reduce_scatter"
     program.set_outputs(outputs)
     _refresh_all(program, tp)
     return {"tp_all_reduces": n_all_reduce, "tp_all_gathers": n_gather, "tp_reduce_scatters": n_scatter}
@@ -378,7 +380,7 @@ def _replace(program: DistProgram, node: fx.Node, decision: Any, axis: str, plac
     else:
         made.meta["val"] = node.meta["val"]
         placements[made] = decision.out
-        if decision.out is not R:
+        if decision.out != R:
             made.meta.setdefault(meta.PLACEMENT, {})[axis] = decision.out
         node.replace_all_uses_with(made)
         renamed[node] = made

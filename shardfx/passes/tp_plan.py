@@ -340,15 +340,6 @@ def culprits(node: fx.Node, plan: Plan, linears: list[Linear], placements: dict[
     return []
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a.split("."), b.split(".")):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 @dataclass
 class Vocab:
     """The vocab-parallel split: the head feeding the cross-entropy and the embeddings of its size."""
@@ -368,7 +359,12 @@ class Vocab:
         return out
 
 
-LOSS_PATH = RESHAPES | {aten._to_copy.default, torch.ops.prims.convert_element_type.default, aten.slice.Tensor}
+LOSS_PATH = RESHAPES | {
+    aten._to_copy.default,
+    torch.ops.prims.convert_element_type.default,
+    aten.slice.Tensor,
+    aten.clone.default,
+}
 
 
 def _feeds_log_softmax(node: fx.Node) -> bool:

@@ -69,12 +69,22 @@ LINEAR_IN_P = {  # ops linear in their P inputs (a partial sum passes through th
 SCALED = {aten.mul.Scalar, aten.div.Scalar}  # x * c is linear: a partial sum scaled is the scaled sum
 
 
+def _linear_in_partials(node: fx.Node, pls: list[Any]) -> bool:
+    """Whether the op of partial sums is the partial sum of the op: every tensor input partial, and
+    no constant added (x + 1.0 over tp ranks would add tp)."""
+    if node.target not in LINEAR_IN_P | SCALED or not all(isinstance(p, Partial) for p in pls):
+        return False
+    if node.target in (aten.add.Tensor, aten.sub.Tensor):
+        return all(isinstance(a, fx.Node) for a in node.args[:2])
+    return True
+
+
 def _pointwise(node: fx.Node, placements: dict) -> Decision:
     out_nd = node.meta["val"].dim()
     tensors = node.all_input_nodes
     pls = [_pl(a, placements) for a in tensors]
     partial = [a for a, p in zip(tensors, pls) if isinstance(p, Partial)]
-    if partial and not (node.target in LINEAR_IN_P | SCALED and all(isinstance(p, Partial) for p in pls)):
+    if partial and not _linear_in_partials(node, pls):
         split = _sequence_split(node, tensors, pls)
         if split is not None:
             return split
@@ -82,7 +92,7 @@ def _pointwise(node: fx.Node, placements: dict) -> Decision:
         # A partial sum passes through sums of partial sums, copies and scaling by a constant; any
         # other op reduces it first. Passing it through x * w too would reduce it later, at ops
         # that meet it twice (a norm's backward): more all-reduces than Megatron's one.
-        linear = node.target in LINEAR_IN_P | SCALED and all(isinstance(p, Partial) for p in pls)
+        linear = _linear_in_partials(node, pls)
         if linear:
             return Decision(P)
         return replicate_all(node, placements)
@@ -115,8 +125,8 @@ def _sequence_split(node: fx.Node, tensors: list[fx.Node], pls: list[Any]) -> De
         a_shape = _shape(a)
         lead = len(shape) - len(a_shape)
         if 1 - lead < 0 or a_shape[1 - lead] == 1:
-            if isinstance(p, Partial):
-                return None
+            if not p == R:
+                return None  # a partial sum or a shard broadcast along the sequence: no such rule
             continue  # broadcast along the sequence: whole on every rank
         if isinstance(p, Shard) and p != Shard(1 - lead):
             return None
@@ -259,9 +269,10 @@ def _cat(node: fx.Node, placements: dict, tp: int) -> Decision:
     if all(isinstance(p, Partial) for p in pls):
         return Decision(P)
     if all(isinstance(p, Shard) and p.blocks == 1 and p.dim == pls[0].dim for p in pls):
-        if pls[0].dim == dim:
+        if pls[0].dim != dim:
+            return Decision(pls[0])
+        if len({_shape(a)[dim] for a in parts}) == 1:  # k equal blocks (unequal ones are no S(dim, k))
             return Decision(Shard(dim, len(parts)))
-        return Decision(pls[0])
     return replicate_all(node, placements)
 
 
@@ -297,7 +308,8 @@ VIEWS_OF_WEIGHT = {aten.t.default, aten.transpose.int, aten.permute.default, ate
 
 
 def _is_weight(node: fx.Node) -> bool:
-    """A placeholder (a parameter) or a transpose, view or cast of one: a tensor split to stay split."""
+    """A placeholder (a parameter) or a transpose, view or cast of one: a tensor split to stay split.
+    The capture names parameter placeholders p_<name> and batch inputs batch_<i> (graphs/capture.py)."""
     while node.op == "call_function" and node.target in VIEWS_OF_WEIGHT:
         node = node.args[0]
     return node.op == "placeholder" and node.name.startswith("p_")
@@ -315,7 +327,8 @@ def _matmul(node: fx.Node, placements: dict, tp: int) -> Decision:
         summed = {a: R} if isinstance(pa, Partial) else {b: R}
         got = _mm(R if a in summed else pa, R if b in summed else pb)
     if got is None and not (isinstance(pa, Partial) or isinstance(pb, Partial)):
-        # tokens split (sequence parallelism): gather an activation, never a weight; rather one whose
+        # an activation split where no rule uses it (tokens, under sequence parallelism): gather it,
+        # never a weight; rather one whose
         # product is not a partial sum, then the smaller
         options = []
         for x, px in ((a, pa), (b, pb)):
@@ -358,11 +371,9 @@ def _sum(node: fx.Node, placements: dict, tp: int) -> Decision:
     p = _pl(src, placements)
     if p == R or isinstance(p, Partial):
         return Decision(p)
-    nd = src.meta["val"].dim()
     if node.target is aten.sum.default:
         return Decision(P)
-    dims = [d % nd for d in node.args[1]]
-    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    dims, keep = _reduced_dims(node)  # [] and None: every dim
     if p.dim in dims:
         return Decision(P)
     shift = 0 if keep else sum(1 for d in dims if d < p.dim)

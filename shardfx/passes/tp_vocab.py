@@ -14,7 +14,8 @@ A head tied to the embedding holds the same rows for both uses.
 
 Rank-dependent indices come from `shardfx.local_index` (ids - rank * V/tp), so
 the program stays one graph for every rank. Each rule returns (output placement,
-rewrite, the inputs that stay split): the rewrite replaces the op with these local ops and
+rewrite) for the ops that read no split input besides the weight (embedding, log_softmax), else
+(output placement, rewrite, the inputs that stay split): the rewrite replaces the op with these local ops and
 collectives; every other input is made whole first.
 """
 

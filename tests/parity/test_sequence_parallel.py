@@ -60,15 +60,23 @@ def test_each_all_reduce_becomes_a_reduce_scatter_and_an_all_gather_of_the_same_
         if collectives.is_collective(node) and node.meta.get(meta.ROLE) == meta.TP_REDISTRIBUTE:
             key = (meta.phase(node), collectives.kind(node))
             counts[key] = counts.get(key, 0) + 1
-    # per block: 2 reduce-scatters and 2 all-gathers each way (2 blocks), plus the embedding's
-    # reduce-scatter and the head's all-gather (forward) and their mirror images (backward)
-    for phase in ("forward", "backward"):
-        assert counts[(phase, "reduce_scatter")] == counts[(phase, "all_gather")] == 2 * 2 + 1
-    before, after = stream_collectives(plain), stream_collectives(split)
-    assert set(after) == {"reduce_scatter", "all_gather"}
-    # all-reduce = reduce-scatter + all-gather: 2(N-1)/N of the tensor either way; the embedding's
-    # sum and the head's gather (and their gradients) included
-    assert after["reduce_scatter"] + after["all_gather"] == before["all_reduce"]
+    # forward, per block (2): 2 reduce-scatters and 2 all-gathers; the embedding's sum and the head's
+    # input one more each. Backward: the same reduce-scatters; all-gathers of the incoming gradient
+    # (2 per block) and, as Megatron-SP, again of the inputs the weight gradients read (2 per block,
+    # the head's), so that only the split activations are kept; and the embedding's gradient.
+    assert counts[("forward", "reduce_scatter")] == counts[("forward", "all_gather")] == 2 * 2 + 1
+    assert counts[("backward", "reduce_scatter")] == 2 * 2 + 1
+    assert counts[("backward", "all_gather")] == 2 * 2 + 2 * 2 + 1 + 1
+
+    def phase(program, name):  # type: ignore[no-untyped-def]
+        nodes = [n for n in program.graph.nodes if n.op == "call_function" and meta.phase(n) == name]
+        return stream_collectives(program, nodes)
+
+    # all-reduce = reduce-scatter + all-gather: 2(N-1)/N of the tensor either way
+    forward = phase(split, "forward")
+    assert forward["reduce_scatter"] + forward["all_gather"] == phase(plain, "forward")["all_reduce"]
+    backward, regathers = phase(split, "backward"), (2 * 2 + 1) * BATCH * SEQ * HIDDEN * 4
+    assert backward["reduce_scatter"] + backward["all_gather"] == phase(plain, "backward")["all_reduce"] + regathers
 
 
 def test_activations_between_the_blocks_are_split_along_the_sequence() -> None:

@@ -131,3 +131,29 @@ def test_op_without_a_rule_falls_back_exactly() -> None:
     stats = next(r.stats for r in engine.pass_records if r.name == "tensor_parallel")
     assert "aten.cumsum.default" in stats["fallback_ops"]
     assert stats["tp_all_gathers"] >= 1
+
+
+def rule_on(fn, *shapes, placements):  # type: ignore[no-untyped-def]
+    """The tp rule's decision for the last op of fn traced on tensors of `shapes` (inputs' placements given)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from shardfx.passes.tp_rules import RULES
+
+    gm = make_fx(fn, tracing_mode="fake")(*[torch.randn(s) for s in shapes])
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    node = [n for n in gm.graph.nodes if n.op == "call_function"][-1]
+    return RULES[node.target](node, dict(zip(inputs, placements)), 2)
+
+
+def test_rules_where_a_split_does_not_carry() -> None:
+    from shardfx.graphs.placement import Partial, Replicate, Shard
+
+    # a constant added to a partial sum would be added once per rank: summed first
+    decision = rule_on(lambda x: x + 1.0, (4, 6), placements=[Partial()])
+    assert decision.out == Replicate() and decision.want
+    # parts of unequal size are no equal blocks
+    decision = rule_on(lambda a, b: torch.cat([a, b], 1), (4, 8), (4, 4), placements=[Shard(1), Shard(1)])
+    assert not isinstance(decision.out, Shard)
+    # a sum over every dim (dim=[]) of a shard is a partial sum
+    decision = rule_on(lambda x: torch.ops.aten.sum.dim_IntList(x, []), (4, 6), placements=[Shard(1)])
+    assert decision.out == Partial()

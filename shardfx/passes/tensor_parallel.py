@@ -44,7 +44,16 @@ from shardfx.graphs.rewrite import refresh_val
 from shardfx.graphs.signature import GRAD, INPUT, PARAM
 from shardfx.passes import redistribute
 from shardfx.passes.manager import PassContext, PassResult
-from shardfx.passes.tp_plan import Linear, auto_plan, culprits, find_linears, find_vocab, param_placements, user_plan
+from shardfx.passes.tp_plan import (
+    RESHAPES,
+    Linear,
+    auto_plan,
+    culprits,
+    find_linears,
+    find_vocab,
+    param_placements,
+    user_plan,
+)
 from shardfx.passes.tp_rules import RULES, R, propagate
 
 aten = torch.ops.aten
@@ -168,7 +177,7 @@ def _layers(program: DistProgram, linears: list[Linear], chosen: Any, vocab: Any
     return rows
 
 
-REVIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default, aten.transpose.int)
+REVIEWS = RESHAPES | {aten.t.default, aten.transpose.int}  # ops a gather can be moved above
 
 
 def _reshaped_from(node: fx.Node, placements: dict) -> tuple[fx.Node, list[fx.Node]] | None:
@@ -209,7 +218,7 @@ def _why_gathered(node: fx.Node) -> str:
     if node.target not in RULES:
         return f"{node.target} has no tensor-parallel rule ({where}); its input had to be gathered"
     shapes = [tuple(a.meta["val"].shape) for a in node.all_input_nodes if hasattr(a.meta.get("val"), "shape")]
-    if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default):
+    if node.target in RESHAPES:
         out = tuple(node.meta["val"].shape)
         return (
             f"the reshape {shapes[0]} -> {out} at {where} cuts the split features into parts "
@@ -398,7 +407,7 @@ def _local_shape(node: fx.Node, p: Any, tp: int) -> list[int]:
 def _rewrite_sizes(node: fx.Node, placements: dict, tp: int) -> None:
     """Size arguments hold global sizes: give sharded outputs their local ones."""
     p = placements.get(node, R)
-    if node.target in (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default):
+    if node.target in RESHAPES or node.target is aten.expand.default:
         if isinstance(p, Shard):
             node.args = (node.args[0], _local_shape(node, p, tp), *node.args[2:])
     elif node.target in (aten.slice_backward.default, aten.select_backward.default):

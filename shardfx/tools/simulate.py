@@ -17,6 +17,7 @@ import shardfx
 from shardfx.driver import build_mesh, compile_step
 from shardfx.graphs.cost_model import Simulation, hardware, simulate
 from shardfx.graphs.program import DistProgram
+from shardfx.graphs.signature import PARAM
 from shardfx.models import build_model
 from shardfx.passes.pipeline import schedule
 
@@ -91,7 +92,7 @@ def tp_held_params(model_name: str, kwargs: dict[str, Any], tp: int) -> tuple[in
     program = compile_step(model, example, loss_fn, config, mesh, stop_after="tensor_parallel").program
     held = total = 0
     for spec, node in zip(program.signature.inputs, program.placeholders()):
-        if spec.role == "param":
+        if spec.role == PARAM:
             held += node.meta["val"].numel()  # this rank's slice (the pass made every val local)
             shard = program.tp_specs.get(spec.name)
             total += int(torch.Size(shard.full_shape).numel()) if shard is not None else node.meta["val"].numel()

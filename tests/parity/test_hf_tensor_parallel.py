@@ -20,20 +20,24 @@ RTOL = 1e-4  # the issue's bound; the runs measure within 1e-5
 BLOCKS = ("layers", ".h.", "block", "layer.")  # module paths of the repeated blocks
 
 
-def block_linear_bytes(model: nn.Module) -> int:
-    return sum(
-        m.weight.numel() * m.weight.element_size()
+def block_linear_weights(model: nn.Module) -> dict[str, int]:
+    """name -> bytes of every Linear / Conv1D weight inside the repeated blocks."""
+    return {
+        f"{name}.weight": m.weight.numel() * m.weight.element_size()
         for name, m in model.named_modules()
         if any(b in name for b in BLOCKS) and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
-    )
+    }
 
 
 def split_ratio(model: nn.Module, engine, tp: int) -> float:  # type: ignore[no-untyped-def]
-    """(total parameter bytes - rank 0's) / (block Linear bytes x (1 - 1/tp)): 1.0 when rank 0 holds
-    exactly 1/tp of every block Linear (a little over 1 with split biases)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    held = sum(p.numel() * p.element_size() for p in engine.runtime.states[0].params.values())
-    return (total - held) / (block_linear_bytes(model) * (1 - 1 / tp))
+    """The issue's (full bytes - rank 0's) / (full bytes x (1 - 1/tp)), over the block Linear weights
+    only (the vocab's split and the biases would push the whole-model figure past 1): 1.0 when rank 0
+    holds exactly 1/tp of each."""
+    weights = block_linear_weights(model)
+    params = engine.runtime.states[0].params
+    held = sum(params[name].numel() * params[name].element_size() for name in weights)
+    full = sum(weights.values())
+    return (full - held) / (full * (1 - 1 / tp))
 
 
 def tp_collectives(engine) -> dict[str, int]:  # type: ignore[no-untyped-def]

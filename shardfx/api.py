@@ -37,7 +37,7 @@ def compile_distributed(
     config = _check_args(model, world_size, example_inputs, loss_fn, optimizer, config)
     mesh = build_mesh(config, _resolve_world_size(world_size))
     batch = tuple(example_inputs)
-    check_batch(batch, mesh)
+    check_batch(batch, mesh, config)
     _check_batch_sizes(batch, mesh.size("dp"), config)
     if scheduler is not None and not callable(scheduler):
         raise TypeError(
@@ -46,7 +46,26 @@ def compile_distributed(
     compiled = compile_step(model, batch, loss_fn, config, mesh, log=log)
     program = compiled.program
     runtime: Any
-    if _launched():
+    schedule = compiled.schedule
+    if compiled.pipeline is not None:
+        if _launched():
+            raise NotImplementedError(
+                "pipeline parallelism runs in the local runtime for now; the torch.distributed runtime "
+                "does not run pipeline stages yet"
+            )
+        from shardfx.graphs.program import Schedule
+        from shardfx.runtime.pipeline import LocalPipelineRuntime
+
+        runtime = LocalPipelineRuntime(
+            compiled.programs,
+            compiled.pipeline,
+            model,
+            optimizer,
+            timeout=config.collective_timeout,
+            grad_clip=config.grad_clip,
+        )
+        schedule = Schedule(("step",), frozenset({"step"}))  # the engine's view: one call, one optimizer step
+    elif _launched():
         from shardfx.runtime.distributed import DistributedRuntime
 
         runtime = DistributedRuntime(program, model, optimizer, timeout=config.collective_timeout)
@@ -57,7 +76,7 @@ def compile_distributed(
     options = EngineOptions(
         example_inputs=batch,
         programs=compiled.programs,
-        schedule=compiled.schedule,
+        schedule=schedule,
         config=config,
         records=compiled.records[compiled.last],
         capture_seconds=compiled.capture_seconds,

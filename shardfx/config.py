@@ -20,6 +20,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "recompute": ("none", "full", "selective", "budget"),
     "on_nonfinite": ("skip", "stop", "ignore"),
     "grad_accum_sync": ("boundary", "micro_batch"),
+    "pp_schedule": ("gpipe", "1f1b"),
 }
 
 
@@ -75,6 +76,15 @@ class Config:
         (reported, counted in engine.stats()), "stop" (raise NonFiniteError), "ignore" (step anyway).
     max_batch_shapes: compiled steps kept for different batch shapes (least recently used
         dropped); 1 makes a new batch shape an error instead of a recompile.
+    pp_size: pipeline stages (world size = pp x dp x tp; tp varies fastest, pp slowest, as in
+        Megatron). The step's graph is cut into pp_size stages, each on its own ranks; activations
+        and their gradients cross the cuts as sends and receives.
+    pp_microbatches: micro-batches the global batch is split into for the pipeline (every rank's
+        data-parallel slice is split into this many along dim 0).
+    pp_schedule: "gpipe" (every forward, then every backward: M micro-batches of activations
+        alive) or "1f1b" (one forward, one backward in the steady state: at most pp_size alive).
+    pp_split: the module names that begin stages 1 .. pp_size-1 (None: the cost model balances
+        the stages' forward and backward time, cutting between blocks).
     """
 
     zero_stage: int = 0
@@ -106,6 +116,10 @@ class Config:
     train_batch_size: int | None = None
     on_nonfinite: str = "skip"
     max_batch_shapes: int = 4
+    pp_size: int = 1
+    pp_microbatches: int = 1
+    pp_schedule: str = "1f1b"
+    pp_split: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for key, allowed in _CHOICES.items():
@@ -146,6 +160,7 @@ class Config:
             )
         if not (isinstance(self.collective_timeout, (int, float)) and self.collective_timeout > 0):
             raise ValueError(f"Config.collective_timeout must be positive seconds; got {self.collective_timeout!r}")
+        self._check_pipeline()
         for key in ("grad_accum_steps", "max_batch_shapes"):
             _check_int(key, getattr(self, key))
         for key in ("micro_batch_size", "train_batch_size"):
@@ -156,6 +171,24 @@ class Config:
         if isinstance(self.disable_passes, str):
             object.__setattr__(self, "disable_passes", (self.disable_passes,))
         object.__setattr__(self, "disable_passes", tuple(self.disable_passes))
+
+    def _check_pipeline(self) -> None:
+        for key in ("pp_size", "pp_microbatches"):
+            _check_int(key, getattr(self, key))
+        if self.pp_split is not None:
+            if isinstance(self.pp_split, str) or not all(isinstance(m, str) for m in self.pp_split):
+                raise TypeError(f"Config.pp_split must be a list of module names or None; got {self.pp_split!r}")
+            object.__setattr__(self, "pp_split", tuple(self.pp_split))
+            if len(self.pp_split) != self.pp_size - 1:
+                raise ValueError(
+                    f"Config.pp_split names the modules that begin stages 1 .. {self.pp_size - 1}: it needs "
+                    f"{self.pp_size - 1} names for pp_size={self.pp_size}; got {len(self.pp_split)}: {list(self.pp_split)}"
+                )
+        if self.pp_size > 1 and self.grad_accum_steps > 1:
+            raise ValueError(
+                f"Config(pp_size={self.pp_size}) accumulates over its pp_microbatches; grad_accum_steps must be 1 "
+                f"(got {self.grad_accum_steps}): use pp_microbatches={self.pp_microbatches * self.grad_accum_steps}"
+            )
 
     @classmethod
     def keys(cls) -> list[str]:

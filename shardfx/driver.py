@@ -4,11 +4,17 @@ Every caller compiles through it (compile_distributed, every `shardfx`
 subcommand, the benchmarks, the test helpers), so a Config means the same
 thing everywhere:
 
-    mesh = build_mesh(config, world_size)          # every axis (dp x tp), built once
+    mesh = build_mesh(config, world_size)          # every axis (pp x dp x tp), built once
     compiled = compile_step(model, batch, loss_fn, config, mesh)
     compiled.programs["step"]                      # or "first" / "middle" / "last" under accumulation
     compiled.schedule                              # which program runs at which micro-batch
     compiled.records["step"]                       # one PassRecord per pass (time, nodes, collectives)
+
+Under pipeline parallelism (Config.pp_size > 1) every stage has its own programs,
+keyed "stage{s}/{variant}" (stage_key), the capture is at one micro-batch of one
+rank, and `compiled.pipeline` holds the schedule table; before it returns,
+the driver proves that every rank's sends, receives and collectives over the
+whole table match its peers' (graphs/pp_schedule.check).
 
 `compile_step` captures the step once at one rank's batch shape
 (`capture_step`), checks the pipeline's contracts (passes/manager.py), then
@@ -32,7 +38,10 @@ import torch.nn as nn
 from shardfx.config import Config
 from shardfx.graphs.capture import capture
 from shardfx.graphs.capture_forward import capture_forward
-from shardfx.graphs.program import DistProgram, Mesh, Schedule, clone_program
+from shardfx.graphs import pp_schedule
+from shardfx.graphs.phases import split_phases
+from shardfx.graphs.pp_schedule import stage_key
+from shardfx.graphs.program import PHASES, DistProgram, Mesh, Schedule, clone_program
 from shardfx.passes.manager import Pass, PassContext, PassRecord, check_pipeline, run_passes
 from shardfx.passes.pipeline import PASS_NAMES, pipeline, schedule, step_variants
 
@@ -61,10 +70,14 @@ class Compiled:
     passes: dict[str, list[Pass]]
     schedule: Schedule
     capture_seconds: float
+    pipeline: pp_schedule.PipelineSchedule | None = None
 
     @property
     def last(self) -> str:
-        """The variant of an optimizer step's last micro-batch (the one a plain step runs)."""
+        """The variant of an optimizer step's last micro-batch (the one a plain step runs); under
+        pipeline parallelism the last stage's."""
+        if self.pipeline is not None:
+            return stage_key(self.pipeline.stages - 1, self.schedule.micro_batches[-1])
         return self.schedule.micro_batches[-1]
 
     @property
@@ -76,39 +89,62 @@ class Compiled:
 
 
 def build_mesh(config: Config, world_size: int) -> Mesh:
-    """The device mesh, every axis: dp x tp (tp only when Config.tp_size > 1)."""
+    """The device mesh, every axis: pp x dp x tp (pp and tp only when their size is > 1; tp varies
+    fastest, so a stage's tp ranks are neighbours, as in Megatron)."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world size must be an integer >= 1; got {world_size!r}")
-    if world_size % config.tp_size != 0:
-        raise ValueError(f"world size {world_size} is not a multiple of Config.tp_size={config.tp_size}")
-    dp = world_size // config.tp_size  # ranks that split the batch; the tp ranks of one dp group share a slice
-    return Mesh.of(dp=dp, tp=config.tp_size) if config.tp_size > 1 else Mesh.of(dp=dp)
+    model_parallel = config.tp_size * config.pp_size
+    if world_size % model_parallel != 0:
+        raise ValueError(
+            f"world size {world_size} is not a multiple of Config.tp_size x pp_size = "
+            f"{config.tp_size} x {config.pp_size} = {model_parallel}"
+        )
+    dp = world_size // model_parallel  # ranks that split the batch; the tp ranks of one dp group share a slice
+    sizes = {"pp": config.pp_size} if config.pp_size > 1 else {}
+    sizes["dp"] = dp
+    if config.tp_size > 1:
+        sizes["tp"] = config.tp_size
+    return Mesh.of(**sizes)
 
 
-def check_batch(batch: Sequence[Any], mesh: Mesh) -> None:
-    """Every element of a global batch is a tensor whose dim 0 splits over the dp ranks."""
-    dp = mesh.size("dp")
+def splits(mesh: Mesh, config: Config | None = None) -> int:
+    """How many pieces dim 0 of a global batch splits into: dp ranks x pipeline micro-batches."""
+    micro = config.pp_microbatches if config is not None and config.pp_size > 1 else 1
+    return mesh.size("dp") * micro
+
+
+def check_batch(batch: Sequence[Any], mesh: Mesh, config: Config | None = None) -> None:
+    """Every element of a global batch is a tensor whose dim 0 splits over the dp ranks (and, in a
+    pipeline, each rank's slice into Config.pp_microbatches micro-batches)."""
+    dp, n = mesh.size("dp"), splits(mesh, config)
     for i, x in enumerate(batch):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"example_inputs[{i}] must be a tensor; got {type(x).__name__}")
         if x.dim() == 0:
             raise ValueError(f"example_inputs[{i}] is a scalar; every batch element needs a batch dim 0 to split")
-        if x.shape[0] % dp != 0:
+        if x.shape[0] % n != 0:
+            into = f"{dp} data-parallel ranks" + (f" x {n // dp} pipeline micro-batches" if n != dp else "")
             raise ValueError(
                 f"example_inputs[{i}] has batch size {x.shape[0]} (dim 0), which does not divide into "
-                f"{dp} data-parallel ranks; use a batch size that is a multiple of {dp}"
+                f"{into}; use a batch size that is a multiple of {n}"
             )
 
 
-def rank_batch(batch: Sequence[torch.Tensor], mesh: Mesh) -> tuple[torch.Tensor, ...]:
-    """One rank's slice of the global batch: the shape the program is traced at."""
-    dp = mesh.size("dp")
-    return tuple(x[: x.shape[0] // dp] for x in batch)
+def rank_batch(batch: Sequence[torch.Tensor], mesh: Mesh, config: Config | None = None) -> tuple[torch.Tensor, ...]:
+    """One rank's slice of the global batch (one micro-batch of it, in a pipeline): the shape the
+    program is traced at."""
+    n = splits(mesh, config)
+    return tuple(x[: x.shape[0] // n] for x in batch)
 
 
-def passes_for(config: Config, mesh: Mesh, variant: str | None = None, extra_passes: Sequence[Pass] = ()) -> list[Pass]:
-    """The pipeline of one program of the step (`variant` of step_variants; None: the last one),
-    then `extra_passes`."""
+def passes_for(
+    config: Config, mesh: Mesh, variant: str | None = None, extra_passes: Sequence[Pass] = ()
+) -> list[Pass]:
+    """The pipeline of one program of the step (`variant` of step_variants; None: the last one;
+    "stage{s}/{variant}" under pipeline parallelism), then `extra_passes`."""
+    stage = None
+    if config.pp_size > 1:
+        stage, variant = _parse_stage(config, variant)
     variants = step_variants(config)
     if variant is None:
         variant = schedule(config).micro_batches[-1]
@@ -120,7 +156,25 @@ def passes_for(config: Config, mesh: Mesh, variant: str | None = None, extra_pas
             )
         raise ValueError(f"variant {variant!r}: this configuration compiles {', '.join(variants)}")
     grad_accum, replicas = variants[variant]
-    return pipeline(config, mesh, grad_accum=grad_accum, replicas=replicas) + list(extra_passes)
+    return pipeline(config, mesh, grad_accum=grad_accum, replicas=replicas, stage=stage) + list(extra_passes)
+
+
+def _parse_stage(config: Config, name: str | None) -> tuple[int, str | None]:
+    """(stage, variant) of a pipeline program's name; a bare variant or None means the last stage's."""
+    if name is None or "/" not in name:
+        return config.pp_size - 1, name
+    head, variant = name.split("/", 1)
+    if not head.startswith("stage") or not head[5:].isdigit() or int(head[5:]) >= config.pp_size:
+        raise ValueError(f"program {name!r}: a pipeline of {config.pp_size} stages names programs stage0/..stage{config.pp_size - 1}/")
+    return int(head[5:]), variant
+
+
+def program_names(config: Config) -> list[str]:
+    """The programs one batch shape needs: the variants, for every pipeline stage."""
+    variants = list(step_variants(config))
+    if config.pp_size == 1:
+        return variants
+    return [stage_key(s, v) for s in range(config.pp_size) for v in variants]
 
 
 def check_disabled(config: Config, extra_passes: Sequence[Pass] = ()) -> None:
@@ -203,7 +257,42 @@ def _run(
         ctx = PassContext(config, log or (lambda line: None))
         watch = None if observer is None else (lambda i, p, prog, rec, n=name: observer(n, i, p, prog, rec))
         programs[name], records[name] = run_passes(program, passes, ctx, dump_dir=dump, observer=watch)
-    return Compiled(traced.program.mesh, programs, records, pass_lists, schedule(config), traced.seconds)
+    compiled = Compiled(traced.program.mesh, programs, records, pass_lists, schedule(config), traced.seconds)
+    if config.pp_size > 1:
+        compiled.pipeline = pipeline_schedule(config)
+        staged = all(any(p.name == "split_stages" for p in passes) for passes in pass_lists.values())
+        if staged and set(program_names(config)) <= set(programs):
+            check_pipeline_programs(compiled)
+    return compiled
+
+
+def pipeline_schedule(config: Config) -> pp_schedule.PipelineSchedule:
+    """The pipeline's table for Config.pp_schedule, and which program variant runs each micro-batch."""
+    plain = schedule(config)
+    return pp_schedule.PipelineSchedule(
+        config.pp_schedule,
+        config.pp_size,
+        config.pp_microbatches,
+        tuple(tuple(steps) for steps in pp_schedule.table(config.pp_schedule, config.pp_size, config.pp_microbatches)),
+        plain.micro_batches,
+    )
+
+
+def check_pipeline_programs(compiled: Compiled) -> int:
+    """Prove the stage programs and the table cannot hang (graphs/pp_schedule.check); each program's
+    forward/backward split is kept in its notes for the runtime."""
+    pipe = compiled.pipeline
+    assert pipe is not None
+    mesh = compiled.mesh
+    for program in compiled.programs.values():
+        if PHASES not in program.notes:
+            program.notes[PHASES] = split_phases(program)
+
+    def events(rank: int, step: pp_schedule.Step) -> list:
+        program = compiled.programs[stage_key(mesh.coords(rank)["pp"], pipe.variants[step.micro_batch])]
+        return program.notes[PHASES].events[step.part]
+
+    return pp_schedule.check(mesh, lambda r: list(pipe.steps[mesh.coords(r)["pp"]]), events)
 
 
 def compile_eval(
@@ -234,7 +323,7 @@ def plan(
     pipeline), their contracts checked: Config.disable_passes names passes, required ones are not
     disabled, needs and orders hold."""
     check_disabled(config, [*extra_passes, *(passes or ())])
-    names = list(step_variants(config)) if variants is None else list(variants)
+    names = program_names(config) if variants is None else list(variants)
     if passes is not None:
         pass_lists = {name: [*passes, *extra_passes] for name in names}
     else:
@@ -263,8 +352,8 @@ def _trace(
 ) -> Traced:
     """`fn` (capture or capture_forward) at one rank's slice of the global batch, in the compute dtype."""
     batch = tuple(batch)
-    check_batch(batch, mesh)
-    local = rank_batch(batch, mesh)
+    check_batch(batch, mesh, config)
+    local = rank_batch(batch, mesh, config)
     compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
     with warnings.catch_warnings():
         if any(x.device.type == "meta" for x in local):  # compiled on paper: torch warns of meta kernels' autograd

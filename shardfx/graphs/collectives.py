@@ -34,6 +34,8 @@ class Communicator(Protocol):
     def coordinate(self, axis: str) -> int: ...
     def start(self, kind: str, x: Tensor, axis: str, **kwargs: Any) -> Tensor: ...
     def wait(self, t: Tensor) -> Tensor: ...
+    def send(self, x: Tensor, axis: str, peer: int) -> None: ...
+    def recv(self, shape: list[int], dtype: torch.dtype, device: torch.device, axis: str, peer: int) -> Tensor: ...
 
 
 _bound = threading.local()
@@ -199,6 +201,37 @@ torch.library.register_fake("shardfx::wait", _wait_fake, lib=_lib)
 
 WAIT = torch.ops.shardfx.wait.default
 
+# Point-to-point, between the ranks of a pipeline: `peer` is relative along `axis` (+1 the next
+# stage, -1 the previous one), never a rank. `send` returns nothing and is declared to write its
+# input, so no dead-code elimination drops it; `recv` makes a new tensor of the given shape.
+_lib.define("send(Tensor(a!) x, str axis, int peer) -> ()")
+_lib.define("recv(SymInt[] shape, ScalarType dtype, Device device, str axis, int peer) -> Tensor")
+
+
+def _send(x: Tensor, axis: str, peer: int) -> None:
+    current().send(x, axis, peer)
+
+
+def _recv(shape: list[int], dtype: torch.dtype, device: torch.device, axis: str, peer: int) -> Tensor:
+    return current().recv(list(shape), dtype, device, axis, peer)
+
+
+def _send_fake(x: Tensor, axis: str, peer: int) -> None:
+    return None
+
+
+def _recv_fake(shape: list[int], dtype: torch.dtype, device: torch.device, axis: str, peer: int) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+_lib.impl("send", _send, "CompositeExplicitAutograd")
+_lib.impl("recv", _recv, "CompositeExplicitAutograd")
+torch.library.register_fake("shardfx::send", _send_fake, lib=_lib)
+torch.library.register_fake("shardfx::recv", _recv_fake, lib=_lib)
+
+SEND = torch.ops.shardfx.send.default
+RECV = torch.ops.shardfx.recv.default
+
 OPS = {
     torch.ops.shardfx.all_reduce.default: "all_reduce",
     torch.ops.shardfx.all_gather.default: "all_gather",
@@ -222,6 +255,11 @@ SYNC_OPS = {
 def is_collective(node: fx.Node) -> bool:
     """A node that moves data between ranks (sync collectives and `*_start`; not `wait`)."""
     return node.op == "call_function" and node.target in OPS
+
+
+def is_p2p(node: fx.Node) -> bool:
+    """A send or a receive between pipeline stages."""
+    return node.op == "call_function" and node.target in (SEND, RECV)
 
 
 def is_start(node: fx.Node) -> bool:

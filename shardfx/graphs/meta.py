@@ -20,12 +20,14 @@ TARGET = "shardfx.target"  # on placeholders/collectives: the fqn it belongs to
 BUCKET = "shardfx.bucket"
 FUSION = "shardfx.fusion"
 RECOMPUTE = "shardfx.recompute"
+STAGE = "shardfx.stage"  # the pipeline stage a node runs on (split_stages)
 
 # Values of meta[ROLE] on the collectives passes insert (placeholders carry signature roles).
 PARAM_GATHER = "param_gather"  # all-gathers a ZeRO-sharded parameter
 GRAD_SYNC = "grad_sync"  # reduces (or reduce-scatters) a gradient across the dp ranks
 LOSS_SYNC = "loss"  # averages the loss across the dp ranks
 TP_REDISTRIBUTE = "tp"  # changes a placement on the tp axis (tensor_parallel)
+P2P = "p2p"  # a send or receive between pipeline stages (split_stages); meta[TARGET] names the value
 
 FORWARD = "forward"
 BACKWARD = "backward"

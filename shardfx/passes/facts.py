@@ -48,5 +48,6 @@ TRITON_REGIONS = f"program.notes[{_TRITON_REGIONS}]"
 
 # What the step computes (tools that compare with eager read these).
 GLOBAL_BATCH_STATS = "batch-norm statistics over the global batch"
+STAGES = "one pipeline stage, with sends and receives on pp (program.notes[pipeline])"
 CLIPPED_GRADIENTS = "gradients clipped to Config.grad_clip"
 MIXED_PRECISION = "bf16 compute with fp32 master parameters"

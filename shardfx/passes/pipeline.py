@@ -30,6 +30,7 @@ from shardfx.passes.schedule_overlap import schedule_overlap
 from shardfx.passes.shard_gradients import shard_gradients
 from shardfx.passes.shard_optimizer_state import shard_optimizer_state
 from shardfx.passes.shard_parameters import shard_parameters
+from shardfx.passes.split_stages import split_stages
 from shardfx.passes.sum_gradients import sum_gradients
 from shardfx.passes.sync_batch_norm import sync_batch_norm
 from shardfx.passes.tensor_parallel import tensor_parallel
@@ -50,13 +51,22 @@ TENSOR_PARALLEL = Pass(
     provides=(f.TP_SPECS, f.PLACEMENT, f.TP_REDISTRIBUTES),
     after=("sync_batch_norm",),
 )
+SPLIT_STAGES = Pass(
+    "split_stages",
+    split_stages,
+    "keep one pipeline stage: cut where the cost model balances the stages, send what crosses a cut",
+    needs=(f.PHASES, f.MODULES, f.SIGNATURE),
+    provides=(f.STAGES,),
+    after=("sync_batch_norm", "tensor_parallel"),
+    required=True,
+)
 RECOMPUTE = Pass(
     "recompute",
     recompute,
     "drop forward values the backward needs and compute them again there: activation memory",
     needs=(f.PHASES, f.MODULES),
     provides=(f.RECOMPUTE,),
-    after=("sync_batch_norm", "tensor_parallel"),
+    after=("sync_batch_norm", "tensor_parallel", "split_stages"),
 )
 ACCUMULATE_GRADIENTS = Pass(
     "accumulate_gradients",
@@ -65,11 +75,11 @@ ACCUMULATE_GRADIENTS = Pass(
     "reduce: reduce the accumulated sum once, at the last micro-batch",
     needs=(f.SIGNATURE,),
     provides=(f.GRAD_ACCUMULATORS,),
-    after=("tensor_parallel", "recompute"),
+    after=("tensor_parallel", "split_stages", "recompute"),
 )
 # The one pass that decides how parameters, gradients and optimizer state lie on the dp axis.
 # Each runs after the passes that rewrite the single-rank step (its gathers serve their nodes).
-_BEFORE_SHARDING = ("sync_batch_norm", "tensor_parallel", "recompute", "accumulate_gradients")
+_BEFORE_SHARDING = ("sync_batch_norm", "tensor_parallel", "split_stages", "recompute", "accumulate_gradients")
 DATA_PARALLEL = Pass(
     "data_parallel",
     data_parallel,
@@ -197,6 +207,7 @@ LOWER_TO_TRITON = Pass(
 PASSES: tuple[Pass, ...] = (
     SYNC_BATCH_NORM,
     TENSOR_PARALLEL,
+    SPLIT_STAGES,
     RECOMPUTE,
     ACCUMULATE_GRADIENTS,
     DATA_PARALLEL,
@@ -217,8 +228,11 @@ PASSES: tuple[Pass, ...] = (
 PASS_NAMES: tuple[str, ...] = tuple(p.name for p in PASSES)
 
 
-def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None, replicas: str | None = None) -> list[Pass]:
-    """The passes for `config` on `mesh`, for one program of the step (see step_variants):
+def pipeline(
+    config: Config, mesh: Mesh, grad_accum: str | None = None, replicas: str | None = None, stage: int | None = None
+) -> list[Pass]:
+    """The passes for `config` on `mesh`, for one program of the step (see step_variants), of
+    pipeline stage `stage` (with Config.pp_size > 1):
 
     grad_accum: None a plain step; with accumulation, "keep" (add to accumulators, reduce nothing),
     "reduce" (reduce the accumulated sum: the step's last micro-batch), "partial" (reduce this
@@ -232,6 +246,10 @@ def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None, replicas
         passes.append(SYNC_BATCH_NORM.bind(axis="dp"))
     if config.tp_size > 1:
         passes.append(TENSOR_PARALLEL.bind(axis="tp", plan=config.tp_plan, sequence=config.sequence_parallel))
+    if config.pp_size > 1:
+        if stage is None or not 0 <= stage < config.pp_size:
+            raise ValueError(f"a pipeline of {config.pp_size} stages compiles stages 0..{config.pp_size - 1}; got {stage!r}")
+        passes.append(SPLIT_STAGES.bind(stage=stage, stages=config.pp_size, split=config.pp_split))
     if config.recompute != "none":
         passes.append(RECOMPUTE.bind(policy=config.recompute, budget=config.memory_budget, hw=config.hardware))
     reduce_dtype = torch.float32 if config.reduce_dtype == "fp32" else torch.bfloat16
@@ -251,9 +269,11 @@ def pipeline(config: Config, mesh: Mesh, grad_accum: str | None = None, replicas
         passes.append(SUM_GRADIENTS)
     # The norm (and the clip) of the whole step, in the program that holds its gradient; a step of k
     # micro-batches holds their sum, k times the mean gradient one device would clip.
+    # Under pipeline parallelism a stage holds part of the gradients: the norm it returns is its
+    # own, and the runtime clips with the norm over every stage (runtime/pipeline.py).
     if grad_accum in (None, "reduce", "sum"):
         k = config.grad_accum_steps
-        if config.grad_clip is not None:
+        if config.grad_clip is not None and config.pp_size == 1:
             passes.append(CLIP_GRADIENTS.bind(max_norm=config.grad_clip * k, eps=1e-6 * k))
         else:
             passes.append(GRAD_NORM)
@@ -281,12 +301,12 @@ def step_variants(config: Config) -> dict[str, tuple[str | None, str | None]]:
     only in "last"; micro-batch sync (also what disabling accumulate_gradients means) reduces in
     every one, and "last" adds in the reduced sum the others kept.
     """
-    k = config.grad_accum_steps
+    k = accumulated(config)
     if k == 1:
         return {"step": (None, None)}
     boundary = config.grad_accum_sync == "boundary" and "accumulate_gradients" not in config.disable_passes
     early, last = ("keep", "reduce") if boundary else ("partial", "sum")
-    if config.zero_stage in (1, 2):
+    if config.zero_stage in (1, 2) and config.pp_size == 1:  # a pipeline's forwards run ahead of backwards
         variants = {"first": (early, "gather")}
         if k > 2:
             variants["middle"] = (early, "reuse")
@@ -299,7 +319,7 @@ def schedule(config: Config) -> Schedule:
     """Which of step_variants(config) runs at each micro-batch of an optimizer step, and which of
     them hold the whole step's gradients and norm (a plain step, or an accumulating step's last)."""
     variants = step_variants(config)
-    k = config.grad_accum_steps
+    k = accumulated(config)
 
     def at(i: int) -> str:
         if "step" in variants:
@@ -311,6 +331,12 @@ def schedule(config: Config) -> Schedule:
         return "middle"
 
     return Schedule(tuple(at(i) for i in range(k)), frozenset({"step", "last"} & set(variants)))
+
+
+def accumulated(config: Config) -> int:
+    """Micro-batches whose gradients one optimizer step adds up: grad_accum_steps, or a pipeline's
+    pp_microbatches."""
+    return config.pp_microbatches if config.pp_size > 1 else config.grad_accum_steps
 
 
 def _with_fusion(passes: list[Pass], config: Config) -> list[Pass]:

@@ -84,7 +84,9 @@ def all_reduce_grad(program: DistProgram, grad: fx.Node, axis: str, name: str, o
 def sync_loss(program: DistProgram, axis: str, origin: str) -> None:
     """Return the global mean loss (one scalar all-reduce at the end of the step)."""
     outputs = program.outputs()
-    i = next(i for i, s in enumerate(program.signature.outputs) if s.role == LOSS)
+    i = next((i for i, s in enumerate(program.signature.outputs) if s.role == LOSS), None)
+    if i is None:  # a pipeline stage before the last computes no loss
+        return
     with program.graph.inserting_before(program.output_node()):
         make = _maker(program, outputs[i], origin)
         mean = redistribute.all_reduce(make, outputs[i], axis, "avg", role=meta.LOSS_SYNC)

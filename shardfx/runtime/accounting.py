@@ -18,6 +18,13 @@ class CommStats:
         # ring: each rank sends (N-1)/N of the volume
         self.sent[kind] += volume * (world - 1) // world if world > 1 else 0
 
+    def record_p2p(self, kind: str, nbytes: int) -> None:
+        """A send (its bytes leave this rank) or a receive (they arrive)."""
+        self.calls[kind] += 1
+        self.volume[kind] += nbytes
+        if kind == "send":
+            self.sent[kind] += nbytes
+
     def reset(self) -> None:
         self.calls.clear()
         self.volume.clear()

@@ -40,7 +40,7 @@ from shardfx.config import Config
 from shardfx.graphs.program import DistProgram, Schedule
 from shardfx.graphs.signature import GRAD_ACC
 from shardfx.runtime import checkpoint
-from shardfx.runtime.executor import Executor
+from shardfx.runtime.executor import Executor, StageExecutor
 from shardfx.runtime.nonfinite import NonFiniteError, NonFinitePolicy
 from shardfx.runtime.program_cache import ProgramCache
 from shardfx.runtime.protocol import Runtime
@@ -78,12 +78,25 @@ class Engine:
         self._model, self._loss_fn = options.model, options.loss_fn
         self._log = options.log or logger.warning
         self._arity = len(options.example_inputs)
-        # per batch shape: variant ("step", or "first" / "middle" / "last") -> (program, executor)
-        self._programs = ProgramCache(options.compile_for, self.config.max_batch_shapes, lambda line: self._log(line))
-        self._programs.add(
-            options.example_inputs,
-            {n: (p, runtime.executor if p is runtime.program else Executor(p)) for n, p in options.programs.items()},
+        # Under pipeline parallelism the runtime runs every stage's programs over the micro-batches
+        # of one call; the Engine sees one program per optimizer step.
+        self._pipeline = hasattr(runtime, "use_stages")
+        self._splits = self.program.mesh.size("dp") * (self.config.pp_microbatches if self._pipeline else 1)
+        # per batch shape: variant ("step", or "first" / "middle" / "last"; "stage{s}/{variant}" in a
+        # pipeline) -> (program, executor)
+        self._programs = ProgramCache(
+            options.compile_for,
+            self.config.max_batch_shapes,
+            lambda line: self._log(line),
+            executor=StageExecutor if self._pipeline else Executor,
         )
+        if self._pipeline:
+            self._programs.add(options.example_inputs, dict(runtime.stages.programs))
+        else:
+            self._programs.add(
+                options.example_inputs,
+                {n: (p, runtime.executor if p is runtime.program else Executor(p)) for n, p in options.programs.items()},
+            )
         compile_eval = options.compile_eval_for
         self._can_eval = compile_eval is not None
         self._eval_programs = ProgramCache(
@@ -144,7 +157,11 @@ class Engine:
         k = self.config.grad_accum_steps
         variants = self._select_program(batch)
         self._variant = self.schedule.program_for(self.micro_steps)
-        self._use(*variants[self._variant])
+        if self._pipeline:
+            self.runtime.use_stages(variants)
+            self.program = self.runtime.program
+        else:
+            self._use(*variants[self._variant])
         # the collective counts of engine.stats() cover every micro-batch of the last optimizer step
         loss = self.runtime.step(self._split(batch), reset_stats=self.micro_steps % k == 0)
         self.micro_steps += 1
@@ -305,14 +322,15 @@ class Engine:
         for i, x in enumerate(batch):
             if not isinstance(x, Tensor):
                 raise TypeError(f"batch[{i}] must be a tensor; got {type(x).__name__}")
-        return self._programs.get(batch, self.program.mesh.size("dp"), self._same_sharding)
+        return self._programs.get(batch, self._splits, self._same_sharding)
 
     def _same_sharding(self, programs: dict[str, DistProgram]) -> None:
         """A new batch shape's programs must shard the parameters as the state the ranks hold."""
-        if any(
-            p.shard_specs != self.program.shard_specs or p.tp_specs != self.program.tp_specs for p in programs.values()
-        ):
-            raise RuntimeError("recompiling for a new batch shape changed how parameters are sharded")
+        held = {name: program for name, (program, _) in self._programs.latest().items()}
+        for name, p in programs.items():
+            ref = held.get(name, self.program)
+            if p.shard_specs != ref.shard_specs or p.tp_specs != ref.tp_specs:
+                raise RuntimeError("recompiling for a new batch shape changed how parameters are sharded")
 
     def _use(self, program: DistProgram, executor: Executor) -> None:
         self.program = program

@@ -11,13 +11,15 @@ input is bound to the parameter's kept `.grad` (zeros if none).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from shardfx.graphs import collectives
-from shardfx.graphs.program import DistProgram
+from shardfx.graphs.phases import BACKWARD_PART, FORWARD_PART, split_phases
+from shardfx.graphs.program import PHASES, DistProgram
 from shardfx.graphs.signature import (
     BUFFER,
     BUFFER_UPDATE,
@@ -34,7 +36,7 @@ from shardfx.graphs.signature import (
 
 @dataclass
 class StepOutputs:
-    loss: Tensor
+    loss: Tensor | None  # None: a pipeline stage before the last
     grads: dict[str, Tensor]
     buffers: dict[str, Tensor]
     accumulators: dict[str, Tensor]
@@ -53,6 +55,7 @@ class Executor:
         self.totals = frozenset(spec.name for spec in self.signature.inputs if spec.role == GRAD_SUM)
         # The k-th collective a rank issues is the k-th collective node of the graph (SPMD,
         # nodes run in graph order), so errors can name the node without an interpreter.
+        self.lossless = False
         self.collective_sites = [
             f"node {n.name} ({n.meta.get('shardfx.module') or 'root'})"
             for n in program.graph.nodes
@@ -68,6 +71,23 @@ class Executor:
         accumulators: dict[str, Tensor] | None = None,
         replicas: dict[str, Tensor] | None = None,
     ) -> StepOutputs:
+        args = self.arguments(params, buffers, batch, accumulators, replicas)
+        sites = iter(self.collective_sites)
+        if hasattr(comm, "where"):
+            comm.where = lambda: next(sites, "(past the last collective node)")
+        with torch.no_grad(), collectives.bind(comm):
+            values = self.gm(*args)
+        return self.outputs(values)
+
+    def arguments(
+        self,
+        params: dict[str, Tensor],
+        buffers: dict[str, Tensor],
+        batch: tuple[Tensor, ...],
+        accumulators: dict[str, Tensor] | None = None,
+        replicas: dict[str, Tensor] | None = None,
+    ) -> list[Tensor]:
+        """The graph's arguments, in placeholder order, from this rank's state and batch."""
         args: list[Tensor] = []
         for spec, val in zip(self.signature.inputs, self.placeholder_vals):
             if spec.role == PARAM:
@@ -95,11 +115,10 @@ class Executor:
                 args.append(kept)
             else:  # pragma: no cover - signature roles are closed
                 raise AssertionError(spec.role)
-        sites = iter(self.collective_sites)
-        if hasattr(comm, "where"):
-            comm.where = lambda: next(sites, "(past the last collective node)")
-        with torch.no_grad(), collectives.bind(comm):
-            values = self.gm(*args)
+        return args
+
+    def outputs(self, values: Sequence[Tensor]) -> StepOutputs:
+        """The graph's return values routed by their signature roles."""
         loss: Tensor | None = None
         grads: dict[str, Tensor] = {}
         new_buffers: dict[str, Tensor] = {}
@@ -119,5 +138,35 @@ class Executor:
                 new_replicas[spec.target] = value
             elif spec.role == GRAD_NORM:
                 grad_norm = value
-        assert loss is not None
+        if loss is None and not self.lossless:
+            raise AssertionError("the program returned no loss")
         return StepOutputs(loss, grads, new_buffers, new_accumulators, new_replicas, grad_norm, self.totals)
+
+
+class StageExecutor(Executor):
+    """A pipeline stage's program, run as two parts: the forward of a micro-batch (`forward`,
+    returning what its backward reads) and, later, its backward (`backward`)."""
+
+    def __init__(self, program: DistProgram) -> None:
+        super().__init__(program)
+        self.lossless = True  # only the last stage computes the loss
+        self.split = program.notes.get(PHASES) or split_phases(program)
+        self.sites = {
+            part: [f"node {e.node} ({e.module or 'root'})" for e in events] for part, events in self.split.events.items()
+        }
+
+    def _bind(self, comm: collectives.Communicator, part: str) -> None:
+        sites = iter(self.sites[part])
+        if hasattr(comm, "where"):
+            comm.where = lambda: next(sites, "(past the last communication node)")
+
+    def forward(self, comm: collectives.Communicator, args: list[Tensor]) -> tuple[Tensor, ...]:
+        self._bind(comm, FORWARD_PART)
+        with torch.no_grad(), collectives.bind(comm):
+            return tuple(self.split.forward(*args))
+
+    def backward(self, comm: collectives.Communicator, args: list[Tensor], saved: tuple[Tensor, ...]) -> StepOutputs:
+        self._bind(comm, BACKWARD_PART)
+        with torch.no_grad(), collectives.bind(comm):
+            values = self.split.backward(*args, *saved)
+        return self.outputs(values)

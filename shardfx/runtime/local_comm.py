@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,6 +48,7 @@ class LocalWorld:
         self._cond = threading.Condition()
         self._rounds: dict[tuple[int, ...], _Round] = {}
         self._failure: CollectiveError | None = None
+        self._mail: dict[tuple[int, int], deque[_Arrival]] = {}  # (src, dst) -> sent, not yet received
 
     def comm(self, rank: int) -> LocalComm:
         return LocalComm(self, rank)
@@ -61,7 +63,45 @@ class LocalWorld:
     def reset(self) -> None:
         with self._cond:
             self._rounds.clear()
+            self._mail.clear()
             self._failure = None
+
+    def post(self, src: int, dst: int, arrival: _Arrival) -> None:
+        """A send: queued for `dst` (in order), never waits."""
+        with self._cond:
+            if self._failure is not None:
+                raise self._failure
+            self._mail.setdefault((src, dst), deque()).append(arrival)
+            self._cond.notify_all()
+
+    def take(self, src: int, dst: int, key: tuple, where: str) -> Tensor:
+        """A receive: the oldest message from `src` to `dst`, which must be what `dst` expects."""
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            while True:
+                if self._failure is not None:
+                    raise self._failure
+                queue = self._mail.get((src, dst))
+                if queue:
+                    arrival = queue.popleft()
+                    if arrival.key != key:
+                        self._failure = CollectiveError(
+                            "a send and its receive disagree:\n"
+                            f"  rank {src} sent {_describe(arrival.key)} at {arrival.where}\n"
+                            f"  rank {dst} receives {_describe(key)} at {where}"
+                        )
+                        self._cond.notify_all()
+                        raise self._failure
+                    return arrival.tensor
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._failure = CollectiveError(
+                        f"receive timed out after {self.timeout:.0f}s: rank {dst} waits at {where} "
+                        f"for rank {src}, which sent nothing"
+                    )
+                    self._cond.notify_all()
+                    raise self._failure
+                self._cond.wait(left)
 
     def exchange(self, rank: int, group: tuple[int, ...], arrival: _Arrival, combine: Callable) -> Tensor:
         deadline = time.monotonic() + self.timeout
@@ -162,6 +202,31 @@ class LocalComm:
 
     def wait(self, t: Tensor) -> Tensor:
         return t
+
+    def peer_rank(self, axis: str, peer: int) -> int:
+        """The global rank `peer` steps along `axis` from this one."""
+        group = self._group(axis)
+        index = group.index(self.rank) + peer
+        if not 0 <= index < len(group):
+            raise CollectiveError(
+                f"rank {self.rank} has no peer {peer:+d} on axis {axis!r} (it is {group.index(self.rank)} of {len(group)})"
+            )
+        return group[index]
+
+    def send(self, x: Tensor, axis: str, peer: int, where: str | None = None) -> None:
+        key = ("p2p", axis, tuple(x.shape), x.dtype, ())
+        dst = self.peer_rank(axis, peer)
+        self.world.post(self.rank, dst, _Arrival(key, where or self.where(), x.detach().clone()))
+        self.stats.record_p2p("send", _nbytes(x))
+
+    def recv(
+        self, shape: list[int], dtype: torch.dtype, device: torch.device, axis: str, peer: int, where: str | None = None
+    ) -> Tensor:
+        key = ("p2p", axis, tuple(shape), dtype, ())
+        src = self.peer_rank(axis, peer)
+        out = self.world.take(src, self.rank, key, where or self.where())
+        self.stats.record_p2p("recv", _nbytes(out))
+        return out.to(device)
 
     def all_reduce(self, x: Tensor, axis: str, op: str, where: str | None = None) -> Tensor:
         def combine(ts: list[Tensor]) -> list[Tensor]:

@@ -36,8 +36,11 @@ class ProgramCache:
         *,
         what: str = "step",
         strict: bool = True,
+        executor: Callable[[DistProgram], Any] = Executor,
     ) -> None:
-        """strict: with max_shapes=1 a second batch shape is an error instead of a recompile."""
+        """strict: with max_shapes=1 a second batch shape is an error instead of a recompile.
+        executor: what runs a compiled program (a pipeline stage's: StageExecutor)."""
+        self.executor = executor
         self._compile_for = compile_for
         self._max = max_shapes
         self._log = log
@@ -78,7 +81,7 @@ class ProgramCache:
         programs = self._compile_for(batch)
         if validate is not None:
             validate(programs)
-        self._sets[key] = {name: (p, Executor(p)) for name, p in programs.items()}
+        self._sets[key] = {name: (p, self.executor(p)) for name, p in programs.items()}
         while len(self._sets) > self._max:
             dropped, _ = self._sets.popitem(last=False)
             self._log(f"dropping the {self._what} compiled for {_describe(dropped)} (Config.max_batch_shapes)")

@@ -1,0 +1,246 @@
+"""Running a pipeline: every rank executes its stage's steps of the schedule table.
+
+The compile driver hands over one program per (stage, variant) and the table
+(graphs/pp_schedule.PipelineSchedule). A rank runs, for each step of its
+stage, the forward part of micro-batch m (keeping what its backward reads) or
+the backward part (taking the kept values, adding the gradients up over the
+micro-batches as the accumulation variants say). After the last step:
+
+1. a parameter held on several stages (a tied embedding) gets the sum of the
+   parts of its gradient each holder computed, added in stage order;
+2. every gradient is divided by the number of micro-batches (the loss is the
+   mean over the global batch, as eager computes it);
+3. the gradient norm is taken over every stage (each parameter counted once),
+   and, with Config.grad_clip, every gradient scaled to it.
+
+The returned loss is the mean of the last stage's micro-batch losses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from shardfx.errors import CollectiveError
+from shardfx.graphs.phases import FORWARD_PART
+from shardfx.graphs.pp_schedule import PipelineSchedule, stage_key
+from shardfx.graphs.program import PIPELINE, DistProgram, Mesh
+from shardfx.runtime.executor import StageExecutor
+from shardfx.runtime.local_comm import LocalWorld
+from shardfx.runtime.state import OptimizerFactory, RankState, unshard
+
+AXIS = "pp"
+
+
+class StagePrograms:
+    """The programs of one batch shape, by stage and variant, with their executors."""
+
+    def __init__(self, programs: dict[str, tuple[DistProgram, StageExecutor]], pipe: PipelineSchedule) -> None:
+        self.pipe = pipe
+        self.programs = programs
+
+    def program(self, stage: int, variant: str | None = None) -> DistProgram:
+        return self.programs[stage_key(stage, variant or self.pipe.variants[-1])][0]
+
+    def executor(self, stage: int, micro_batch: int) -> StageExecutor:
+        return self.programs[stage_key(stage, self.pipe.variants[micro_batch])][1]
+
+
+def run_stage(
+    comm: object, state: RankState, stage: int, programs: StagePrograms, micro: Sequence[tuple[Tensor, ...]]
+) -> list[Tensor]:
+    """One rank's steps of the table: returns the losses of its micro-batches (the last stage's)."""
+    saved: dict[int, tuple[Tensor, ...]] = {}
+    losses: list[Tensor] = []
+    for step in programs.pipe.steps[stage]:
+        m = step.micro_batch
+        executor = programs.executor(stage, m)
+        args = executor.arguments(state.params, state.buffers, micro[m], state.grad_acc, state.replicas)
+        if step.part == FORWARD_PART:
+            saved[m] = executor.forward(comm, args)  # type: ignore[arg-type]
+            continue
+        out = executor.backward(comm, args, saved.pop(m))  # type: ignore[arg-type]
+        state.apply(out)
+        if out.loss is not None:
+            losses.append(out.loss.detach())
+    return losses
+
+
+def tied_groups(program: DistProgram, mesh: Mesh) -> list[tuple[str, list[int]]]:
+    """(parameter, the global ranks that hold a copy of the same piece, in stage order) for every
+    parameter held on several stages."""
+    tied = program.notes.get(PIPELINE, {}).get("tied", {})
+    groups = []
+    for name, holders in sorted(tied.items()):
+        for r in range(mesh.world_size):
+            if mesh.coords(r)[AXIS] == holders[0]:
+                line = mesh.group(r, AXIS)
+                groups.append((name, [line[h] for h in holders]))
+    return groups
+
+
+def counts_in_norm(program: DistProgram, name: str, rank: int) -> bool:
+    """Whether `rank`'s piece of `name` enters the gradient norm: each element once over the mesh
+    (the first holder stage of a tied parameter; coordinate 0 on every axis that does not split it)."""
+    mesh = program.mesh
+    coords = mesh.coords(rank)
+    tied = program.notes.get(PIPELINE, {}).get("tied", {})
+    if name in tied and coords[AXIS] != tied[name][0]:
+        return False
+    split = {spec.axis for spec in program.specs(name)}
+    return all(c == 0 for axis, c in coords.items() if axis not in split and axis != AXIS)
+
+
+def local_square_norm(program: DistProgram, state: RankState, rank: int) -> Tensor:
+    total = torch.zeros((), dtype=torch.float64)
+    for name, param in state.params.items():
+        if param.grad is not None and counts_in_norm(program, name, rank):
+            total += param.grad.detach().double().pow(2).sum().cpu()
+    return total
+
+
+def scale_grads(states: Sequence[RankState], factor: float) -> None:
+    for state in states:
+        for param in state.params.values():
+            if param.grad is not None:
+                param.grad.mul_(factor)
+
+
+def clip_factor(norm: float, max_norm: float | None) -> float:
+    """torch.nn.utils.clip_grad_norm_'s factor: max_norm / (norm + 1e-6), at most 1."""
+    if max_norm is None or not math.isfinite(norm):
+        return 1.0
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
+class LocalPipelineRuntime:
+    """Every rank of a pipeline as a thread of this process, on the `local` communicator."""
+
+    distributed = False
+
+    def __init__(
+        self,
+        programs: dict[str, DistProgram],
+        pipe: PipelineSchedule,
+        model: nn.Module,
+        optimizer: OptimizerFactory | None,
+        timeout: float = 60.0,
+        *,
+        grad_clip: float | None = None,
+    ) -> None:
+        self.pipe = pipe
+        self.model = model
+        self.grad_clip = grad_clip
+        self.stages = StagePrograms({n: (p, StageExecutor(p)) for n, p in programs.items()}, pipe)
+        self.program = self.stages.program(pipe.stages - 1)
+        self.executor = self.stages.executor(pipe.stages - 1, pipe.micro_batches - 1)
+        mesh = self.program.mesh
+        self.mesh = mesh
+        self.world_size = mesh.world_size
+        self.world = LocalWorld(mesh, timeout=timeout)
+        self.comms = [self.world.comm(r) for r in range(self.world_size)]
+        self.stage_of = [mesh.coords(r)[AXIS] for r in range(self.world_size)]
+        self.states = [
+            RankState(self.stages.program(self.stage_of[r]), model, r, optimizer) for r in range(self.world_size)
+        ]
+        self._pool = ThreadPoolExecutor(max_workers=self.world_size, thread_name_prefix="shardfx-stage")
+
+    def held_states(self) -> list[tuple[int, RankState]]:
+        return list(enumerate(self.states))
+
+    def use(self, program: DistProgram, executor: object) -> None:  # the Engine's single-program verb
+        raise RuntimeError("a pipeline runs every stage's programs: use use_stages")
+
+    def use_stages(self, programs: dict[str, tuple[DistProgram, StageExecutor]]) -> None:
+        self.stages = StagePrograms(programs, self.pipe)
+        self.program = self.stages.program(self.pipe.stages - 1)
+
+    def step(self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True) -> Tensor:
+        """Run the whole table on every rank; shards[r] is rank r's slice of the global batch."""
+        self.world.reset()
+        if reset_stats:
+            for comm in self.comms:
+                comm.stats.reset()
+        micro = [list(zip(*(torch.chunk(x, self.pipe.micro_batches, dim=0) for x in shard))) for shard in shards]
+        futures = [self._pool.submit(self._rank, r, micro[r]) for r in range(self.world_size)]
+        errors: list[tuple[int, BaseException]] = []
+        losses: dict[int, list[Tensor]] = {}
+        for r, fut in enumerate(futures):
+            try:
+                losses[r] = fut.result()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, root cause first
+                errors.append((r, exc))
+        if errors:
+            errors.sort(key=lambda e: isinstance(e[1], CollectiveError))
+            raise errors[0][1]
+        self._finish()
+        last = next(r for r in range(self.world_size) if self.stage_of[r] == self.pipe.stages - 1)
+        return torch.stack(losses[last]).mean()
+
+    def _rank(self, rank: int, micro: list[tuple[Tensor, ...]]) -> list[Tensor]:
+        try:
+            return run_stage(self.comms[rank], self.states[rank], self.stage_of[rank], self.stages, micro)
+        except BaseException as exc:
+            self.world.abort(rank, exc)
+            raise
+
+    def _finish(self) -> None:
+        """Tied sums, the mean over micro-batches, the norm over every stage, the clip."""
+        for name, ranks in tied_groups(self.program, self.mesh):
+            parts = [self.states[r].params[name].grad for r in ranks]
+            if any(p is None for p in parts):
+                continue
+            total = parts[0].clone()
+            for part in parts[1:]:
+                total.add_(part)
+            for r in ranks:
+                self.states[r].params[name].grad = total.clone()
+        scale_grads(self.states, 1.0 / self.pipe.micro_batches)
+        square = sum(
+            local_square_norm(self.stages.program(self.stage_of[r]), self.states[r], r) for r in range(self.world_size)
+        )
+        norm = float(square) ** 0.5
+        factor = clip_factor(norm, self.grad_clip)
+        if factor < 1.0:
+            scale_grads(self.states, factor)
+        for state in self.states:
+            state.grad_norm = torch.tensor(norm)
+
+    def evaluate(self, executor: object, shards: list[tuple[Tensor, ...]]) -> Tensor:
+        raise NotImplementedError("eval_step under pipeline parallelism is not supported yet (train_step is)")
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return pipeline_state_dict(self.stages, self.mesh, self.model, lambda r: self.states[r])
+
+    def comm_stats(self, rank: int = 0) -> dict[str, dict[str, int]]:
+        return self.comms[rank].stats.snapshot()
+
+    def memory(self, rank: int = 0) -> dict[str, int]:
+        return self.states[rank].local_bytes()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+def pipeline_state_dict(
+    stages: StagePrograms, mesh: Mesh, model: nn.Module, state_of: Callable[[int], RankState]
+) -> dict[str, Tensor]:
+    """Full, unpadded tensors under every key of model.state_dict(), each from the first stage holding it."""
+    out: dict[str, Tensor] = {}
+    for s in range(stages.pipe.stages):
+        program = stages.program(s)
+        first = next(r for r in range(mesh.world_size) if mesh.coords(r)[AXIS] == s)
+        for spec in program.signature.params():
+            if spec.name in out:
+                continue
+            value = unshard(program, spec.name, first, lambda r, n=spec.name: state_of(r).params[n])
+            for name in (spec.name, *spec.aliases):
+                out[name] = value
+        for spec in program.signature.buffers():
+            out.setdefault(spec.name, state_of(first).buffers[spec.name].clone())
+    return {k: out[k] if k in out else v.detach().clone() for k, v in model.state_dict().items()}

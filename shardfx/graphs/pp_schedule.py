@@ -189,7 +189,8 @@ def check(
         (src, dst), box = left[0]
         sent = box[0]
         raise ScheduleError(
-            f"{where(src, sent.step, sent.event)} sends {_what(sent.event)} to rank {dst}, which never receives it"
+            f"{where(src, sent.step, sent.event)} sends {_what(sent.event)} to rank {dst}, which never receives it:\n"
+            f"  rank {dst} ({_coords(mesh, dst)}) runs {sent.step} with no receive from rank {src} left for it"
         )
     return matched
 
@@ -207,12 +208,12 @@ def _coords(mesh: Mesh, rank: int) -> str:
 
 
 def _what(e: Event) -> str:
-    tag = f" {e.extra[0]}" if e.kind in ("send", "recv") and e.extra and e.extra[0] else ""
-    extra = "" if e.kind in ("send", "recv") else f", {e.extra}"
-    return f"{e.kind}{tag}(axis={e.axis!r}, shape={list(e.shape)}, dtype={e.dtype}{extra})"
+    if e.kind in ("send", "recv"):
+        return f"{e.extra[0] if e.extra and e.extra[0] else 'a tensor'} (shape={list(e.shape)}, dtype={e.dtype})"
+    return f"{e.kind}(axis={e.axis!r}, shape={list(e.shape)}, dtype={e.dtype}, {e.extra})"
 
 
 def _verb(e: Event) -> str:
     if e.kind == "recv":
-        return f"receive {_what(e)} from peer {e.peer:+d}"
+        return f"receive {_what(e)} from peer {e.peer:+d} on {e.axis!r}"
     return f"join {_what(e)}"

@@ -53,22 +53,25 @@ class StagePrograms:
 
 def run_stage(
     comm: object, state: RankState, stage: int, programs: StagePrograms, micro: Sequence[tuple[Tensor, ...]]
-) -> list[Tensor]:
-    """One rank's steps of the table: returns the losses of its micro-batches (the last stage's)."""
+) -> tuple[list[Tensor], int]:
+    """One rank's steps of the table: the losses of its micro-batches (the last stage's), and the
+    most micro-batches whose saved activations it held at once."""
     saved: dict[int, tuple[Tensor, ...]] = {}
     losses: list[Tensor] = []
+    peak = 0
     for step in programs.pipe.steps[stage]:
         m = step.micro_batch
         executor = programs.executor(stage, m)
         args = executor.arguments(state.params, state.buffers, micro[m], state.grad_acc, state.replicas)
         if step.part == FORWARD_PART:
             saved[m] = executor.forward(comm, args)  # type: ignore[arg-type]
+            peak = max(peak, len(saved))
             continue
         out = executor.backward(comm, args, saved.pop(m))  # type: ignore[arg-type]
         state.apply(out)
         if out.loss is not None:
             losses.append(out.loss.detach())
-    return losses
+    return losses, peak
 
 
 def tied_groups(program: DistProgram, mesh: Mesh) -> list[tuple[str, list[int]]]:
@@ -149,6 +152,7 @@ class LocalPipelineRuntime:
             RankState(self.stages.program(self.stage_of[r]), model, r, optimizer) for r in range(self.world_size)
         ]
         self._pool = ThreadPoolExecutor(max_workers=self.world_size, thread_name_prefix="shardfx-stage")
+        self.peak_alive: list[int] = [0] * pipe.stages  # measured: micro-batches alive at once, per stage
 
     def held_states(self) -> list[tuple[int, RankState]]:
         return list(enumerate(self.states))
@@ -170,19 +174,22 @@ class LocalPipelineRuntime:
         futures = [self._pool.submit(self._rank, r, micro[r]) for r in range(self.world_size)]
         errors: list[tuple[int, BaseException]] = []
         losses: dict[int, list[Tensor]] = {}
+        peaks: dict[int, int] = {}
         for r, fut in enumerate(futures):
             try:
-                losses[r] = fut.result()
+                losses[r], peaks[r] = fut.result()
             except BaseException as exc:  # noqa: BLE001 - re-raised below, root cause first
                 errors.append((r, exc))
         if errors:
             errors.sort(key=lambda e: isinstance(e[1], CollectiveError))
             raise errors[0][1]
+        for r in range(self.world_size):
+            self.peak_alive[self.stage_of[r]] = peaks[r]
         self._finish()
         last = next(r for r in range(self.world_size) if self.stage_of[r] == self.pipe.stages - 1)
         return torch.stack(losses[last]).mean()
 
-    def _rank(self, rank: int, micro: list[tuple[Tensor, ...]]) -> list[Tensor]:
+    def _rank(self, rank: int, micro: list[tuple[Tensor, ...]]) -> tuple[list[Tensor], int]:
         try:
             return run_stage(self.comms[rank], self.states[rank], self.stage_of[rank], self.stages, micro)
         except BaseException as exc:

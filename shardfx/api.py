@@ -48,15 +48,10 @@ def compile_distributed(
     runtime: Any
     schedule = compiled.schedule
     if compiled.pipeline is not None:
-        if _launched():
-            raise NotImplementedError(
-                "pipeline parallelism runs in the local runtime for now; the torch.distributed runtime "
-                "does not run pipeline stages yet"
-            )
         from shardfx.graphs.program import Schedule
-        from shardfx.runtime.pipeline import LocalPipelineRuntime
+        from shardfx.runtime.pipeline import DistributedPipelineRuntime, LocalPipelineRuntime
 
-        runtime = LocalPipelineRuntime(
+        runtime = (DistributedPipelineRuntime if _launched() else LocalPipelineRuntime)(
             compiled.programs,
             compiled.pipeline,
             model,

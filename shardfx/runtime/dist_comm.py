@@ -42,6 +42,7 @@ class DistComm:
         self._groups: dict[str, dist.ProcessGroup | None] = {}
         # output buffer's data_ptr -> (work handle, divisor applied when it completes)
         self._pending: dict[int, tuple[dist.Work, int]] = {}
+        self._sends: list[tuple[dist.Work, Tensor]] = []  # isends in flight (the tensor kept alive)
         kwargs = {"timeout": timedelta(seconds=timeout)} if timeout else {}
         for axis in mesh.names:
             if mesh.size(axis) == mesh.world_size:
@@ -97,6 +98,32 @@ class DistComm:
             if divisor != 1:
                 t.div_(divisor)
         return t
+
+    def peer_rank(self, axis: str, peer: int) -> int:
+        group = self.mesh.group(self.rank, axis)
+        index = group.index(self.rank) + peer
+        if not 0 <= index < len(group):
+            raise RuntimeError(f"rank {self.rank} has no peer {peer:+d} on axis {axis!r}")
+        return group[index]
+
+    def send(self, x: Tensor, axis: str, peer: int, where: str | None = None) -> None:
+        """Never waits (isend); finish_sends() waits for every send of the step."""
+        data = x.detach().contiguous().clone()
+        self._sends.append((dist.isend(data, dst=self.peer_rank(axis, peer)), data))
+        self.stats.record_p2p("send", data.numel() * data.element_size())
+
+    def recv(
+        self, shape: list[int], dtype: torch.dtype, device: torch.device, axis: str, peer: int, where: str | None = None
+    ) -> Tensor:
+        out = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(out, src=self.peer_rank(axis, peer))
+        self.stats.record_p2p("recv", out.numel() * out.element_size())
+        return out
+
+    def finish_sends(self) -> None:
+        for work, _ in self._sends:
+            work.wait()
+        self._sends.clear()
 
     def all_reduce(self, x: Tensor, axis: str, op: str, where: str | None = None) -> Tensor:
         out = x.detach().clone()

@@ -234,6 +234,128 @@ class LocalPipelineRuntime:
         self._pool.shutdown(wait=False)
 
 
+class DistributedPipelineRuntime:
+    """This process is one rank of a pipeline over torch.distributed: it runs its stage's steps."""
+
+    distributed = True
+
+    def __init__(
+        self,
+        programs: dict[str, DistProgram],
+        pipe: PipelineSchedule,
+        model: nn.Module,
+        optimizer: OptimizerFactory | None,
+        timeout: float | None = None,
+        *,
+        grad_clip: float | None = None,
+    ) -> None:
+        import torch.distributed as dist
+
+        from shardfx.runtime.dist_comm import DistComm
+
+        self.pipe, self.model, self.grad_clip = pipe, model, grad_clip
+        self.stages = StagePrograms({n: (p, StageExecutor(p)) for n, p in programs.items()}, pipe)
+        self.mesh = self.stages.program(0).mesh
+        self.comm = DistComm(self.mesh, timeout)
+        self.rank = self.comm.rank
+        self.world_size = self.mesh.world_size
+        self.stage = self.mesh.coords(self.rank)[AXIS]
+        self.program = self.stages.program(self.stage)
+        self.executor = self.stages.executor(self.stage, pipe.micro_batches - 1)
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+        self.state = RankState(self.program, model, self.rank, optimizer)
+        # every rank makes every tied group, in the same order, as torch.distributed requires
+        self._tied: list[tuple[str, object]] = []
+        for name, ranks in tied_groups(self.stages.program(0), self.mesh):
+            group = dist.new_group(ranks)
+            if self.rank in ranks:
+                self._tied.append((name, group))
+        self._last = next(r for r in range(self.world_size) if self.mesh.coords(r)[AXIS] == pipe.stages - 1)
+        self.peak_alive = 0
+
+    def held_states(self) -> list[tuple[int, RankState]]:
+        return [(self.rank, self.state)]
+
+    def use(self, program: DistProgram, executor: object) -> None:
+        raise RuntimeError("a pipeline runs every stage's programs: use use_stages")
+
+    def use_stages(self, programs: dict[str, tuple[DistProgram, StageExecutor]]) -> None:
+        self.stages = StagePrograms(programs, self.pipe)
+        self.program = self.stages.program(self.stage)
+
+    def step(self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True) -> Tensor:
+        import torch.distributed as dist
+
+        if reset_stats:
+            self.comm.stats.reset()
+        micro = list(zip(*(torch.chunk(x, self.pipe.micro_batches, dim=0) for x in shards[self.rank])))
+        losses, self.peak_alive = run_stage(self.comm, self.state, self.stage, self.stages, micro)
+        self.comm.finish_sends()
+        for name, group in self._tied:
+            grad = self.state.params[name].grad
+            if grad is not None:
+                dist.all_reduce(grad, group=group)  # type: ignore[arg-type]
+        scale_grads([self.state], 1.0 / self.pipe.micro_batches)
+        square = local_square_norm(self.program, self.state, self.rank)
+        dist.all_reduce(square)
+        norm = float(square) ** 0.5
+        factor = clip_factor(norm, self.grad_clip)
+        if factor < 1.0:
+            scale_grads([self.state], factor)
+        self.state.grad_norm = torch.tensor(norm)
+        loss = torch.stack(losses).mean() if losses else torch.zeros(())
+        dist.broadcast(loss, src=self._last)  # every rank returns the step's loss
+        return loss
+
+    def evaluate(self, executor: object, shards: list[tuple[Tensor, ...]]) -> Tensor:
+        raise NotImplementedError("eval_step under pipeline parallelism is not supported yet (train_step is)")
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """A collective: every rank gets every full tensor (each stage's gathered, then broadcast)."""
+        import torch.distributed as dist
+
+        full = dict(self.model.state_dict())
+        out: dict[str, Tensor] = {}
+        for s in range(self.pipe.stages):
+            program = self.stages.program(s)
+            first = next(r for r in range(self.world_size) if self.mesh.coords(r)[AXIS] == s)
+            for spec in program.signature.params():
+                if spec.name in out:
+                    continue
+                if self.stage == s:
+                    value = self.state.params[spec.name].detach()
+                    for shard in reversed(program.specs(spec.name)):
+                        gathered = self.comm.all_gather(value, shard.axis, shard.dim)
+                        value = shard.unshard(list(gathered.tensor_split(shard.world, dim=shard.dim)))
+                    value = value.contiguous()
+                else:
+                    ref = full[spec.name]
+                    value = torch.empty(ref.shape, dtype=self.state_dtype(ref), device=ref.device)
+                dist.broadcast(value, src=first)
+                for name in (spec.name, *spec.aliases):
+                    out[name] = value
+            for spec in program.signature.buffers():
+                if spec.name not in out:
+                    ref = full[spec.name]
+                    value = self.state.buffers[spec.name].clone() if self.stage == s else torch.empty_like(ref)
+                    dist.broadcast(value, src=first)
+                    out[spec.name] = value
+        return {k: out[k] if k in out else v.detach().clone() for k, v in full.items()}
+
+    def state_dtype(self, ref: Tensor) -> torch.dtype:
+        """The dtype a rank keeps parameters in (the fp32 master, whatever the compute dtype)."""
+        mine = next(iter(self.state.params.values()), None)
+        return mine.dtype if mine is not None else ref.dtype
+
+    def comm_stats(self, rank: int = 0) -> dict[str, dict[str, int]]:
+        return self.comm.stats.snapshot()
+
+    def memory(self, rank: int = 0) -> dict[str, int]:
+        return self.state.local_bytes()
+
+
 def pipeline_state_dict(
     stages: StagePrograms, mesh: Mesh, model: nn.Module, state_of: Callable[[int], RankState]
 ) -> dict[str, Tensor]:

@@ -101,3 +101,22 @@ def load_state(path: str, zero_stage: int) -> dict:
     engine, _ = _gpt_engine(zero_stage=zero_stage)
     engine.load_checkpoint(path)
     return engine.state_dict()
+
+
+def train_gpt_pipeline() -> dict:
+    """dp2 x pp2 (ZeRO-1, the embedding tied to the head), 1F1B over 2 micro-batches, SGD with momentum."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2, seq_len=16, bias=False, tie_weights=True))
+    g = torch.Generator().manual_seed(2)
+    batch = torch.randint(0, 64, (8, 16), generator=g), torch.randint(0, 64, (8, 16), generator=g)
+    engine = shardfx.compile_distributed(
+        model,
+        None,
+        example_inputs=batch,
+        loss_fn=gpt_loss,
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        config=shardfx.Config(zero_stage=1, pp_size=2, pp_microbatches=2, grad_clip=1.0),
+    )
+    losses = [engine.train_step(*batch).item() for _ in range(3)]
+    stats = engine.stats()
+    return {"losses": losses, "state": engine.state_dict(), "stats": stats, "norm": engine.last_grad_norm}

@@ -100,3 +100,25 @@ def test_tensor_parallel_checkpoint_on_gloo_reshards(tmp_path) -> None:
     local.load_checkpoint(path)
     for key, value in local.state_dict().items():
         assert torch.equal(value, saved[key]), key
+
+
+def test_dp2_x_pp2_on_gloo_matches_eager() -> None:
+    """Sends and receives over gloo, the tied embedding's parts summed across stages, the norm over both."""
+    from tests.parity_util import eager_train
+
+    results = launch(dist_workers.train_gpt_pipeline, (), 4, timeout=90)
+    torch.manual_seed(0)
+    model = shardfx.models.GPT(
+        shardfx.models.GPTConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2, seq_len=16, bias=False, tie_weights=True)
+    )
+    _, batch = dist_workers.tiny_gpt_batch()
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
+    ref_losses, ref_state = eager_train(model, batch, gpt_loss, 3, sgd, grad_clip=1.0)
+    for rank in range(4):
+        torch.testing.assert_close(torch.tensor(results[rank]["losses"]), ref_losses, rtol=1e-5, atol=1e-6)
+        assert results[rank]["norm"] == results[0]["norm"]
+    for key, value in ref_state.items():
+        torch.testing.assert_close(results[3]["state"][key], value, rtol=1e-4, atol=1e-6)
+    calls = [results[r]["stats"]["comm"]["calls"] for r in range(4)]
+    assert calls[0]["send"] == calls[2]["recv"] == 2  # one activation per micro-batch forward
+    assert calls[2]["send"] == calls[0]["recv"] == 2  # its gradient back

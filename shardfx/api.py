@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from shardfx.config import Config
-from shardfx.driver import build_mesh, check_batch, compile_eval, compile_step
+from shardfx.driver import build_mesh, check_batch, compile_eval, compile_step, pipeline_holders
 from shardfx.runtime.engine import Engine, EngineOptions
 
 
@@ -47,6 +47,7 @@ def compile_distributed(
     program = compiled.program
     runtime: Any
     schedule = compiled.schedule
+    holders = pipeline_holders(compiled) if compiled.pipeline is not None else None
     if compiled.pipeline is not None:
         from shardfx.graphs.program import Schedule
         from shardfx.runtime.pipeline import DistributedPipelineRuntime, LocalPipelineRuntime
@@ -77,7 +78,7 @@ def compile_distributed(
         capture_seconds=compiled.capture_seconds,
         scheduler=scheduler,
         compile_for=lambda new_batch: compile_step(model, new_batch, loss_fn, config, mesh, log=log).programs,
-        compile_eval_for=lambda new_batch: compile_eval(model, new_batch, loss_fn, config, mesh, log=log),
+        compile_eval_for=lambda new_batch: compile_eval(model, new_batch, loss_fn, config, mesh, log=log, holders=holders),
         model=model,
         loss_fn=loss_fn,
         log=log,

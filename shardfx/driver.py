@@ -41,7 +41,7 @@ from shardfx.graphs.capture_forward import capture_forward
 from shardfx.graphs import pp_schedule
 from shardfx.graphs.phases import split_phases
 from shardfx.graphs.pp_schedule import stage_key
-from shardfx.graphs.program import PHASES, DistProgram, Mesh, Schedule, clone_program
+from shardfx.graphs.program import PHASES, PIPELINE, DistProgram, Mesh, Schedule, clone_program
 from shardfx.passes.manager import Pass, PassContext, PassRecord, check_pipeline, run_passes
 from shardfx.passes.pipeline import PASS_NAMES, pipeline, schedule, step_variants
 
@@ -266,6 +266,14 @@ def _run(
     return compiled
 
 
+def pipeline_holders(compiled: Compiled) -> dict[str, list[int]]:
+    """Each parameter's stages, as the step's split placed them."""
+    out: dict[str, list[int]] = {}
+    for program in compiled.programs.values():
+        out.update(program.notes.get(PIPELINE, {}).get("holders", {}))
+    return out
+
+
 def pipeline_schedule(config: Config) -> pp_schedule.PipelineSchedule:
     """The pipeline's table for Config.pp_schedule, and which program variant runs each micro-batch."""
     plain = schedule(config)
@@ -303,12 +311,35 @@ def compile_eval(
     mesh: Mesh,
     *,
     log: Callable[[str], None] | None = None,
-) -> DistProgram:
-    """The forward-only program of eval_step: the same passes, on a graph without a backward."""
+    holders: dict[str, list[int]] | None = None,
+) -> DistProgram | dict[str, DistProgram]:
+    """The forward-only program of eval_step: the same passes, on a graph without a backward.
+    Under pipeline parallelism, one per stage (keyed stage_key(s, "eval")), checked as the step's
+    are: each stage runs the forward of one micro-batch after another. `holders` (each parameter's
+    stages in the training step: pipeline_holders) places the cuts where the step's are."""
     program = _trace(capture_forward, model, batch, loss_fn, config, mesh).program
     eval_config = config.replace(recompute="none", grad_clip=None)
     ctx = PassContext(eval_config, log or (lambda line: None))
-    return run_passes(program, pipeline(eval_config, mesh), ctx)[0]
+    if config.pp_size == 1:
+        return run_passes(program, pipeline(eval_config, mesh), ctx)[0]
+    programs = {
+        stage_key(s, pp_schedule.EVAL): run_passes(
+            clone_program(program), pipeline(eval_config, mesh, stage=s, holders=holders), ctx
+        )[0]
+        for s in range(config.pp_size)
+    }
+    table = pp_schedule.eval_table(config.pp_size, config.pp_microbatches)
+    for p in programs.values():
+        p.notes[PHASES] = split_phases(p)
+    pp_schedule.check(
+        mesh,
+        lambda r: list(table[mesh.coords(r)["pp"]]),
+        lambda r, step: programs[stage_key(mesh.coords(r)["pp"], pp_schedule.EVAL)].notes[PHASES].events[step.part],
+    )
+    return programs
+
+
+
 
 
 def plan(

@@ -87,6 +87,14 @@ def one_f_one_b(stages: int, micro_batches: int) -> list[list[Step]]:
     return table
 
 
+EVAL = "eval"  # the variant name of eval_step's stage programs
+
+
+def eval_table(stages: int, micro_batches: int) -> list[list[Step]]:
+    """eval_step's pipeline: each micro-batch's forward (and the empty rest of the program) in turn."""
+    return [[Step(m, part) for m in range(micro_batches) for part in (FORWARD_PART, BACKWARD_PART)] for _ in range(stages)]
+
+
 SCHEDULES: dict[str, Callable[[int, int], list[list[Step]]]] = {"gpipe": gpipe, "1f1b": one_f_one_b}
 
 

@@ -127,9 +127,14 @@ class DistProgram:
 
     def first_holder(self, name: str, rank: int) -> bool:
         """Whether `rank` is the first of the ranks holding the same piece of parameter `name`:
-        its coordinate is 0 on every mesh axis that does not split the parameter."""
+        its coordinate is 0 on every mesh axis that does not split the parameter. Pipeline stages
+        hold different parameters; one held on several (tied) counts on the first of them."""
         axes = {spec.axis for spec in self.specs(name)}
-        return all(c == 0 for axis, c in self.mesh.coords(rank).items() if axis not in axes)
+        coords = self.mesh.coords(rank)
+        tied = self.notes.get(PIPELINE, {}).get("tied", {})
+        if name in tied and coords.get("pp") != tied[name][0]:
+            return False
+        return all(c == 0 for axis, c in coords.items() if axis not in axes and axis != "pp")
 
     def note(self, key: str, provider: str) -> Any:
         """A note an earlier pass left (FUSION_REGIONS, TRITON_REGIONS); a clear error if it has not run."""

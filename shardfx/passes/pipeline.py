@@ -229,10 +229,16 @@ PASS_NAMES: tuple[str, ...] = tuple(p.name for p in PASSES)
 
 
 def pipeline(
-    config: Config, mesh: Mesh, grad_accum: str | None = None, replicas: str | None = None, stage: int | None = None
+    config: Config,
+    mesh: Mesh,
+    grad_accum: str | None = None,
+    replicas: str | None = None,
+    stage: int | None = None,
+    holders: dict[str, list[int]] | None = None,
 ) -> list[Pass]:
     """The passes for `config` on `mesh`, for one program of the step (see step_variants), of
-    pipeline stage `stage` (with Config.pp_size > 1):
+    pipeline stage `stage` (with Config.pp_size > 1; `holders`: each parameter's stages, to cut
+    eval_step's forward-only program as the training step was):
 
     grad_accum: None a plain step; with accumulation, "keep" (add to accumulators, reduce nothing),
     "reduce" (reduce the accumulated sum: the step's last micro-batch), "partial" (reduce this
@@ -249,7 +255,7 @@ def pipeline(
     if config.pp_size > 1:
         if stage is None or not 0 <= stage < config.pp_size:
             raise ValueError(f"a pipeline of {config.pp_size} stages compiles stages 0..{config.pp_size - 1}; got {stage!r}")
-        passes.append(SPLIT_STAGES.bind(stage=stage, stages=config.pp_size, split=config.pp_split))
+        passes.append(SPLIT_STAGES.bind(stage=stage, stages=config.pp_size, split=config.pp_split, holders=holders))
     if config.recompute != "none":
         passes.append(RECOMPUTE.bind(policy=config.recompute, budget=config.memory_budget, hw=config.hardware))
     reduce_dtype = torch.float32 if config.reduce_dtype == "fp32" else torch.bfloat16

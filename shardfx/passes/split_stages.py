@@ -74,10 +74,21 @@ class StagePlan:
 
 
 def split_stages(
-    program: DistProgram, ctx: PassContext, *, stage: int, stages: int, split: tuple[str, ...] | None = None
+    program: DistProgram,
+    ctx: PassContext,
+    *,
+    stage: int,
+    stages: int,
+    split: tuple[str, ...] | None = None,
+    holders: dict[str, list[int]] | None = None,
 ) -> PassResult:
+    """holders: the stages of each parameter, as the training step's split placed them: eval_step's
+    forward-only program is cut to match (its capture has no module paths to cut at)."""
     _refuse_batch_stats(program)
-    plan = plan_stages(program, stages, split, ctx.config.hardware)
+    if holders is not None:
+        plan = plan_by_holders(program, stages, holders)
+    else:
+        plan = plan_stages(program, stages, split, ctx.config.hardware)
     tied = _split_tied_gradients(program, plan)
     sends, recvs = _keep_stage(program, plan, stage, tied)
     program.notes[PIPELINE] = {
@@ -88,6 +99,7 @@ def split_stages(
         "seconds": list(plan.seconds),
         "how": plan.how,
         "tied": {name: list(h) for name, h in plan.holders.items() if len(h) > 1 and name in tied},
+        "holders": {name: list(h) for name, h in plan.holders.items()},
     }
     program.recompile()
     return PassResult(
@@ -161,6 +173,37 @@ def plan_stages(program: DistProgram, stages: int, split: tuple[str, ...] | None
     )
     _place_backward(program, plan, forward)
     _find_holders(program, plan)
+    return plan
+
+
+def plan_by_holders(program: DistProgram, stages: int, holders: dict[str, list[int]]) -> StagePlan:
+    """Cut a forward-only program where the training step's stages begin: stage s at the first node
+    that reads a parameter only stage s holds."""
+    forward = [n for n in program.graph.nodes if n.op == "call_function"]
+    only: dict[fx.Node, int] = {}
+    for spec, node in zip(program.signature.inputs, program.placeholders()):
+        if spec.role == PARAM and len(holders.get(spec.name, ())) == 1:
+            only[node] = holders[spec.name][0]
+    cuts: list[int] = []
+    for s in range(1, stages):
+        at = next((i for i, n in enumerate(forward) if any(only.get(a) == s for a in n.all_input_nodes)), None)
+        if at is None or (cuts and at < cuts[-1]):
+            raise ShardfxError(f"the forward-only program reads no parameter of stage {s} after stage {s - 1}'s")
+        cuts.append(at)
+    bounds = [0, *cuts, len(forward)]
+    plan = StagePlan(stages, [""] + [str(meta.get(forward[c], meta.MODULE)) for c in cuts], [0.0] * stages, "holders")
+    for s in range(stages):
+        for node in forward[bounds[s] : bounds[s + 1]]:
+            plan.stage_of[node.name] = s
+    _find_holders(program, plan)
+    for name, found in plan.holders.items():
+        if name in holders and not set(found) <= set(holders[name]):
+            raise ShardfxError(
+                f"the forward-only program reads {name} on stages {list(found)}; the training step holds it on "
+                f"{holders[name]}"
+            )
+        if name in holders:
+            plan.holders[name] = tuple(holders[name])
     return plan
 
 

@@ -64,7 +64,9 @@ def save(path: str | os.PathLike, runtime: Any, meta: dict[str, Any]) -> None:
         **meta,
         "optimizer_extra": extra,
         "state_dict_keys": list(runtime.model.state_dict()),
-        "aliases": {s.name: list(s.aliases) for s in runtime.program.signature.params() if s.aliases},
+        "aliases": {
+            s.name: list(s.aliases) for program, _ in layout.views(runtime) for s in program.signature.params() if s.aliases
+        },
         "tensors": {k: {"shape": list(layout.global_shape(v)), "dtype": str(v.dtype)} for k, v in tensors.items()},
     }
     try:

@@ -26,45 +26,79 @@ def global_shape(t: Any) -> tuple[int, ...]:
     return tuple(t.size())  # a Pieces' size is the logical tensor's
 
 
+View = tuple[Any, list[tuple[int, RankState]]]  # a program and the held ranks that run it
+
+
+def views(runtime: Any) -> list[View]:
+    """The programs this runtime's held ranks run, each with those ranks: one, or one per pipeline
+    stage (stages hold different parameters)."""
+    stages = getattr(runtime, "stages", None)
+    held = runtime.held_states()
+    if stages is None:
+        return [(runtime.program, held)]
+    out: list[View] = []
+    for s in range(stages.pipe.stages):
+        mine = [(r, st) for r, st in held if runtime.mesh.coords(r)["pp"] == s]
+        if mine:
+            out.append((stages.program(s), mine))
+    return out
+
+
 def collect(runtime: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(logical tensors by checkpoint key, JSON part of the optimizer: groups and non-tensor state)."""
-    program = runtime.program
-    states = runtime.held_states()
-    first = states[0][1]
     tensors: dict[str, Tensor] = {}
-    for spec in program.signature.params():
-        tensors[f"model/{spec.name}"] = _logical(runtime, spec.name, lambda st, n=spec.name: st.params[n].detach())
-    for name, buf in first.buffers.items():
-        tensors[f"buffer/{name}"] = buf
-    params = {n for s in program.signature.params() for n in (s.name, *s.aliases)}
+    extra: dict[str, Any] = {"groups": [], "state": {}}
+    params: set[str] = set()
+    for program, states in views(runtime):
+        first = states[0][1]
+        for spec in program.signature.params():
+            params.update((spec.name, *spec.aliases))
+            if f"model/{spec.name}" not in tensors:
+                tensors[f"model/{spec.name}"] = _logical(
+                    runtime, program, states, spec.name, lambda st, n=spec.name: st.params[n].detach()
+                )
+        for name, buf in first.buffers.items():
+            tensors.setdefault(f"buffer/{name}", buf)
+        if first.optimizer is None:
+            continue
+        extra["groups"] = extra["groups"] or [
+            {k: v for k, v in g.items() if k != "params"} for g in first.optimizer.param_groups
+        ]
+        for name, st in optimizer_state(first).items():
+            shape = first.params[name].shape
+            for key, value in st.items():
+                if f"optim/{name}/{key}" in tensors:
+                    continue  # a tied parameter: saved from its first stage
+                if not isinstance(value, Tensor):
+                    extra["state"].setdefault(name, {})[key] = value
+                elif value.shape == shape and program.specs(name):
+                    tensors[f"optim/{name}/{key}"] = _logical(
+                        runtime, program, states, name, lambda s, n=name, k=key: optimizer_state(s)[n][k]
+                    )
+                else:
+                    tensors[f"optim/{name}/{key}"] = value
     for name, value in runtime.model.state_dict().items():  # buffers the step never reads: the model's value
         if name not in params and f"buffer/{name}" not in tensors:
             tensors[f"buffer/{name}"] = value.detach()
-    extra: dict[str, Any] = {"groups": [], "state": {}}
-    if first.optimizer is None:
-        return tensors, extra
-    extra["groups"] = [{k: v for k, v in g.items() if k != "params"} for g in first.optimizer.param_groups]
-    for name, st in optimizer_state(first).items():
-        shape = first.params[name].shape
-        for key, value in st.items():
-            if not isinstance(value, Tensor):
-                extra["state"].setdefault(name, {})[key] = value
-            elif value.shape == shape and program.specs(name):
-                tensors[f"optim/{name}/{key}"] = _logical(
-                    runtime, name, lambda s, n=name, k=key: optimizer_state(s)[n][k]
-                )
-            else:
-                tensors[f"optim/{name}/{key}"] = value
     return tensors, extra
 
 
 def template(runtime: Any, saved: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, Tensor]:
     """Empty tensors, laid out as this runtime holds them, for every saved key it can take."""
-    program = runtime.program
-    first = runtime.held_states()[0][1]
-    full_shapes = {s.name: _full_shape(program, first, s.name) for s in program.signature.params()}
+    holder: dict[str, tuple[Any, list[tuple[int, RankState]]]] = {}
+    buffers: set[str] = set()
+    optimizer = False
+    for program, states in views(runtime):
+        for spec in program.signature.params():
+            holder.setdefault(spec.name, (program, states))
+        buffers.update(states[0][1].buffers)
+        optimizer = optimizer or states[0][1].optimizer is not None
+    full_shapes = {n: _full_shape(p, st[0][1], n) for n, (p, st) in holder.items()}
+    # Under pipeline parallelism a process holds some stages; it takes only their parameters.
+    whole = getattr(runtime, "stages", None) is None or not runtime.distributed
     saved_params = {k.split("/", 1)[1] for k in saved if k.startswith("model/")}
-    missing, extra = sorted(set(full_shapes) - saved_params), sorted(saved_params - set(full_shapes))
+    missing = sorted(set(full_shapes) - saved_params)
+    extra = sorted(saved_params - set(full_shapes)) if whole else []
     if missing or extra:
         raise ValueError(
             f"checkpoint parameters do not match the model: missing {missing or 'none'}, unexpected {extra or 'none'}"
@@ -73,16 +107,21 @@ def template(runtime: Any, saved: dict[str, tuple[tuple[int, ...], torch.dtype]]
     for key, (shape, dtype) in saved.items():
         kind, _, rest = key.partition("/")
         name = rest.split("/")[0] if kind == "optim" else rest
-        if kind == "buffer" and name not in first.buffers:
+        if kind == "buffer" and name not in buffers:
             continue  # a buffer the step does not read keeps the model's value, as in state_dict()
-        if kind == "optim" and (first.optimizer is None or not first.params[name].requires_grad):
-            continue
+        if kind in ("model", "optim") and name not in holder:
+            continue  # another stage's (a process of a pipeline)
+        if kind == "optim":
+            state = holder[name][1][0][1]
+            if not optimizer or state.optimizer is None or not state.params[name].requires_grad:
+                continue
         if kind == "model" and shape != full_shapes[name]:
             raise ValueError(
                 f"checkpoint holds {name} with shape {list(shape)}; the model's is {list(full_shapes[name])}"
             )
-        if kind in ("model", "optim") and shape == full_shapes[name] and program.specs(name):
-            out[key] = _empty_logical(runtime, name, dtype)
+        if kind in ("model", "optim") and shape == full_shapes[name] and holder[name][0].specs(name):
+            program, states = holder[name]
+            out[key] = _empty_logical(runtime, program, states, name, dtype)
         else:
             out[key] = torch.empty(shape, dtype=dtype)
     return out
@@ -90,35 +129,41 @@ def template(runtime: Any, saved: dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 def restore(runtime: Any, loaded: dict[str, Tensor], extra: dict[str, Any]) -> None:
     """Copy loaded logical tensors into every held rank's parameters, buffers and optimizer."""
-    program = runtime.program
-    for rank, state in runtime.held_states():
-        coords = program.mesh.coords(rank)
+    for program, states in views(runtime):
+        for rank, state in states:
+            _restore_rank(program, rank, state, loaded, extra)
 
-        def local(key: str, name: str, coords: dict[str, int] = coords) -> Tensor:
-            value = loaded[key]
-            if isinstance(value, Pieces):
-                return value.local  # DCP read this rank's boxes into it; padding rows are zero
-            specs = program.specs(name)
-            if not specs or value.dim() == 0 or tuple(value.shape) != specs[0].full_shape:
-                return value.clone()
-            return local_shard(value, specs, coords)
 
-        with torch.no_grad():
-            for name, param in state.params.items():
-                param.copy_(local(f"model/{name}", name))
-            for name, buf in state.buffers.items():
-                if f"buffer/{name}" in loaded:
-                    buf.copy_(loaded[f"buffer/{name}"])
-        if state.optimizer is None:
-            continue
-        named: dict[str, dict[str, Any]] = {}
-        for key in loaded:
-            if key.startswith("optim/"):
-                name, item = key[len("optim/") :].rsplit("/", 1)
+def _restore_rank(program: Any, rank: int, state: RankState, loaded: dict[str, Tensor], extra: dict[str, Any]) -> None:
+    coords = program.mesh.coords(rank)
+
+    def local(key: str, name: str) -> Tensor:
+        value = loaded[key]
+        if isinstance(value, Pieces):
+            return value.local  # DCP read this rank's boxes into it; padding rows are zero
+        specs = program.specs(name)
+        if not specs or value.dim() == 0 or tuple(value.shape) != specs[0].full_shape:
+            return value.clone()
+        return local_shard(value, specs, coords)
+
+    with torch.no_grad():
+        for name, param in state.params.items():
+            param.copy_(local(f"model/{name}", name))
+        for name, buf in state.buffers.items():
+            if f"buffer/{name}" in loaded:
+                buf.copy_(loaded[f"buffer/{name}"])
+    if state.optimizer is None:
+        return
+    named: dict[str, dict[str, Any]] = {}
+    for key in loaded:
+        if key.startswith("optim/"):
+            name, item = key[len("optim/") :].rsplit("/", 1)
+            if name in state.params:
                 named.setdefault(name, {})[item] = local(key, name)
-        for name, items in extra.get("state", {}).items():
+    for name, items in extra.get("state", {}).items():
+        if name in state.params:
             named.setdefault(name, {}).update(items)
-        load_optimizer(state, named, extra.get("groups", []))
+    load_optimizer(state, named, extra.get("groups", []))
 
 
 def optimizer_state(state: RankState) -> dict[str, dict[str, Any]]:
@@ -150,14 +195,13 @@ def _full_shape(program: Any, state: RankState, name: str) -> tuple[int, ...]:
     return specs[0].full_shape if specs else tuple(state.params[name].shape)
 
 
-def _logical(runtime: Any, name: str, get: Any) -> Any:
+def _logical(runtime: Any, program: Any, states: list[tuple[int, RankState]], name: str, get: Any) -> Any:
     """The logical tensor of a parameter-shaped value: the full tensor (local) or this rank's Pieces (distributed)."""
-    program = runtime.program
-    states = runtime.held_states()
     if not program.specs(name):
         return get(states[0][1])
     if not runtime.distributed:
-        return unshard(program, name, 0, lambda r: get(runtime.states[r]))
+        by_rank = dict(runtime.held_states())
+        return unshard(program, name, states[0][0], lambda r: get(by_rank[r]))
     local = get(states[0][1]).detach()
     writes = program.first_holder(name, runtime.rank)  # replicas: one rank writes, every rank reads
     return Pieces(
@@ -165,9 +209,8 @@ def _logical(runtime: Any, name: str, get: Any) -> Any:
     )
 
 
-def _empty_logical(runtime: Any, name: str, dtype: torch.dtype) -> Any:
-    program = runtime.program
-    state = runtime.held_states()[0][1]
+def _empty_logical(runtime: Any, program: Any, states: list[tuple[int, RankState]], name: str, dtype: torch.dtype) -> Any:
+    state = states[0][1]
     if not runtime.distributed:
         return torch.empty(_full_shape(program, state, name), dtype=dtype)
     local = torch.zeros(state.params[name].shape, dtype=dtype, device=state.params[name].device)

@@ -61,7 +61,8 @@ class EngineOptions:
     capture_seconds: float = 0.0
     scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
     compile_for: Callable[[tuple[Tensor, ...]], dict[str, DistProgram]] | None = None  # a new batch shape
-    compile_eval_for: Callable[[tuple[Tensor, ...]], DistProgram] | None = None
+    # a forward-only program (a pipeline: one per stage, by stage_key(s, "eval"))
+    compile_eval_for: Callable[[tuple[Tensor, ...]], DistProgram | dict[str, DistProgram]] | None = None
     model: torch.nn.Module | None = None
     loss_fn: Callable[..., Tensor] | None = None
     log: Callable[[str], None] | None = None
@@ -99,12 +100,19 @@ class Engine:
             )
         compile_eval = options.compile_eval_for
         self._can_eval = compile_eval is not None
+
+        def eval_programs(batch: tuple[Tensor, ...]) -> dict[str, DistProgram]:
+            assert compile_eval is not None
+            programs = compile_eval(batch)
+            return programs if isinstance(programs, dict) else {"eval": programs}
+
         self._eval_programs = ProgramCache(
-            None if compile_eval is None else (lambda batch: {"eval": compile_eval(batch)}),
+            None if compile_eval is None else eval_programs,
             self.config.max_batch_shapes,
             lambda line: None,
             what="eval program",
             strict=False,
+            executor=StageExecutor if self._pipeline else Executor,
         )
         self._nonfinite = NonFinitePolicy(self.config.on_nonfinite, lambda line: self._log(line))
         self._variant = self.schedule.micro_batches[-1]  # the variant that ran last
@@ -229,7 +237,8 @@ class Engine:
         """The forward-only program eval_step ran last (for graphs.format.format_program)."""
         if not len(self._eval_programs):
             raise RuntimeError("no eval_step has run yet")
-        return self._eval_programs.latest()["eval"][0]
+        programs = self._eval_programs.latest()
+        return programs["eval"][0] if "eval" in programs else programs[max(programs)][0]
 
     def eval_step(self, *batch: Tensor) -> Tensor:
         """The global mean loss on `batch`, forward only, in eval mode: its own traced program.
@@ -242,8 +251,10 @@ class Engine:
             raise TypeError(f"eval_step got {len(batch)} tensors; the step was compiled for {self._arity}")
         if not self._can_eval:
             raise RuntimeError("eval_step needs the engine built by shardfx.compile_distributed")
-        (_, executor) = self._eval_programs.get(batch, self.program.mesh.size("dp"))["eval"]
-        return self.runtime.evaluate(executor, self._split(batch)).float()
+        programs = self._eval_programs.get(batch, self._splits)
+        if self._pipeline:  # every stage's forward: the runtime takes them all
+            return self.runtime.evaluate(programs, self._split(batch)).float()
+        return self.runtime.evaluate(programs["eval"][1], self._split(batch)).float()
 
     # --- state ----------------------------------------------------------------------------------
 

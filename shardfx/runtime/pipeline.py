@@ -28,7 +28,7 @@ from torch import Tensor
 
 from shardfx.errors import CollectiveError
 from shardfx.graphs.phases import FORWARD_PART
-from shardfx.graphs.pp_schedule import PipelineSchedule, stage_key
+from shardfx.graphs.pp_schedule import EVAL, PipelineSchedule, stage_key
 from shardfx.graphs.program import PIPELINE, DistProgram, Mesh
 from shardfx.runtime.executor import StageExecutor
 from shardfx.runtime.local_comm import LocalWorld
@@ -74,6 +74,24 @@ def run_stage(
     return losses, peak
 
 
+def run_eval_stage(
+    comm: object,
+    state: RankState,
+    stage: int,
+    programs: dict[str, tuple[DistProgram, StageExecutor]],
+    micro: Sequence[tuple[Tensor, ...]],
+) -> list[Tensor]:
+    """One rank's part of eval_step: its stage's forward of each micro-batch in turn; the losses."""
+    executor = programs[stage_key(stage, EVAL)][1]
+    losses = []
+    for batch in micro:
+        args = executor.arguments(state.params, state.buffers, batch)
+        out = executor.backward(comm, args, executor.forward(comm, args))  # type: ignore[arg-type]
+        if out.loss is not None:
+            losses.append(out.loss.detach())
+    return losses
+
+
 def tied_groups(program: DistProgram, mesh: Mesh) -> list[tuple[str, list[int]]]:
     """(parameter, the global ranks that hold a copy of the same piece, in stage order) for every
     parameter held on several stages."""
@@ -87,22 +105,10 @@ def tied_groups(program: DistProgram, mesh: Mesh) -> list[tuple[str, list[int]]]
     return groups
 
 
-def counts_in_norm(program: DistProgram, name: str, rank: int) -> bool:
-    """Whether `rank`'s piece of `name` enters the gradient norm: each element once over the mesh
-    (the first holder stage of a tied parameter; coordinate 0 on every axis that does not split it)."""
-    mesh = program.mesh
-    coords = mesh.coords(rank)
-    tied = program.notes.get(PIPELINE, {}).get("tied", {})
-    if name in tied and coords[AXIS] != tied[name][0]:
-        return False
-    split = {spec.axis for spec in program.specs(name)}
-    return all(c == 0 for axis, c in coords.items() if axis not in split and axis != AXIS)
-
-
 def local_square_norm(program: DistProgram, state: RankState, rank: int) -> Tensor:
     total = torch.zeros((), dtype=torch.float64)
     for name, param in state.params.items():
-        if param.grad is not None and counts_in_norm(program, name, rank):
+        if param.grad is not None and program.first_holder(name, rank):
             total += param.grad.detach().double().pow(2).sum().cpu()
     return total
 
@@ -218,8 +224,22 @@ class LocalPipelineRuntime:
         for state in self.states:
             state.grad_norm = torch.tensor(norm)
 
-    def evaluate(self, executor: object, shards: list[tuple[Tensor, ...]]) -> Tensor:
-        raise NotImplementedError("eval_step under pipeline parallelism is not supported yet (train_step is)")
+    def evaluate(self, programs: dict[str, tuple[DistProgram, StageExecutor]], shards: list[tuple[Tensor, ...]]) -> Tensor:
+        """Every stage's forward-only program on its ranks' state; returns the mean loss."""
+        self.world.reset()
+        micro = [list(zip(*(torch.chunk(x, self.pipe.micro_batches, dim=0) for x in shard))) for shard in shards]
+
+        def rank_eval(rank: int) -> list[Tensor]:
+            try:
+                return run_eval_stage(self.comms[rank], self.states[rank], self.stage_of[rank], programs, micro[rank])
+            except BaseException as exc:
+                self.world.abort(rank, exc)
+                raise
+
+        futures = [self._pool.submit(rank_eval, r) for r in range(self.world_size)]
+        results = [f.result() for f in futures]
+        last = next(r for r in range(self.world_size) if self.stage_of[r] == self.pipe.stages - 1)
+        return torch.stack(results[last]).mean()
 
     def state_dict(self) -> dict[str, Tensor]:
         return pipeline_state_dict(self.stages, self.mesh, self.model, lambda r: self.states[r])
@@ -309,8 +329,15 @@ class DistributedPipelineRuntime:
         dist.broadcast(loss, src=self._last)  # every rank returns the step's loss
         return loss
 
-    def evaluate(self, executor: object, shards: list[tuple[Tensor, ...]]) -> Tensor:
-        raise NotImplementedError("eval_step under pipeline parallelism is not supported yet (train_step is)")
+    def evaluate(self, programs: dict[str, tuple[DistProgram, StageExecutor]], shards: list[tuple[Tensor, ...]]) -> Tensor:
+        import torch.distributed as dist
+
+        micro = list(zip(*(torch.chunk(x, self.pipe.micro_batches, dim=0) for x in shards[self.rank])))
+        losses = run_eval_stage(self.comm, self.state, self.stage, programs, micro)
+        self.comm.finish_sends()
+        loss = torch.stack(losses).mean() if losses else torch.zeros(())
+        dist.broadcast(loss, src=self._last)
+        return loss
 
     def state_dict(self) -> dict[str, Tensor]:
         """A collective: every rank gets every full tensor (each stage's gathered, then broadcast)."""

@@ -47,6 +47,7 @@ class PhaseSplit:
     forward: fx.GraphModule  # (*program inputs) -> (*saved)
     backward: fx.GraphModule  # (*program inputs, *saved) -> program outputs
     saved: list[str]  # the forward values the backward reads, by node name
+    saved_bytes: int = 0  # their bytes for one micro-batch (views of one storage once)
     events: dict[str, list[Event]] = field(default_factory=dict)  # FORWARD_PART / BACKWARD_PART -> events
 
 
@@ -91,12 +92,22 @@ def split_phases(program: DistProgram) -> PhaseSplit:
             benv[node] = bwd.node_copy(node, lambda n: benv[n])
         elif node.op == "output":
             bwd.node_copy(node, lambda n: benv[n])
-    split = PhaseSplit(fx.GraphModule(program.gm, fwd), fx.GraphModule(program.gm, bwd), [n.name for n in saved])
+    split = PhaseSplit(
+        fx.GraphModule(program.gm, fwd), fx.GraphModule(program.gm, bwd), [n.name for n in saved], _bytes(saved)
+    )
     split.events = {
         FORWARD_PART: events(forward),
         BACKWARD_PART: events(n for n in graph.nodes if n.op == "call_function" and n not in in_forward),
     }
     return split
+
+
+def _bytes(nodes: list[fx.Node]) -> int:
+    """Bytes of the values of `nodes`, a view counted with its base (as the runtime holds them)."""
+    from shardfx.graphs.analysis import _storage_owner, tensor_bytes
+
+    owners = {_storage_owner(n) for n in nodes}
+    return sum(tensor_bytes(o.meta.get("val")) for o in owners if o.op != "placeholder")
 
 
 def events(nodes) -> list[Event]:  # noqa: ANN001 - any iterable of nodes

@@ -55,10 +55,11 @@ def run_stage(
     comm: object, state: RankState, stage: int, programs: StagePrograms, micro: Sequence[tuple[Tensor, ...]]
 ) -> tuple[list[Tensor], int]:
     """One rank's steps of the table: the losses of its micro-batches (the last stage's), and the
-    most micro-batches whose saved activations it held at once."""
+    most micro-batches whose saved activations it held at once (and their bytes: state.saved_peak)."""
     saved: dict[int, tuple[Tensor, ...]] = {}
     losses: list[Tensor] = []
     peak = 0
+    held = state.saved_peak = 0
     for step in programs.pipe.steps[stage]:
         m = step.micro_batch
         executor = programs.executor(stage, m)
@@ -66,12 +67,27 @@ def run_stage(
         if step.part == FORWARD_PART:
             saved[m] = executor.forward(comm, args)  # type: ignore[arg-type]
             peak = max(peak, len(saved))
+            held += _nbytes(saved[m], args)
+            state.saved_peak = max(state.saved_peak, held)
             continue
-        out = executor.backward(comm, args, saved.pop(m))  # type: ignore[arg-type]
+        kept = saved.pop(m)
+        held -= _nbytes(kept, args)
+        out = executor.backward(comm, args, kept)  # type: ignore[arg-type]
         state.apply(out)
         if out.loss is not None:
             losses.append(out.loss.detach())
     return losses, peak
+
+
+def _nbytes(values: tuple[Tensor, ...], inputs: list[Tensor]) -> int:
+    """Bytes of the distinct storages of `values` (views of one count once) that are not the
+    program's inputs (a saved view of a parameter holds no memory of its own)."""
+    own = {x.untyped_storage().data_ptr() for x in inputs if isinstance(x, Tensor)}
+    seen: dict[int, int] = {}
+    for v in values:
+        if isinstance(v, Tensor) and v.untyped_storage().data_ptr() not in own:
+            seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+    return sum(seen.values())
 
 
 def run_eval_stage(

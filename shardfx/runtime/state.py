@@ -56,6 +56,7 @@ class RankState:
         self.grad_acc: dict[str, Tensor] = {}  # unreduced gradient sums between micro-batches
         self.replicas: dict[str, Tensor] = {}  # ZeRO-1/2: full parameters gathered this optimizer step
         self.grad_norm: Tensor | None = None  # the global gradient norm the last step's program returned
+        self.saved_peak = 0  # a pipeline stage: the most bytes of saved activations held at once (measured)
 
     def apply(self, out: StepOutputs) -> None:
         """Take a step's outputs: gradients (added to any kept ones), new buffer values, gradient

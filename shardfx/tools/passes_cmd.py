@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         stop_after=args.stop_after,
         progress=not args.no_progress,
         variant=args.variant,
+        stage=args.pp_stage,
     )
     # Check the stage names before printing anything, so a typo fails fast and alone.
     shown = find_stage(stages, args.show, "--show") if args.show else None
@@ -92,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
     if tp_stage is not None and not tp_stage.disabled and tp_stage.record.stats.get("layers"):
         print()
         print(format_tp_plan(tp_stage.record.stats, args.width or 80))
+    pp_stage = next((s for s in stages if s.name == "split_stages" and s.record is not None), None)
+    if pp_stage is not None and not pp_stage.disabled:
+        print()
+        print(format_pipeline_plan(pp_stage.record.stats))
     if args.dump:
         dump_stages(stages, Path(args.dump))
         print(f"printed programs written to {args.dump}/")
@@ -127,6 +132,22 @@ def format_tp_plan(stats: dict[str, Any], width: int = 80) -> str:
     for r in rows:
         share = f"{format_bytes(r['rank_bytes'])}/{format_bytes(r['bytes'])}"
         lines.append(f"{_fit(r['module'], name_w):<{name_w}}  {r['style']:<9} {share:>17}  {r['reason']}")
+    return "\n".join(lines)
+
+
+def format_pipeline_plan(stats: dict[str, Any]) -> str:
+    """The stage cut split_stages chose, and what the shown stage sends and receives."""
+    starts, seconds = stats["starts"], stats["stage_seconds"]
+    total = sum(seconds) or 1.0
+    lines = [f"pipeline: {len(starts)} stages, cut by the {stats['how']}; showing stage {stats['stage']}"]
+    for i, (start, sec) in enumerate(zip(starts, seconds)):
+        mark = "  <" if i == stats["stage"] else ""
+        lines.append(
+            f"  stage {i}: from {start or 'the input'}, est. {sec * 1e3:.2f} ms fwd+bwd ({sec / total:.0%}){mark}"
+        )
+    lines.append(f"  this stage: {stats['sends']} sends, {stats['recvs']} receives per micro-batch")
+    if stats.get("tied"):
+        lines.append(f"  on several stages (gradients summed across them): {', '.join(stats['tied'])}")
     return "\n".join(lines)
 
 

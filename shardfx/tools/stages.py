@@ -19,7 +19,8 @@ from typing import Any
 from tqdm import tqdm
 
 from shardfx.config import Config
-from shardfx.driver import CAPTURE, build_mesh, compile_step, passes_for
+from shardfx.driver import CAPTURE, build_mesh, check_batch, compile_step, passes_for
+from shardfx.graphs.pp_schedule import stage_key
 from shardfx.graphs.analysis import collective_summary, memory_timeline
 from shardfx.graphs.program import DistProgram, clone_program
 from shardfx.passes.manager import Pass, PassRecord
@@ -119,6 +120,12 @@ def add_variant_argument(parser: argparse.ArgumentParser) -> None:
         "(ZeRO-1/2 gather the parameters), middle (gradients kept in accumulators), last (the one that "
         "reduces them); default: last",
     )
+    parser.add_argument(
+        "--pp-stage",
+        type=int,
+        metavar="S",
+        help="with --config pp_size=P: which pipeline stage's program to compile, 0 .. P-1 (default: the last)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -150,14 +157,33 @@ def as_pass(obj: Any, text: str = "") -> Pass:
     return Pass(name, obj, f"appended with --append-pass {text}".rstrip())
 
 
-def pass_list(config: Config, world_size: int, extra_passes: list[Pass] = (), variant: str | None = None) -> list[Pass]:
-    """The pipeline of one program of the step: under accumulation `variant` (None: the last) of step_variants."""
+def pass_list(
+    config: Config, world_size: int, extra_passes: list[Pass] = (), variant: str | None = None, stage: int | None = None
+) -> list[Pass]:
+    """The pipeline of one program of the step: under accumulation `variant` (None: the last) of
+    step_variants; under pipeline parallelism, of stage `stage` (None: the last)."""
     variants = step_variants(config)
     if variant is not None and variant not in variants:
-        if config.grad_accum_steps == 1:
-            raise ValueError("--variant picks one program of an accumulating step; give --config grad_accum_steps=K")
+        if len(variants) == 1:
+            raise ValueError(
+                "--variant picks one program of an accumulating step; give --config grad_accum_steps=K "
+                "(or pp_microbatches=M with pp_size=P)"
+            )
         raise ValueError(f"--variant {variant}: this configuration compiles {', '.join(variants)}")
-    return passes_for(config, build_mesh(config, world_size), variant, extra_passes)
+    return passes_for(config, build_mesh(config, world_size), program_name(config, variant, stage), extra_passes)
+
+
+def program_name(config: Config, variant: str | None, stage: int | None) -> str:
+    """The compile driver's name of one program: a variant, or "stage{s}/{variant}" in a pipeline."""
+    variant = variant or schedule(config).micro_batches[-1]
+    if config.pp_size == 1:
+        if stage is not None:
+            raise ValueError("--pp-stage picks a pipeline stage's program; give --config pp_size=P")
+        return variant
+    stage = config.pp_size - 1 if stage is None else stage
+    if not 0 <= stage < config.pp_size:
+        raise ValueError(f"--pp-stage {stage}: a pipeline of {config.pp_size} stages has stages 0 .. {config.pp_size - 1}")
+    return stage_key(stage, variant)
 
 
 def check_pass_name(name: str, passes: list[Pass], option: str, capture_ok: bool = False) -> None:
@@ -175,23 +201,21 @@ def compile_stages(
     stop_after: str | None = None,
     progress: bool = False,
     variant: str | None = None,
+    stage: int | None = None,
 ) -> list[Stage]:
     """The program after capture and after every pass (up to `stop_after`), each its own copy;
     under accumulation, of the step's program `variant` (see pass_list). One run of the compile
     driver: its observer copies the program after each stage."""
     mesh = build_mesh(config, world_size)
-    passes = pass_list(config, world_size, extra_passes, variant)
-    variant = variant or schedule(config).micro_batches[-1]
+    passes = pass_list(config, world_size, extra_passes, variant, stage)
+    variant = program_name(config, variant, stage)
     for name in config.disable_passes:  # a pass of any pipeline (e.g. accumulate_gradients) may be disabled
         if name not in PASS_NAMES:
             check_pass_name(name, passes, "--disable")
     if stop_after is not None:
         check_pass_name(stop_after, passes, "--stop-after", capture_ok=True)
         passes = passes[: [CAPTURE, *(p.name for p in passes)].index(stop_after)]
-    dp = mesh.size("dp")
-    for i, x in enumerate(spec.batch):
-        if x.dim() == 0 or x.shape[0] % dp:
-            raise ValueError(f"example batch[{i}] has shape {list(x.shape)}: its dim 0 must divide into {dp} ranks")
+    check_batch(spec.batch, mesh, config)
     bar = tqdm(total=len(passes) + 1, desc=CAPTURE, unit="stage", disable=True if not progress else None, leave=False)
     stages: list[Stage] = []
 

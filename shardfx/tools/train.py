@@ -73,6 +73,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="ZeRO stage: 0 data parallel, 1 shard optimizer states, 2 + gradients, 3 + parameters "
         "(passed to shardfx.Config; default: the --config file's, else 0)",
     )
+    pipeline = parser.add_argument_group("pipeline parallelism")
+    pipeline.add_argument(
+        "--pp-size",
+        type=positive_int,
+        metavar="P",
+        help="pipeline stages; --world-size must divide by P (the rest splits the batch) (default: 1)",
+    )
+    pipeline.add_argument(
+        "--pp-microbatches",
+        type=positive_int,
+        metavar="M",
+        help="micro-batches each step's batch is cut into for the pipeline (default: 2 x --pp-size)",
+    )
+    pipeline.add_argument(
+        "--pp-schedule",
+        choices=("gpipe", "1f1b"),
+        help="gpipe: all forwards, then all backwards; 1f1b: one of each in the steady state, at most P "
+        "micro-batches alive (default 1f1b)",
+    )
     parser.add_argument(
         "--seed",
         type=int,
@@ -143,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         ds_config=args.ds_config,
         log_every=args.log_every,
+        pp_size=args.pp_size,
+        pp_microbatches=args.pp_microbatches,
+        pp_schedule=args.pp_schedule,
     )
     train(options, echo=print)
     return 0

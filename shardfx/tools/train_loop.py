@@ -95,6 +95,8 @@ def train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
         "model_config": model_config(model),
         "params": num_params(model),
         "world_size": options.world_size,
+        "mesh": str(engine.program.mesh),
+        "pipeline": None if config.pp_size == 1 else f"{config.pp_schedule}, {config.pp_microbatches} micro-batches",
         "runtime": options.runtime,
         "zero_stage": config.zero_stage,
         "grad_accum_steps": config.grad_accum_steps,

@@ -34,6 +34,9 @@ class TrainOptions:
     resume: bool = False  # continue from checkpoint_dir/latest
     ds_config: str | None = None  # a DeepSpeed JSON config
     log_every: int = 10  # a step line every N steps under the progress bar; 0: none
+    pp_size: int | None = None  # pipeline stages (None: the --config file's, else 1)
+    pp_microbatches: int | None = None  # None: the --config file's, else 2 x pp_size under a pipeline
+    pp_schedule: str | None = None  # "gpipe" | "1f1b" (None: 1f1b)
 
 
 def train_config(options: TrainOptions) -> shardfx.Config:
@@ -41,6 +44,14 @@ def train_config(options: TrainOptions) -> shardfx.Config:
     changes: dict[str, Any] = {"dump_dir": options.dump_dir, "collective_timeout": options.timeout}
     if options.zero_stage is not None:
         changes["zero_stage"] = options.zero_stage
+    if options.pp_size is not None:
+        changes["pp_size"] = options.pp_size
+        if options.pp_microbatches is None and options.pp_size > 1:
+            changes["pp_microbatches"] = 2 * options.pp_size  # a bubble of (P-1)/(3P-1): under a third
+    if options.pp_microbatches is not None:
+        changes["pp_microbatches"] = options.pp_microbatches
+    if options.pp_schedule is not None:
+        changes["pp_schedule"] = options.pp_schedule
     if options.ds_config is None:
         return shardfx.Config().replace(**changes)
     with warnings.catch_warnings():

@@ -64,7 +64,10 @@ def header(s: dict[str, Any]) -> str:
     return "\n".join(
         [
             f"model       {name}: {s['params']:,} parameters",
-            f"ranks       world size {s['world_size']} ({s['runtime']} runtime), ZeRO stage {s['zero_stage']}, passes: {', '.join(s['passes'])}",
+            f"ranks       world size {s['world_size']} ({s.get('mesh') or 'dp=' + str(s['world_size'])}, {s['runtime']} runtime), "
+            f"ZeRO stage {s['zero_stage']}"
+            + (f", pipeline {s['pipeline']}" if s.get("pipeline") else "")
+            + f", passes: {', '.join(s['passes'])}",
             f"compiled    in {s['compile_seconds']:.1f} s, {s['graph_nodes']} graph nodes",
             f"training    {s['steps']} steps, global batch {s['batch_size']}"
             + (f" ({s['grad_accum_steps']} micro-batches a step)" if s["grad_accum_steps"] > 1 else "")

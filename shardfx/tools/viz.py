@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         extra_passes=extra_passes_from_args(args),
         progress=not args.no_progress,
         variant=args.variant,
+        stage=args.pp_stage,
     )
     stage = find_stage(stages, args.after, "--after") if args.after else stages[-1]
     shown = [stage]

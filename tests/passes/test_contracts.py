@@ -88,7 +88,7 @@ def test_every_pipeline_pass_declares_its_contract() -> None:
         assert set(p.after) <= set(PASS_NAMES), (p.name, set(p.after) - set(PASS_NAMES))
     required = {p.name for p in PASSES if p.required}
     dp_passes = {"data_parallel", "shard_optimizer_state", "shard_gradients", "shard_parameters"}
-    assert required == dp_passes | {"clip_gradients", "grad_norm", "sum_gradients"}
+    assert required == dp_passes | {"clip_gradients", "grad_norm", "sum_gradients", "split_stages"}
 
 
 @pytest.mark.parametrize(

@@ -136,10 +136,12 @@ def _resolve_world_size(world_size: int | None) -> int:
 def _check_batch_sizes(batch: tuple[Any, ...], dp: int, config: Config) -> None:
     """The example batch against Config.micro_batch_size / train_batch_size (set e.g. from a DeepSpeed config)."""
     rows = batch[0].shape[0]
-    if config.micro_batch_size is not None and rows != config.micro_batch_size * dp:
+    micro = config.pp_microbatches if config.pp_size > 1 else 1  # a pipeline's example batch is the whole step's
+    if config.micro_batch_size is not None and rows != config.micro_batch_size * dp * micro:
+        pipeline = f" x {micro} pipeline micro-batches" if micro > 1 else ""
         raise ValueError(
-            f"example_inputs has batch size {rows}; Config.micro_batch_size={config.micro_batch_size} on {dp} ranks "
-            f"needs {config.micro_batch_size * dp}"
+            f"example_inputs has batch size {rows}; Config.micro_batch_size={config.micro_batch_size} on {dp} ranks"
+            f"{pipeline} needs {config.micro_batch_size * dp * micro}"
         )
     total = rows * config.grad_accum_steps
     if config.train_batch_size is not None and total != config.train_batch_size:

@@ -203,9 +203,19 @@ class Config:
 
     @classmethod
     def from_deepspeed(
-        cls, source: str | os.PathLike | dict[str, Any], *, world_size: int | None = None, unsupported: str = "warn"
+        cls,
+        source: str | os.PathLike | dict[str, Any],
+        *,
+        world_size: int | None = None,
+        unsupported: str = "warn",
+        pp_size: int = 1,
     ) -> Config:
         """A Config from a DeepSpeed JSON config (a path or the parsed dict); see DEEPSPEED_KEYS.
+
+        DeepSpeed sets a pipeline's stages in code (PipelineModule(num_stages=P)), not in the JSON:
+        give them as `pp_size`. Then, as in DeepSpeed's PipelineEngine, gradient_accumulation_steps
+        is the pipeline's micro-batches (pp_microbatches), and the batch sizes count the
+        data-parallel ranks (world_size / pp_size).
 
         Keys shardfx does not support are reported by their dotted names: `unsupported="warn"`
         (a UserWarning, one line), "error" (ValueError) or "ignore". The list is also kept on the
@@ -215,7 +225,13 @@ class Config:
             raise ValueError(f"unsupported={unsupported!r} is not allowed; choose one of ['warn', 'error', 'ignore']")
         ds, where = _read_json(source)
         values, skipped = _map_deepspeed(ds)
-        _check_batch_sizes(values, world_size, where)
+        _check_int("pp_size", pp_size)
+        if world_size is not None and world_size % pp_size:
+            raise ValueError(f"{where}: world size {world_size} does not divide into pp_size={pp_size} stages")
+        _check_batch_sizes(values, None if world_size is None else world_size // pp_size, where)
+        if pp_size > 1:
+            values["pp_size"] = pp_size
+            values["pp_microbatches"] = values.pop("grad_accum_steps", 1)
         if skipped and unsupported == "error":
             raise ValueError(f"{where}: keys shardfx does not support: {', '.join(skipped)}")
         if skipped and unsupported == "warn":

@@ -353,3 +353,16 @@ def test_saved_activations_measured_against_the_split() -> None:
         kept[schedule, recompute] = measured
     assert kept["1f1b", "none"] * 2 == kept["gpipe", "none"]  # stage 0: 2 of 4 micro-batches alive, not 4
     assert kept["1f1b", "full"] < kept["1f1b", "none"]
+
+
+def test_deepspeed_config_with_pipeline_stages() -> None:
+    """DeepSpeed's PipelineEngine: gradient_accumulation_steps is the micro-batches of a pipeline step."""
+    ds = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4}
+    config = shardfx.Config.from_deepspeed(ds, world_size=4, pp_size=2)
+    assert (config.pp_size, config.pp_microbatches, config.grad_accum_steps) == (2, 4, 1)
+    engine = shardfx.compile_distributed(
+        gpt(2), 4, example_inputs=gpt_batch(16), loss_fn=gpt_loss, optimizer=sgd, config=config
+    )
+    assert engine.runtime.mesh.names == ("pp", "dp")
+    with pytest.raises(ValueError, match="train_batch_size=16 but .* x world size 4 = 32"):
+        shardfx.Config.from_deepspeed(ds, world_size=8, pp_size=2)

@@ -96,6 +96,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--tp", type=positive_int, default=1, help="tensor-parallel ranks that split every layer first (default 1)"
     )
+    pipe = parser.add_argument_group("pipeline parallelism (with --model: each stage as split_stages cuts it)")
+    pipe.add_argument("--pp", type=positive_int, default=1, help="pipeline stages (default 1)")
+    pipe.add_argument(
+        "--pp-microbatches", type=positive_int, metavar="M", help="micro-batches a step (default 2 x --pp)"
+    )
+    pipe.add_argument("--pp-schedule", choices=("gpipe", "1f1b"), default="1f1b", help="schedule (default 1f1b)")
     parser.add_argument(
         "--k", type=non_negative_int, default=12, help="optimizer-state bytes per parameter (12: mixed-precision Adam)"
     )
@@ -137,7 +143,18 @@ def run(args: argparse.Namespace) -> int:
             f"{_count(held)} of {_count(total)} parameters ({held / total:.1%}; every one split would be {1 / args.tp:.1%}); "
             "the table below assumes every parameter split, as Megatron's estimate does"
         )
-    print(format_table(params, args.world_size, args.k, source, args.tp))
+    print(format_table(params / args.pp, args.world_size, args.k, source, args.tp))
+    if args.pp > 1:
+        micro = args.pp_microbatches or 2 * args.pp
+        if args.model is None:
+            print(f"pipeline: {args.pp} stages; the table counts 1/{args.pp} of the parameters a stage (give --model for the cut)")
+        else:
+            from shardfx.tools.simulate import format_stage_rows, pp_stage_rows
+
+            kwargs = model_kwargs(args.model, args.preset, args.overrides)
+            rows = pp_stage_rows(args.model, kwargs, args.pp, micro, args.pp_schedule, args.batch)
+            print()
+            print(format_stage_rows(rows, micro, args.pp_schedule))
     if args.simulate:
         if args.model is None:
             raise ValueError("--simulate needs a --model (a parameter count has no graph to simulate)")

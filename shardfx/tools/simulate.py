@@ -97,3 +97,62 @@ def tp_held_params(model_name: str, kwargs: dict[str, Any], tp: int) -> tuple[in
             shard = program.tp_specs.get(spec.name)
             total += int(torch.Size(shard.full_shape).numel()) if shard is not None else node.meta["val"].numel()
     return held, total
+
+
+@dataclass
+class StageRow:
+    stage: int
+    start: str  # the module the stage begins at
+    params: int  # parameters it holds (a tied one on each holder)
+    seconds: float  # the cost model's forward + backward seconds of one micro-batch
+    saved_bytes: int  # activations kept from a micro-batch's forward to its backward
+    alive: int  # micro-batches the schedule keeps alive at once on this stage
+
+
+def pp_stage_rows(
+    model_name: str, kwargs: dict[str, Any], pp: int, micro_batches: int, kind: str, batch: int = 1
+) -> list[StageRow]:
+    """Each stage of the pipeline compile_distributed would cut at pp stages (split_stages): what it
+    holds, how long a micro-batch takes, what it keeps, for a batch of `batch` sequences per
+    micro-batch. Built on the CPU: a capture on the meta device has no backward (torch 2.13's
+    joint export returns no gradients for meta parameters), and the backward is half the cut's cost."""
+    from shardfx.graphs.phases import split_phases
+    from shardfx.graphs.pp_schedule import alive_peak, stage_key, table
+
+    config = shardfx.Config(pp_size=pp, pp_microbatches=micro_batches, pp_schedule=kind)
+    mesh = build_mesh(config, pp)
+    steps = table(kind, pp, micro_batches)
+    model, loss_fn, _ = build_model(model_name, **kwargs)
+    example = _meta_batch(model, batch * micro_batches)
+    last = schedule(config).micro_batches[-1]
+    names = [stage_key(s, last) for s in range(pp)]
+    compiled = compile_step(model, example, loss_fn, config, mesh, variants=names, stop_after="split_stages")
+    rows = []
+    for s, name in enumerate(names):
+        program = compiled.programs[name]
+        plan = program.notes["pipeline"]
+        held = sum(n.meta["val"].numel() for spec, n in zip(program.signature.inputs, program.placeholders()) if spec.role == PARAM)
+        rows.append(
+            StageRow(s, plan["starts"][s] or "(input)", held, plan["seconds"][s], split_phases(program).saved_bytes, alive_peak(list(steps[s])))
+        )
+    return rows
+
+
+def format_stage_rows(rows: list[StageRow], micro_batches: int, kind: str) -> str:
+    from shardfx.graphs.pp_schedule import bubble_fraction
+
+    pp = len(rows)
+    slowest = max(r.seconds for r in rows) or 1.0
+    lines = [
+        f"pipeline: {pp} stages, {micro_batches} micro-batches, {kind}; the bubble of equal stages is "
+        f"(P-1)/(M+P-1) = {bubble_fraction(pp, micro_batches):.1%}",
+        f"{'stage':>5}  {'begins at':<22} {'params':>10}  {'fwd+bwd':>9}  {'kept/micro':>10}  {'alive':>5}  {'kept':>9}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.stage:>5}  {r.start:<22} {r.params:>10,}  {r.seconds * 1e3:>7.2f}ms  {r.saved_bytes / 2**20:>8.2f}Mi"
+            f"  {r.alive:>5}  {r.saved_bytes * r.alive / 2**20:>7.2f}Mi"
+        )
+    balance = sum(r.seconds for r in rows) / pp / slowest
+    lines.append(f"balance: mean stage time / slowest = {balance:.0%} (the cost model's estimate on the hardware profile)")
+    return "\n".join(lines)

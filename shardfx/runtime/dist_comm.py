@@ -9,6 +9,7 @@ local backend, so both backends do the same arithmetic.
 
 from __future__ import annotations
 
+import time
 import warnings
 from datetime import timedelta
 
@@ -43,6 +44,7 @@ class DistComm:
         # output buffer's data_ptr -> (work handle, divisor applied when it completes)
         self._pending: dict[int, tuple[dist.Work, int]] = {}
         self._sends: list[tuple[dist.Work, Tensor]] = []  # isends in flight (the tensor kept alive)
+        self.recv_seconds = 0.0  # time spent waiting in receives (a pipeline's bubble, measured)
         kwargs = {"timeout": timedelta(seconds=timeout)} if timeout else {}
         for axis in mesh.names:
             if mesh.size(axis) == mesh.world_size:
@@ -116,7 +118,9 @@ class DistComm:
         self, shape: list[int], dtype: torch.dtype, device: torch.device, axis: str, peer: int, where: str | None = None
     ) -> Tensor:
         out = torch.empty(shape, dtype=dtype, device=device)
+        start = time.perf_counter()
         dist.recv(out, src=self.peer_rank(axis, peer))
+        self.recv_seconds += time.perf_counter() - start
         self.stats.record_p2p("recv", out.numel() * out.element_size())
         return out
 

@@ -75,3 +75,10 @@ def test_tp_vs_torch() -> None:
     out = run("tp_vs_torch.py", "--tiny", "--tp-sizes", "2", "--steps", "1", "--warmup", "1")
     assert "| torch TP |" in out and "| shardfx tp |" in out and "| shardfx tp+SP |" in out, out
     assert "MISMATCH" not in out, out
+
+
+@pytest.mark.multiproc
+def test_pipeline_vs_torch() -> None:
+    out = run("pipeline_vs_torch.py", "--tiny", "--pp-sizes", "2", "--microbatches", "2", "--steps", "1", "--warmup", "1")
+    for row in ("| torch GPipe |", "| shardfx gpipe |", "| torch 1F1B |", "| shardfx 1f1b |", "| shardfx 1f1b even |"):
+        assert row in out, out

@@ -85,6 +85,9 @@ class Config:
         alive) or "1f1b" (one forward, one backward in the steady state: at most pp_size alive).
     pp_split: the module names that begin stages 1 .. pp_size-1 (None: the cost model balances
         the stages' forward and backward time, cutting between blocks).
+    pp_stage_memory: bytes a pipeline stage may hold (None: no limit); the cost model's cut keeps
+        every stage within it: model state (16 bytes a parameter, ZeRO's share of it on dp > 1)
+        plus the activations of the micro-batches the schedule keeps alive there.
     """
 
     zero_stage: int = 0
@@ -120,6 +123,7 @@ class Config:
     pp_microbatches: int = 1
     pp_schedule: str = "1f1b"
     pp_split: tuple[str, ...] | None = None
+    pp_stage_memory: float | None = None
 
     def __post_init__(self) -> None:
         for key, allowed in _CHOICES.items():
@@ -184,6 +188,11 @@ class Config:
                     f"Config.pp_split names the modules that begin stages 1 .. {self.pp_size - 1}: it needs "
                     f"{self.pp_size - 1} names for pp_size={self.pp_size}; got {len(self.pp_split)}: {list(self.pp_split)}"
                 )
+        if self.pp_stage_memory is not None and not (
+            isinstance(self.pp_stage_memory, (int, float)) and not isinstance(self.pp_stage_memory, bool)
+            and self.pp_stage_memory > 0
+        ):
+            raise ValueError(f"Config.pp_stage_memory must be bytes > 0 or None; got {self.pp_stage_memory!r}")
         if self.pp_size > 1 and self.grad_accum_steps > 1:
             raise ValueError(
                 f"Config(pp_size={self.pp_size}) accumulates over its pp_microbatches; grad_accum_steps must be 1 "

@@ -30,7 +30,7 @@ from shardfx.passes.schedule_overlap import schedule_overlap
 from shardfx.passes.shard_gradients import shard_gradients
 from shardfx.passes.shard_optimizer_state import shard_optimizer_state
 from shardfx.passes.shard_parameters import shard_parameters
-from shardfx.passes.split_stages import split_stages
+from shardfx.passes.split_stages import MemoryLimit, split_stages
 from shardfx.passes.sum_gradients import sum_gradients
 from shardfx.passes.sync_batch_norm import sync_batch_norm
 from shardfx.passes.tensor_parallel import tensor_parallel
@@ -255,7 +255,10 @@ def pipeline(
     if config.pp_size > 1:
         if stage is None or not 0 <= stage < config.pp_size:
             raise ValueError(f"a pipeline of {config.pp_size} stages compiles stages 0..{config.pp_size - 1}; got {stage!r}")
-        passes.append(SPLIT_STAGES.bind(stage=stage, stages=config.pp_size, split=config.pp_split, holders=holders))
+        memory = MemoryLimit(config.pp_stage_memory, _state_bytes(config, dp), config.pp_microbatches, config.pp_schedule)
+        passes.append(
+            SPLIT_STAGES.bind(stage=stage, stages=config.pp_size, split=config.pp_split, holders=holders, memory=memory)
+        )
     if config.recompute != "none":
         passes.append(RECOMPUTE.bind(policy=config.recompute, budget=config.memory_budget, hw=config.hardware))
     reduce_dtype = torch.float32 if config.reduce_dtype == "fp32" else torch.bfloat16
@@ -337,6 +340,12 @@ def schedule(config: Config) -> Schedule:
         return "middle"
 
     return Schedule(tuple(at(i) for i in range(k)), frozenset({"step", "last"} & set(variants)))
+
+
+def _state_bytes(config: Config, dp: int) -> float:
+    """Model-state bytes a rank holds per parameter element (fp32 parameter, gradient, Adam's two
+    moments: 4 + 4 + 8), as ZeRO's stage shares them over the dp ranks."""
+    return {0: 16.0, 1: 8.0 + 8.0 / dp, 2: 4.0 + 12.0 / dp, 3: 16.0 / dp}[config.zero_stage]
 
 
 def accumulated(config: Config) -> int:

@@ -71,6 +71,23 @@ class StagePlan:
     stage_of: dict[str, int] = field(default_factory=dict)  # node name -> stage
     holders: dict[str, tuple[int, ...]] = field(default_factory=dict)  # param/buffer name -> stages
     blocks: list[str] = field(default_factory=list)  # the places a cut may go (block names)
+    memory: list[int] = field(default_factory=list)  # estimated bytes each stage holds (MemoryLimit's model)
+
+
+@dataclass(frozen=True)
+class MemoryLimit:
+    """What a stage may hold, and how its bytes are estimated: model state at `state_bytes` per
+    parameter element (16: fp32 parameter, gradient and Adam's two moments; fewer under ZeRO),
+    plus the activations one micro-batch keeps for its backward times the micro-batches the
+    schedule keeps alive on that stage (1F1B: P - s; GPipe: M)."""
+
+    limit: float | None  # bytes; None: no limit (the estimate is still reported)
+    state_bytes: float
+    micro_batches: int
+    schedule: str
+
+    def alive(self, stage: int, stages: int) -> int:
+        return self.micro_batches if self.schedule == "gpipe" else min(stages - stage, self.micro_batches)
 
 
 def split_stages(
@@ -81,14 +98,16 @@ def split_stages(
     stages: int,
     split: tuple[str, ...] | None = None,
     holders: dict[str, list[int]] | None = None,
+    memory: MemoryLimit | None = None,
 ) -> PassResult:
     """holders: the stages of each parameter, as the training step's split placed them: eval_step's
-    forward-only program is cut to match (its capture has no module paths to cut at)."""
+    forward-only program is cut to match (its capture has no module paths to cut at).
+    memory: the most bytes a stage may hold; the cost model's cut respects it."""
     _refuse_batch_stats(program)
     if holders is not None:
         plan = plan_by_holders(program, stages, holders)
     else:
-        plan = plan_stages(program, stages, split, ctx.config.hardware)
+        plan = plan_stages(program, stages, split, ctx.config.hardware, memory)
     tied = _split_tied_gradients(program, plan)
     sends, recvs = _keep_stage(program, plan, stage, tied)
     program.notes[PIPELINE] = {
@@ -100,6 +119,7 @@ def split_stages(
         "how": plan.how,
         "tied": {name: list(h) for name, h in plan.holders.items() if len(h) > 1 and name in tied},
         "holders": {name: list(h) for name, h in plan.holders.items()},
+        "memory": list(plan.memory),
     }
     program.recompile()
     return PassResult(
@@ -109,6 +129,7 @@ def split_stages(
             "starts": plan.starts,
             "how": plan.how,
             "stage_seconds": [round(s, 6) for s in plan.seconds],
+            "stage_bytes": list(plan.memory),
             "sends": sends,
             "recvs": recvs,
             "tied": sorted(tied),
@@ -128,7 +149,13 @@ def block_of(path: str) -> str | None:
     return None
 
 
-def plan_stages(program: DistProgram, stages: int, split: tuple[str, ...] | None, hw_name: str) -> StagePlan:
+def plan_stages(
+    program: DistProgram,
+    stages: int,
+    split: tuple[str, ...] | None,
+    hw_name: str,
+    memory: MemoryLimit | None = None,
+) -> StagePlan:
     graph = program.graph
     forward = [n for n in graph.nodes if n.op == "call_function" and meta.phase(n) == meta.FORWARD]
     if not forward:
@@ -146,6 +173,8 @@ def plan_stages(program: DistProgram, stages: int, split: tuple[str, ...] | None
             i = first_of_seq.get(node.meta.get("seq_nr"))
             if i is not None:
                 cost[i] += compute_seconds(node, hw)
+    memory = memory or MemoryLimit(None, 16.0, 1, "1f1b")
+    state, kept = _bytes_by_node(program, forward, memory.state_bytes)
     if split is not None:
         cuts = _named_cuts(forward, split, blocks)
         how = "pp_split"
@@ -156,7 +185,7 @@ def plan_stages(program: DistProgram, stages: int, split: tuple[str, ...] | None
                 f"{len(starts)} ({', '.join(blocks) or 'no module with an index in its path'}). "
                 "Use a smaller pp_size, or name the modules that begin each stage in Config.pp_split"
             )
-        cuts = _balanced_cuts(sorted(starts), cost, stages)
+        cuts = _balanced_cuts(sorted(starts), cost, stages, state, kept, memory)
         how = "cost model"
     bounds = [0, *cuts, len(forward)]
     stage_of: dict[str, int] = {}
@@ -170,6 +199,10 @@ def plan_stages(program: DistProgram, stages: int, split: tuple[str, ...] | None
         how,
         stage_of,
         blocks=blocks,
+        memory=[
+            int(sum(state[bounds[s] : bounds[s + 1]]) + sum(kept[bounds[s] : bounds[s + 1]]) * memory.alive(s, stages))
+            for s in range(stages)
+        ],
     )
     _place_backward(program, plan, forward)
     _find_holders(program, plan)
@@ -249,32 +282,87 @@ def _named_cuts(forward: list[fx.Node], split: tuple[str, ...], blocks: list[str
     return cuts
 
 
-def _balanced_cuts(candidates: list[int], cost: list[float], stages: int) -> list[int]:
-    """stages-1 of the candidate cut indices that minimise the largest stage's cost (exact, by DP)."""
+def _bytes_by_node(program: DistProgram, forward: list[fx.Node], per_param: float) -> tuple[list[float], list[float]]:
+    """Per forward node: the model-state bytes of the parameters it reads first, and the bytes of
+    the activations it makes that the backward keeps (one micro-batch)."""
+    from shardfx.graphs.analysis import _storage_owner, tensor_bytes
+
+    index = {n: i for i, n in enumerate(forward)}
+    state = [0.0] * len(forward)
+    kept = [0.0] * len(forward)
+    for spec, node in zip(program.signature.inputs, program.placeholders()):
+        if spec.role == PARAM:
+            users = [index[u] for u in node.users if u in index]
+            if users:
+                state[min(users)] += node.meta["val"].numel() * per_param
+    owners = set()
+    for node in forward:
+        if any(u not in index and u.op != "output" for u in node.users):
+            owners.add(_storage_owner(node))
+    for owner in owners:
+        if owner in index:
+            kept[index[owner]] += tensor_bytes(owner.meta.get("val"))
+    return state, kept
+
+
+def _balanced_cuts(
+    candidates: list[int],
+    cost: list[float],
+    stages: int,
+    state: list[float],
+    kept: list[float],
+    memory: MemoryLimit,
+) -> list[int]:
+    """stages-1 of the candidate cut indices that minimise the largest stage's cost, every stage
+    within memory.limit (exact, by dynamic programming over the segments between candidates)."""
     edges = [0, *candidates, len(cost)]
-    prefix = [0.0]
-    for c in cost:
-        prefix.append(prefix[-1] + c)
-    seg = lambda a, b: prefix[edges[b]] - prefix[edges[a]]  # noqa: E731 - cost of segments a..b-1
-    n = len(edges) - 1  # segments
-    inf = float("inf")
-    # best[k][j]: the smallest max-stage cost of the first j segments in k stages; how[k][j]: the last split
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
-    how = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for k in range(1, stages + 1):
-        for j in range(k, n + 1):
-            for i in range(k - 1, j):
-                value = max(best[k - 1][i], seg(i, j))
-                if value < best[k][j]:
-                    best[k][j], how[k][j] = value, i
-    cuts: list[int] = []
-    j = n
-    for k in range(stages, 0, -1):
-        j = how[k][j]
-        if k > 1:
-            cuts.append(edges[j])
-    return sorted(cuts)
+
+    def prefix(values: list[float]) -> list[float]:
+        out = [0.0]
+        for v in values:
+            out.append(out[-1] + v)
+        return out
+
+    seconds, state_sum, kept_sum = prefix(cost), prefix(state), prefix(kept)
+
+    def between(p: list[float], a: int, b: int) -> float:  # segments a..b-1
+        return p[edges[b]] - p[edges[a]]
+
+    def stage_bytes(a: int, b: int, stage: int) -> float:
+        return between(state_sum, a, b) + between(kept_sum, a, b) * memory.alive(stage, stages)
+
+    def solve(objective: Any, limit: float | None) -> tuple[float, list[int]]:
+        n = len(edges) - 1
+        inf = float("inf")
+        best = [[inf] * (n + 1) for _ in range(stages + 1)]
+        how = [[0] * (n + 1) for _ in range(stages + 1)]
+        best[0][0] = 0.0
+        for k in range(1, stages + 1):
+            for j in range(k, n + 1):
+                for i in range(k - 1, j):
+                    if limit is not None and stage_bytes(i, j, k - 1) > limit:
+                        continue
+                    value = max(best[k - 1][i], objective(i, j, k - 1))
+                    if value < best[k][j]:
+                        best[k][j], how[k][j] = value, i
+        cuts: list[int] = []
+        j = n
+        if best[stages][n] < inf:
+            for k in range(stages, 0, -1):
+                j = how[k][j]
+                if k > 1:
+                    cuts.append(edges[j])
+        return best[stages][n], sorted(cuts)
+
+    value, cuts = solve(lambda a, b, k: between(seconds, a, b), memory.limit)
+    if value == float("inf"):
+        smallest, _ = solve(stage_bytes, None)
+        raise ShardfxError(
+            f"no cut into {stages} stages keeps every stage within Config.pp_stage_memory={memory.limit:.4g} bytes; "
+            f"the smallest largest stage would hold {smallest:.4g} bytes (model state at {memory.state_bytes:g} "
+            "bytes a parameter, activations of the micro-batches alive). Raise the limit, add stages, or recompute"
+        )
+    return cuts
 
 
 def _place_backward(program: DistProgram, plan: StagePlan, forward: list[fx.Node]) -> None:

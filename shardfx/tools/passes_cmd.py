@@ -140,10 +140,12 @@ def format_pipeline_plan(stats: dict[str, Any]) -> str:
     starts, seconds = stats["starts"], stats["stage_seconds"]
     total = sum(seconds) or 1.0
     lines = [f"pipeline: {len(starts)} stages, cut by the {stats['how']}; showing stage {stats['stage']}"]
-    for i, (start, sec) in enumerate(zip(starts, seconds)):
+    held = stats.get("stage_bytes") or [0] * len(starts)
+    for i, (start, sec, nbytes) in enumerate(zip(starts, seconds, held)):
         mark = "  <" if i == stats["stage"] else ""
         lines.append(
-            f"  stage {i}: from {start or 'the input'}, est. {sec * 1e3:.2f} ms fwd+bwd ({sec / total:.0%}){mark}"
+            f"  stage {i}: from {start or 'the input'}, est. {sec * 1e3:.2f} ms fwd+bwd ({sec / total:.0%}), "
+            f"holds ~{format_bytes(nbytes)}{mark}"
         )
     lines.append(f"  this stage: {stats['sends']} sends, {stats['recvs']} receives per micro-batch")
     if stats.get("tied"):

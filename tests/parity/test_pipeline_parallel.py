@@ -366,3 +366,23 @@ def test_deepspeed_config_with_pipeline_stages() -> None:
     assert engine.runtime.mesh.names == ("pp", "dp")
     with pytest.raises(ValueError, match="train_batch_size=16 but .* x world size 4 = 32"):
         shardfx.Config.from_deepspeed(ds, world_size=8, pp_size=2)
+
+
+def test_stage_memory_limit_moves_the_cut() -> None:
+    """1F1B keeps 2 micro-batches alive on stage 0 of 2 and 1 on stage 1, so the time-balanced cut
+    makes stage 0 the larger; a limit below its estimate moves a block to stage 1 (slower, within
+    the limit); a limit no cut meets is an error."""
+
+    def plan(limit):  # type: ignore[no-untyped-def]
+        config = shardfx.Config(pp_size=2, pp_microbatches=4, pp_stage_memory=limit)
+        compiled = compile_step(gpt(8, tie=False), gpt_batch(32), gpt_loss, config, build_mesh(config, 2))
+        return compiled.programs["stage0/last"].notes["pipeline"]
+
+    free = plan(None)
+    assert free["starts"] == ["", "blocks.4"] and free["memory"][0] > free["memory"][1]
+    limit = free["memory"][0] - 1
+    bounded = plan(limit)
+    assert bounded["starts"] == ["", "blocks.3"] and max(bounded["memory"]) <= limit
+    assert max(bounded["seconds"]) > max(free["seconds"])  # balance traded for memory
+    with pytest.raises(ShardfxError, match=r"no cut into 2 stages keeps every stage within Config.pp_stage_memory"):
+        plan(1e5)

@@ -20,7 +20,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "recompute": ("none", "full", "selective", "budget"),
     "on_nonfinite": ("skip", "stop", "ignore"),
     "grad_accum_sync": ("boundary", "micro_batch"),
-    "pp_schedule": ("gpipe", "1f1b"),
+    "pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
 }
 
 
@@ -82,8 +82,12 @@ class Config:
     pp_microbatches: micro-batches the global batch is split into for the pipeline (every rank's
         data-parallel slice is split into this many along dim 0).
     pp_schedule: "gpipe" (every forward, then every backward: M micro-batches of activations
-        alive) or "1f1b" (one forward, one backward in the steady state: at most pp_size alive).
-    pp_split: the module names that begin stages 1 .. pp_size-1 (None: the cost model balances
+        alive), "1f1b" (one forward, one backward in the steady state: at most pp_size alive) or
+        "interleaved_1f1b" (Megatron's: each rank runs pp_chunks stages, a smaller bubble for more
+        sends; pp_microbatches must be a multiple of pp_size).
+    pp_chunks: with interleaved_1f1b, the stages each rank holds (>= 2): the model is cut into
+        pp_size x pp_chunks stages, stage v on pipeline rank v % pp_size.
+    pp_split: the module names that begin stages 1 .. pp_size x pp_chunks - 1 (None: the cost model balances
         the stages' forward and backward time, cutting between blocks).
     pp_stage_memory: bytes a pipeline stage may hold (None: no limit); the cost model's cut keeps
         every stage within it: model state (16 bytes a parameter, ZeRO's share of it on dp > 1)
@@ -124,6 +128,7 @@ class Config:
     pp_schedule: str = "1f1b"
     pp_split: tuple[str, ...] | None = None
     pp_stage_memory: float | None = None
+    pp_chunks: int = 1
 
     def __post_init__(self) -> None:
         for key, allowed in _CHOICES.items():
@@ -176,17 +181,36 @@ class Config:
             object.__setattr__(self, "disable_passes", (self.disable_passes,))
         object.__setattr__(self, "disable_passes", tuple(self.disable_passes))
 
+    @property
+    def pp_stages(self) -> int:
+        """The stages the model is cut into: pp_size x pp_chunks."""
+        return self.pp_size * self.pp_chunks
+
     def _check_pipeline(self) -> None:
-        for key in ("pp_size", "pp_microbatches"):
+        for key in ("pp_size", "pp_microbatches", "pp_chunks"):
             _check_int(key, getattr(self, key))
+        interleaved = self.pp_schedule == "interleaved_1f1b"
+        if interleaved and self.pp_size > 1 and self.pp_chunks < 2:
+            raise ValueError("Config(pp_schedule='interleaved_1f1b') runs pp_chunks >= 2 stages a rank; got pp_chunks=1")
+        if not interleaved and self.pp_chunks != 1:
+            raise ValueError(
+                f"Config.pp_chunks={self.pp_chunks} is for pp_schedule='interleaved_1f1b'; {self.pp_schedule!r} "
+                "runs one stage a rank"
+            )
+        if interleaved and self.pp_size > 1 and self.pp_microbatches % self.pp_size:
+            raise ValueError(
+                f"Config(pp_schedule='interleaved_1f1b') takes micro-batches in groups of pp_size={self.pp_size}; "
+                f"pp_microbatches={self.pp_microbatches} is not a multiple"
+            )
         if self.pp_split is not None:
             if isinstance(self.pp_split, str) or not all(isinstance(m, str) for m in self.pp_split):
                 raise TypeError(f"Config.pp_split must be a list of module names or None; got {self.pp_split!r}")
             object.__setattr__(self, "pp_split", tuple(self.pp_split))
-            if len(self.pp_split) != self.pp_size - 1:
+            n = self.pp_stages
+            if len(self.pp_split) != n - 1:
                 raise ValueError(
-                    f"Config.pp_split names the modules that begin stages 1 .. {self.pp_size - 1}: it needs "
-                    f"{self.pp_size - 1} names for pp_size={self.pp_size}; got {len(self.pp_split)}: {list(self.pp_split)}"
+                    f"Config.pp_split names the modules that begin stages 1 .. {n - 1}: it needs "
+                    f"{n - 1} names for {n} stages; got {len(self.pp_split)}: {list(self.pp_split)}"
                 )
         if self.pp_stage_memory is not None and not (
             isinstance(self.pp_stage_memory, (int, float)) and not isinstance(self.pp_stage_memory, bool)

@@ -77,7 +77,7 @@ class Compiled:
         """The variant of an optimizer step's last micro-batch (the one a plain step runs); under
         pipeline parallelism the last stage's."""
         if self.pipeline is not None:
-            return stage_key(self.pipeline.stages - 1, self.schedule.micro_batches[-1])
+            return stage_key(self.pipeline.stages - 1, self.schedule.micro_batches[-1])  # the model's last stage
         return self.schedule.micro_batches[-1]
 
     @property
@@ -162,10 +162,11 @@ def passes_for(
 def _parse_stage(config: Config, name: str | None) -> tuple[int, str | None]:
     """(stage, variant) of a pipeline program's name; a bare variant or None means the last stage's."""
     if name is None or "/" not in name:
-        return config.pp_size - 1, name
+        return config.pp_stages - 1, name
     head, variant = name.split("/", 1)
-    if not head.startswith("stage") or not head[5:].isdigit() or int(head[5:]) >= config.pp_size:
-        raise ValueError(f"program {name!r}: a pipeline of {config.pp_size} stages names programs stage0/..stage{config.pp_size - 1}/")
+    n = config.pp_stages
+    if not head.startswith("stage") or not head[5:].isdigit() or int(head[5:]) >= n:
+        raise ValueError(f"program {name!r}: a pipeline of {n} stages names programs stage0/..stage{n - 1}/")
     return int(head[5:]), variant
 
 
@@ -174,7 +175,7 @@ def program_names(config: Config) -> list[str]:
     variants = list(step_variants(config))
     if config.pp_size == 1:
         return variants
-    return [stage_key(s, v) for s in range(config.pp_size) for v in variants]
+    return [stage_key(s, v) for s in range(config.pp_stages) for v in variants]
 
 
 def check_disabled(config: Config, extra_passes: Sequence[Pass] = ()) -> None:
@@ -277,12 +278,14 @@ def pipeline_holders(compiled: Compiled) -> dict[str, list[int]]:
 def pipeline_schedule(config: Config) -> pp_schedule.PipelineSchedule:
     """The pipeline's table for Config.pp_schedule, and which program variant runs each micro-batch."""
     plain = schedule(config)
+    steps = pp_schedule.table(config.pp_schedule, config.pp_size, config.pp_microbatches, config.pp_chunks)
     return pp_schedule.PipelineSchedule(
         config.pp_schedule,
-        config.pp_size,
+        config.pp_stages,
         config.pp_microbatches,
-        tuple(tuple(steps) for steps in pp_schedule.table(config.pp_schedule, config.pp_size, config.pp_microbatches)),
+        tuple(tuple(s) for s in steps),
         plain.micro_batches,
+        config.pp_chunks,
     )
 
 
@@ -297,7 +300,8 @@ def check_pipeline_programs(compiled: Compiled) -> int:
             program.notes[PHASES] = split_phases(program)
 
     def events(rank: int, step: pp_schedule.Step) -> list:
-        program = compiled.programs[stage_key(mesh.coords(rank)["pp"], pipe.variants[step.micro_batch])]
+        stage = pipe.stage(mesh.coords(rank)["pp"], step)
+        program = compiled.programs[stage_key(stage, pipe.variants[step.micro_batch])]
         return program.notes[PHASES].events[step.part]
 
     return pp_schedule.check(mesh, lambda r: list(pipe.steps[mesh.coords(r)["pp"]]), events)
@@ -326,16 +330,17 @@ def compile_eval(
         stage_key(s, pp_schedule.EVAL): run_passes(
             clone_program(program), pipeline(eval_config, mesh, stage=s, holders=holders), ctx
         )[0]
-        for s in range(config.pp_size)
+        for s in range(config.pp_stages)
     }
-    table = pp_schedule.eval_table(config.pp_size, config.pp_microbatches)
+    table = pp_schedule.eval_table(config.pp_size, config.pp_microbatches, config.pp_chunks)
     for p in programs.values():
         p.notes[PHASES] = split_phases(p)
-    pp_schedule.check(
-        mesh,
-        lambda r: list(table[mesh.coords(r)["pp"]]),
-        lambda r, step: programs[stage_key(mesh.coords(r)["pp"], pp_schedule.EVAL)].notes[PHASES].events[step.part],
-    )
+
+    def events(rank: int, step: pp_schedule.Step) -> list:
+        stage = step.chunk * config.pp_size + mesh.coords(rank)["pp"]
+        return programs[stage_key(stage, pp_schedule.EVAL)].notes[PHASES].events[step.part]
+
+    pp_schedule.check(mesh, lambda r: list(table[mesh.coords(r)["pp"]]), events)
     return programs
 
 

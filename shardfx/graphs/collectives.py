@@ -34,8 +34,10 @@ class Communicator(Protocol):
     def coordinate(self, axis: str) -> int: ...
     def start(self, kind: str, x: Tensor, axis: str, **kwargs: Any) -> Tensor: ...
     def wait(self, t: Tensor) -> Tensor: ...
-    def send(self, x: Tensor, axis: str, peer: int) -> None: ...
-    def recv(self, shape: list[int], dtype: torch.dtype, device: torch.device, axis: str, peer: int) -> Tensor: ...
+    def send(self, x: Tensor, axis: str, peer: int, tag: int) -> None: ...
+    def recv(
+        self, shape: list[int], dtype: torch.dtype, device: torch.device, axis: str, peer: int, tag: int
+    ) -> Tensor: ...
 
 
 _bound = threading.local()
@@ -202,25 +204,27 @@ torch.library.register_fake("shardfx::wait", _wait_fake, lib=_lib)
 WAIT = torch.ops.shardfx.wait.default
 
 # Point-to-point, between the ranks of a pipeline: `peer` is relative along `axis` (+1 the next
-# stage, -1 the previous one), never a rank. `send` returns nothing and is declared to write its
-# input, so no dead-code elimination drops it; `recv` makes a new tensor of the given shape.
-_lib.define("send(Tensor(a!) x, str axis, int peer) -> ()")
-_lib.define("recv(SymInt[] shape, ScalarType dtype, Device device, str axis, int peer) -> Tensor")
+# stage, -1 the previous one), never a rank. `tag` names the value (and the stage it goes to): a
+# receive takes the oldest message of its tag, so two stages of one rank (interleaved) can receive
+# from one peer in their own orders. `send` returns nothing and is declared to write its input,
+# so no dead-code elimination drops it; `recv` makes a new tensor of the given shape.
+_lib.define("send(Tensor(a!) x, str axis, int peer, int tag) -> ()")
+_lib.define("recv(SymInt[] shape, ScalarType dtype, Device device, str axis, int peer, int tag) -> Tensor")
 
 
-def _send(x: Tensor, axis: str, peer: int) -> None:
-    current().send(x, axis, peer)
+def _send(x: Tensor, axis: str, peer: int, tag: int) -> None:
+    current().send(x, axis, peer, tag)
 
 
-def _recv(shape: list[int], dtype: torch.dtype, device: torch.device, axis: str, peer: int) -> Tensor:
-    return current().recv(list(shape), dtype, device, axis, peer)
+def _recv(shape: list[int], dtype: torch.dtype, device: torch.device, axis: str, peer: int, tag: int) -> Tensor:
+    return current().recv(list(shape), dtype, device, axis, peer, tag)
 
 
-def _send_fake(x: Tensor, axis: str, peer: int) -> None:
+def _send_fake(x: Tensor, axis: str, peer: int, tag: int) -> None:
     return None
 
 
-def _recv_fake(shape: list[int], dtype: torch.dtype, device: torch.device, axis: str, peer: int) -> Tensor:
+def _recv_fake(shape: list[int], dtype: torch.dtype, device: torch.device, axis: str, peer: int, tag: int) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 

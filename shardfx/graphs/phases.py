@@ -40,6 +40,7 @@ class Event:
     extra: tuple  # a collective's options (op, dim); a p2p's tag (the value it carries)
     node: str  # the node, for errors
     module: str = ""
+    tag: int = 0  # a send's or receive's tag: a receive takes the oldest message of its tag
 
 
 @dataclass
@@ -117,12 +118,13 @@ def events(nodes) -> list[Event]:  # noqa: ANN001 - any iterable of nodes
         module = str(meta.get(node, meta.MODULE) or "")
         if node.target is collectives.SEND:
             val = node.args[0].meta["val"]
-            out.append(
-                Event("send", node.args[1], node.args[2], tuple(val.shape), val.dtype, (meta.get(node, meta.TARGET),), node.name, module)
-            )
+            axis, peer, tag = node.args[1:4]
+            target = (meta.get(node, meta.TARGET),)
+            out.append(Event("send", axis, peer, tuple(val.shape), val.dtype, target, node.name, module, tag))
         elif node.target is collectives.RECV:
-            shape, dtype, _, axis, peer = node.args
-            out.append(Event("recv", axis, peer, tuple(shape), dtype, (meta.get(node, meta.TARGET),), node.name, module))
+            shape, dtype, _, axis, peer, tag = node.args
+            target = (meta.get(node, meta.TARGET),)
+            out.append(Event("recv", axis, peer, tuple(shape), dtype, target, node.name, module, tag))
         elif collectives.is_collective(node):
             val = node.args[0].meta["val"]
             extra = tuple(a for a in node.args[2:] if not isinstance(a, fx.Node))

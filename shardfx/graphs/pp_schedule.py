@@ -12,7 +12,7 @@ nothing else about schedules.
 `check(...)` proves, before anything runs, that every rank's sequence of sends,
 receives and collectives over the whole schedule matches its peers': it plays
 the schedule out with sends that never wait, receives that wait for the
-oldest message on their channel, and collectives that wait for their whole
+oldest message of their tag from their peer, and collectives that wait for their whole
 group, comparing kinds, shapes, dtypes and the value each message carries. A
 mismatch, a receive nothing will satisfy or a rank left waiting is a
 ScheduleError naming both ranks and both nodes, instead of a hang.
@@ -28,7 +28,7 @@ from shardfx.errors import ShardfxError
 from shardfx.graphs.phases import BACKWARD_PART, FORWARD_PART, Event
 from shardfx.graphs.program import Mesh
 
-KINDS = ("gpipe", "1f1b")
+KINDS = ("gpipe", "1f1b", "interleaved_1f1b")
 
 
 def stage_key(stage: int, variant: str) -> str:
@@ -44,9 +44,10 @@ class ScheduleError(ShardfxError):
 class Step:
     micro_batch: int
     part: str  # FORWARD_PART or BACKWARD_PART
+    chunk: int = 0  # interleaved schedules: which of the rank's stages (virtual stage chunk * P + rank)
 
     def __str__(self) -> str:
-        return f"{self.part}{self.micro_batch}"
+        return f"{self.part}{self.micro_batch}" + (f".{self.chunk}" if self.chunk else "")
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,32 @@ class PipelineSchedule:
     """What the runtime executes: each stage's steps, and which program variant runs micro-batch m."""
 
     kind: str
-    stages: int
+    stages: int  # stages of the model (virtual stages: ranks x chunks)
     micro_batches: int
-    steps: tuple[tuple[Step, ...], ...]  # per stage
+    steps: tuple[tuple[Step, ...], ...]  # per pp coordinate (rank of the pipeline)
     variants: tuple[str, ...]  # per micro-batch ("middle" ... "last", or "step" for one)
+    chunks: int = 1  # stages per rank (interleaved: stage v runs on pp coordinate v % ranks)
+
+    @property
+    def ranks(self) -> int:
+        return self.stages // self.chunks
+
+    def stage(self, coord: int, step: Step) -> int:
+        """The model stage a step of the rank at pp coordinate `coord` runs."""
+        return step.chunk * self.ranks + coord
+
+    def coord(self, stage: int) -> int:
+        """The pp coordinate that runs a model stage."""
+        return stage % self.ranks
+
+    def stages_of(self, coord: int) -> list[int]:
+        return [c * self.ranks + coord for c in range(self.chunks)]
 
     def describe(self) -> str:
-        lines = [f"{self.kind}: {self.stages} stages x {self.micro_batches} micro-batches"]
-        for s, steps in enumerate(self.steps):
-            lines.append(f"  stage {s}: " + " ".join(str(step) for step in steps))
+        extra = f", {self.chunks} stages a rank" if self.chunks > 1 else ""
+        lines = [f"{self.kind}: {self.stages} stages x {self.micro_batches} micro-batches{extra}"]
+        for r, steps in enumerate(self.steps):
+            lines.append(f"  rank {r}: " + " ".join(str(step) for step in steps))
         return "\n".join(lines)
 
 
@@ -90,18 +108,66 @@ def one_f_one_b(stages: int, micro_batches: int) -> list[list[Step]]:
 EVAL = "eval"  # the variant name of eval_step's stage programs
 
 
-def eval_table(stages: int, micro_batches: int) -> list[list[Step]]:
-    """eval_step's pipeline: each micro-batch's forward (and the empty rest of the program) in turn."""
-    return [[Step(m, part) for m in range(micro_batches) for part in (FORWARD_PART, BACKWARD_PART)] for _ in range(stages)]
+def eval_table(ranks: int, micro_batches: int, chunks: int = 1) -> list[list[Step]]:
+    """eval_step's pipeline: each micro-batch's forward (and the empty rest of the program) through
+    the rank's stages in turn."""
+    return [
+        [Step(m, part, c) for m in range(micro_batches) for c in range(chunks) for part in (FORWARD_PART, BACKWARD_PART)]
+        for _ in range(ranks)
+    ]
 
 
-SCHEDULES: dict[str, Callable[[int, int], list[list[Step]]]] = {"gpipe": gpipe, "1f1b": one_f_one_b}
+def interleaved_1f1b(ranks: int, micro_batches: int, chunks: int) -> list[list[Step]]:
+    """Megatron's interleaved 1F1B: each rank holds `chunks` stages (stage c*P + r on rank r);
+    micro-batches go through in groups of P, a rank's forwards cycle its chunks upwards and its
+    backwards downwards, with (P-r-1)*2 + (chunks-1)*P warm-up forwards. Needs M % P == 0."""
+    if micro_batches % ranks:
+        raise ValueError(f"the interleaved schedule takes micro-batches in groups of pp_size={ranks}; got {micro_batches}")
+    total = micro_batches * chunks
+
+    def unit(i: int, part: str) -> Step:
+        group, within = divmod(i, ranks * chunks)
+        chunk = within // ranks
+        if part == BACKWARD_PART:
+            chunk = chunks - 1 - chunk
+        return Step(group * ranks + within % ranks, part, chunk)
+
+    out = []
+    for r in range(ranks):
+        warmup = min((ranks - r - 1) * 2 + (chunks - 1) * ranks, total)
+        steps = [unit(i, FORWARD_PART) for i in range(warmup)]
+        for i in range(total - warmup):
+            steps.append(unit(warmup + i, FORWARD_PART))
+            steps.append(unit(i, BACKWARD_PART))
+        steps.extend(unit(i, BACKWARD_PART) for i in range(total - warmup, total))
+        out.append(steps)
+    return out
 
 
-def table(kind: str, stages: int, micro_batches: int) -> list[list[Step]]:
+SCHEDULES: dict[str, Callable[..., list[list[Step]]]] = {
+    "gpipe": gpipe,
+    "1f1b": one_f_one_b,
+    "interleaved_1f1b": interleaved_1f1b,
+}
+
+
+def table(kind: str, ranks: int, micro_batches: int, chunks: int = 1) -> list[list[Step]]:
+    """Each pp coordinate's steps for a schedule of `kind` (chunks: stages a rank, interleaved only)."""
     if kind not in SCHEDULES:
         raise ValueError(f"pipeline schedule {kind!r} is not known; choose one of {list(SCHEDULES)}")
-    return SCHEDULES[kind](stages, micro_batches)
+    if kind == "interleaved_1f1b":
+        return interleaved_1f1b(ranks, micro_batches, chunks)
+    return SCHEDULES[kind](ranks, micro_batches)
+
+
+def alive_by_stage(kind: str, ranks: int, micro_batches: int, chunks: int = 1) -> list[int]:
+    """For every model stage, the most micro-batches its ranks keep alive at once under `kind`."""
+    steps = table(kind, ranks, micro_batches, chunks)
+    out = [0] * (ranks * chunks)
+    for r, rank_steps in enumerate(steps):
+        for c in range(chunks):
+            out[c * ranks + r] = alive_peak([s for s in rank_steps if s.chunk == c])
+    return out
 
 
 def alive_peak(steps: list[Step]) -> int:
@@ -141,7 +207,7 @@ def check(
         for step in steps(r):
             q.extend((step, e) for e in events(r, step))
         queues.append(q)
-    channels: dict[tuple[int, int], deque[_Sent]] = {}
+    channels: dict[tuple[int, int, int], deque[_Sent]] = {}  # (src, dst, tag)
     matched = 0
 
     def where(r: int, step: Step, e: Event) -> str:
@@ -154,10 +220,10 @@ def check(
                 step, e = queues[r][0]
                 if e.kind == "send":
                     dst = _peer(mesh, r, e.axis, e.peer, where(r, step, e))
-                    channels.setdefault((r, dst), deque()).append(_Sent(e, r, step))
+                    channels.setdefault((r, dst, e.tag), deque()).append(_Sent(e, r, step))
                 elif e.kind == "recv":
                     src = _peer(mesh, r, e.axis, e.peer, where(r, step, e))
-                    box = channels.get((src, r))
+                    box = channels.get((src, r, e.tag))
                     if not box:
                         break
                     sent = box.popleft()
@@ -194,7 +260,7 @@ def check(
             raise ScheduleError("the pipeline would hang:\n" + "\n".join(waiting))
     left = [(k, box) for k, box in channels.items() if box]
     if left:
-        (src, dst), box = left[0]
+        (src, dst, _), box = left[0]
         sent = box[0]
         raise ScheduleError(
             f"{where(src, sent.step, sent.event)} sends {_what(sent.event)} to rank {dst}, which never receives it:\n"

@@ -131,8 +131,9 @@ class DistProgram:
         hold different parameters; one held on several (tied) counts on the first of them."""
         axes = {spec.axis for spec in self.specs(name)}
         coords = self.mesh.coords(rank)
-        tied = self.notes.get(PIPELINE, {}).get("tied", {})
-        if name in tied and coords.get("pp") != tied[name][0]:
+        pipeline = self.notes.get(PIPELINE, {})
+        tied = pipeline.get("tied", {})
+        if name in tied and coords.get("pp") != tied[name][0] % pipeline.get("ranks", self.mesh.size("pp")):
             return False
         return all(c == 0 for axis, c in coords.items() if axis not in axes and axis != "pp")
 

@@ -14,6 +14,7 @@ from functools import partial
 import torch
 
 from shardfx.config import Config
+from shardfx.graphs.pp_schedule import alive_by_stage
 from shardfx.graphs.program import Mesh, Schedule
 from shardfx.passes import facts as f
 from shardfx.passes.accumulate_gradients import accumulate_gradients
@@ -253,11 +254,15 @@ def pipeline(
     if config.tp_size > 1:
         passes.append(TENSOR_PARALLEL.bind(axis="tp", plan=config.tp_plan, sequence=config.sequence_parallel))
     if config.pp_size > 1:
-        if stage is None or not 0 <= stage < config.pp_size:
-            raise ValueError(f"a pipeline of {config.pp_size} stages compiles stages 0..{config.pp_size - 1}; got {stage!r}")
-        memory = MemoryLimit(config.pp_stage_memory, _state_bytes(config, dp), config.pp_microbatches, config.pp_schedule)
+        n = config.pp_stages
+        if stage is None or not 0 <= stage < n:
+            raise ValueError(f"a pipeline of {n} stages compiles stages 0..{n - 1}; got {stage!r}")
+        alive = alive_by_stage(config.pp_schedule, config.pp_size, config.pp_microbatches, config.pp_chunks)
+        memory = MemoryLimit(config.pp_stage_memory, _state_bytes(config, dp), tuple(alive))
         passes.append(
-            SPLIT_STAGES.bind(stage=stage, stages=config.pp_size, split=config.pp_split, holders=holders, memory=memory)
+            SPLIT_STAGES.bind(
+                stage=stage, stages=n, ranks=config.pp_size, split=config.pp_split, holders=holders, memory=memory
+            )
         )
     if config.recompute != "none":
         passes.append(RECOMPUTE.bind(policy=config.recompute, budget=config.memory_budget, hw=config.hardware))

@@ -83,11 +83,10 @@ class MemoryLimit:
 
     limit: float | None  # bytes; None: no limit (the estimate is still reported)
     state_bytes: float
-    micro_batches: int
-    schedule: str
+    alive_by_stage: tuple[int, ...] = ()  # micro-batches the schedule keeps alive on each stage
 
     def alive(self, stage: int, stages: int) -> int:
-        return self.micro_batches if self.schedule == "gpipe" else min(stages - stage, self.micro_batches)
+        return self.alive_by_stage[stage] if stage < len(self.alive_by_stage) else stages - stage
 
 
 def split_stages(
@@ -99,20 +98,25 @@ def split_stages(
     split: tuple[str, ...] | None = None,
     holders: dict[str, list[int]] | None = None,
     memory: MemoryLimit | None = None,
+    ranks: int | None = None,
 ) -> PassResult:
     """holders: the stages of each parameter, as the training step's split placed them: eval_step's
     forward-only program is cut to match (its capture has no module paths to cut at).
-    memory: the most bytes a stage may hold; the cost model's cut respects it."""
+    memory: the most bytes a stage may hold; the cost model's cut respects it.
+    ranks: the pp axis size when it is smaller than `stages` (interleaved: stage v runs on pp
+    coordinate v % ranks, and a send's peer is the difference of coordinates)."""
     _refuse_batch_stats(program)
     if holders is not None:
         plan = plan_by_holders(program, stages, holders)
     else:
         plan = plan_stages(program, stages, split, ctx.config.hardware, memory)
     tied = _split_tied_gradients(program, plan)
-    sends, recvs = _keep_stage(program, plan, stage, tied)
+    tags = _tags(program, plan)
+    sends, recvs = _keep_stage(program, plan, stage, tied, ranks or stages, tags)
     program.notes[PIPELINE] = {
         "stage": stage,
         "stages": stages,
+        "ranks": ranks or stages,
         "axis": AXIS,
         "starts": list(plan.starts),
         "seconds": list(plan.seconds),
@@ -173,7 +177,7 @@ def plan_stages(
             i = first_of_seq.get(node.meta.get("seq_nr"))
             if i is not None:
                 cost[i] += compute_seconds(node, hw)
-    memory = memory or MemoryLimit(None, 16.0, 1, "1f1b")
+    memory = memory or MemoryLimit(None, 16.0)
     state, kept = _bytes_by_node(program, forward, memory.state_bytes)
     if split is not None:
         cuts = _named_cuts(forward, split, blocks)
@@ -499,8 +503,26 @@ def _erase_unused_sums(program: DistProgram, node: fx.Node, keep: set[fx.Node]) 
 # --- keeping one stage ------------------------------------------------------------------------
 
 
+def _tags(program: DistProgram, plan: StagePlan) -> dict[tuple[str, int], int]:
+    """A tag for every (value, stage it goes to), numbered in graph order: the same on every
+    stage's copy, so a send and its receive agree on it."""
+    tags: dict[tuple[str, int], int] = {}
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        here = plan.stage_of[node.name]
+        for t in sorted({plan.stage_of[u.name] for u in node.users if u.op == "call_function"} - {here}):
+            tags[node.name, t] = len(tags)
+    return tags
+
+
 def _keep_stage(
-    program: DistProgram, plan: StagePlan, stage: int, tied: dict[str, dict[int, fx.Node]]
+    program: DistProgram,
+    plan: StagePlan,
+    stage: int,
+    tied: dict[str, dict[int, fx.Node]],
+    ranks: int,
+    tags: dict[tuple[str, int], int],
 ) -> tuple[int, int]:
     graph = program.graph
     stage_of = plan.stage_of
@@ -520,7 +542,8 @@ def _keep_stage(
         source = stage_of[node.name]
         with graph.inserting_after(node):
             recv = graph.call_function(
-                collectives.RECV, (list(val.shape), val.dtype, val.device, AXIS, source - stage)
+                collectives.RECV,
+                (list(val.shape), val.dtype, val.device, AXIS, source % ranks - stage % ranks, tags[node.name, stage]),
             )
         _p2p_meta(node, recv, node.name)
         recv.meta[meta.PHASE] = meta.FORWARD if node.name in is_forward and source < stage else meta.BACKWARD
@@ -541,7 +564,7 @@ def _keep_stage(
         at = node
         for t in targets:
             with graph.inserting_after(at):
-                send = graph.call_function(collectives.SEND, (node, AXIS, t - stage))
+                send = graph.call_function(collectives.SEND, (node, AXIS, t % ranks - stage % ranks, tags[node.name, t]))
             _p2p_meta(node, send, node.name)
             send.meta["val"] = None
             at = send

@@ -38,7 +38,7 @@ def views(runtime: Any) -> list[View]:
         return [(runtime.program, held)]
     out: list[View] = []
     for s in range(stages.pipe.stages):
-        mine = [(r, st) for r, st in held if runtime.mesh.coords(r)["pp"] == s]
+        mine = [(r, st) for r, st in held if runtime.mesh.coords(r)["pp"] == stages.pipe.coord(s)]
         if mine:
             out.append((stages.program(s), mine))
     return out
@@ -129,9 +129,9 @@ def template(runtime: Any, saved: dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 def restore(runtime: Any, loaded: dict[str, Tensor], extra: dict[str, Any]) -> None:
     """Copy loaded logical tensors into every held rank's parameters, buffers and optimizer."""
-    for program, states in views(runtime):
-        for rank, state in states:
-            _restore_rank(program, rank, state, loaded, extra)
+    held = getattr(runtime, "held_program", None)  # a pipeline rank's stages, as one program
+    for rank, state in runtime.held_states():
+        _restore_rank(held(rank) if held is not None else runtime.program, rank, state, loaded, extra)
 
 
 def _restore_rank(program: Any, rank: int, state: RankState, loaded: dict[str, Tensor], extra: dict[str, Any]) -> None:

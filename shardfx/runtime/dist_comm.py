@@ -45,6 +45,7 @@ class DistComm:
         self._pending: dict[int, tuple[dist.Work, int]] = {}
         self._sends: list[tuple[dist.Work, Tensor]] = []  # isends in flight (the tensor kept alive)
         self.recv_seconds = 0.0  # time spent waiting in receives (a pipeline's bubble, measured)
+        self._to_self: dict[int, list[Tensor]] = {}  # tag -> sends to this rank itself, in order
         kwargs = {"timeout": timedelta(seconds=timeout)} if timeout else {}
         for axis in mesh.names:
             if mesh.size(axis) == mesh.world_size:
@@ -108,19 +109,35 @@ class DistComm:
             raise RuntimeError(f"rank {self.rank} has no peer {peer:+d} on axis {axis!r}")
         return group[index]
 
-    def send(self, x: Tensor, axis: str, peer: int, where: str | None = None) -> None:
-        """Never waits (isend); finish_sends() waits for every send of the step."""
+    def send(self, x: Tensor, axis: str, peer: int, tag: int = 0, where: str | None = None) -> None:
+        """Never waits (isend); finish_sends() waits for every send of the step. To this rank itself
+        (two interleaved stages of one rank): kept here for the matching receive."""
         data = x.detach().contiguous().clone()
-        self._sends.append((dist.isend(data, dst=self.peer_rank(axis, peer)), data))
+        dst = self.peer_rank(axis, peer)
+        if dst == self.rank:
+            self._to_self.setdefault(tag, []).append(data)
+        else:
+            self._sends.append((dist.isend(data, dst=dst, tag=tag), data))
         self.stats.record_p2p("send", data.numel() * data.element_size())
 
     def recv(
-        self, shape: list[int], dtype: torch.dtype, device: torch.device, axis: str, peer: int, where: str | None = None
+        self,
+        shape: list[int],
+        dtype: torch.dtype,
+        device: torch.device,
+        axis: str,
+        peer: int,
+        tag: int = 0,
+        where: str | None = None,
     ) -> Tensor:
-        out = torch.empty(shape, dtype=dtype, device=device)
-        start = time.perf_counter()
-        dist.recv(out, src=self.peer_rank(axis, peer))
-        self.recv_seconds += time.perf_counter() - start
+        src = self.peer_rank(axis, peer)
+        if src == self.rank:
+            out = self._to_self[tag].pop(0)
+        else:
+            out = torch.empty(shape, dtype=dtype, device=device)
+            start = time.perf_counter()
+            dist.recv(out, src=src, tag=tag)
+            self.recv_seconds += time.perf_counter() - start
         self.stats.record_p2p("recv", out.numel() * out.element_size())
         return out
 

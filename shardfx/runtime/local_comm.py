@@ -48,7 +48,7 @@ class LocalWorld:
         self._cond = threading.Condition()
         self._rounds: dict[tuple[int, ...], _Round] = {}
         self._failure: CollectiveError | None = None
-        self._mail: dict[tuple[int, int], deque[_Arrival]] = {}  # (src, dst) -> sent, not yet received
+        self._mail: dict[tuple[int, int, int], deque[_Arrival]] = {}  # (src, dst, tag) -> sent, not received
 
     def comm(self, rank: int) -> LocalComm:
         return LocalComm(self, rank)
@@ -66,22 +66,22 @@ class LocalWorld:
             self._mail.clear()
             self._failure = None
 
-    def post(self, src: int, dst: int, arrival: _Arrival) -> None:
-        """A send: queued for `dst` (in order), never waits."""
+    def post(self, src: int, dst: int, tag: int, arrival: _Arrival) -> None:
+        """A send: queued for `dst` (in order, per tag), never waits."""
         with self._cond:
             if self._failure is not None:
                 raise self._failure
-            self._mail.setdefault((src, dst), deque()).append(arrival)
+            self._mail.setdefault((src, dst, tag), deque()).append(arrival)
             self._cond.notify_all()
 
-    def take(self, src: int, dst: int, key: tuple, where: str) -> Tensor:
-        """A receive: the oldest message from `src` to `dst`, which must be what `dst` expects."""
+    def take(self, src: int, dst: int, tag: int, key: tuple, where: str) -> Tensor:
+        """A receive: the oldest message of `tag` from `src` to `dst`, which must be what `dst` expects."""
         deadline = time.monotonic() + self.timeout
         with self._cond:
             while True:
                 if self._failure is not None:
                     raise self._failure
-                queue = self._mail.get((src, dst))
+                queue = self._mail.get((src, dst, tag))
                 if queue:
                     arrival = queue.popleft()
                     if arrival.key != key:
@@ -213,18 +213,25 @@ class LocalComm:
             )
         return group[index]
 
-    def send(self, x: Tensor, axis: str, peer: int, where: str | None = None) -> None:
-        key = ("p2p", axis, tuple(x.shape), x.dtype, ())
+    def send(self, x: Tensor, axis: str, peer: int, tag: int = 0, where: str | None = None) -> None:
+        key = ("p2p", axis, tuple(x.shape), x.dtype, (("tag", tag),))
         dst = self.peer_rank(axis, peer)
-        self.world.post(self.rank, dst, _Arrival(key, where or self.where(), x.detach().clone()))
+        self.world.post(self.rank, dst, tag, _Arrival(key, where or self.where(), x.detach().clone()))
         self.stats.record_p2p("send", _nbytes(x))
 
     def recv(
-        self, shape: list[int], dtype: torch.dtype, device: torch.device, axis: str, peer: int, where: str | None = None
+        self,
+        shape: list[int],
+        dtype: torch.dtype,
+        device: torch.device,
+        axis: str,
+        peer: int,
+        tag: int = 0,
+        where: str | None = None,
     ) -> Tensor:
-        key = ("p2p", axis, tuple(shape), dtype, ())
+        key = ("p2p", axis, tuple(shape), dtype, (("tag", tag),))
         src = self.peer_rank(axis, peer)
-        out = self.world.take(src, self.rank, key, where or self.where())
+        out = self.world.take(src, self.rank, tag, key, where or self.where())
         self.stats.record_p2p("recv", _nbytes(out))
         return out.to(device)
 

@@ -32,6 +32,7 @@ from shardfx.graphs.pp_schedule import EVAL, PipelineSchedule, stage_key
 from shardfx.graphs.program import PIPELINE, DistProgram, Mesh
 from shardfx.runtime.executor import StageExecutor
 from shardfx.runtime.local_comm import LocalWorld
+from shardfx.graphs.signature import BUFFER, PARAM
 from shardfx.runtime.state import OptimizerFactory, RankState, unshard
 
 AXIS = "pp"
@@ -50,27 +51,53 @@ class StagePrograms:
     def executor(self, stage: int, micro_batch: int) -> StageExecutor:
         return self.programs[stage_key(stage, self.pipe.variants[micro_batch])][1]
 
+    def held_program(self, coord: int) -> DistProgram:
+        """What the rank at pp coordinate `coord` holds: its stage's program, or (interleaved) one
+        program whose signature and shard specs are the union of its stages'."""
+        programs = [self.program(s) for s in self.pipe.stages_of(coord)]
+        if len(programs) == 1:
+            return programs[0]
+        from shardfx.graphs.signature import Signature
+
+        inputs, seen = [], set()
+        for program in programs:
+            for spec in program.signature.inputs:
+                if spec.role in (PARAM, BUFFER) and spec.name not in seen:
+                    seen.add(spec.name)
+                    inputs.append(spec)
+        first = programs[0]
+        return DistProgram(
+            first.gm,
+            Signature(inputs, []),
+            first.mesh,
+            first.fake_mode,
+            {k: v for p in programs for k, v in p.shard_specs.items()},
+            {k: v for p in programs for k, v in p.tp_specs.items()},
+            dict(first.notes),
+        )
+
 
 def run_stage(
-    comm: object, state: RankState, stage: int, programs: StagePrograms, micro: Sequence[tuple[Tensor, ...]]
+    comm: object, state: RankState, coord: int, programs: StagePrograms, micro: Sequence[tuple[Tensor, ...]]
 ) -> tuple[list[Tensor], int]:
     """One rank's steps of the table: the losses of its micro-batches (the last stage's), and the
     most micro-batches whose saved activations it held at once (and their bytes: state.saved_peak)."""
-    saved: dict[int, tuple[Tensor, ...]] = {}
+    pipe = programs.pipe
+    saved: dict[tuple[int, int], tuple[Tensor, ...]] = {}
     losses: list[Tensor] = []
     peak = 0
     held = state.saved_peak = 0
-    for step in programs.pipe.steps[stage]:
-        m = step.micro_batch
+    for step in pipe.steps[coord]:
+        m, stage = step.micro_batch, pipe.stage(coord, step)
         executor = programs.executor(stage, m)
         args = executor.arguments(state.params, state.buffers, micro[m], state.grad_acc, state.replicas)
         if step.part == FORWARD_PART:
-            saved[m] = executor.forward(comm, args)  # type: ignore[arg-type]
+            saved[stage, m] = executor.forward(comm, args)  # type: ignore[arg-type]
             peak = max(peak, len(saved))
-            held += _nbytes(saved[m], args)
+            held += _nbytes(saved[stage, m], args)
             state.saved_peak = max(state.saved_peak, held)
             continue
-        kept = saved.pop(m)
+        kept = saved.pop((stage, m))
         held -= _nbytes(kept, args)
         out = executor.backward(comm, args, kept)  # type: ignore[arg-type]
         state.apply(out)
@@ -93,31 +120,37 @@ def _nbytes(values: tuple[Tensor, ...], inputs: list[Tensor]) -> int:
 def run_eval_stage(
     comm: object,
     state: RankState,
-    stage: int,
+    coord: int,
+    pipe: PipelineSchedule,
     programs: dict[str, tuple[DistProgram, StageExecutor]],
     micro: Sequence[tuple[Tensor, ...]],
 ) -> list[Tensor]:
-    """One rank's part of eval_step: its stage's forward of each micro-batch in turn; the losses."""
-    executor = programs[stage_key(stage, EVAL)][1]
+    """One rank's part of eval_step: its stages' forward of each micro-batch in turn; the losses."""
     losses = []
     for batch in micro:
-        args = executor.arguments(state.params, state.buffers, batch)
-        out = executor.backward(comm, args, executor.forward(comm, args))  # type: ignore[arg-type]
-        if out.loss is not None:
-            losses.append(out.loss.detach())
+        for stage in pipe.stages_of(coord):
+            executor = programs[stage_key(stage, EVAL)][1]
+            args = executor.arguments(state.params, state.buffers, batch)
+            out = executor.backward(comm, args, executor.forward(comm, args))  # type: ignore[arg-type]
+            if out.loss is not None:
+                losses.append(out.loss.detach())
     return losses
 
 
 def tied_groups(program: DistProgram, mesh: Mesh) -> list[tuple[str, list[int]]]:
     """(parameter, the global ranks that hold a copy of the same piece, in stage order) for every
-    parameter held on several stages."""
+    parameter held on several pipeline ranks (a rank holding two of its stages sums them itself)."""
     tied = program.notes.get(PIPELINE, {}).get("tied", {})
+    ranks = program.notes.get(PIPELINE, {}).get("ranks") or mesh.size(AXIS)
     groups = []
     for name, holders in sorted(tied.items()):
+        coords = list(dict.fromkeys(h % ranks for h in holders))
+        if len(coords) < 2:
+            continue
         for r in range(mesh.world_size):
-            if mesh.coords(r)[AXIS] == holders[0]:
+            if mesh.coords(r)[AXIS] == coords[0]:
                 line = mesh.group(r, AXIS)
-                groups.append((name, [line[h] for h in holders]))
+                groups.append((name, [line[c] for c in coords]))
     return groups
 
 
@@ -169,12 +202,11 @@ class LocalPipelineRuntime:
         self.world_size = mesh.world_size
         self.world = LocalWorld(mesh, timeout=timeout)
         self.comms = [self.world.comm(r) for r in range(self.world_size)]
-        self.stage_of = [mesh.coords(r)[AXIS] for r in range(self.world_size)]
-        self.states = [
-            RankState(self.stages.program(self.stage_of[r]), model, r, optimizer) for r in range(self.world_size)
-        ]
+        self.coord_of = [mesh.coords(r)[AXIS] for r in range(self.world_size)]
+        self.held = [self.stages.held_program(self.coord_of[r]) for r in range(self.world_size)]
+        self.states = [RankState(self.held[r], model, r, optimizer) for r in range(self.world_size)]
         self._pool = ThreadPoolExecutor(max_workers=self.world_size, thread_name_prefix="shardfx-stage")
-        self.peak_alive: list[int] = [0] * pipe.stages  # measured: micro-batches alive at once, per stage
+        self.peak_alive: list[int] = [0] * pipe.ranks  # measured: micro-batches alive at once, per pp rank
 
     def held_states(self) -> list[tuple[int, RankState]]:
         return list(enumerate(self.states))
@@ -206,14 +238,18 @@ class LocalPipelineRuntime:
             errors.sort(key=lambda e: isinstance(e[1], CollectiveError))
             raise errors[0][1]
         for r in range(self.world_size):
-            self.peak_alive[self.stage_of[r]] = peaks[r]
+            self.peak_alive[self.coord_of[r]] = peaks[r]
         self._finish()
-        last = next(r for r in range(self.world_size) if self.stage_of[r] == self.pipe.stages - 1)
-        return torch.stack(losses[last]).mean()
+        return torch.stack(losses[self._last_rank()]).mean()
+
+    def _last_rank(self) -> int:
+        """The first rank that runs the model's last stage (it computes the loss)."""
+        last = self.pipe.coord(self.pipe.stages - 1)
+        return next(r for r in range(self.world_size) if self.coord_of[r] == last)
 
     def _rank(self, rank: int, micro: list[tuple[Tensor, ...]]) -> tuple[list[Tensor], int]:
         try:
-            return run_stage(self.comms[rank], self.states[rank], self.stage_of[rank], self.stages, micro)
+            return run_stage(self.comms[rank], self.states[rank], self.coord_of[rank], self.stages, micro)
         except BaseException as exc:
             self.world.abort(rank, exc)
             raise
@@ -230,9 +266,7 @@ class LocalPipelineRuntime:
             for r in ranks:
                 self.states[r].params[name].grad = total.clone()
         scale_grads(self.states, 1.0 / self.pipe.micro_batches)
-        square = sum(
-            local_square_norm(self.stages.program(self.stage_of[r]), self.states[r], r) for r in range(self.world_size)
-        )
+        square = sum(local_square_norm(self.held[r], self.states[r], r) for r in range(self.world_size))
         norm = float(square) ** 0.5
         factor = clip_factor(norm, self.grad_clip)
         if factor < 1.0:
@@ -247,18 +281,22 @@ class LocalPipelineRuntime:
 
         def rank_eval(rank: int) -> list[Tensor]:
             try:
-                return run_eval_stage(self.comms[rank], self.states[rank], self.stage_of[rank], programs, micro[rank])
+                return run_eval_stage(
+                    self.comms[rank], self.states[rank], self.coord_of[rank], self.pipe, programs, micro[rank]
+                )
             except BaseException as exc:
                 self.world.abort(rank, exc)
                 raise
 
         futures = [self._pool.submit(rank_eval, r) for r in range(self.world_size)]
         results = [f.result() for f in futures]
-        last = next(r for r in range(self.world_size) if self.stage_of[r] == self.pipe.stages - 1)
-        return torch.stack(results[last]).mean()
+        return torch.stack(results[self._last_rank()]).mean()
 
     def state_dict(self) -> dict[str, Tensor]:
         return pipeline_state_dict(self.stages, self.mesh, self.model, lambda r: self.states[r])
+
+    def held_program(self, rank: int) -> DistProgram:
+        return self.held[rank]
 
     def comm_stats(self, rank: int = 0) -> dict[str, dict[str, int]]:
         return self.comms[rank].stats.snapshot()
@@ -295,9 +333,9 @@ class DistributedPipelineRuntime:
         self.comm = DistComm(self.mesh, timeout)
         self.rank = self.comm.rank
         self.world_size = self.mesh.world_size
-        self.stage = self.mesh.coords(self.rank)[AXIS]
-        self.program = self.stages.program(self.stage)
-        self.executor = self.stages.executor(self.stage, pipe.micro_batches - 1)
+        self.coord = self.mesh.coords(self.rank)[AXIS]
+        self.program = self.stages.held_program(self.coord)  # the union of this rank's stages
+        self.executor = self.stages.executor(pipe.stages_of(self.coord)[-1], pipe.micro_batches - 1)
         with torch.no_grad():
             for tensor in [*model.parameters(), *model.buffers()]:
                 dist.broadcast(tensor.data, src=0)
@@ -308,7 +346,8 @@ class DistributedPipelineRuntime:
             group = dist.new_group(ranks)
             if self.rank in ranks:
                 self._tied.append((name, group))
-        self._last = next(r for r in range(self.world_size) if self.mesh.coords(r)[AXIS] == pipe.stages - 1)
+        last = pipe.coord(pipe.stages - 1)
+        self._last = next(r for r in range(self.world_size) if self.mesh.coords(r)[AXIS] == last)
         self.peak_alive = 0
 
     def held_states(self) -> list[tuple[int, RankState]]:
@@ -319,7 +358,7 @@ class DistributedPipelineRuntime:
 
     def use_stages(self, programs: dict[str, tuple[DistProgram, StageExecutor]]) -> None:
         self.stages = StagePrograms(programs, self.pipe)
-        self.program = self.stages.program(self.stage)
+        self.program = self.stages.held_program(self.coord)
 
     def step(self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True) -> Tensor:
         import torch.distributed as dist
@@ -327,7 +366,7 @@ class DistributedPipelineRuntime:
         if reset_stats:
             self.comm.stats.reset()
         micro = list(zip(*(torch.chunk(x, self.pipe.micro_batches, dim=0) for x in shards[self.rank])))
-        losses, self.peak_alive = run_stage(self.comm, self.state, self.stage, self.stages, micro)
+        losses, self.peak_alive = run_stage(self.comm, self.state, self.coord, self.stages, micro)
         self.comm.finish_sends()
         for name, group in self._tied:
             grad = self.state.params[name].grad
@@ -349,7 +388,7 @@ class DistributedPipelineRuntime:
         import torch.distributed as dist
 
         micro = list(zip(*(torch.chunk(x, self.pipe.micro_batches, dim=0) for x in shards[self.rank])))
-        losses = run_eval_stage(self.comm, self.state, self.stage, programs, micro)
+        losses = run_eval_stage(self.comm, self.state, self.coord, self.pipe, programs, micro)
         self.comm.finish_sends()
         loss = torch.stack(losses).mean() if losses else torch.zeros(())
         dist.broadcast(loss, src=self._last)
@@ -363,11 +402,12 @@ class DistributedPipelineRuntime:
         out: dict[str, Tensor] = {}
         for s in range(self.pipe.stages):
             program = self.stages.program(s)
-            first = next(r for r in range(self.world_size) if self.mesh.coords(r)[AXIS] == s)
+            coord = self.pipe.coord(s)
+            first = next(r for r in range(self.world_size) if self.mesh.coords(r)[AXIS] == coord)
             for spec in program.signature.params():
                 if spec.name in out:
                     continue
-                if self.stage == s:
+                if self.coord == coord:
                     value = self.state.params[spec.name].detach()
                     for shard in reversed(program.specs(spec.name)):
                         gathered = self.comm.all_gather(value, shard.axis, shard.dim)
@@ -382,10 +422,13 @@ class DistributedPipelineRuntime:
             for spec in program.signature.buffers():
                 if spec.name not in out:
                     ref = full[spec.name]
-                    value = self.state.buffers[spec.name].clone() if self.stage == s else torch.empty_like(ref)
+                    value = self.state.buffers[spec.name].clone() if self.coord == coord else torch.empty_like(ref)
                     dist.broadcast(value, src=first)
                     out[spec.name] = value
         return {k: out[k] if k in out else v.detach().clone() for k, v in full.items()}
+
+    def held_program(self, rank: int) -> DistProgram:
+        return self.program
 
     def state_dtype(self, ref: Tensor) -> torch.dtype:
         """The dtype a rank keeps parameters in (the fp32 master, whatever the compute dtype)."""
@@ -406,7 +449,8 @@ def pipeline_state_dict(
     out: dict[str, Tensor] = {}
     for s in range(stages.pipe.stages):
         program = stages.program(s)
-        first = next(r for r in range(mesh.world_size) if mesh.coords(r)[AXIS] == s)
+        coord = stages.pipe.coord(s)
+        first = next(r for r in range(mesh.world_size) if mesh.coords(r)[AXIS] == coord)
         for spec in program.signature.params():
             if spec.name in out:
                 continue

@@ -63,7 +63,11 @@ class RankState:
         accumulators (replacing the old: the graph added them in) and gathered replicas to keep
         until the optimizer steps; step if auto_step."""
         grads, buffers = out.grads, out.buffers
-        self.grad_acc = dict(out.accumulators)
+        # the accumulators the program returned replace the old; a gradient returned whole ends its
+        # accumulation (a rank running several pipeline stages keeps each stage's own)
+        for name in grads:
+            self.grad_acc.pop(name, None)
+        self.grad_acc.update(out.accumulators)
         self.replicas.update(out.replicas)
         self.grad_norm = out.grad_norm
         for name, grad in grads.items():

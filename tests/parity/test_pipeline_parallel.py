@@ -14,7 +14,7 @@ import shardfx
 from shardfx.driver import build_mesh, check_pipeline_programs, compile_step
 from shardfx.graphs import collectives
 from shardfx.graphs.phases import BACKWARD_PART, FORWARD_PART
-from shardfx.graphs.pp_schedule import ScheduleError, alive_peak, gpipe, one_f_one_b
+from shardfx.graphs.pp_schedule import ScheduleError, alive_peak, gpipe, interleaved_1f1b, one_f_one_b
 from shardfx.graphs.program import PHASES
 from shardfx.errors import ShardfxError
 from shardfx.models import GPT, GPTConfig, MLP
@@ -112,6 +112,35 @@ def test_each_rank_holds_its_stages_parameters() -> None:
         assert held[r] == block
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_interleaved_1f1b(tie: bool) -> None:
+    """Two stages a rank: the model cut in 4, stage v on rank v % 2; the tied embedding's parts on
+    ranks 0 and 1; eval_step through the 4 stages."""
+    config = shardfx.Config(pp_size=2, pp_microbatches=4, pp_schedule="interleaved_1f1b", pp_chunks=2)
+    model, batch = gpt(4, tie=tie), gpt_batch(8)
+    engine = assert_pipeline_parity(model, batch, gpt_loss, 2, config)
+    notes = engine.runtime.program.notes["pipeline"]
+    assert notes["starts"] == ["", "blocks.1", "blocks.2", "blocks.3"] and notes["ranks"] == 2
+    held = [set(engine.runtime.states[r].params) for r in range(2)]
+    assert "blocks.0.attn.qkv.weight" in held[0] and "blocks.2.attn.qkv.weight" in held[0]  # stages 0 and 2
+    assert "blocks.1.attn.qkv.weight" in held[1] and "blocks.3.attn.qkv.weight" in held[1]  # stages 1 and 3
+    eager = copy.deepcopy(model)
+    eager.load_state_dict(engine.state_dict())
+    eager.eval()
+    with torch.no_grad():
+        expected = gpt_loss(eager(batch[0]), batch[1])
+    torch.testing.assert_close(engine.eval_step(*batch), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_interleaved_dp2_zero3_and_llama() -> None:
+    config = shardfx.Config(pp_size=2, pp_microbatches=4, pp_schedule="interleaved_1f1b", pp_chunks=2, zero_stage=3)
+    assert_pipeline_parity(gpt(4), gpt_batch(8), gpt_loss, 4, config)
+    hf, model = _llama()
+    config = shardfx.Config(pp_size=2, pp_microbatches=2, pp_schedule="interleaved_1f1b", pp_chunks=2)
+    assert_pipeline_parity(model, _hf_batch(hf), hf.lm_loss, 2, config)
+
+
 def test_schedule_tables() -> None:
     for stages, micro in [(2, 4), (4, 4), (4, 8), (3, 2)]:
         for table in (gpipe(stages, micro), one_f_one_b(stages, micro)):
@@ -127,6 +156,15 @@ def test_schedule_tables() -> None:
         # 1F1B keeps at most P - s micro-batches alive on stage s; GPipe all M
         assert [alive_peak(s) for s in one_f_one_b(stages, micro)] == [min(stages - s, micro) for s in range(stages)]
         assert [alive_peak(s) for s in gpipe(stages, micro)] == [micro] * stages
+    for ranks, micro, chunks in [(2, 4, 2), (4, 8, 2), (2, 6, 3)]:
+        for steps in interleaved_1f1b(ranks, micro, chunks):
+            units = [(s.chunk, s.micro_batch, s.part) for s in steps]
+            assert sorted(units) == sorted(
+                (c, m, p) for c in range(chunks) for m in range(micro) for p in (FORWARD_PART, BACKWARD_PART)
+            )
+            for c, m, p in units:  # a backward after its forward
+                if p == BACKWARD_PART:
+                    assert units.index((c, m, FORWARD_PART)) < units.index((c, m, p))
 
 
 def test_1f1b_keeps_fewer_micro_batches_alive_measured() -> None:
@@ -212,6 +250,12 @@ def test_config_checks() -> None:
         shardfx.Config(pp_size=2, grad_accum_steps=2)
     with pytest.raises(ValueError, match="pp_schedule"):
         shardfx.Config(pp_size=2, pp_schedule="zigzag")
+    with pytest.raises(ValueError, match="runs pp_chunks >= 2 stages a rank"):
+        shardfx.Config(pp_size=2, pp_schedule="interleaved_1f1b")
+    with pytest.raises(ValueError, match="in groups of pp_size=2; pp_microbatches=3"):
+        shardfx.Config(pp_size=2, pp_microbatches=3, pp_schedule="interleaved_1f1b", pp_chunks=2)
+    with pytest.raises(ValueError, match="pp_chunks=2 is for pp_schedule='interleaved_1f1b'"):
+        shardfx.Config(pp_size=2, pp_chunks=2)
     with pytest.raises(ValueError, match="not a multiple of Config.tp_size x pp_size"):
         build_mesh(shardfx.Config(pp_size=4), 6)
     with pytest.raises(ValueError, match="1 data-parallel ranks x 4 pipeline micro-batches"):

@@ -95,6 +95,8 @@ def build_mesh(config: Config, world_size: int) -> Mesh:
         raise ValueError(f"world size must be an integer >= 1; got {world_size!r}")
     model_parallel = config.tp_size * config.pp_size
     if world_size % model_parallel != 0:
+        if config.pp_size == 1:
+            raise ValueError(f"world size {world_size} is not a multiple of Config.tp_size={config.tp_size}")
         raise ValueError(
             f"world size {world_size} is not a multiple of Config.tp_size x pp_size = "
             f"{config.tp_size} x {config.pp_size} = {model_parallel}"

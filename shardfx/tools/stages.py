@@ -19,7 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from shardfx.config import Config
-from shardfx.driver import CAPTURE, build_mesh, check_batch, compile_step, passes_for
+from shardfx.driver import CAPTURE, build_mesh, compile_step, passes_for, splits
 from shardfx.graphs.pp_schedule import stage_key
 from shardfx.graphs.analysis import collective_summary, memory_timeline
 from shardfx.graphs.program import DistProgram, clone_program
@@ -215,7 +215,11 @@ def compile_stages(
     if stop_after is not None:
         check_pass_name(stop_after, passes, "--stop-after", capture_ok=True)
         passes = passes[: [CAPTURE, *(p.name for p in passes)].index(stop_after)]
-    check_batch(spec.batch, mesh, config)
+    n = splits(mesh, config)
+    for i, x in enumerate(spec.batch):
+        if x.dim() == 0 or x.shape[0] % n:
+            into = f"{n} ranks" if n == mesh.size("dp") else f"{mesh.size('dp')} ranks x {n // mesh.size('dp')} micro-batches"
+            raise ValueError(f"example batch[{i}] has shape {list(x.shape)}: its dim 0 must divide into {into}")
     bar = tqdm(total=len(passes) + 1, desc=CAPTURE, unit="stage", disable=True if not progress else None, leave=False)
     stages: list[Stage] = []
 

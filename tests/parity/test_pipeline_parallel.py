@@ -361,7 +361,7 @@ def test_eval_step_matches_eager() -> None:
     [
         {"recompute": "full"},
         {"zero_stage": 3, "bucket_mb": 1.0, "overlap": True},
-        {"zero_stage": 2, "tune_communication": True},
+        pytest.param({"zero_stage": 2, "tune_communication": True}, marks=pytest.mark.slow),
     ],
     ids=["recompute", "zero3-bucket-overlap", "zero2-tuned"],
 )

@@ -18,8 +18,9 @@ stage (world size = pp). Strategies, stepped round-robin in the same processes:
                                     as torch's split: the cost model's cut against the even one
 
 Columns: median step ms (barrier -> step -> barrier), the ratio to torch's step at the same
-schedule, the largest per-rank peak MiB (MemTracker over one step, parameters and optimizer
-state included; tensors the step makes, counted by a dispatch mode), shardfx's measured bubble (the share of the step a rank spent waiting in
+schedule, the largest per-rank peak MiB (parameters and optimizer state, plus the tensors one
+step makes, counted by a dispatch mode: torch's MemTracker refuses a module called once per
+micro-batch), shardfx's measured bubble (the share of the step a rank spent waiting in
 receives, the median over ranks) against the formula (P-1)/(M+P-1), and the last loss.
 
 On a shared 2-core machine with more ranks than cores the stages cannot all run at once: step

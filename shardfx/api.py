@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from shardfx.config import Config
 from shardfx.driver import build_mesh, check_batch, compile_eval, compile_step, pipeline_holders
+from shardfx.graphs.program import PIPELINE
 from shardfx.runtime.engine import Engine, EngineOptions
 
 
@@ -48,6 +49,11 @@ def compile_distributed(
     runtime: Any
     schedule = compiled.schedule
     holders = pipeline_holders(compiled) if compiled.pipeline is not None else None
+    # A new batch shape keeps the stages the ranks hold: the cost model would weigh it anew and
+    # might cut elsewhere, so later compiles cut where this one did.
+    recompile = config
+    if holders is not None:
+        recompile = config.replace(pp_split=tuple(compiled.program.notes[PIPELINE]["starts"][1:]))
     if compiled.pipeline is not None:
         from shardfx.graphs.program import Schedule
         from shardfx.runtime.pipeline import DistributedPipelineRuntime, LocalPipelineRuntime
@@ -77,7 +83,7 @@ def compile_distributed(
         records=compiled.records[compiled.last],
         capture_seconds=compiled.capture_seconds,
         scheduler=scheduler,
-        compile_for=lambda new_batch: compile_step(model, new_batch, loss_fn, config, mesh, log=log).programs,
+        compile_for=lambda new_batch: compile_step(model, new_batch, loss_fn, recompile, mesh, log=log).programs,
         compile_eval_for=lambda new_batch: compile_eval(model, new_batch, loss_fn, config, mesh, log=log, holders=holders),
         model=model,
         loss_fn=loss_fn,

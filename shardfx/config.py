@@ -189,6 +189,14 @@ class Config:
     def _check_pipeline(self) -> None:
         for key in ("pp_size", "pp_microbatches", "pp_chunks"):
             _check_int(key, getattr(self, key))
+        if self.pp_size == 1:
+            given = [
+                f"{key}={getattr(self, key)!r}"
+                for key, default in (("pp_microbatches", 1), ("pp_split", None), ("pp_stage_memory", None), ("pp_chunks", 1))
+                if getattr(self, key) != default
+            ] + (["pp_schedule='interleaved_1f1b'"] if self.pp_schedule == "interleaved_1f1b" else [])
+            if given:
+                raise ValueError(f"Config({', '.join(given)}) configures a pipeline; it needs pp_size > 1")
         interleaved = self.pp_schedule == "interleaved_1f1b"
         if interleaved and self.pp_size > 1 and self.pp_chunks < 2:
             raise ValueError("Config(pp_schedule='interleaved_1f1b') runs pp_chunks >= 2 stages a rank; got pp_chunks=1")

@@ -37,6 +37,19 @@ def eager_train(model: nn.Module, batch: tuple, loss_fn: Callable | None, steps:
     return torch.stack(losses), model.state_dict()
 
 
+def eager_norms(model, batch, loss_fn, steps, max_norm, optimizer=adamw):  # type: ignore[no-untyped-def]
+    """The total gradient norm clip_grad_norm_ returns at each of `steps` eager steps (loss_fn(model(*batch[:-1]), batch[-1]))."""
+    model = copy.deepcopy(model)
+    opt = optimizer(list(model.parameters()))
+    norms = []
+    for _ in range(steps):
+        loss_fn(model(*batch[:-1]), batch[-1]).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return norms
+
+
 def shardfx_train(model, batch, loss_fn, steps, world_size, config=None, optimizer=adamw):
     engine = shardfx.compile_distributed(
         copy.deepcopy(model),

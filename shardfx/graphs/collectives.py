@@ -261,11 +261,6 @@ def is_collective(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in OPS
 
 
-def is_p2p(node: fx.Node) -> bool:
-    """A send or a receive between pipeline stages."""
-    return node.op == "call_function" and node.target in (SEND, RECV)
-
-
 def is_start(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in START_OPS.values()
 

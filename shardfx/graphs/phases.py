@@ -9,7 +9,7 @@ inputs plus those saved values and returns the program's outputs. Nodes no
 pass gave a phase are refused by verify.py before this runs.
 
 `events` lists what each part says to other ranks, in order: the sends,
-receives and collectives the static pipeline check (graphs/pipeline_check.py)
+receives and collectives the static pipeline check (graphs/pp_schedule.check)
 matches against the peers'.
 """
 

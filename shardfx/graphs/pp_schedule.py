@@ -28,9 +28,6 @@ from shardfx.errors import ShardfxError
 from shardfx.graphs.phases import BACKWARD_PART, FORWARD_PART, Event
 from shardfx.graphs.program import Mesh
 
-KINDS = ("gpipe", "1f1b", "interleaved_1f1b")
-
-
 def stage_key(stage: int, variant: str) -> str:
     """The name of a pipeline stage's program of one variant ("stage1/last")."""
     return f"stage{stage}/{variant}"

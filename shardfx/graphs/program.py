@@ -64,7 +64,8 @@ class Mesh:
 # Keys of DistProgram.notes: what a pass decided that a later pass or a tool reads.
 FUSION_REGIONS = "fusion"  # fuse: region id -> {"rows", "cols", "phase"}
 TRITON_REGIONS = "triton_regions"  # lower_to_triton: one kernels.report.RegionReport per generated kernel
-# split_stages: {"stage", "stages", "axis", "starts", "seconds", "how", "tied": {param: [holder stages]}}
+# split_stages: {"stage", "stages", "ranks" (pp axis size), "axis", "starts", "seconds", "memory", "how",
+# "tied": {param: [holder stages]}, "holders": {param or buffer: [stages]}}
 PIPELINE = "pipeline"
 PHASES = "phases"  # the compile driver: the program split into its forward and backward (graphs/phases.py)
 

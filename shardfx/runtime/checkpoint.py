@@ -59,15 +59,24 @@ def save(path: str | os.PathLike, runtime: Any, meta: dict[str, Any]) -> None:
     distributed = runtime.distributed
     rank0 = not distributed or dist.get_rank() == 0
     tensors, extra = layout.collect(runtime)
+    shapes = {k: {"shape": list(layout.global_shape(v)), "dtype": str(v.dtype)} for k, v in tensors.items()}
+    aliases = {s.name: list(s.aliases) for program, _ in layout.views(runtime) for s in program.signature.params() if s.aliases}
+    if distributed and getattr(runtime, "stages", None) is not None:
+        # a pipeline process holds its stages only: the file describes every stage's tensors
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (shapes, extra["state"], aliases))
+        for part_shapes, part_state, part_aliases in parts:
+            shapes.update(part_shapes)
+            aliases.update(part_aliases)
+            for name, items in part_state.items():
+                extra["state"].setdefault(name, {}).update(items)
     meta = {
         "format": FORMAT,
         **meta,
         "optimizer_extra": extra,
         "state_dict_keys": list(runtime.model.state_dict()),
-        "aliases": {
-            s.name: list(s.aliases) for program, _ in layout.views(runtime) for s in program.signature.params() if s.aliases
-        },
-        "tensors": {k: {"shape": list(layout.global_shape(v)), "dtype": str(v.dtype)} for k, v in tensors.items()},
+        "aliases": aliases,
+        "tensors": shapes,
     }
     try:
         text = json.dumps(meta, indent=1)

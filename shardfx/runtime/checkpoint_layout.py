@@ -64,7 +64,10 @@ def collect(runtime: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
         extra["groups"] = extra["groups"] or [
             {k: v for k, v in g.items() if k != "params"} for g in first.optimizer.param_groups
         ]
+        mine = {spec.name for spec in program.signature.params()}
         for name, st in optimizer_state(first).items():
+            if name not in mine:
+                continue  # another stage this rank runs (interleaved): saved with that stage's specs
             shape = first.params[name].shape
             for key, value in st.items():
                 if f"optim/{name}/{key}" in tensors:

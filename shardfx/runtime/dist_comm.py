@@ -117,6 +117,8 @@ class DistComm:
         if dst == self.rank:
             self._to_self.setdefault(tag, []).append(data)
         else:
+            # keep only sends still in flight: a finished one frees its copy (1F1B keeps few alive)
+            self._sends = [(w, d) for w, d in self._sends if not w.is_completed()]
             self._sends.append((dist.isend(data, dst=dst, tag=tag), data))
         self.stats.record_p2p("send", data.numel() * data.element_size())
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from shardfx.config import Config
-from shardfx.graphs.program import DistProgram, Schedule
+from shardfx.graphs.program import PIPELINE, DistProgram, Schedule
 from shardfx.graphs.signature import GRAD_ACC
 from shardfx.runtime import checkpoint
 from shardfx.runtime.executor import Executor, StageExecutor
@@ -238,7 +238,10 @@ class Engine:
         if not len(self._eval_programs):
             raise RuntimeError("no eval_step has run yet")
         programs = self._eval_programs.latest()
-        return programs["eval"][0] if "eval" in programs else programs[max(programs)][0]
+        if "eval" in programs:
+            return programs["eval"][0]
+        last = max(programs, key=lambda name: int(name.split("/")[0][len("stage") :]))  # the model's last stage
+        return programs[last][0]
 
     def eval_step(self, *batch: Tensor) -> Tensor:
         """The global mean loss on `batch`, forward only, in eval mode: its own traced program.
@@ -342,6 +345,9 @@ class Engine:
             ref = held.get(name, self.program)
             if p.shard_specs != ref.shard_specs or p.tp_specs != ref.tp_specs:
                 raise RuntimeError("recompiling for a new batch shape changed how parameters are sharded")
+            stages = [q.notes.get(PIPELINE, {}).get("holders") for q in (p, ref)]
+            if stages[0] != stages[1]:
+                raise RuntimeError("recompiling for a new batch shape changed which pipeline stage holds which parameter")
 
     def _use(self, program: DistProgram, executor: Executor) -> None:
         self.program = program

@@ -226,17 +226,7 @@ class LocalPipelineRuntime:
                 comm.stats.reset()
         micro = [list(zip(*(torch.chunk(x, self.pipe.micro_batches, dim=0) for x in shard))) for shard in shards]
         futures = [self._pool.submit(self._rank, r, micro[r]) for r in range(self.world_size)]
-        errors: list[tuple[int, BaseException]] = []
-        losses: dict[int, list[Tensor]] = {}
-        peaks: dict[int, int] = {}
-        for r, fut in enumerate(futures):
-            try:
-                losses[r], peaks[r] = fut.result()
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, root cause first
-                errors.append((r, exc))
-        if errors:
-            errors.sort(key=lambda e: isinstance(e[1], CollectiveError))
-            raise errors[0][1]
+        losses, peaks = zip(*self._gather(futures))
         for r in range(self.world_size):
             self.peak_alive[self.coord_of[r]] = peaks[r]
         self._finish()
@@ -289,8 +279,21 @@ class LocalPipelineRuntime:
                 raise
 
         futures = [self._pool.submit(rank_eval, r) for r in range(self.world_size)]
-        results = [f.result() for f in futures]
+        results = self._gather(futures)
         return torch.stack(results[self._last_rank()]).mean()
+
+    def _gather(self, futures: list) -> list:
+        """Every rank's result; a rank's own failure is raised before the aborts it caused elsewhere."""
+        results, errors = [], []
+        for r, fut in enumerate(futures):
+            try:
+                results.append(fut.result())
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, root cause first
+                errors.append((r, exc))
+        if errors:
+            errors.sort(key=lambda e: isinstance(e[1], CollectiveError))
+            raise errors[0][1]
+        return results
 
     def state_dict(self) -> dict[str, Tensor]:
         return pipeline_state_dict(self.stages, self.mesh, self.model, lambda r: self.states[r])
@@ -327,6 +330,11 @@ class DistributedPipelineRuntime:
 
         from shardfx.runtime.dist_comm import DistComm
 
+        if pipe.chunks > 1 and dist.get_backend() == "nccl":
+            raise NotImplementedError(
+                "the interleaved schedule matches sends to receives by tag, which NCCL ignores; "
+                "use pp_schedule='1f1b' or 'gpipe' on NCCL (their receives come in the order of the sends)"
+            )
         self.pipe, self.model, self.grad_clip = pipe, model, grad_clip
         self.stages = StagePrograms({n: (p, StageExecutor(p)) for n, p in programs.items()}, pipe)
         self.mesh = self.stages.program(0).mesh

@@ -172,6 +172,11 @@ def bisect(
             f"bisect checks one step against eager; grad_accum_steps={config.grad_accum_steps} compiles several "
             "programs a step (see them with shardfx passes --variant); bisect without it"
         )
+    if config.pp_size > 1:
+        raise ValueError(
+            f"bisect runs one program on every rank; pp_size={config.pp_size} runs a program per stage over a "
+            "schedule (see one with shardfx passes --pp-stage S); bisect without pipeline parallelism"
+        )
     default = BF16_TOLERANCE if config.mixed_precision == "bf16" else FP32_TOLERANCE
     rtol = default if rtol is None else rtol
     atol = default if atol is None else atol

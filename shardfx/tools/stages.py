@@ -180,9 +180,10 @@ def program_name(config: Config, variant: str | None, stage: int | None) -> str:
         if stage is not None:
             raise ValueError("--pp-stage picks a pipeline stage's program; give --config pp_size=P")
         return variant
-    stage = config.pp_size - 1 if stage is None else stage
-    if not 0 <= stage < config.pp_size:
-        raise ValueError(f"--pp-stage {stage}: a pipeline of {config.pp_size} stages has stages 0 .. {config.pp_size - 1}")
+    n = config.pp_stages
+    stage = n - 1 if stage is None else stage
+    if not 0 <= stage < n:
+        raise ValueError(f"--pp-stage {stage}: a pipeline of {n} stages has stages 0 .. {n - 1}")
     return stage_key(stage, variant)
 
 

@@ -56,7 +56,9 @@ def train_config(options: TrainOptions) -> shardfx.Config:
         return shardfx.Config().replace(**changes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # named in the header instead
-        base = shardfx.Config.from_deepspeed(options.ds_config, world_size=options.world_size)
+        base = shardfx.Config.from_deepspeed(
+            options.ds_config, world_size=options.world_size, pp_size=options.pp_size or 1
+        )
     config = base.replace(**changes)
     object.__setattr__(config, "deepspeed_unsupported", base.deepspeed_unsupported)
     return config
@@ -69,7 +71,9 @@ def batch_size_for(options: TrainOptions, config: shardfx.Config) -> int:
     if config.train_batch_size is not None:
         return config.train_batch_size
     if config.micro_batch_size is not None:
-        return config.micro_batch_size * config.grad_accum_steps * options.world_size
+        dp = options.world_size // (config.pp_size * config.tp_size)
+        micro = config.pp_microbatches if config.pp_size > 1 else config.grad_accum_steps
+        return config.micro_batch_size * micro * dp
     return DEFAULT_BATCH_SIZE
 
 

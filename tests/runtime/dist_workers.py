@@ -103,8 +103,9 @@ def load_state(path: str, zero_stage: int) -> dict:
     return engine.state_dict()
 
 
-def train_gpt_pipeline() -> dict:
-    """dp2 x pp2 (ZeRO-1, the embedding tied to the head), 1F1B over 2 micro-batches, SGD with momentum."""
+def train_gpt_pipeline(path: str) -> dict:
+    """dp2 x pp2 (ZeRO-1, the embedding tied to the head), 1F1B over 2 micro-batches, SGD with momentum:
+    3 steps, a checkpoint to `path`, one more step."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2, seq_len=16, bias=False, tie_weights=True))
     g = torch.Generator().manual_seed(2)
@@ -119,4 +120,8 @@ def train_gpt_pipeline() -> dict:
     )
     losses = [engine.train_step(*batch).item() for _ in range(3)]
     stats = engine.stats()
-    return {"losses": losses, "state": engine.state_dict(), "stats": stats, "norm": engine.last_grad_norm}
+    out = {"losses": losses, "state": engine.state_dict(), "stats": stats, "norm": engine.last_grad_norm}
+    engine.save_checkpoint(path)
+    engine.train_step(*batch)
+    out["after"] = engine.state_dict()
+    return out

@@ -288,7 +288,9 @@ def summarize(ranks: dict[int, dict[str, Any]], pp: int, micro: int) -> list[str
         base = BASELINE.get(name)
         ratio = f"{median[name] / median[base]:.2f}" if base in median else "1.00" if name.startswith("torch") else "-"
         peak = max(r["strategies"][name]["peak"] for r in ranks.values()) / MiB
-        bubbles = [r["strategies"][name]["bubble"] for r in ranks.values() if r["strategies"][name]["bubble"] is not None]
+        bubbles = [
+            r["strategies"][name]["bubble"] for r in ranks.values() if r["strategies"][name]["bubble"] is not None
+        ]
         bubble = f"{statistics.median(bubbles):.1%}" if bubbles else "-"
         lines.append(
             f"| {name} | {median[name]:.1f} | {ratio} | {peak:.1f} | {bubble} | {last[name]['last_loss']:.5f} |"

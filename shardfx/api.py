@@ -84,7 +84,9 @@ def compile_distributed(
         capture_seconds=compiled.capture_seconds,
         scheduler=scheduler,
         compile_for=lambda new_batch: compile_step(model, new_batch, loss_fn, recompile, mesh, log=log).programs,
-        compile_eval_for=lambda new_batch: compile_eval(model, new_batch, loss_fn, config, mesh, log=log, holders=holders),
+        compile_eval_for=lambda new_batch: compile_eval(
+            model, new_batch, loss_fn, config, mesh, log=log, holders=holders
+        ),
         model=model,
         loss_fn=loss_fn,
         log=log,

@@ -192,14 +192,21 @@ class Config:
         if self.pp_size == 1:
             given = [
                 f"{key}={getattr(self, key)!r}"
-                for key, default in (("pp_microbatches", 1), ("pp_split", None), ("pp_stage_memory", None), ("pp_chunks", 1))
+                for key, default in (
+                    ("pp_microbatches", 1),
+                    ("pp_split", None),
+                    ("pp_stage_memory", None),
+                    ("pp_chunks", 1),
+                )
                 if getattr(self, key) != default
             ] + (["pp_schedule='interleaved_1f1b'"] if self.pp_schedule == "interleaved_1f1b" else [])
             if given:
                 raise ValueError(f"Config({', '.join(given)}) configures a pipeline; it needs pp_size > 1")
         interleaved = self.pp_schedule == "interleaved_1f1b"
         if interleaved and self.pp_size > 1 and self.pp_chunks < 2:
-            raise ValueError("Config(pp_schedule='interleaved_1f1b') runs pp_chunks >= 2 stages a rank; got pp_chunks=1")
+            raise ValueError(
+                "Config(pp_schedule='interleaved_1f1b') runs pp_chunks >= 2 stages a rank; got pp_chunks=1"
+            )
         if not interleaved and self.pp_chunks != 1:
             raise ValueError(
                 f"Config.pp_chunks={self.pp_chunks} is for pp_schedule='interleaved_1f1b'; {self.pp_schedule!r} "
@@ -221,7 +228,8 @@ class Config:
                     f"{n - 1} names for {n} stages; got {len(self.pp_split)}: {list(self.pp_split)}"
                 )
         if self.pp_stage_memory is not None and not (
-            isinstance(self.pp_stage_memory, (int, float)) and not isinstance(self.pp_stage_memory, bool)
+            isinstance(self.pp_stage_memory, (int, float))
+            and not isinstance(self.pp_stage_memory, bool)
             and self.pp_stage_memory > 0
         ):
             raise ValueError(f"Config.pp_stage_memory must be bytes > 0 or None; got {self.pp_stage_memory!r}")

@@ -36,9 +36,9 @@ import torch
 import torch.nn as nn
 
 from shardfx.config import Config
+from shardfx.graphs import pp_schedule
 from shardfx.graphs.capture import capture
 from shardfx.graphs.capture_forward import capture_forward
-from shardfx.graphs import pp_schedule
 from shardfx.graphs.phases import split_phases
 from shardfx.graphs.pp_schedule import stage_key
 from shardfx.graphs.program import PHASES, PIPELINE, DistProgram, Mesh, Schedule, clone_program
@@ -139,9 +139,7 @@ def rank_batch(batch: Sequence[torch.Tensor], mesh: Mesh, config: Config | None 
     return tuple(x[: x.shape[0] // n] for x in batch)
 
 
-def passes_for(
-    config: Config, mesh: Mesh, variant: str | None = None, extra_passes: Sequence[Pass] = ()
-) -> list[Pass]:
+def passes_for(config: Config, mesh: Mesh, variant: str | None = None, extra_passes: Sequence[Pass] = ()) -> list[Pass]:
     """The pipeline of one program of the step (`variant` of step_variants; None: the last one;
     "stage{s}/{variant}" under pipeline parallelism), then `extra_passes`."""
     stage = None
@@ -344,9 +342,6 @@ def compile_eval(
 
     pp_schedule.check(mesh, lambda r: list(table[mesh.coords(r)["pp"]]), events)
     return programs
-
-
-
 
 
 def plan(

@@ -129,6 +129,15 @@ def events(nodes) -> list[Event]:  # noqa: ANN001 - any iterable of nodes
             val = node.args[0].meta["val"]
             extra = tuple(a for a in node.args[2:] if not isinstance(a, fx.Node))
             out.append(
-                Event(collectives.kind(node), collectives.axis_of(node), 0, tuple(val.shape), val.dtype, extra, node.name, module)
+                Event(
+                    collectives.kind(node),
+                    collectives.axis_of(node),
+                    0,
+                    tuple(val.shape),
+                    val.dtype,
+                    extra,
+                    node.name,
+                    module,
+                )
             )
     return out

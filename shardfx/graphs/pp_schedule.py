@@ -28,6 +28,7 @@ from shardfx.errors import ShardfxError
 from shardfx.graphs.phases import BACKWARD_PART, FORWARD_PART, Event
 from shardfx.graphs.program import Mesh
 
+
 def stage_key(stage: int, variant: str) -> str:
     """The name of a pipeline stage's program of one variant ("stage1/last")."""
     return f"stage{stage}/{variant}"
@@ -109,7 +110,12 @@ def eval_table(ranks: int, micro_batches: int, chunks: int = 1) -> list[list[Ste
     """eval_step's pipeline: each micro-batch's forward (and the empty rest of the program) through
     the rank's stages in turn."""
     return [
-        [Step(m, part, c) for m in range(micro_batches) for c in range(chunks) for part in (FORWARD_PART, BACKWARD_PART)]
+        [
+            Step(m, part, c)
+            for m in range(micro_batches)
+            for c in range(chunks)
+            for part in (FORWARD_PART, BACKWARD_PART)
+        ]
         for _ in range(ranks)
     ]
 
@@ -119,7 +125,9 @@ def interleaved_1f1b(ranks: int, micro_batches: int, chunks: int) -> list[list[S
     micro-batches go through in groups of P, a rank's forwards cycle its chunks upwards and its
     backwards downwards, with (P-r-1)*2 + (chunks-1)*P warm-up forwards. Needs M % P == 0."""
     if micro_batches % ranks:
-        raise ValueError(f"the interleaved schedule takes micro-batches in groups of pp_size={ranks}; got {micro_batches}")
+        raise ValueError(
+            f"the interleaved schedule takes micro-batches in groups of pp_size={ranks}; got {micro_batches}"
+        )
     total = micro_batches * chunks
 
     def unit(i: int, part: str) -> Step:
@@ -225,7 +233,11 @@ def check(
                         break
                     sent = box.popleft()
                     s = sent.event
-                    if (s.shape, s.dtype, s.extra) != (e.shape, e.dtype, e.extra) or sent.step.micro_batch != step.micro_batch:
+                    if (s.shape, s.dtype, s.extra) != (
+                        e.shape,
+                        e.dtype,
+                        e.extra,
+                    ) or sent.step.micro_batch != step.micro_batch:
                         raise ScheduleError(
                             "a send and its receive disagree:\n"
                             f"  {where(src, sent.step, s)} sends {_what(s)} of micro-batch {sent.step.micro_batch}\n"
@@ -238,7 +250,13 @@ def check(
                         if any(h is None or h[1].kind in ("send", "recv") or h[1].axis != e.axis for h in heads):
                             break  # a peer is not at a collective of this axis yet
                         for q, (qstep, qe) in zip(group, heads):
-                            if (qe.kind, qe.axis, qe.shape, qe.dtype, qe.extra) != (e.kind, e.axis, e.shape, e.dtype, e.extra):
+                            if (qe.kind, qe.axis, qe.shape, qe.dtype, qe.extra) != (
+                                e.kind,
+                                e.axis,
+                                e.shape,
+                                e.dtype,
+                                e.extra,
+                            ):
                                 raise ScheduleError(
                                     "ranks disagree on a collective:\n"
                                     f"  {where(r, step, e)}: {_what(e)}\n  {where(q, qstep, qe)}: {_what(qe)}"
@@ -267,11 +285,10 @@ def check(
 
 
 def _peer(mesh: Mesh, rank: int, axis: str, offset: int, where: str) -> int:
-    group = mesh.group(rank, axis)
-    i = group.index(rank) + offset
-    if not 0 <= i < len(group):
-        raise ScheduleError(f"{where}: no peer {offset:+d} on axis {axis!r} (this rank is {group.index(rank)} of {len(group)})")
-    return group[i]
+    other = mesh.peer(rank, axis, offset)
+    if other is None:
+        raise ScheduleError(f"{where}: no peer {offset:+d} on axis {axis!r}")
+    return other
 
 
 def _coords(mesh: Mesh, rank: int) -> str:

@@ -57,6 +57,12 @@ class Mesh:
         mine = self.coords(rank)
         return [r for r in range(self.world_size) if all(v == mine[a] for a, v in self.coords(r).items() if a != axis)]
 
+    def peer(self, rank: int, axis: str, offset: int) -> int | None:
+        """The global rank `offset` steps from `rank` along `axis` (None: off the end of the axis)."""
+        group = self.group(rank, axis)
+        index = group.index(rank) + offset
+        return group[index] if 0 <= index < len(group) else None
+
     def __str__(self) -> str:
         return " x ".join(f"{name}={n}" for name, n in self.axes)
 

@@ -283,11 +283,11 @@ def pipeline(
         passes.append(SUM_GRADIENTS)
     # The norm (and the clip) of the whole step, in the program that holds its gradient; a step of k
     # micro-batches holds their sum, k times the mean gradient one device would clip.
-    # Under pipeline parallelism a stage holds part of the gradients: the norm it returns is its
-    # own, and the runtime clips with the norm over every stage (runtime/pipeline.py).
-    if grad_accum in (None, "reduce", "sum"):
+    # Under pipeline parallelism a stage holds part of the gradients (a tied one's part): the
+    # runtime takes the norm over every stage after adding the parts, and clips (runtime/pipeline.py).
+    if grad_accum in (None, "reduce", "sum") and config.pp_size == 1:
         k = config.grad_accum_steps
-        if config.grad_clip is not None and config.pp_size == 1:
+        if config.grad_clip is not None:
             passes.append(CLIP_GRADIENTS.bind(max_norm=config.grad_clip * k, eps=1e-6 * k))
         else:
             passes.append(GRAD_NORM)

@@ -564,7 +564,9 @@ def _keep_stage(
         at = node
         for t in targets:
             with graph.inserting_after(at):
-                send = graph.call_function(collectives.SEND, (node, AXIS, t % ranks - stage % ranks, tags[node.name, t]))
+                send = graph.call_function(
+                    collectives.SEND, (node, AXIS, t % ranks - stage % ranks, tags[node.name, t])
+                )
             _p2p_meta(node, send, node.name)
             send.meta["val"] = None
             at = send
@@ -660,4 +662,3 @@ def _refuse_batch_stats(program: DistProgram) -> None:
 def _training(node: fx.Node) -> Any:
     training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", True)
     return training is True or node.target is torch.ops.aten.cudnn_batch_norm.default
-

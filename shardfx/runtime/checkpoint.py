@@ -60,7 +60,9 @@ def save(path: str | os.PathLike, runtime: Any, meta: dict[str, Any]) -> None:
     rank0 = not distributed or dist.get_rank() == 0
     tensors, extra = layout.collect(runtime)
     shapes = {k: {"shape": list(layout.global_shape(v)), "dtype": str(v.dtype)} for k, v in tensors.items()}
-    aliases = {s.name: list(s.aliases) for program, _ in layout.views(runtime) for s in program.signature.params() if s.aliases}
+    aliases = {
+        s.name: list(s.aliases) for program, _ in layout.views(runtime) for s in program.signature.params() if s.aliases
+    }
     if distributed and getattr(runtime, "stages", None) is not None:
         # a pipeline process holds its stages only: the file describes every stage's tensors
         parts: list[Any] = [None] * dist.get_world_size()

@@ -212,7 +212,9 @@ def _logical(runtime: Any, program: Any, states: list[tuple[int, RankState]], na
     )
 
 
-def _empty_logical(runtime: Any, program: Any, states: list[tuple[int, RankState]], name: str, dtype: torch.dtype) -> Any:
+def _empty_logical(
+    runtime: Any, program: Any, states: list[tuple[int, RankState]], name: str, dtype: torch.dtype
+) -> Any:
     state = states[0][1]
     if not runtime.distributed:
         return torch.empty(_full_shape(program, state, name), dtype=dtype)

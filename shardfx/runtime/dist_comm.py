@@ -103,11 +103,10 @@ class DistComm:
         return t
 
     def peer_rank(self, axis: str, peer: int) -> int:
-        group = self.mesh.group(self.rank, axis)
-        index = group.index(self.rank) + peer
-        if not 0 <= index < len(group):
+        other = self.mesh.peer(self.rank, axis, peer)
+        if other is None:
             raise RuntimeError(f"rank {self.rank} has no peer {peer:+d} on axis {axis!r}")
-        return group[index]
+        return other
 
     def send(self, x: Tensor, axis: str, peer: int, tag: int = 0, where: str | None = None) -> None:
         """Never waits (isend); finish_sends() waits for every send of the step. To this rank itself

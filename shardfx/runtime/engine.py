@@ -96,7 +96,10 @@ class Engine:
         else:
             self._programs.add(
                 options.example_inputs,
-                {n: (p, runtime.executor if p is runtime.program else Executor(p)) for n, p in options.programs.items()},
+                {
+                    n: (p, runtime.executor if p is runtime.program else Executor(p))
+                    for n, p in options.programs.items()
+                },
             )
         compile_eval = options.compile_eval_for
         self._can_eval = compile_eval is not None
@@ -347,7 +350,9 @@ class Engine:
                 raise RuntimeError("recompiling for a new batch shape changed how parameters are sharded")
             stages = [q.notes.get(PIPELINE, {}).get("holders") for q in (p, ref)]
             if stages[0] != stages[1]:
-                raise RuntimeError("recompiling for a new batch shape changed which pipeline stage holds which parameter")
+                raise RuntimeError(
+                    "recompiling for a new batch shape changed which pipeline stage holds which parameter"
+                )
 
     def _use(self, program: DistProgram, executor: Executor) -> None:
         self.program = program

@@ -86,11 +86,15 @@ class Executor:
         batch: tuple[Tensor, ...],
         accumulators: dict[str, Tensor] | None = None,
         replicas: dict[str, Tensor] | None = None,
-    ) -> list[Tensor]:
-        """The graph's arguments, in placeholder order, from this rank's state and batch."""
-        args: list[Tensor] = []
+        unbound: frozenset[str] = frozenset(),
+    ) -> list[Tensor | None]:
+        """The graph's arguments, in placeholder order, from this rank's state and batch; None for
+        the roles in `unbound` (a pipeline stage's forward reads no gradient accumulator)."""
+        args: list[Tensor | None] = []
         for spec, val in zip(self.signature.inputs, self.placeholder_vals):
-            if spec.role == PARAM:
+            if spec.role in unbound:
+                args.append(None)
+            elif spec.role == PARAM:
                 args.append(params[spec.name].detach())
             elif spec.role == BUFFER:
                 args.append(buffers[spec.name])
@@ -152,7 +156,8 @@ class StageExecutor(Executor):
         self.lossless = True  # only the last stage computes the loss
         self.split = program.notes.get(PHASES) or split_phases(program)
         self.sites = {
-            part: [f"node {e.node} ({e.module or 'root'})" for e in events] for part, events in self.split.events.items()
+            part: [f"node {e.node} ({e.module or 'root'})" for e in events]
+            for part, events in self.split.events.items()
         }
 
     def _bind(self, comm: collectives.Communicator, part: str) -> None:

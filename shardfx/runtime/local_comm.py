@@ -205,13 +205,10 @@ class LocalComm:
 
     def peer_rank(self, axis: str, peer: int) -> int:
         """The global rank `peer` steps along `axis` from this one."""
-        group = self._group(axis)
-        index = group.index(self.rank) + peer
-        if not 0 <= index < len(group):
-            raise CollectiveError(
-                f"rank {self.rank} has no peer {peer:+d} on axis {axis!r} (it is {group.index(self.rank)} of {len(group)})"
-            )
-        return group[index]
+        other = self.world.mesh.peer(self.rank, axis, peer)
+        if other is None:
+            raise CollectiveError(f"rank {self.rank} has no peer {peer:+d} on axis {axis!r}")
+        return other
 
     def send(self, x: Tensor, axis: str, peer: int, tag: int = 0, where: str | None = None) -> None:
         key = ("p2p", axis, tuple(x.shape), x.dtype, (("tag", tag),))

@@ -30,12 +30,13 @@ from shardfx.errors import CollectiveError
 from shardfx.graphs.phases import FORWARD_PART
 from shardfx.graphs.pp_schedule import EVAL, PipelineSchedule, stage_key
 from shardfx.graphs.program import PIPELINE, DistProgram, Mesh
+from shardfx.graphs.signature import BUFFER, GRAD_ACC, GRAD_SUM, PARAM
 from shardfx.runtime.executor import StageExecutor
 from shardfx.runtime.local_comm import LocalWorld
-from shardfx.graphs.signature import BUFFER, PARAM
 from shardfx.runtime.state import OptimizerFactory, RankState, unshard
 
 AXIS = "pp"
+FORWARD_ONLY_UNBOUND = frozenset({GRAD_ACC, GRAD_SUM})
 
 
 class StagePrograms:
@@ -90,7 +91,9 @@ def run_stage(
     for step in pipe.steps[coord]:
         m, stage = step.micro_batch, pipe.stage(coord, step)
         executor = programs.executor(stage, m)
-        args = executor.arguments(state.params, state.buffers, micro[m], state.grad_acc, state.replicas)
+        # the forward reads no accumulator (binding one would allocate a zero gradient early)
+        unbound = FORWARD_ONLY_UNBOUND if step.part == FORWARD_PART else frozenset()
+        args = executor.arguments(state.params, state.buffers, micro[m], state.grad_acc, state.replicas, unbound)
         if step.part == FORWARD_PART:
             saved[stage, m] = executor.forward(comm, args)  # type: ignore[arg-type]
             peak = max(peak, len(saved))
@@ -264,7 +267,9 @@ class LocalPipelineRuntime:
         for state in self.states:
             state.grad_norm = torch.tensor(norm)
 
-    def evaluate(self, programs: dict[str, tuple[DistProgram, StageExecutor]], shards: list[tuple[Tensor, ...]]) -> Tensor:
+    def evaluate(
+        self, programs: dict[str, tuple[DistProgram, StageExecutor]], shards: list[tuple[Tensor, ...]]
+    ) -> Tensor:
         """Every stage's forward-only program on its ranks' state; returns the mean loss."""
         self.world.reset()
         micro = [list(zip(*(torch.chunk(x, self.pipe.micro_batches, dim=0) for x in shard))) for shard in shards]
@@ -392,7 +397,9 @@ class DistributedPipelineRuntime:
         dist.broadcast(loss, src=self._last)  # every rank returns the step's loss
         return loss
 
-    def evaluate(self, programs: dict[str, tuple[DistProgram, StageExecutor]], shards: list[tuple[Tensor, ...]]) -> Tensor:
+    def evaluate(
+        self, programs: dict[str, tuple[DistProgram, StageExecutor]], shards: list[tuple[Tensor, ...]]
+    ) -> Tensor:
         import torch.distributed as dist
 
         micro = list(zip(*(torch.chunk(x, self.pipe.micro_batches, dim=0) for x in shards[self.rank])))

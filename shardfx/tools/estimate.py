@@ -147,7 +147,9 @@ def run(args: argparse.Namespace) -> int:
     if args.pp > 1:
         micro = args.pp_microbatches or 2 * args.pp
         if args.model is None:
-            print(f"pipeline: {args.pp} stages; the table counts 1/{args.pp} of the parameters a stage (give --model for the cut)")
+            print(
+                f"pipeline: {args.pp} stages; the table counts 1/{args.pp} of the parameters a stage (give --model for the cut)"
+            )
         else:
             from shardfx.tools.simulate import format_stage_rows, pp_stage_rows
 

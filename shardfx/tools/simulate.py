@@ -131,9 +131,20 @@ def pp_stage_rows(
     for s, name in enumerate(names):
         program = compiled.programs[name]
         plan = program.notes["pipeline"]
-        held = sum(n.meta["val"].numel() for spec, n in zip(program.signature.inputs, program.placeholders()) if spec.role == PARAM)
+        held = sum(
+            n.meta["val"].numel()
+            for spec, n in zip(program.signature.inputs, program.placeholders())
+            if spec.role == PARAM
+        )
         rows.append(
-            StageRow(s, plan["starts"][s] or "(input)", held, plan["seconds"][s], split_phases(program).saved_bytes, alive_peak(list(steps[s])))
+            StageRow(
+                s,
+                plan["starts"][s] or "(input)",
+                held,
+                plan["seconds"][s],
+                split_phases(program).saved_bytes,
+                alive_peak(list(steps[s])),
+            )
         )
     return rows
 
@@ -154,5 +165,7 @@ def format_stage_rows(rows: list[StageRow], micro_batches: int, kind: str) -> st
             f"  {r.alive:>5}  {r.saved_bytes * r.alive / 2**20:>7.2f}Mi"
         )
     balance = sum(r.seconds for r in rows) / pp / slowest
-    lines.append(f"balance: mean stage time / slowest = {balance:.0%} (the cost model's estimate on the hardware profile)")
+    lines.append(
+        f"balance: mean stage time / slowest = {balance:.0%} (the cost model's estimate on the hardware profile)"
+    )
     return "\n".join(lines)

@@ -20,8 +20,8 @@ from tqdm import tqdm
 
 from shardfx.config import Config
 from shardfx.driver import CAPTURE, build_mesh, compile_step, passes_for, splits
-from shardfx.graphs.pp_schedule import stage_key
 from shardfx.graphs.analysis import collective_summary, memory_timeline
+from shardfx.graphs.pp_schedule import stage_key
 from shardfx.graphs.program import DistProgram, clone_program
 from shardfx.passes.manager import Pass, PassRecord
 from shardfx.passes.pipeline import PASS_NAMES, schedule, step_variants
@@ -219,7 +219,11 @@ def compile_stages(
     n = splits(mesh, config)
     for i, x in enumerate(spec.batch):
         if x.dim() == 0 or x.shape[0] % n:
-            into = f"{n} ranks" if n == mesh.size("dp") else f"{mesh.size('dp')} ranks x {n // mesh.size('dp')} micro-batches"
+            into = (
+                f"{n} ranks"
+                if n == mesh.size("dp")
+                else f"{mesh.size('dp')} ranks x {n // mesh.size('dp')} micro-batches"
+            )
             raise ValueError(f"example batch[{i}] has shape {list(x.shape)}: its dim 0 must divide into {into}")
     bar = tqdm(total=len(passes) + 1, desc=CAPTURE, unit="stage", disable=True if not progress else None, leave=False)
     stages: list[Stage] = []

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 
 import shardfx
 from shardfx.driver import build_mesh, check_pipeline_programs, compile_step
+from shardfx.errors import ShardfxError
 from shardfx.graphs import collectives
 from shardfx.graphs.phases import BACKWARD_PART, FORWARD_PART
 from shardfx.graphs.pp_schedule import ScheduleError, alive_peak, gpipe, interleaved_1f1b, one_f_one_b
 from shardfx.graphs.program import PHASES
-from shardfx.errors import ShardfxError
-from shardfx.models import GPT, GPTConfig, MLP
+from shardfx.models import GPT, MLP, GPTConfig
 from tests.fixtures import gpt_batch, mlp_batch
 from tests.parity_util import eager_norms, eager_train, shardfx_train
 
@@ -56,7 +56,7 @@ def test_gpt_tied_pp2(schedule: str) -> None:
     assert tied == {"wte.weight": [0, 1]}  # the embedding, tied to the head, lives on both stages
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("schedule", [pytest.param("gpipe", marks=pytest.mark.slow), "1f1b"])
 def test_gpt_pp4(schedule: str) -> None:
     config = shardfx.Config(pp_size=4, pp_microbatches=4, pp_schedule=schedule)
     engine = assert_pipeline_parity(gpt(4, tie=False), gpt_batch(8), gpt_loss, 4, config)
@@ -64,6 +64,7 @@ def test_gpt_pp4(schedule: str) -> None:
     assert starts == ["", "blocks.1", "blocks.2", "blocks.3"]
 
 
+@pytest.mark.slow
 def test_gpt_tied_pp4_micro_batches_8() -> None:
     config = shardfx.Config(pp_size=4, pp_microbatches=8)
     assert_pipeline_parity(gpt(4), gpt_batch(8), gpt_loss, 4, config)
@@ -146,7 +147,9 @@ def test_interleaved_checkpoint_with_sharded_optimizer(tmp_path) -> None:  # typ
         second.train_step(*batch)
         state = second.state_dict()
         for key in expected:
-            torch.testing.assert_close(state[key], expected[key], rtol=RTOL, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+            torch.testing.assert_close(
+                state[key], expected[key], rtol=RTOL, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}"
+            )
 
 
 def test_each_rank_holds_its_stages_parameters() -> None:
@@ -218,6 +221,7 @@ def test_schedule_tables() -> None:
                     assert units.index((c, m, FORWARD_PART)) < units.index((c, m, p))
 
 
+@pytest.mark.slow
 def test_1f1b_keeps_fewer_micro_batches_alive_counted_by_the_runtime() -> None:
     """The micro-batches whose saved values the runtime holds at once (bytes: the next test)."""
     model, batch = gpt(4, tie=False), gpt_batch(8)
@@ -250,7 +254,10 @@ def test_static_check_refuses_a_removed_receive() -> None:
     program.graph.erase_node(recv)
     program.recompile()
     program.notes.pop(PHASES)
-    with pytest.raises(ScheduleError, match=r"(?s)rank 0 \(pp=0, dp=0\), step F1, node send.*rank 1 \(pp=1, dp=0\) runs F1 with no receive"):
+    with pytest.raises(
+        ScheduleError,
+        match=r"(?s)rank 0 \(pp=0, dp=0\), step F1, node send.*rank 1 \(pp=1, dp=0\) runs F1 with no receive",
+    ):
         check_pipeline_programs(compiled)
 
 
@@ -283,7 +290,9 @@ def test_named_split() -> None:
 
 
 def test_bad_split_names_the_blocks() -> None:
-    with pytest.raises(ShardfxError, match=r"no node of the forward comes from; blocks a stage may begin at: blocks.0, blocks.1"):
+    with pytest.raises(
+        ShardfxError, match=r"no node of the forward comes from; blocks a stage may begin at: blocks.0, blocks.1"
+    ):
         _compiled(pp_split=["blocks.7"])
 
 
@@ -312,7 +321,11 @@ def test_config_checks() -> None:
         build_mesh(shardfx.Config(pp_size=4), 6)
     with pytest.raises(ValueError, match="1 data-parallel ranks x 4 pipeline micro-batches"):
         shardfx.compile_distributed(
-            gpt(2), 2, example_inputs=gpt_batch(6), loss_fn=gpt_loss, config=shardfx.Config(pp_size=2, pp_microbatches=4)
+            gpt(2),
+            2,
+            example_inputs=gpt_batch(6),
+            loss_fn=gpt_loss,
+            config=shardfx.Config(pp_size=2, pp_microbatches=4),
         )
 
 
@@ -389,7 +402,9 @@ def test_checkpoint_across_pipeline_sizes(tmp_path) -> None:  # type: ignore[no-
         torch.testing.assert_close(torch.stack(losses + later), ref_losses, rtol=RTOL, atol=1e-6)
         state = second.state_dict()
         for key in ref_state:
-            torch.testing.assert_close(state[key], ref_state[key], rtol=RTOL, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+            torch.testing.assert_close(
+                state[key], ref_state[key], rtol=RTOL, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}"
+            )
 
 
 def test_eval_step_matches_eager() -> None:

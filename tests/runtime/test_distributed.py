@@ -112,7 +112,9 @@ def test_dp2_x_pp2_on_gloo_matches_eager(tmp_path) -> None:  # type: ignore[no-u
     results = launch(dist_workers.train_gpt_pipeline, (path,), 4, timeout=120)
     torch.manual_seed(0)
     model = shardfx.models.GPT(
-        shardfx.models.GPTConfig(vocab_size=64, n_layer=2, d_model=32, n_head=2, seq_len=16, bias=False, tie_weights=True)
+        shardfx.models.GPTConfig(
+            vocab_size=64, n_layer=2, d_model=32, n_head=2, seq_len=16, bias=False, tie_weights=True
+        )
     )
     _, batch = dist_workers.tiny_gpt_batch()
     sgd = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
@@ -136,4 +138,6 @@ def test_dp2_x_pp2_on_gloo_matches_eager(tmp_path) -> None:  # type: ignore[no-u
         assert torch.equal(value, results[0]["state"][key]), key
     local.train_step(*batch)
     for key, value in local.state_dict().items():
-        torch.testing.assert_close(value, results[0]["after"][key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+        torch.testing.assert_close(
+            value, results[0]["after"][key], rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}"
+        )

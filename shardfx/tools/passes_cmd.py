@@ -20,6 +20,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from shardfx.driver import pipeline_schedule
 from shardfx.graphs.format import format_program
 from shardfx.tools.graph_diff import diff_programs, format_diff, wrap_line
 from shardfx.tools.model_spec import add_model_spec_arguments, model_spec_from_args
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if pp_stage is not None and not pp_stage.disabled:
         print()
         print(format_pipeline_plan(pp_stage.record.stats))
+        print(pipeline_schedule(config).describe())
     if args.dump:
         dump_stages(stages, Path(args.dump))
         print(f"printed programs written to {args.dump}/")

@@ -21,6 +21,7 @@ def test_passes_shows_one_stage_and_the_cut() -> None:
     assert "split_stages" in out
     assert "pipeline: 2 stages, cut by the cost model; showing stage 0" in out
     assert "stage 1: from blocks.1" in out and "this stage: 1 sends, 1 receives" in out
+    assert "rank 0: F0 F1 B0 B1" in out and "rank 1: F0 B0 F1 B1" in out  # the 1F1B table
     code, _, err = run_cli(["passes", "gpt", "--config", "pp_size=2", "--pp-stage", "2", "--no-progress"])
     assert code != 0 and "--pp-stage 2: a pipeline of 2 stages has stages 0 .. 1" in err
 

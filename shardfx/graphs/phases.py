@@ -103,6 +103,30 @@ def split_phases(program: DistProgram) -> PhaseSplit:
     return split
 
 
+SAVED = "saved"  # the role, in a printed part's signature, of a value the forward keeps for the backward
+
+
+def part_programs(program: DistProgram) -> dict[str, DistProgram]:
+    """The forward and backward parts as programs of their own, to print (format_program): the
+    forward returns, and the backward takes, the saved values (signature role "saved")."""
+    import copy
+
+    from shardfx.graphs.signature import InputSpec, OutputSpec, Signature
+
+    split = program.notes.get("phases") or split_phases(program)
+    inputs = copy.deepcopy(program.signature.inputs)
+    forward = Signature(inputs, [OutputSpec(SAVED, name) for name in split.saved])
+    backward = Signature(inputs + [InputSpec(SAVED, name) for name in split.saved], program.signature.outputs)
+    return {
+        FORWARD_PART: DistProgram(
+            split.forward, forward, program.mesh, program.fake_mode, program.shard_specs, program.tp_specs
+        ),
+        BACKWARD_PART: DistProgram(
+            split.backward, backward, program.mesh, program.fake_mode, program.shard_specs, program.tp_specs
+        ),
+    }
+
+
 def _bytes(nodes: list[fx.Node]) -> int:
     """Bytes of the values of `nodes`, a view counted with its base (as the runtime holds them)."""
     from shardfx.graphs.analysis import _storage_owner, tensor_bytes

@@ -55,6 +55,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     out.add_argument("--stop-after", metavar="PASS", help="run the pipeline up to this pass ('capture': none)")
     out.add_argument("--show", metavar="PASS", help="print the program after this pass ('capture' or a pass name)")
     out.add_argument(
+        "--part",
+        choices=("forward", "backward"),
+        help="with --show and --config pp_size=P: print the stage's forward or backward part (what the "
+        "pipeline runs as one step of its schedule) instead of its joint program",
+    )
+    out.add_argument(
         "--diff",
         nargs=2,
         metavar=("PASS_A", "PASS_B"),
@@ -107,7 +113,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"figures written to {args.json_path}")
     if shown is not None:
         print()
-        print(wrap_program(format_program(shown.program, f"after {shown.name}"), args.width), end="")
+        program, title = shown.program, f"after {shown.name}"
+        if args.part is not None:
+            from shardfx.graphs.phases import BACKWARD_PART, FORWARD_PART, part_programs
+
+            if config.pp_size == 1:
+                raise ValueError("--part shows a pipeline stage's forward or backward; give --config pp_size=P")
+            program = part_programs(program)[FORWARD_PART if args.part == "forward" else BACKWARD_PART]
+            title += f", the stage's {args.part} part"
+        print(wrap_program(format_program(program, title), args.width), end="")
     if diffed is not None:
         print()
         before, after = diffed

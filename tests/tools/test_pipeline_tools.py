@@ -33,3 +33,18 @@ def test_estimate_per_stage() -> None:
     rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit() and "Mi" in line]
     assert [r[1] for r in rows] == ["(input)", "blocks.1", "blocks.2", "blocks.3"]
     assert [int(r[-2]) for r in rows] == [4, 3, 2, 1]  # 1F1B keeps P - s micro-batches alive on stage s
+
+
+def test_passes_shows_a_stages_forward_and_backward_parts() -> None:
+    base = ["passes", "gpt", "--preset", "tiny", "--config", "pp_size=2", "--config", "pp_microbatches=2"]
+    base += ["--pp-stage", "0", "--show", "data_parallel", "--no-progress"]
+    code, forward, err = run_cli([*base, "--part", "forward"])
+    assert code == 0, err
+    code, backward, err = run_cli([*base, "--part", "backward"])
+    assert code == 0, err
+    program = lambda out: out.split("the stage's")[1]  # noqa: E731 - the printed part, after the tables
+    assert "saved" in program(forward) and "shardfx.send" in program(forward)
+    assert "shardfx.recv" not in program(forward)  # stage 0's forward receives nothing
+    assert "shardfx.recv" in program(backward) and "shardfx.send" not in program(backward)
+    code, _, err = run_cli(["passes", "gpt", "--preset", "tiny", "--show", "data_parallel", "--part", "forward"])
+    assert code != 0 and "--part shows a pipeline stage's forward or backward" in err

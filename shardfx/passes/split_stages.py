@@ -649,7 +649,8 @@ def _p2p_meta(src: fx.Node, node: fx.Node, tag: str) -> None:
 
 def _refuse_batch_stats(program: DistProgram) -> None:
     for node in program.graph.nodes:
-        if node.op == "call_function" and node.target in BATCH_STATS and _training(node):
+        synced = meta.get(node, meta.ORIGIN) == "sync_batch_norm"  # global statistics over dp, still per batch
+        if node.op == "call_function" and (synced or (node.target in BATCH_STATS and _training(node))):
             where = meta.get(node, meta.MODULE) or "the model"
             raise ShardfxError(
                 f"{where} takes statistics over the batch (BatchNorm in training); the pipeline runs the batch "

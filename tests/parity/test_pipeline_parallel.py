@@ -300,8 +300,11 @@ def test_batch_norm_is_refused_naming_the_module() -> None:
     torch.manual_seed(0)
     model = MLP(d_in=16, hidden=(32, 32), d_out=8, batchnorm=True)
     config = shardfx.Config(pp_size=2, pp_microbatches=2)
-    with pytest.raises(ShardfxError, match=r"norms.0 takes statistics over the batch"):
-        shardfx.compile_distributed(model, 2, example_inputs=mlp_batch(12), loss_fn=F.mse_loss, config=config)
+    for world_size in (2, 4):  # at dp2 sync_batch_norm has made the statistics global: still per batch
+        with pytest.raises(ShardfxError, match=r"norms.0 takes statistics over the batch"):
+            shardfx.compile_distributed(
+                model, world_size, example_inputs=mlp_batch(12), loss_fn=F.mse_loss, config=config
+            )
 
 
 def test_config_checks() -> None:

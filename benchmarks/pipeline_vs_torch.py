@@ -47,6 +47,9 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import zero_vs_fsdp2 as harness  # noqa: E402  (its timed step: barrier, step, barrier)
+
 import shardfx  # noqa: E402
 from shardfx.graphs.pp_schedule import bubble_fraction  # noqa: E402
 from shardfx.models import GPT, GPTConfig, gpt_loss  # noqa: E402
@@ -169,14 +172,6 @@ class ShardfxPipeline:
         return [nn.ParameterList(list(state.params.values())), state.optimizer]
 
 
-def timed_step(strategy: Any, tokens: Tensor, targets: Tensor) -> float:
-    dist.barrier()
-    start = time.perf_counter()
-    strategy.step(tokens, targets)
-    dist.barrier()
-    return time.perf_counter() - start
-
-
 class LiveBytes(TorchDispatchMode):
     """The most bytes of tensor storage alive at once among those the step creates, plus what lives
     across steps. (torch's MemTracker refuses a module called once per micro-batch, as pipelines do.)"""
@@ -259,7 +254,7 @@ def worker(opts: dict[str, Any]) -> dict[str, Any]:
             elif i == opts["warmup"]:
                 peaks[s.name] = peak_bytes(s, tokens, targets)
             else:
-                times[s.name].append(timed_step(s, tokens, targets))
+                times[s.name].append(harness.timed_step(s, tokens, targets))
     rows = {}
     for s in strategies:
         rows[s.name] = {

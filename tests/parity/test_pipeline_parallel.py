@@ -48,6 +48,16 @@ def assert_pipeline_parity(model, batch, loss_fn, world_size, config, optimizer=
     return engine
 
 
+def assert_eval_matches(engine, model, batch) -> None:  # type: ignore[no-untyped-def]
+    """engine.eval_step equals the eager model's loss in eval mode at the engine's weights."""
+    eager = copy.deepcopy(model)
+    eager.load_state_dict(engine.state_dict())
+    eager.eval()
+    with torch.no_grad():
+        expected = gpt_loss(eager(batch[0]), batch[1])
+    torch.testing.assert_close(engine.eval_step(*batch), expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_gpt_tied_pp2(schedule: str) -> None:
     config = shardfx.Config(pp_size=2, pp_microbatches=4, pp_schedule=schedule)
@@ -178,12 +188,7 @@ def test_interleaved_1f1b(tie: bool) -> None:
     held = [set(engine.runtime.states[r].params) for r in range(2)]
     assert "blocks.0.attn.qkv.weight" in held[0] and "blocks.2.attn.qkv.weight" in held[0]  # stages 0 and 2
     assert "blocks.1.attn.qkv.weight" in held[1] and "blocks.3.attn.qkv.weight" in held[1]  # stages 1 and 3
-    eager = copy.deepcopy(model)
-    eager.load_state_dict(engine.state_dict())
-    eager.eval()
-    with torch.no_grad():
-        expected = gpt_loss(eager(batch[0]), batch[1])
-    torch.testing.assert_close(engine.eval_step(*batch), expected, rtol=1e-5, atol=1e-6)
+    assert_eval_matches(engine, model, batch)
 
 
 @pytest.mark.slow
@@ -417,12 +422,7 @@ def test_eval_step_matches_eager() -> None:
         copy.deepcopy(model), 4, example_inputs=batch, loss_fn=gpt_loss, optimizer=sgd, config=config
     )
     engine.train_step(*batch)
-    eager = copy.deepcopy(model)
-    eager.load_state_dict(engine.state_dict())
-    eager.eval()
-    with torch.no_grad():
-        expected = gpt_loss(eager(batch[0]), batch[1])
-    torch.testing.assert_close(engine.eval_step(*batch), expected, rtol=1e-5, atol=1e-6)
+    assert_eval_matches(engine, model, batch)
     assert engine.eval_program().notes["pipeline"]["stage"] == 1
 
 

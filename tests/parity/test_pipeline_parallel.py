@@ -432,8 +432,9 @@ def test_eval_step_matches_eager() -> None:
         {"recompute": "full"},
         {"zero_stage": 3, "bucket_mb": 1.0, "overlap": True},
         pytest.param({"zero_stage": 2, "tune_communication": True}, marks=pytest.mark.slow),
+        {"zero_stage": 2, "grad_accum_sync": "micro_batch"},
     ],
-    ids=["recompute", "zero3-bucket-overlap", "zero2-tuned"],
+    ids=["recompute", "zero3-bucket-overlap", "zero2-tuned", "zero2-reduce-every-micro-batch"],
 )
 def test_composes_inside_a_stage(options: dict) -> None:
     config = shardfx.Config(pp_size=2, pp_microbatches=2, **options)

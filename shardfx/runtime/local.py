@@ -7,7 +7,7 @@ its own thread; a failure on one rank aborts the others' collectives.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch.nn as nn
 from torch import Tensor
@@ -17,6 +17,21 @@ from shardfx.graphs.program import DistProgram
 from shardfx.runtime.executor import Executor, StepOutputs
 from shardfx.runtime.local_comm import LocalWorld
 from shardfx.runtime.state import OptimizerFactory, RankState, full_state_dict
+
+
+def gather_ranks(futures: list[Future]) -> list:
+    """Every rank thread's result, in rank order. A rank's own failure is raised before the
+    CollectiveErrors it caused on the others."""
+    results, errors = [], []
+    for r, fut in enumerate(futures):
+        try:
+            results.append(fut.result())
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, root cause first
+            errors.append((r, exc))
+    if errors:
+        errors.sort(key=lambda e: isinstance(e[1], CollectiveError))
+        raise errors[0][1]
+    return results
 
 
 class LocalRuntime:
@@ -60,18 +75,7 @@ class LocalRuntime:
             for comm in self.comms:
                 comm.stats.reset()
         futures = [self._pool.submit(self._rank_step, r, shards[r]) for r in range(self.world_size)]
-        errors: list[tuple[int, BaseException]] = []
-        losses: list[Tensor] = []
-        for r, fut in enumerate(futures):
-            try:
-                losses.append(fut.result())
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, root cause first
-                errors.append((r, exc))
-        if errors:
-            # A rank's own failure comes before the CollectiveErrors it caused on the others.
-            errors.sort(key=lambda e: isinstance(e[1], CollectiveError))
-            raise errors[0][1]
-        return losses[0]
+        return gather_ranks(futures)[0]
 
     def _rank_step(self, rank: int, batch: tuple[Tensor, ...]) -> Tensor:
         state = self.states[rank]

@@ -26,12 +26,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from shardfx.errors import CollectiveError
 from shardfx.graphs.phases import FORWARD_PART
 from shardfx.graphs.pp_schedule import EVAL, PipelineSchedule, stage_key
 from shardfx.graphs.program import PIPELINE, DistProgram, Mesh
 from shardfx.graphs.signature import BUFFER, GRAD_ACC, GRAD_SUM, PARAM
 from shardfx.runtime.executor import StageExecutor
+from shardfx.runtime.local import gather_ranks
 from shardfx.runtime.local_comm import LocalWorld
 from shardfx.runtime.state import OptimizerFactory, RankState, unshard
 
@@ -229,7 +229,7 @@ class LocalPipelineRuntime:
                 comm.stats.reset()
         micro = [list(zip(*(torch.chunk(x, self.pipe.micro_batches, dim=0) for x in shard))) for shard in shards]
         futures = [self._pool.submit(self._rank, r, micro[r]) for r in range(self.world_size)]
-        losses, peaks = zip(*self._gather(futures))
+        losses, peaks = zip(*gather_ranks(futures))
         for r in range(self.world_size):
             self.peak_alive[self.coord_of[r]] = peaks[r]
         self._finish()
@@ -284,21 +284,8 @@ class LocalPipelineRuntime:
                 raise
 
         futures = [self._pool.submit(rank_eval, r) for r in range(self.world_size)]
-        results = self._gather(futures)
+        results = gather_ranks(futures)
         return torch.stack(results[self._last_rank()]).mean()
-
-    def _gather(self, futures: list) -> list:
-        """Every rank's result; a rank's own failure is raised before the aborts it caused elsewhere."""
-        results, errors = [], []
-        for r, fut in enumerate(futures):
-            try:
-                results.append(fut.result())
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, root cause first
-                errors.append((r, exc))
-        if errors:
-            errors.sort(key=lambda e: isinstance(e[1], CollectiveError))
-            raise errors[0][1]
-        return results
 
     def state_dict(self) -> dict[str, Tensor]:
         return pipeline_state_dict(self.stages, self.mesh, self.model, lambda r: self.states[r])

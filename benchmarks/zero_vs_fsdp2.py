@@ -20,9 +20,11 @@ on all of them alike. Strategies:
 
     DDP                         torch.nn.parallel.DistributedDataParallel
     FSDP2 reshard / no reshard  fully_shard on each block, then the root (reshard_after_forward True / False)
-    shardfx ZeRO-s              compile_distributed(model, None, ..., Config(zero_stage=s)), s = 0..3
+    shardfx ZeRO-s              compile_distributed(model, None, ..., Config(zero_stage=s)), s = 0..3:
+                                the defaults, bucketing and overlap planned by the cost model
     shardfx ZeRO-3 no reshard   Config(zero_stage=3, reshard_after_forward=False)
-    shardfx ZeRO-3 bucket+overlap  Config(zero_stage=3, bucket_mb=--bucket-mb, overlap=True)
+    shardfx ZeRO-3 bucket+overlap  Config(zero_stage=3, bucket_mb=--bucket-mb, overlap=True, prefetch=1): by hand
+    shardfx ZeRO-0/3 unplanned  Config(zero_stage=s, bucket_mb=0, overlap=False): the old defaults
 
 Schedule per strategy: `--warmup` untimed steps, one step under MemTracker,
 one step under the collective counter, then `--steps` timed steps.
@@ -54,6 +56,9 @@ Columns:
                    held-out batch, computed by one eager GPT on rank 0. Same init,
                    same data: strategies agree to about 1e-4 relative, or the
                    measurement is broken (flagged below the table).
+  predicted ms     the cost model's step time for the engine's program on this
+                   machine's profile (hardware("auto"): `shardfx calibrate`'s, else built-in).
+  buckets, overlap what the step runs: tune_communication's plan, or the Config's settings.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import shardfx
+from shardfx.graphs.cost_model import hardware, simulate
 from shardfx.models import GPT, GPTConfig, gpt_loss, num_params
 from shardfx.runtime.launch import launch
 
@@ -212,7 +218,10 @@ STRATEGIES: dict[str, tuple[str, dict[str, Any]]] = {
     "shardfx ZeRO-3": ("shardfx", {"zero_stage": 3}),
     "shardfx ZeRO-3 no reshard": ("shardfx", {"zero_stage": 3, "reshard_after_forward": False}),
     # bucket_mb comes from --bucket-mb
-    "shardfx ZeRO-3 bucket+overlap": ("shardfx", {"zero_stage": 3, "overlap": True, "bucket_mb": None}),
+    "shardfx ZeRO-3 bucket+overlap": ("shardfx", {"zero_stage": 3, "overlap": True, "prefetch": 1, "bucket_mb": None}),
+    # the defaults before the cost model planned communication: no bucketing, no overlap
+    "shardfx ZeRO-0 unplanned": ("shardfx", {"zero_stage": 0, "bucket_mb": 0.0, "overlap": False}),
+    "shardfx ZeRO-3 unplanned": ("shardfx", {"zero_stage": 3, "bucket_mb": 0.0, "overlap": False}),
 }
 
 
@@ -222,7 +231,7 @@ def build_strategy(name: str, opts: dict[str, Any], cfg: GPTConfig, example: tup
     from torch.distributed.fsdp import fully_shard
 
     kind, kwargs = STRATEGIES[name]
-    if "bucket_mb" in kwargs:
+    if "bucket_mb" in kwargs and kwargs["bucket_mb"] is None:
         kwargs = {**kwargs, "bucket_mb": float(opts["bucket_mb"])}
     lr = opts["lr"]
     start = time.perf_counter()
@@ -328,6 +337,9 @@ def worker(opts: dict[str, Any]) -> dict[str, Any]:
     for s in strategies:
         state = s.full_state_dict()
         row = {"setup_s": s.setup_s, "times_s": times[s.name], "peak": memory[s.name], "comm": comm[s.name]}
+        if isinstance(s, Shardfx):
+            row["predicted_ms"] = simulate(s.engine.program, hardware("auto")).step_seconds * 1e3
+            row["plan"] = plan_of(s.engine)
         if rank == 0:
             torch.manual_seed(opts["seed"])
             model = GPT(cfg)
@@ -341,14 +353,24 @@ def worker(opts: dict[str, Any]) -> dict[str, Any]:
     return {"rank": rank, "threads": torch.get_num_threads(), "params": num_params(GPT(cfg)), "strategies": results}
 
 
+def plan_of(engine: Any) -> str:
+    """What bucketing and overlap the step runs: tune_communication's choice, or the Config's."""
+    stats = next((r.stats for r in engine.pass_records if r.name == "tune_communication"), None)
+    if stats is None:
+        config = engine.config
+        stats = {"bucket_mb": config.bucket_mb, "overlap": config.overlap, "prefetch": config.prefetch}
+    how = f"overlap, prefetch {stats['prefetch']}" if stats["overlap"] else "no overlap"
+    return f"{stats['bucket_mb']:g} MiB, {how}"
+
+
 def summarize(ranks: dict[int, dict[str, Any]], loss_rtol: float) -> tuple[list[str], dict[str, Any]]:
     """The markdown table (rank 0's numbers) and the JSON record of one world size."""
     rows = ranks[0]["strategies"]
     base_ms = statistics.median(rows[BASELINE]["times_s"]) * 1e3
     base_loss = rows[BASELINE]["final_loss"]
     lines = [
-        "| strategy | median step ms | vs DDP | rank-0 peak MiB | MiB sent per step | final loss |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| strategy | median step ms | vs DDP | rank-0 peak MiB | MiB sent per step | final loss | predicted ms | buckets, overlap |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     notes = []
     record: dict[str, Any] = {"threads_per_rank": ranks[0]["threads"], "params": ranks[0]["params"], "strategies": {}}
@@ -357,7 +379,11 @@ def summarize(ranks: dict[int, dict[str, Any]], loss_rtol: float) -> tuple[list[
         sent = sum(row["comm"]["sent"].values())
         peak = row["peak"]["Total"]
         loss = row["final_loss"]
-        lines.append(f"| {name} | {ms:.1f} | {ms / base_ms:.2f} | {peak / MiB:.1f} | {sent / MiB:.2f} | {loss:.6f} |")
+        predicted = f"{row['predicted_ms']:.1f}" if "predicted_ms" in row else "-"
+        lines.append(
+            f"| {name} | {ms:.1f} | {ms / base_ms:.2f} | {peak / MiB:.1f} | {sent / MiB:.2f} | {loss:.6f} "
+            f"| {predicted} | {row.get('plan', '-')} |"
+        )
         if abs(loss - base_loss) > loss_rtol * abs(base_loss):
             notes.append(
                 f"MISMATCH: {name}'s final loss {loss:.6f} differs from DDP's {base_loss:.6f} by more than {loss_rtol:g} relative"

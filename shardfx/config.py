@@ -37,16 +37,19 @@ class Config:
     grad_clip: clip gradients to this global norm (None: no clipping).
     batchnorm: "global" computes batch statistics over the global batch (single-device
         semantics); "local" keeps each rank's own statistics (DDP's behaviour).
-    bucket_mb: merge the collectives of one block into flat buckets of at most this many MiB (0: off).
-    overlap: issue collectives asynchronously and prefetch parameter gathers `prefetch` blocks ahead.
+    bucket_mb: merge the collectives of one block into flat buckets of at most this many MiB (0: off;
+        None, the default: the cost model plans it, see tune_communication).
+    overlap: issue collectives asynchronously: gradient reductions launched while the backward
+        still runs, parameter gathers prefetched `prefetch` blocks ahead (None: planned).
+    prefetch: parameter gathers in flight ahead of their use, >= 1 (None: planned).
     tp_size: tensor-parallel ranks (world size = dp x tp); Linear layers split Megatron-style.
     tp_plan: {module pattern: "colwise" | "rowwise" | "replicate"}; None: the automatic plan.
     sequence_parallel: with tp_size > 1, Megatron's sequence parallelism: between the blocks
         (norms, residual adds) activations are split along the sequence (dim 1 of (B, L, ...)),
         each block's all-reduce becomes a reduce-scatter and an all-gather (the same bytes).
-    tune_communication: let the cost model choose bucket size and prefetch depth (overrides
-        bucket_mb/overlap/prefetch) on the `hardware` profile, keeping the simulated peak under
-        comm_memory_cap bytes (None: no cap).
+    tune_communication: what bucket_mb, overlap and prefetch leave unset (None, their default) the
+        cost model plans on the `hardware` profile: the fastest simulated step whose peak stays
+        under comm_memory_cap bytes (None: no cap). True plans all three, overriding them.
     recompute: activation recomputation: "none", "full" (every block, keeping block inputs),
         "selective" (the attention core), "budget" (the cheapest recomputation that brings the
         simulated peak to memory_budget).
@@ -54,7 +57,8 @@ class Config:
         without recomputation (<= 1).
     fuse: fuse memory-bound regions into generated Triton kernels (None: on with CUDA, off on CPU).
     kernel_cache_dir: folder for generated kernels (None: $SHARDFX_KERNEL_CACHE or ~/.cache/shardfx/kernels).
-    hardware: the cost model's hardware profile for decisions (shardfx.graphs.cost_model.PROFILES).
+    hardware: the cost model's hardware profile for decisions (shardfx.graphs.cost_model.PROFILES);
+        "auto": this machine's (the CUDA device's, else "cpu", calibrated by `shardfx calibrate`).
     collective_timeout: seconds a rank waits in a collective before every rank fails.
     dump_dir: write the printed program after every pass into this folder.
     disable_passes: names of passes to skip (for bisecting); a name that is no pass is an error
@@ -100,9 +104,9 @@ class Config:
     reduce_dtype: str = "fp32"
     grad_clip: float | None = None
     batchnorm: str = "global"
-    bucket_mb: float = 0.0
-    overlap: bool = False
-    prefetch: int = 1
+    bucket_mb: float | None = None
+    overlap: bool | None = None
+    prefetch: int | None = None
     tune_communication: bool = False
     comm_memory_cap: float | None = None
     tp_size: int = 1
@@ -110,7 +114,7 @@ class Config:
     sequence_parallel: bool = False
     recompute: str = "none"
     memory_budget: float | None = None
-    hardware: str = "cpu"
+    hardware: str = "auto"
     fuse: bool | None = None
     kernel_cache_dir: str | None = None
     collective_timeout: float = 60.0
@@ -139,12 +143,23 @@ class Config:
             raise TypeError(f"Config.reshard_after_forward must be a bool; got {self.reshard_after_forward!r}")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):
             raise ValueError(f"Config.grad_clip must be a positive number or None; got {self.grad_clip!r}")
-        if not (isinstance(self.bucket_mb, (int, float)) and self.bucket_mb >= 0):
-            raise ValueError(f"Config.bucket_mb must be a number >= 0 (0 turns bucketing off); got {self.bucket_mb!r}")
-        if not isinstance(self.overlap, bool):
-            raise TypeError(f"Config.overlap must be a bool; got {self.overlap!r}")
-        if not (isinstance(self.prefetch, int) and self.prefetch >= 1):
-            raise ValueError(f"Config.prefetch must be an integer >= 1; got {self.prefetch!r}")
+        bucket = self.bucket_mb
+        if bucket is not None and (isinstance(bucket, bool) or not isinstance(bucket, (int, float)) or bucket < 0):
+            raise ValueError(
+                f"Config.bucket_mb must be a number >= 0 (0 turns bucketing off) or None (planned); got {bucket!r}"
+            )
+        from shardfx.graphs.cost_model import AUTO, PROFILES
+
+        if self.hardware != AUTO and self.hardware not in PROFILES:
+            raise ValueError(
+                f"Config.hardware={self.hardware!r} is not a profile; choose {AUTO!r} or one of {sorted(PROFILES)}"
+            )
+        if self.overlap is not None and not isinstance(self.overlap, bool):
+            raise TypeError(f"Config.overlap must be a bool or None (planned); got {self.overlap!r}")
+        if self.prefetch is not None and not (
+            isinstance(self.prefetch, int) and not isinstance(self.prefetch, bool) and self.prefetch >= 1
+        ):
+            raise ValueError(f"Config.prefetch must be an integer >= 1 or None (planned); got {self.prefetch!r}")
         if not isinstance(self.tune_communication, bool):
             raise TypeError(f"Config.tune_communication must be a bool; got {self.tune_communication!r}")
         if self.comm_memory_cap is not None and not (

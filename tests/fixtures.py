@@ -52,3 +52,8 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(argv)
     return code, out.getvalue(), err.getvalue()
+
+
+# Config options for a step without bucketing or overlap (the cost model plans both by default):
+# for tests of what a sharding pass itself produces, one collective per parameter, synchronous.
+UNPLANNED = {"bucket_mb": 0.0, "overlap": False}

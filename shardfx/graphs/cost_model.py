@@ -9,7 +9,9 @@ ring: alpha + bytes sent per rank / link bandwidth, where a rank sends
 one. Synchronous collectives stop compute until they finish; `*_start`
 launches on the communication stream (after the collectives before it) and
 `wait` stops compute only until its collective is done: the time compute sits
-in waits and synchronous collectives is the exposed communication.
+in waits and synchronous collectives is the exposed communication. Where ranks
+share cores with their communication (gloo on a CPU), an async collective
+also takes (1 - overlap) of its time from compute (Hardware.overlap).
 
 FLOPs come from torch's own formulas (torch.utils.flop_counter) where it has
 them; every attention kernel (graphs/ops.py) is counted as 4*B*H*Lq*Lk*D
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import json
 import operator
+import os
+import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,8 @@ class Hardware:
     alpha: float  # seconds of fixed latency per collective
     op_overhead: float  # seconds of fixed cost per compute op
     source: str = ""
+    overlap: float = 1.0  # share of an async collective's time that runs beside compute, not in its way
+    machine: str = ""  # the machine a calibration measured (machine_id()); "" for built-in profiles
 
     def flops(self, dtype: torch.dtype) -> float:
         return self.bf16_flops if dtype in (torch.bfloat16, torch.float16) else self.fp32_flops
@@ -55,19 +61,57 @@ PROFILES: dict[str, Hardware] = {
     "h100": Hardware("h100", 494e12, 989e12, 3.35e12, 450e9, 10e-6, 5e-6, "H100 SXM data sheet, NVLink4"),
     "h200": Hardware("h200", 494e12, 989e12, 4.8e12, 450e9, 10e-6, 5e-6, "H200 SXM data sheet, NVLink4"),
     "h100-ib": Hardware("h100-ib", 494e12, 989e12, 3.35e12, 50e9, 20e-6, 5e-6, "H100 across nodes, 400 Gb/s IB"),
-    # Measured once on a 2-core CI machine with gloo (`shardfx calibrate` measures yours).
-    "cpu": Hardware("cpu", 100e9, 300e9, 16e9, 0.5e9, 200e-6, 8e-6, "built-in: a 2-core x86 VM, 2 gloo ranks"),
+    # Measured on a 2-core CI machine, 2 gloo ranks (`shardfx calibrate` measures yours; the
+    # medians of several runs): a collective between compute costs 3.5 ms of latency (the
+    # ranks' skew), and 3/4 of an async one's time is taken from compute (the ranks' cores
+    # also run gloo).
+    "cpu": Hardware(
+        "cpu", 50e9, 1.3e9, 14e9, 0.6e9, 3.5e-3, 9e-6, "built-in: a 2-core x86 VM, 2 gloo ranks", overlap=0.25
+    ),
 }
 
 CALIBRATION_FILE = Path.home() / ".cache" / "shardfx" / "hardware.json"
 
 
-def hardware(name: str) -> Hardware:
-    """A named profile; 'cpu' is the calibrated one when `shardfx calibrate` has run on this machine."""
+AUTO = "auto"
+_CUDA_NAMES = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"))
+
+
+def machine_id() -> str:
+    """What a calibration depends on: CPU model, cores, torch version (a new machine recalibrates)."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        model = names[0] if names else model
+    return f"{model} x{os.cpu_count()}, torch {torch.__version__}"
+
+
+def resolve(name: str) -> str:
+    """The profile name `name` stands for: "auto" is this machine's (the CUDA device's, else "cpu")."""
+    if name != AUTO:
+        return name
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+        return next((profile for key, profile in _CUDA_NAMES if key in device), "h100")
+    return "cpu"
+
+
+def hardware(name: str = AUTO) -> Hardware:
+    """A named profile ("auto": this machine's). 'cpu' is the calibrated one when `shardfx calibrate`
+    has run on this machine; a calibration of another machine (or torch) is not used."""
+    name = resolve(name)
     if name == "cpu" and CALIBRATION_FILE.exists():
-        return Hardware(**json.loads(CALIBRATION_FILE.read_text()))
+        try:
+            saved = Hardware(**json.loads(CALIBRATION_FILE.read_text()))
+        except (TypeError, ValueError):  # an older or damaged file: the built-in profile
+            saved = None
+        if saved is not None and saved.machine == machine_id():
+            return saved
     if name not in PROFILES:
-        raise ValueError(f"unknown hardware profile {name!r}; known: {sorted(PROFILES)}")
+        raise ValueError(f"unknown hardware profile {name!r}; known: {sorted(PROFILES)} or {AUTO!r}")
     return PROFILES[name]
 
 
@@ -148,6 +192,8 @@ def simulate(program: DistProgram, hw: Hardware) -> Simulation:
             comm_t = max(comm_t, compute_t) + cost
             done[node] = comm_t
             busy_comm += cost
+            compute_t += (1.0 - hw.overlap) * cost  # shared cores: compute slows while it runs
+            exposed += (1.0 - hw.overlap) * cost
         elif collectives.is_wait(node):
             ready = done[node.args[0]]
             if ready > compute_t:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch.fx as fx
+from torch.fx.graph_module import _copy_attr
 
 from shardfx.graphs.placement import ShardSpec
 from shardfx.graphs.signature import Signature
@@ -157,8 +158,11 @@ class DistProgram:
         self.gm.recompile()
 
 
-def clone_program(program: DistProgram) -> DistProgram:
-    """An independent copy to rewrite or keep: new nodes and meta (vals are shared: passes replace them, never mutate)."""
+def clone_program(program: DistProgram, *, lazy: bool = False) -> DistProgram:
+    """An independent copy to rewrite or keep: new nodes and meta (vals are shared: passes replace them, never mutate).
+
+    lazy: do not generate the copy's Python code (a third of the cost): for a copy that is only
+    analysed (simulated, compared), or rewritten and then recompiled, as run_passes does."""
     import copy
 
     graph = fx.Graph()
@@ -168,7 +172,15 @@ def clone_program(program: DistProgram) -> DistProgram:
         # nested dicts (placements) are per copy: passes update them in place
         env[node].meta = {k: dict(v) if isinstance(v, dict) else v for k, v in node.meta.items()}
     graph._codegen = program.graph._codegen
-    gm = fx.GraphModule(program.gm, graph)
+    if lazy:
+        gm = fx.GraphModule(program.gm, fx.Graph())
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                _copy_attr(program.gm, gm, node.target)
+        gm._graph = graph  # what the graph setter does, less the code generation
+        graph.owning_module = gm
+    else:
+        gm = fx.GraphModule(program.gm, graph)
     return DistProgram(
         gm,
         copy.deepcopy(program.signature),

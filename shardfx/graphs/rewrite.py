@@ -9,7 +9,8 @@ ordinary tensor code.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -32,12 +33,16 @@ def insert_call(
     *,
     provenance: fx.Node,
     origin: str,
+    val: Any = None,
 ) -> fx.Node:
-    """Add `target(*args)` at the graph's current insertion point, with `val` computed on fake tensors."""
+    """Add `target(*args)` at the graph's current insertion point, with `val` computed on fake
+    tensors (or the `val` given, when the caller knows it: a fake call costs milliseconds)."""
     kwargs = kwargs or {}
     node = program.graph.call_function(target, args, kwargs)
-    with program.fake_mode, collectives.mesh_sizes(dict(program.mesh.axes)):
-        node.meta["val"] = target(*fx.map_arg(args, _val), **fx.map_arg(kwargs, _val))
+    if val is None:
+        with program.fake_mode, collectives.mesh_sizes(dict(program.mesh.axes)):
+            val = target(*fx.map_arg(args, _val), **fx.map_arg(kwargs, _val))
+    node.meta["val"] = val
     meta.copy_provenance(provenance, node, origin)
     return node
 
@@ -88,15 +93,25 @@ def inline(
     *,
     provenance: fx.Node,
     origin: str,
+    key: Hashable | None = None,
 ) -> list[fx.Node | None]:
     """Trace `fn(*args)` to ATen and insert its nodes at the current insertion point.
 
-    Returns the nodes for fn's outputs (a tensor or a tuple of tensors/None).
+    Returns the nodes for fn's outputs (a tensor or a tuple of tensors/None). `key`: everything
+    besides its arguments' shapes, dtypes and strides that fn's trace depends on (the values
+    it closes over); with a key, a trace is made once per key and argument layout and reused
+    (a pass rewriting every block of a deep model the same way traces once).
     """
     graph = program.graph
     fake_args = [a.meta["val"] if a is not None else None for a in args]
-    with program.fake_mode, collectives.mesh_sizes(dict(program.mesh.axes)):
-        sub = make_fx(fn, tracing_mode="real")(*fake_args)
+    cache = _TRACES.setdefault(program.fake_mode, {}) if key is not None else {}
+    layout = (key, tuple(program.mesh.axes), tuple(_layout(v) for v in fake_args))
+    sub = cache.get(layout) if key is not None else None
+    if sub is None:
+        with program.fake_mode, collectives.mesh_sizes(dict(program.mesh.axes)):
+            sub = make_fx(fn, tracing_mode="real")(*fake_args)
+        if key is not None:
+            cache[layout] = sub
     env: dict[fx.Node, Any] = {}
     placeholders = iter(args)
     result: list[fx.Node | None] = []
@@ -115,6 +130,52 @@ def inline(
         else:
             raise AssertionError(f"unexpected {node.op} in traced rewrite")
     return result
+
+
+# fake mode -> {(key, mesh, argument layouts): traced GraphModule}; vals of one fake mode only
+_TRACES: weakref.WeakKeyDictionary[Any, dict[Hashable, fx.GraphModule]] = weakref.WeakKeyDictionary()
+
+
+def _layout(val: Any) -> Hashable:
+    if not isinstance(val, torch.Tensor):
+        return repr(val)
+    return (tuple(val.shape), tuple(val.stride()), val.storage_offset(), val.dtype, val.device, val.requires_grad)
+
+
+def restore_order(graph: fx.Graph) -> int:
+    """Move every node that reads a value defined after it to just after its last input, keeping
+    the graph's order otherwise (a stable topological sort). A rewrite that puts one value in
+    place of several (a bucket's collective after its last member) leaves the members' early
+    readers before it. Returns the nodes moved."""
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    if all(position[a] < position[n] for n in graph.nodes for a in n.all_input_nodes):
+        return 0
+    placed: set[fx.Node] = set()
+    waiting: dict[fx.Node, list[fx.Node]] = {}  # input not yet placed -> nodes held back for it
+    order: list[fx.Node] = []
+
+    def place(first: fx.Node) -> None:
+        ready = [first]
+        while ready:
+            node = ready.pop()
+            missing = next((a for a in node.all_input_nodes if a not in placed), None)
+            if missing is not None:
+                waiting.setdefault(missing, []).append(node)
+                continue
+            order.append(node)
+            placed.add(node)
+            ready.extend(reversed(waiting.pop(node, [])))  # in their original order
+
+    for node in list(graph.nodes):
+        place(node)
+    assert not waiting, f"a cycle through {next(iter(waiting)).name}"
+    moved = sum(1 for i, n in enumerate(order) if position[n] != i)
+    previous = order[0]
+    for node in order[1:]:
+        if node.prev is not previous:
+            previous.append(node)
+        previous = node
+    return moved
 
 
 def replace_tuple_node(node: fx.Node, values: Sequence[fx.Node | None]) -> None:

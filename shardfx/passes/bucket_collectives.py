@@ -29,7 +29,7 @@ from torch import Tensor
 
 from shardfx.graphs import collectives, meta
 from shardfx.graphs.program import DistProgram
-from shardfx.graphs.rewrite import inline
+from shardfx.graphs.rewrite import inline, restore_order
 from shardfx.passes.manager import PassContext, PassResult
 
 ORIGIN = "bucket_collectives"
@@ -97,7 +97,10 @@ def bucket_collectives(program: DistProgram, ctx: PassContext, *, bucket_bytes: 
             _merge_all_reduces(program, group, index)
         merged += len(group)
         made += 1
-    return PassResult(program, {"collectives_merged": merged, "buckets": made})
+    # a reduction bucket sits where its last member was: the earlier members' readers (a cast of
+    # a gradient reduced in bf16 back to fp32) move after it
+    moved = restore_order(program.graph)
+    return PassResult(program, {"collectives_merged": merged, "buckets": made, "readers_moved": moved})
 
 
 def _finish(program: DistProgram, group: list[fx.Node], outs: list, index: int) -> None:
@@ -124,13 +127,12 @@ def _collective_above(node: fx.Node) -> fx.Node:
 
 
 def _hoist_inputs(program: DistProgram, node: fx.Node, before: fx.Node) -> None:
-    """Move the (cheap, input-only) producers of `node`'s inputs above `before` when they come after it."""
-    order = {n: i for i, n in enumerate(program.graph.nodes)}
+    """Move the (cheap, input-only) producers of `node`'s inputs above `before` when they come after it
+    (fx keeps `_sort_key` in graph order as nodes move)."""
     for arg in node.all_input_nodes:
-        if order[arg] > order[before]:
+        if arg._sort_key > before._sort_key:
             _hoist_inputs(program, arg, before)
             before.prepend(arg)
-            order = {n: i for i, n in enumerate(program.graph.nodes)}
 
 
 def _unflatten(flat: Tensor, shapes: list[tuple[int, ...]]) -> tuple[Tensor, ...]:
@@ -162,7 +164,8 @@ def _merge_gathers(program: DistProgram, group: list[fx.Node], index: int) -> No
         return tuple(fulls)
 
     with program.graph.inserting_before(first):
-        outs = inline(program, gather_bucket, [g.args[0] for g in group], provenance=first, origin=ORIGIN)
+        key = ("gather_bucket", axis, n, tuple(shapes))
+        outs = inline(program, gather_bucket, [g.args[0] for g in group], provenance=first, origin=ORIGIN, key=key)
     _finish(program, group, outs, index)
 
 
@@ -177,7 +180,8 @@ def _merge_scatters(program: DistProgram, group: list[fx.Node], index: int) -> N
         return _unflatten(torch.ops.shardfx.reduce_scatter(flat, axis, op, 0), shapes)  # (S,) -> shards
 
     with program.graph.inserting_before(last):
-        outs = inline(program, scatter_bucket, [g.args[0] for g in group], provenance=last, origin=ORIGIN)
+        key = ("scatter_bucket", axis, op, n, tuple(shapes))
+        outs = inline(program, scatter_bucket, [g.args[0] for g in group], provenance=last, origin=ORIGIN, key=key)
     _finish(program, group, outs, index)
 
 
@@ -190,5 +194,6 @@ def _merge_all_reduces(program: DistProgram, group: list[fx.Node], index: int) -
         return _unflatten(torch.ops.shardfx.all_reduce(torch.cat([g.reshape(-1) for g in grads]), axis, op), shapes)
 
     with program.graph.inserting_before(last):
-        outs = inline(program, reduce_bucket, [g.args[0] for g in group], provenance=last, origin=ORIGIN)
+        key = ("reduce_bucket", axis, op, tuple(shapes))
+        outs = inline(program, reduce_bucket, [g.args[0] for g in group], provenance=last, origin=ORIGIN, key=key)
     _finish(program, group, outs, index)

@@ -166,7 +166,7 @@ _COLLECTIVES_FINAL = ("apply_mixed_precision", "clip_gradients", "grad_norm", "r
 TUNE_COMMUNICATION = Pass(
     "tune_communication",
     tune_communication,
-    "the cost model picks bucket size and prefetch depth under the memory cap",
+    "the cost model plans bucket sizes, overlap and prefetch depth (what the Config leaves unset) under the memory cap",
     needs=(f.GRAD_SYNCS,),
     provides=(f.BUCKET, f.ASYNC_COLLECTIVES),
     after=_COLLECTIVES_FINAL,
@@ -293,14 +293,24 @@ def pipeline(
             passes.append(GRAD_NORM)
     if replicas is not None:
         passes.append(REUSE_REPLICAS.bind(variant=replicas))
-    if config.tune_communication:
-        passes.append(TUNE_COMMUNICATION.bind(hw=config.hardware, memory_cap=config.comm_memory_cap))
-        return _with_fusion(passes, config)
-    if config.bucket_mb > 0:
-        passes.append(BUCKET_COLLECTIVES.bind(bucket_bytes=int(config.bucket_mb * 2**20)))
-    if config.overlap:
-        passes.append(SCHEDULE_OVERLAP.bind(depth=config.prefetch))
+    passes.extend(_communication_passes(config))
     return _with_fusion(passes, config)
+
+
+def _communication_passes(config: Config) -> list[Pass]:
+    """Bucketing and overlap as the Config sets them; what it leaves unset (None) the cost model
+    plans (tune_communication), so a default Config buckets and overlaps as DDP and FSDP do."""
+    bucket, overlap, prefetch = config.bucket_mb, config.overlap, config.prefetch
+    if config.tune_communication:
+        bucket = overlap = prefetch = None
+    if bucket is not None and (overlap is False or (overlap and prefetch is not None)):
+        passes = [BUCKET_COLLECTIVES.bind(bucket_bytes=int(bucket * 2**20))] if bucket > 0 else []
+        return passes + ([SCHEDULE_OVERLAP.bind(depth=prefetch)] if overlap else [])
+    return [
+        TUNE_COMMUNICATION.bind(
+            hw=config.hardware, memory_cap=config.comm_memory_cap, bucket_mb=bucket, overlap=overlap, prefetch=prefetch
+        )
+    ]
 
 
 GRAD_ACCUM_VARIANTS = (None, "keep", "reduce", "partial", "sum")

@@ -57,13 +57,15 @@ def _split(program: DistProgram, node: fx.Node) -> tuple[fx.Node, fx.Node]:
     """Replace a sync collective by start (at its place) + wait (right before its first user)."""
     kind = collectives.kind(node)
     with program.graph.inserting_before(node):
-        start = insert_call(program, collectives.START_OPS[kind], node.args, provenance=node, origin=ORIGIN)
+        # an async collective's buffer is shaped as the sync one's result, and its wait returns it
+        val = node.meta["val"]
+        start = insert_call(program, collectives.START_OPS[kind], node.args, provenance=node, origin=ORIGIN, val=val)
     for key in (meta.ROLE, meta.TARGET, meta.BUCKET, meta.PLACEMENT):
         if key in node.meta:
             start.meta[key] = node.meta[key]
     first_user = min(node.users, key=_position(program)) if node.users else program.output_node()
     with program.graph.inserting_before(first_user):
-        wait = insert_call(program, collectives.WAIT, (start,), provenance=node, origin=ORIGIN)
+        wait = insert_call(program, collectives.WAIT, (start,), provenance=node, origin=ORIGIN, val=val)
     wait.meta[meta.PHASE] = first_user.meta.get(meta.PHASE, node.meta.get(meta.PHASE))
     node.replace_all_uses_with(wait)
     program.graph.erase_node(node)
@@ -71,8 +73,13 @@ def _split(program: DistProgram, node: fx.Node) -> tuple[fx.Node, fx.Node]:
 
 
 def _position(program: DistProgram):  # noqa: ANN202 - a key function
-    order = {n: i for i, n in enumerate(program.graph.nodes)}
-    return order.__getitem__
+    """Graph order as a key. fx keeps every node's `_sort_key` in list order as nodes move (torch
+    2.5 and later), so no renumbering per move: that made this pass quadratic."""
+    return _sort_key
+
+
+def _sort_key(node: fx.Node) -> tuple[int, ...]:
+    return node._sort_key
 
 
 def _delay(program: DistProgram, node: fx.Node, anchor: fx.Node) -> None:

@@ -1,11 +1,18 @@
-"""tune_communication: let the cost model choose the bucket size and prefetch depth.
+"""tune_communication: the cost model plans bucket sizes, overlap and prefetch depth.
 
-Tries every (bucket size, prefetch depth) of a small grid on copies of the
-program (bucket_collectives then schedule_overlap), simulates each on the
-configured hardware profile (shardfx.graphs.cost_model), and keeps the fastest
-whose simulated peak memory, in-flight buffers included, is under the memory
-cap. Ties go to the smaller peak. The choice and the whole table are in the
-pass stats, so a person can see why.
+What the Config leaves unset (bucket_mb, overlap, prefetch: None, the default)
+is chosen here; what it sets is kept. Every candidate is built on a copy of the
+program (bucket_collectives, then schedule_overlap) and simulated on the
+hardware profile (shardfx.graphs.cost_model). Of those whose simulated peak,
+in-flight buffers included, is under the memory cap, the ones within TOLERANCE
+of the fastest are as fast as the model can tell; of them the smallest peak
+wins (then the fastest): memory is not spent on a gain the model cannot see.
+The whole table is in the pass stats, so a person can see why.
+
+The search is kept small without losing a candidate: bucket caps that group
+the collectives alike are one candidate (the smallest cap names it), each
+grouping is bucketed once and its overlap variants are built from that copy,
+and prefetch depths beyond the number of parameter gathers are the same program.
 
 Needs: a sharding pass. Provides: what bucket_collectives and schedule_overlap provide.
 """
@@ -14,38 +21,70 @@ from __future__ import annotations
 
 from typing import Any
 
+from shardfx.graphs import meta
 from shardfx.graphs.cost_model import hardware, simulate
 from shardfx.graphs.program import DistProgram, clone_program
-from shardfx.passes.bucket_collectives import bucket_collectives
+from shardfx.passes.bucket_collectives import bucket_collectives, buckets
 from shardfx.passes.manager import PassContext, PassResult
 from shardfx.passes.schedule_overlap import schedule_overlap
 
-BUCKETS_MB = (0.0, 1.0, 4.0, 16.0, 64.0)
+BUCKETS_MB = (0.0, 1.0, 4.0, 16.0, 64.0, 256.0)
 DEPTHS = (1, 2, 3)
+TOLERANCE = 0.02  # simulated step times this close are a tie
 
 
-def _variant(program: DistProgram, ctx: PassContext, bucket_mb: float, depth: int) -> DistProgram:
-    trial = clone_program(program)
-    if bucket_mb > 0:
-        trial = bucket_collectives(trial, ctx, bucket_bytes=int(bucket_mb * 2**20)).program
-    trial = schedule_overlap(trial, ctx, depth=depth).program
-    trial.recompile()
-    return trial
+def _groupings(program: DistProgram, sizes: tuple[float, ...]) -> dict[float, tuple]:
+    """The distinct ways the bucket caps group the collectives: smallest cap -> grouping."""
+    seen: dict[tuple, float] = {}
+    for mb in sizes:
+        grouping = () if mb == 0 else tuple(tuple(n.name for n in g) for g in buckets(program, int(mb * 2**20)))
+        if all(len(g) < 2 for g in grouping):
+            grouping = ()  # nothing merged: the same program as no bucketing
+        seen.setdefault(grouping, mb)
+    return {mb: grouping for grouping, mb in seen.items()}
+
+
+def _gathers(program: DistProgram) -> int:
+    return sum(1 for n in program.graph.nodes if n.meta.get(meta.ROLE) == meta.PARAM_GATHER)
 
 
 def tune_communication(
-    program: DistProgram, ctx: PassContext, *, hw: str = "cpu", memory_cap: float | None = None
+    program: DistProgram,
+    ctx: PassContext,
+    *,
+    hw: str = "auto",
+    memory_cap: float | None = None,
+    bucket_mb: float | None = None,
+    overlap: bool | None = None,
+    prefetch: int | None = None,
 ) -> PassResult:
     profile = hardware(hw)
+    sizes = BUCKETS_MB if bucket_mb is None else (float(bucket_mb),)
     table: list[dict[str, Any]] = []
-    best: tuple[float, int, float, int] | None = None
-    for bucket_mb in BUCKETS_MB:
-        for depth in DEPTHS:
-            sim = simulate(_variant(program, ctx, bucket_mb, depth), profile)
+    candidates: list[tuple[float, int, float, int, int]] = []  # (seconds, peak, MiB, depth, row) that fit
+    programs: dict[int, DistProgram] = {}  # row -> its program (graphs only: vals are fake tensors)
+    groupings = list(_groupings(program, sizes))
+    for g, mb in enumerate(groupings):
+        # copies are simulated, not run (lazy); the last candidate of all rewrites the program itself
+        bucketed = program if g == len(groupings) - 1 else clone_program(program, lazy=True)
+        if mb > 0:
+            bucketed = bucket_collectives(bucketed, ctx, bucket_bytes=int(mb * 2**20)).program
+        gathers = _gathers(bucketed)
+        depths = DEPTHS if prefetch is None else (prefetch,)
+        depths = sorted({min(d, max(gathers, 1)) for d in depths})
+        schedules: list[int | None] = ([None] if not overlap else []) + ([] if overlap is False else list(depths))
+        for s, depth in enumerate(schedules):
+            trial = bucketed
+            if depth is not None:  # the grouping's last schedule may rewrite its copy, unless that is the best
+                reuse = s == len(schedules) - 1 and all(p is not bucketed for p in programs.values())
+                base = bucketed if reuse else clone_program(bucketed, lazy=True)
+                trial = schedule_overlap(base, ctx, depth=depth).program
+            sim = simulate(trial, profile)
             fits = memory_cap is None or sim.peak_bytes <= memory_cap
             table.append(
                 {
-                    "bucket_mb": bucket_mb,
+                    "bucket_mb": mb,
+                    "overlap": depth is not None,
                     "prefetch": depth,
                     "step_ms": round(sim.step_seconds * 1e3, 3),
                     "exposed_ms": round(sim.exposed_comm_seconds * 1e3, 3),
@@ -54,16 +93,21 @@ def tune_communication(
                     "fits": fits,
                 }
             )
-            key = (sim.step_seconds, sim.peak_bytes, bucket_mb, depth)
-            if fits and (best is None or key < best):
-                best = key
-    if best is None:
+            if fits:
+                candidates.append((sim.step_seconds, sim.peak_bytes, mb, depth or 0, len(table) - 1))
+                programs[len(table) - 1] = trial
+    if not candidates:
         lowest = min(row["peak_mib"] for row in table)
         raise ValueError(
             f"no bucket size / prefetch depth keeps the peak under the memory cap {memory_cap / 2**20:.2f} MiB; "
             f"the lowest is {lowest:.2f} MiB"
         )
-    _, _, bucket_mb, depth = best
-    chosen = _variant(program, ctx, bucket_mb, depth)
-    ctx.log(f"tune_communication: bucket {bucket_mb:g} MiB, prefetch {depth} ({hw} profile)")
-    return PassResult(chosen, {"bucket_mb": bucket_mb, "prefetch": depth, "hardware": hw, "table": table})
+    fastest = min(c[0] for c in candidates)
+    tied = [c for c in candidates if c[0] <= fastest * (1 + TOLERANCE)]
+    _, _, mb, depth, row = min(tied, key=lambda c: (c[1], c[0], c[2], c[3]))
+    chosen = programs[row]
+    chosen.recompile()
+    how = f"overlap, prefetch {depth}" if depth else "no overlap"
+    ctx.log(f"tune_communication: bucket {mb:g} MiB, {how} ({profile.name} profile)")
+    stats = {"bucket_mb": mb, "overlap": bool(depth), "prefetch": depth or None, "hardware": profile.name}
+    return PassResult(chosen, {**stats, "table": table})

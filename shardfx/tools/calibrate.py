@@ -2,10 +2,12 @@
 
 Measures, with the threads each of N worker processes gets (cores / N):
 matmul FLOP/s in fp32 and bf16, memory bandwidth (a large copy), the fixed
-cost of one small op, and gloo's all-gather latency (alpha) and bandwidth
-(beta) between N local processes, by a least-squares fit over message sizes.
-The result is written to ~/.cache/shardfx/hardware.json, which
-`hardware("cpu")` then returns.
+cost of one small op, and gloo between N local processes as a training step
+meets it (each collective after some compute): latency (alpha), bandwidth,
+and how much of an async collective hides behind compute (overlap). The
+result is written to ~/.cache/shardfx/hardware.json with this machine's
+identity (CPU model, cores, torch version); `hardware("cpu")` returns it on
+this machine only, and the built-in profile elsewhere.
 
     shardfx calibrate --world-size 2
 """
@@ -66,44 +68,61 @@ def measure_compute() -> dict[str, float]:
     return {"fp32_flops": fp32, "bf16_flops": bf16, "mem_bw": mem_bw, "op_overhead": overhead}
 
 
-def measure_gloo() -> tuple[float, float]:
-    """(alpha seconds, link bytes/s) from all-gathers of growing size, on this rank's process group."""
+def _median(fn, repeat: int = 15) -> float:  # noqa: ANN001
+    """The median of `repeat` timings: collectives between compute vary with the ranks' skew."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_gloo() -> dict[str, float]:
+    """Latency, bandwidth and overlap of gloo collectives as a training step sees them: each one
+    issued after a few milliseconds of compute, so the ranks' skew and their shared cores count.
+
+    alpha: a small all-reduce's cost after compute; link_bw: from the extra time of a 4 MiB one;
+    overlap: the share of that 4 MiB all-reduce's time that an async launch hides behind compute."""
     import torch.distributed as dist
 
     import shardfx.runtime.dist_comm  # noqa: F401 - quiets torch 2.13's rename warnings
 
     world = dist.get_world_size()
-    rows = []
-    for numel in (256, 16 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024):
-        shard = torch.ones(numel // world)
-        out = torch.empty(shard.numel() * world)
-        seconds = _best(lambda out=out, shard=shard: dist.all_gather_into_tensor(out, shard), repeat=7)
-        sent = out.numel() * 4 * (world - 1) / world
-        rows.append((sent, seconds))
-    # bandwidth from the two largest messages (latency cancels), latency from the smallest
-    (x1, y1), (x2, y2) = rows[-2], rows[-1]
-    seconds_per_byte = max((y2 - y1) / (x2 - x1), 1e-12)
-    alpha = max(rows[0][1] - rows[0][0] * seconds_per_byte, 1e-6)
-    return alpha, 1.0 / seconds_per_byte
+    a = torch.randn(256, 256)
+
+    def compute() -> None:
+        for _ in range(8):
+            torch.mm(a, a)
+
+    small, big = torch.ones(64), torch.ones(1024 * 1024)
+    base = _median(compute)
+    alpha = max(_median(lambda: (compute(), dist.all_reduce(small))) - base, 1e-6)
+    sync = max(_median(lambda: (compute(), dist.all_reduce(big))) - base, alpha + 1e-6)
+    hidden = _median(lambda: (lambda work: (compute(), work.wait()))(dist.all_reduce(big, async_op=True))) - base
+    sent = 2 * big.numel() * 4 * (world - 1) / world  # a ring all-reduce sends 2(N-1)/N of the tensor
+    overlap = min(max(1.0 - hidden / sync, 0.0), 1.0)
+    return {"alpha": alpha, "link_bw": sent / (sync - alpha), "overlap": overlap}
 
 
 def _worker() -> dict[str, float]:
-    figures = measure_compute()
-    figures["alpha"], figures["link_bw"] = measure_gloo()
-    return figures
+    return {**measure_compute(), **measure_gloo()}
 
 
 def run(args: argparse.Namespace) -> int:
-    from shardfx.graphs.cost_model import Hardware, save_calibration
+    from shardfx.graphs.cost_model import Hardware, machine_id, save_calibration
     from shardfx.runtime.launch import launch
 
     print(f"measuring with {args.world_size} worker processes ({os.cpu_count()} cores) ...")
     figures = launch(_worker, (), args.world_size, timeout=120)[0]
-    hw = Hardware(name="cpu", source=f"calibrated on this machine, {args.world_size} gloo ranks", **figures)
+    source = f"calibrated on this machine, {args.world_size} gloo ranks"
+    hw = Hardware(name="cpu", source=source, machine=machine_id(), **figures)
     print(
         f"fp32 {hw.fp32_flops / 1e9:.1f} GFLOP/s, bf16 {hw.bf16_flops / 1e9:.1f} GFLOP/s, "
         f"memory {hw.mem_bw / 1e9:.1f} GB/s, op overhead {hw.op_overhead * 1e6:.1f} us, "
-        f"gloo alpha {hw.alpha * 1e6:.0f} us, link {hw.link_bw / 1e9:.2f} GB/s"
+        f"gloo alpha {hw.alpha * 1e6:.0f} us, link {hw.link_bw / 1e9:.2f} GB/s, "
+        f"{hw.overlap:.0%} of an async collective hidden behind compute"
     )
     if not args.dry_run:
         print(f"saved to {save_calibration(hw)}")

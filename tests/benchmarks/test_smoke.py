@@ -79,6 +79,20 @@ def test_tp_vs_torch() -> None:
 
 @pytest.mark.multiproc
 def test_pipeline_vs_torch() -> None:
-    out = run("pipeline_vs_torch.py", "--tiny", "--pp-sizes", "2", "--microbatches", "2", "--steps", "1", "--warmup", "1")
+    out = run(
+        "pipeline_vs_torch.py", "--tiny", "--pp-sizes", "2", "--microbatches", "2", "--steps", "1", "--warmup", "1"
+    )
     for row in ("| torch GPipe |", "| shardfx gpipe |", "| torch 1F1B |", "| shardfx 1f1b |", "| shardfx 1f1b even |"):
         assert row in out, out
+
+
+def test_gpu_check_dry_run(tmp_path: Path) -> None:
+    """The one GPU run must not be spent on a typo: every step but the regions (test_triton_regions_static
+    runs that mode) at tiny sizes on CPU, kernels in Triton's interpreter."""
+    out = run("gpu_check.py", "--dry-run", "--out", str(tmp_path), "--only", "env,tests,steps,ops")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "FAILED" not in summary, summary + "".join(p.read_text() for p in tmp_path.glob("*.error.txt"))
+    assert [line.split("|")[1].strip() for line in summary.splitlines()[4:]] == ["env", "tests", "steps", "ops"], out
+    assert "tests collected" in (tmp_path / "tests.txt").read_text()
+    for name in ("env.json", "steps.json", "ops.json", "calibrated_profile.json"):
+        assert (tmp_path / name).stat().st_size > 0, name

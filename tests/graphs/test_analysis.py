@@ -39,12 +39,16 @@ def test_chain_timeline() -> None:
 def test_zero3_lowers_the_peak_and_the_graph_knows_its_traffic() -> None:
     import shardfx
     from shardfx.models import gpt_loss
-    from tests.fixtures import gpt_batch, tiny_gpt
+    from tests.fixtures import UNPLANNED, gpt_batch, tiny_gpt
 
     peaks = {}
     for stage in (0, 3):
         engine = shardfx.compile_distributed(
-            tiny_gpt(), 4, example_inputs=gpt_batch(), loss_fn=gpt_loss, config=shardfx.Config(zero_stage=stage)
+            tiny_gpt(),
+            4,
+            example_inputs=gpt_batch(),
+            loss_fn=gpt_loss,
+            config=shardfx.Config(zero_stage=stage, **UNPLANNED),
         )
         peaks[stage] = memory_timeline(engine.program).peak
         engine.train_step(*gpt_batch())

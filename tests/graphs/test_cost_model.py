@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import shardfx
-from shardfx.graphs import collectives
+from shardfx.graphs import collectives, cost_model
 from shardfx.graphs.cost_model import PROFILES, hardware, node_flops, simulate
 from shardfx.models import gpt_loss
 from tests.fixtures import gpt_batch, tiny_gpt
@@ -30,23 +32,33 @@ def test_matmul_flops_follow_the_formula() -> None:
 
 
 def test_synchronous_collectives_are_all_exposed() -> None:
-    sim = simulate(compiled(zero_stage=3), hardware("h100"))
+    sim = simulate(compiled(zero_stage=3, bucket_mb=0, overlap=False), hardware("h100"))
     assert sim.exposed_comm_seconds == pytest.approx(sim.comm_seconds)
     assert sim.step_seconds == pytest.approx(sim.compute_seconds + sim.comm_seconds)
 
 
 @pytest.mark.parametrize("hw", sorted(PROFILES))
 def test_overlap_hides_communication(hw: str) -> None:
-    plain = simulate(compiled(zero_stage=3, bucket_mb=64.0), hardware(hw))
-    overlapped = simulate(compiled(zero_stage=3, bucket_mb=64.0, overlap=True), hardware(hw))
+    plain = simulate(compiled(zero_stage=3, bucket_mb=64.0, overlap=False), hardware(hw))
+    overlapped = simulate(compiled(zero_stage=3, bucket_mb=64.0, overlap=True, prefetch=1), hardware(hw))
     assert overlapped.comm_seconds == pytest.approx(plain.comm_seconds)
     assert overlapped.exposed_comm_seconds < plain.exposed_comm_seconds
     assert overlapped.step_seconds < plain.step_seconds
 
 
+def test_ranks_sharing_cores_hide_less() -> None:
+    """Hardware.overlap: the share of an async collective that runs beside compute. At 0 (the
+    communication takes the cores compute needs) overlapping gains nothing over waiting."""
+    plain = compiled(zero_stage=3, bucket_mb=64.0, overlap=False)
+    overlapped = compiled(zero_stage=3, bucket_mb=64.0, overlap=True, prefetch=1)
+    steps = [simulate(overlapped, dataclasses.replace(hardware("h100"), overlap=f)).step_seconds for f in (0, 0.5, 1)]
+    assert steps[0] > steps[1] > steps[2]
+    assert steps[0] >= simulate(plain, hardware("h100")).step_seconds * (1 - 1e-9)
+
+
 def test_bucketing_saves_latency() -> None:
-    plain = compiled(zero_stage=3)
-    bucketed = compiled(zero_stage=3, bucket_mb=64.0)
+    plain = compiled(zero_stage=3, bucket_mb=0, overlap=False)
+    bucketed = compiled(zero_stage=3, bucket_mb=64.0, overlap=False)
     hw = hardware("h100")
     n_plain = sum(collectives.is_collective(n) for n in plain.graph.nodes)
     n_bucketed = sum(collectives.is_collective(n) for n in bucketed.graph.nodes)
@@ -57,3 +69,16 @@ def test_bucketing_saves_latency() -> None:
 def test_unknown_profile() -> None:
     with pytest.raises(ValueError, match="unknown hardware profile 'tpu'; known:"):
         hardware("tpu")
+
+
+def test_auto_is_this_machines_profile_and_a_calibration_is_for_its_machine_only(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "hardware.json"
+    monkeypatch.setattr(cost_model, "CALIBRATION_FILE", path)
+    assert hardware("auto") == hardware("cpu") == PROFILES["cpu"]  # no GPU, no calibration yet
+    mine = dataclasses.replace(PROFILES["cpu"], alpha=1e-3, source="calibrated", machine=cost_model.machine_id())
+    cost_model.save_calibration(mine)
+    assert hardware("auto") == mine
+    cost_model.save_calibration(dataclasses.replace(mine, machine="another CPU x64, torch 2.11"))
+    assert hardware("cpu") == PROFILES["cpu"]  # measured elsewhere: not used here
+    path.write_text('{"name": "cpu", "alpha": 1}')  # an older file's fields: the built-in profile
+    assert hardware("cpu") == PROFILES["cpu"]

@@ -8,7 +8,7 @@ import torch
 import shardfx
 from shardfx.graphs import collectives, meta
 from shardfx.models import gpt_loss
-from tests.fixtures import gpt_batch, tiny_gpt
+from tests.fixtures import UNPLANNED, gpt_batch, tiny_gpt
 from tests.parity_util import shardfx_train
 
 
@@ -19,8 +19,8 @@ def train(config: shardfx.Config, steps: int = 3):
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("bucket_mb,overlap", [(1.0, False), (0.0, True), (1.0, True)])
 def test_scheduling_is_bit_exact(stage: int, bucket_mb: float, overlap: bool) -> None:
-    base_losses, base_state, _ = train(shardfx.Config(zero_stage=stage))
-    losses, state, _ = train(shardfx.Config(zero_stage=stage, bucket_mb=bucket_mb, overlap=overlap))
+    base_losses, base_state, _ = train(shardfx.Config(zero_stage=stage, **UNPLANNED))
+    losses, state, _ = train(shardfx.Config(zero_stage=stage, bucket_mb=bucket_mb, overlap=overlap, prefetch=1))
     assert torch.equal(losses, base_losses)
     for key, value in base_state.items():
         assert torch.equal(state[key], value), key
@@ -31,8 +31,8 @@ def count(engine, kind: str) -> int:
 
 
 def test_bucketing_merges_per_block() -> None:
-    _, _, plain = train(shardfx.Config(zero_stage=3), steps=1)
-    _, _, bucketed = train(shardfx.Config(zero_stage=3, bucket_mb=64.0), steps=1)
+    _, _, plain = train(shardfx.Config(zero_stage=3, **UNPLANNED), steps=1)
+    _, _, bucketed = train(shardfx.Config(zero_stage=3, bucket_mb=64.0, overlap=False), steps=1)
     # tiny GPT: wte, wpe, 2 blocks of 6 parameters, ln_f (1 parameter without bias)
     assert count(plain, "all_gather") == 29 and count(plain, "reduce_scatter") == 15
     # forward: wte, wpe, blocks.0, blocks.1, ln_f; backward: ln_f, blocks.1, blocks.0, wte (head, tied)
@@ -44,8 +44,8 @@ def test_bucketing_merges_per_block() -> None:
 
 
 def test_bucket_cap_splits_buckets() -> None:
-    _, _, small = train(shardfx.Config(zero_stage=3, bucket_mb=0.01), steps=1)
-    _, _, large = train(shardfx.Config(zero_stage=3, bucket_mb=64.0), steps=1)
+    _, _, small = train(shardfx.Config(zero_stage=3, bucket_mb=0.01, overlap=False), steps=1)
+    _, _, large = train(shardfx.Config(zero_stage=3, bucket_mb=64.0, overlap=False), steps=1)
     assert count(large, "all_gather") < count(small, "all_gather") < 29
 
 

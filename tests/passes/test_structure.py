@@ -12,7 +12,7 @@ import shardfx
 from shardfx.graphs import collectives, meta
 from shardfx.graphs.signature import GRAD
 from shardfx.models import gpt_loss
-from tests.fixtures import FrozenFirst, gpt_batch, mlp_batch, tiny_gpt
+from tests.fixtures import UNPLANNED, FrozenFirst, gpt_batch, mlp_batch, tiny_gpt
 
 
 def compile_gpt(world_size: int, **config):
@@ -22,7 +22,7 @@ def compile_gpt(world_size: int, **config):
         example_inputs=gpt_batch(),
         loss_fn=gpt_loss,
         optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-3),
-        config=shardfx.Config(**config),
+        config=shardfx.Config(**{**UNPLANNED, **config}),
     )
 
 

@@ -11,6 +11,7 @@ import base64
 import fcntl
 import json
 import os
+import select
 import shutil
 import subprocess
 import tempfile
@@ -87,8 +88,10 @@ class Browser:
     def _read(self) -> dict[str, Any]:
         deadline = time.monotonic() + self.timeout
         while b"\0" not in self._buffer:
-            if time.monotonic() > deadline:
-                raise TimeoutError("chromium did not answer")
+            left = deadline - time.monotonic()
+            # a blocking read would never see the deadline: wait for data at most until it
+            if left <= 0 or not select.select([self._from], [], [], left)[0]:
+                raise TimeoutError(f"chromium did not answer in {self.timeout:g} s")
             chunk = os.read(self._from, 1 << 16)
             if not chunk:
                 raise RuntimeError("chromium closed the pipe")

@@ -12,6 +12,7 @@ from shardfx.passes.manager import Pass
 from shardfx.tools.bisect import bisect
 from shardfx.tools.cli import main
 from shardfx.tools.model_spec import load_model_spec
+from tests.fixtures import UNPLANNED
 from tests.tools.broken_pass import drop_one_grad_reduction
 
 BROKEN = Path(__file__).with_name("broken_pass.py")
@@ -38,7 +39,8 @@ def test_every_stage_of_a_correct_pipeline_matches_eager(config):
 def test_names_the_pass_that_drops_a_gradient_reduction_with_rank_and_parameter():
     spec = load_model_spec("mlp", batch_size=8)
     broken = Pass("drop_one_grad_reduction", drop_one_grad_reduction, "test: forgets one all-reduce")
-    result = bisect(spec, Config(zero_stage=0), 2, extra_passes=[broken])
+    # one all-reduce per parameter (not a bucket of them), so one gradient is spoiled
+    result = bisect(spec, Config(zero_stage=0, **UNPLANNED), 2, extra_passes=[broken])
     bad = result.first_bad
     assert bad is not None and bad.stage.name == "drop_one_grad_reduction"
     assert all(c.ok for c in result.checks[:-1])  # capture, sync_batch_norm, data_parallel, grad_norm match eager
@@ -51,7 +53,8 @@ def test_command_exits_1_naming_pass_rank_and_parameter(capsys):
     argv = ["bisect", "mlp", "--no-progress", "--append-pass", f"{BROKEN}:drop_one_grad_reduction"]
     assert main(argv) == 1
     out = capsys.readouterr().out
-    assert "first divergence: after pass 'drop_one_grad_reduction' (stage 4)" in out
+    # stages: capture, sync_batch_norm, data_parallel, grad_norm, tune_communication, the broken pass
+    assert "first divergence: after pass 'drop_one_grad_reduction' (stage 5)" in out
     assert re.search(r"gradient of layers\.\d\.(weight|bias) on rank [01]: max \|diff\| \d", out), out
     assert max(len(line) for line in out.splitlines()) <= 80
 

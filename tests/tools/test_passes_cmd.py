@@ -16,7 +16,9 @@ from shardfx.tools.passes_cmd import format_table, stage_row
 from shardfx.tools.stages import compile_stages
 from tests.fixtures import run_cli
 
-GPT_ZERO3 = ["passes", "gpt", "--preset", "tiny", "--set", "bias=False", "--zero", "3", "--no-progress"]
+# one collective per parameter, synchronous (the cost model plans bucketing and overlap by default)
+UNPLANNED = ["--config", "bucket_mb=0", "--config", "overlap=False"]
+GPT_ZERO3 = ["passes", "gpt", "--preset", "tiny", "--set", "bias=False", *UNPLANNED, "--zero", "3", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +135,8 @@ def test_user_factory_file(tmp_path, capsys):
     [
         (
             ["--show", "shard_params"],
-            r"--show shard_params: no such stage \(compiled: capture, sync_batch_norm, data_parallel, grad_norm\)",
+            r"--show shard_params: no such stage \(compiled: capture, sync_batch_norm, data_parallel, grad_norm, "
+            r"tune_communication\)",
         ),
         (["--stop-after", "bucket"], r"--stop-after bucket: no such pass in this pipeline; allowed: capture, "),
         (["--disable", "capture"], r"--disable capture: no such pass in this pipeline; allowed: sync_batch_norm"),

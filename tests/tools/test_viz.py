@@ -87,7 +87,7 @@ def test_memory_plot_and_html_of_a_user_factory(user_factory_file, tmp_path, cap
     assert main([*argv, "--memory-plot", str(png), "-o", str(tmp_path / "f.html")]) == 0
     assert png.read_bytes().startswith(PNG) and png.stat().st_size > 10_000
     stages = [s["name"] for s in embedded_data((tmp_path / "f.html").read_text())["stages"]]
-    assert stages == ["capture", "grad_norm"]  # --after defaults to the last pass
+    assert stages == ["capture", "tune_communication"]  # --after defaults to the last pass
     assert "wrote" in capsys.readouterr().out
 
 

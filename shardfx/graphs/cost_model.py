@@ -181,33 +181,62 @@ class Simulation:
         )
 
 
-def simulate(program: DistProgram, hw: Hardware) -> Simulation:
+def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | None = None) -> Simulation:
+    """One rank's step on `hw`. `events`: also append what ran when, as Chrome trace events (see
+    trace): on the compute track every op and every time compute sits exposed to communication,
+    on the communication track every collective."""
     compute_t = comm_t = 0.0
     busy_compute = busy_comm = exposed = 0.0
     flops = 0
     done: dict[fx.Node, float] = {}
+
+    def record(track: int, name: str, begin: float, seconds: float, category: str, node: fx.Node) -> None:
+        if events is not None and seconds > 0:
+            args = {"node": node.name, "module": node.meta.get("shardfx.module", "")}
+            events.append(
+                {
+                    "name": name,
+                    "cat": category,
+                    "ph": "X",
+                    "tid": track,
+                    "ts": begin * 1e6,
+                    "dur": seconds * 1e6,
+                    "args": args,
+                }
+            )
+
     for node in program.graph.nodes:
         if collectives.is_start(node):
             cost = collective_seconds(node, program, hw)
-            comm_t = max(comm_t, compute_t) + cost
+            begin = max(comm_t, compute_t)
+            comm_t = begin + cost
             done[node] = comm_t
             busy_comm += cost
-            compute_t += (1.0 - hw.overlap) * cost  # shared cores: compute slows while it runs
-            exposed += (1.0 - hw.overlap) * cost
+            record(COMM_TRACK, collectives.kind(node), begin, cost, "collective", node)
+            shared = (1.0 - hw.overlap) * cost  # shared cores: compute slows while it runs
+            record(COMPUTE_TRACK, f"{collectives.kind(node)} (shared cores)", compute_t, shared, "exposed", node)
+            compute_t += shared
+            exposed += shared
         elif collectives.is_wait(node):
             ready = done[node.args[0]]
             if ready > compute_t:
+                record(COMPUTE_TRACK, "wait", compute_t, ready - compute_t, "exposed", node)
                 exposed += ready - compute_t
                 compute_t = ready
         elif collectives.is_collective(node):
             cost = collective_seconds(node, program, hw)
             begin = max(comm_t, compute_t)
             comm_t = begin + cost
+            record(COMM_TRACK, collectives.kind(node), begin, cost, "collective", node)
+            record(
+                COMPUTE_TRACK, f"{collectives.kind(node)} (synchronous)", compute_t, comm_t - compute_t, "exposed", node
+            )
             exposed += comm_t - compute_t
             compute_t = comm_t
             busy_comm += cost
         else:
             cost = compute_seconds(node, hw)
+            record(COMPUTE_TRACK, _op_label(node), compute_t, cost, "compute", node)
             compute_t += cost
             busy_compute += cost
             flops += node_flops(node)
@@ -219,6 +248,40 @@ def simulate(program: DistProgram, hw: Hardware) -> Simulation:
         peak_bytes=memory_timeline(program).peak,
         flops=flops,
     )
+
+
+COMPUTE_TRACK, COMM_TRACK = 0, 1
+
+
+def _op_label(node: fx.Node) -> str:
+    target = node.target
+    return getattr(target, "__name__", str(target)) if node.op == "call_function" else node.op
+
+
+def trace(program: DistProgram, hw: Hardware, ranks: int | None = None) -> dict[str, Any]:
+    """The simulated step as a Chrome / Perfetto trace (load it in ui.perfetto.dev or chrome://tracing):
+    per rank a compute track (ops; "exposed" slices where compute waits on communication) and a
+    communication track (collectives). Every rank of one program runs the same simulated timeline
+    (one SPMD program); `ranks`: how many to show (default the mesh's world size, at most 8)."""
+    events: list[dict[str, Any]] = []
+    sim = simulate(program, hw, events)
+    shown = min(program.mesh.world_size, 8) if ranks is None else ranks
+    out: list[dict[str, Any]] = []
+    for rank in range(shown):
+        out.append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}})
+        for track, label in ((COMPUTE_TRACK, "compute"), (COMM_TRACK, "communication")):
+            out.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": track, "args": {"name": label}})
+        out.extend({**event, "pid": rank} for event in events)
+    return {
+        "traceEvents": out,
+        "displayTimeUnit": "ms",
+        "otherData": {
+            "hardware": hw.name,
+            "step_ms": sim.step_seconds * 1e3,
+            "exposed_comm_ms": sim.exposed_comm_seconds * 1e3,
+            "simulated": True,
+        },
+    }
 
 
 def roofline_table(program: DistProgram, hw: Hardware) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
     shardfx viz gpt --preset tiny --zero 3 -o zero3.html                  # after the whole pipeline
     shardfx viz gpt --preset tiny --zero 3 --compare capture -o diff.html # two stages side by side
+    shardfx viz gpt --preset tiny --zero 3 -o z3.html --trace z3.json     # + the simulated step (Perfetto)
     shardfx viz mlp --zero 2 --after shard_gradients -o mlp.svg           # graphviz 'dot'
     shardfx viz gpt --preset tiny --set n_layer=48 --depth 2 -o gpt48.svg # modules below depth 2 as boxes
     shardfx viz gpt --preset tiny --zero 3 --memory-plot memory.png       # needs matplotlib
@@ -16,6 +17,8 @@ stages side by side with --compare. The SVG needs graphviz's `dot`.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import subprocess
 from collections import Counter, defaultdict
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from shardfx.graphs.analysis import memory_timeline
+from shardfx.graphs.cost_model import hardware, trace
 from shardfx.tools.model_spec import add_model_spec_arguments, model_spec_from_args
 from shardfx.tools.options import positive_int
 from shardfx.tools.stages import (
@@ -75,13 +79,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     out.add_argument(
         "--memory-plot", metavar="FILE.png", help="plot the live bytes of one rank over the step (needs matplotlib)"
     )
+    out.add_argument(
+        "--trace",
+        metavar="FILE.json",
+        help="write the cost model's simulated step of the drawn program as a Chrome/Perfetto trace "
+        "(a compute and a communication track per rank; exposed communication marked); the HTML links to it",
+    )
+    out.add_argument(
+        "--hardware",
+        default="auto",
+        help="the cost model's profile for --trace (default: this machine's; cpu, a100, h100, h200, h100-ib)",
+    )
     parser.set_defaults(run=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.output and not args.memory_plot:
-        raise ValueError("nothing to write: give -o FILE.html|FILE.svg and/or --memory-plot FILE.png")
+    if not args.output and not args.memory_plot and not args.trace:
+        raise ValueError(
+            "nothing to write: give -o FILE.html|FILE.svg, --memory-plot FILE.png and/or --trace FILE.json"
+        )
+    if args.trace and Path(args.trace).suffix.lower() != ".json":
+        raise ValueError(f"--trace {args.trace}: the file name must end in .json")
+    hw = hardware(args.hardware)  # an unknown profile is an error before compiling
     suffix = Path(args.output).suffix.lower() if args.output else ""
     if args.output and suffix not in (".html", ".htm", ".svg"):
         raise ValueError(f"-o {args.output}: the file name must end in .html or .svg")
@@ -110,11 +130,19 @@ def run(args: argparse.Namespace) -> int:
     title = f"{spec.label}, world size {args.world_size}, ZeRO {config.zero_stage}: " + " vs ".join(
         f"after {s.name}" for s in shown
     )
+    link = None
+    if args.trace:
+        events = trace(stage.program, hw)
+        Path(args.trace).write_text(json.dumps(events))
+        step_ms = events["otherData"]["step_ms"]
+        print(f"wrote {args.trace} (simulated step {step_ms:.1f} ms on {hw.name}; open it in ui.perfetto.dev)")
+        page_dir = Path(args.output or ".").resolve().parent
+        link = {"file": os.path.relpath(Path(args.trace).resolve(), page_dir), "step_ms": step_ms, "hardware": hw.name}
     if suffix == ".svg":
         Path(args.output).write_text(render_svg(stage, args.depth))
         print(f"wrote {args.output} (after {stage.name}, {len(stage.program.graph.nodes)} nodes)")
     elif args.output:
-        Path(args.output).write_text(render_html(title, shown))
+        Path(args.output).write_text(render_html(title, shown, link))
         print(f"wrote {args.output} ({' vs '.join(s.name for s in shown)}); open it in a browser, works offline")
     if args.memory_plot:
         plot_memory(shown, args.memory_plot, spec.label)

@@ -82,3 +82,24 @@ def test_auto_is_this_machines_profile_and_a_calibration_is_for_its_machine_only
     assert hardware("cpu") == PROFILES["cpu"]  # measured elsewhere: not used here
     path.write_text('{"name": "cpu", "alpha": 1}')  # an older file's fields: the built-in profile
     assert hardware("cpu") == PROFILES["cpu"]
+
+
+def test_trace_of_the_simulated_step() -> None:
+    """A Chrome/Perfetto trace: per rank a compute and a communication track; its length is the
+    simulated step, and its exposed slices add up to the exposed communication."""
+    import json
+
+    program = compiled(zero_stage=3, bucket_mb=64.0, overlap=True, prefetch=1)
+    hw = hardware("cpu")
+    sim = simulate(program, hw)
+    data = json.loads(json.dumps(cost_model.trace(program, hw)))  # what a file holds
+    slices = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    assert {e["pid"] for e in slices} == {0, 1, 2, 3}  # world size 4
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in data["traceEvents"] if e["name"] == "thread_name"}
+    assert sorted(set(names.values())) == ["communication", "compute"] and len(names) == 8
+    rank0 = [e for e in slices if e["pid"] == 0]
+    assert max(e["ts"] + e["dur"] for e in rank0) == pytest.approx(sim.step_seconds * 1e6)
+    exposed = sum(e["dur"] for e in rank0 if e["cat"] == "exposed")
+    assert exposed == pytest.approx(sim.exposed_comm_seconds * 1e6) and exposed > 0
+    assert sum(e["dur"] for e in rank0 if e["cat"] == "collective") == pytest.approx(sim.comm_seconds * 1e6)
+    assert all(e["tid"] == cost_model.COMM_TRACK for e in rank0 if e["cat"] == "collective")

@@ -65,7 +65,9 @@ def test_data_parallel_one_all_reduce_per_trainable_param_right_after_its_gradie
 
 
 def test_frozen_params_get_no_reduction() -> None:
-    engine = shardfx.compile_distributed(FrozenFirst(), 2, example_inputs=mlp_batch(), loss_fn=F.mse_loss)
+    engine = shardfx.compile_distributed(
+        FrozenFirst(), 2, example_inputs=mlp_batch(), loss_fn=F.mse_loss, config=shardfx.Config(**UNPLANNED)
+    )
     assert {n.meta[meta.TARGET] for n in collective_nodes(engine, "all_reduce", "grad_sync")} == {
         "head.weight",
         "head.bias",

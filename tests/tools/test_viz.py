@@ -100,7 +100,7 @@ def test_clear_error_without_matplotlib(monkeypatch, tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        ([], r"nothing to write: give -o FILE.html\|FILE.svg and/or --memory-plot"),
+        ([], r"nothing to write: give -o FILE.html\|FILE.svg, --memory-plot FILE.png and/or --trace FILE.json"),
         (["-o", "x.png"], r"-o x.png: the file name must end in .html or .svg"),
         (["-o", "x.svg", "--compare", "capture"], r"--compare draws two stages side by side in HTML"),
         (["-o", "{tmp}/x.html", "--after", "zero"], r"--after zero: no such stage"),
@@ -110,3 +110,18 @@ def test_bad_options_exit_2(flags, message, tmp_path, capsys):
     assert main(["viz", "mlp", "--no-progress", *[f.format(tmp=tmp_path) for f in flags]]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(message, err), err
+
+
+def test_trace_of_the_simulated_step_beside_the_page(tmp_path, capsys):
+    page, events = tmp_path / "z3.html", tmp_path / "traces" / "z3.json"
+    events.parent.mkdir()
+    argv = ["viz", "gpt", "--preset", "tiny", "--zero", "3", "-o", str(page), "--trace", str(events), "--no-progress"]
+    assert main([*argv, "--hardware", "h100"]) == 0
+    data = json.loads(events.read_text())
+    assert data["otherData"]["hardware"] == "h100" and data["otherData"]["simulated"]
+    assert {e["tid"] for e in data["traceEvents"] if e["ph"] == "X"} == {0, 1}  # compute, communication
+    link = embedded_data(page.read_text())["trace"]
+    assert link["file"] == "traces/z3.json" and link["step_ms"] == data["otherData"]["step_ms"]
+    assert "ui.perfetto.dev" in capsys.readouterr().out
+    assert main(["viz", "gpt", "--preset", "tiny", "--trace", str(tmp_path / "t.txt"), "--no-progress"]) == 2
+    assert "--trace " in (err := capsys.readouterr().err) and "the file name must end in .json" in err

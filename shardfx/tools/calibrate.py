@@ -36,15 +36,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def _best(fn, repeat: int = 5) -> float:  # noqa: ANN001
-    """The fastest of `repeat` timings: the least disturbed by other work on a shared machine."""
+def _timings(fn, repeat: int) -> list[float]:  # noqa: ANN001
+    """`repeat` timings of fn() after one untimed call, sorted."""
     fn()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return sorted(times)
+
+
+def _best(fn, repeat: int = 5) -> float:  # noqa: ANN001
+    """The fastest of `repeat` timings: the least disturbed by other work on a shared machine."""
+    return _timings(fn, repeat)[0]
 
 
 def measure_compute() -> dict[str, float]:
@@ -70,13 +75,7 @@ def measure_compute() -> dict[str, float]:
 
 def _median(fn, repeat: int = 15) -> float:  # noqa: ANN001
     """The median of `repeat` timings: collectives between compute vary with the ranks' skew."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return _timings(fn, repeat)[repeat // 2]
 
 
 def measure_gloo() -> dict[str, float]:

@@ -15,8 +15,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,24 +22,6 @@ pytestmark = [
 ]
 
 ROWS, COLS = 1823, 781  # neither a power of two nor a multiple of a block
-
-
-class Region(nn.Module):
-    """A Linear, then one memory-bound op (the region), then a loss: forward and backward regions."""
-
-    def __init__(self, op: str) -> None:
-        super().__init__()
-        self.op = op
-        self.fc = nn.Linear(COLS, COLS)
-        self.ln = nn.LayerNorm(COLS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        if self.op == "layer_norm":
-            return self.ln(h + x)
-        if self.op == "gelu_tanh":
-            return F.gelu(h, approximate="tanh")
-        return torch.softmax(h, dim=-1)
 
 
 def _mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -56,10 +36,10 @@ def test_kernels_compiled_by_triton_match_the_unfused_ops(op: str, dtype: torch.
 
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "these tests are for compiled kernels"
     from shardfx.kernels.launch import TRITON_REGION
-    from tests.kernels.util import captured, lowered, run
+    from tests.kernels.util import Head, captured, lowered, run
 
     torch.manual_seed(0)
-    model = Region(op).cuda().to(dtype)
+    model = Head(op, COLS).cuda().to(dtype)  # a Linear, the op (the region), then the loss
     x = torch.randn(ROWS, COLS, device="cuda", dtype=dtype)
     batch = (x, torch.randn(ROWS, COLS, device="cuda", dtype=dtype))
     program = captured(model, batch, _mse, dtype if dtype == torch.bfloat16 else None)

@@ -56,11 +56,11 @@ ROWS, COLS = 37, 129
 
 
 class Head(nn.Module):
-    def __init__(self, op: str) -> None:
+    def __init__(self, op: str, cols: int = COLS) -> None:
         super().__init__()
         self.op = op
-        self.fc = nn.Linear(COLS, COLS)
-        self.ln = nn.LayerNorm(COLS)
+        self.fc = nn.Linear(cols, cols)
+        self.ln = nn.LayerNorm(cols)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)  # (ROWS, COLS)

@@ -48,8 +48,9 @@ class Config:
         (norms, residual adds) activations are split along the sequence (dim 1 of (B, L, ...)),
         each block's all-reduce becomes a reduce-scatter and an all-gather (the same bytes).
     tune_communication: what bucket_mb, overlap and prefetch leave unset (None, their default) the
-        cost model plans on the `hardware` profile: the fastest simulated step whose peak stays
-        under comm_memory_cap bytes (None: no cap). True plans all three, overriding them.
+        cost model plans on the `hardware` profile: of the simulated steps whose peak stays under
+        comm_memory_cap bytes (None: no cap), those within 2% of the fastest tie and the smallest
+        peak among them wins. True plans all three, overriding them.
     recompute: activation recomputation: "none", "full" (every block, keeping block inputs),
         "selective" (the attention core), "budget" (the cheapest recomputation that brings the
         simulated peak to memory_budget).

@@ -34,6 +34,7 @@ from torch.utils.flop_counter import flop_registry
 
 from shardfx.graphs import collectives, ops
 from shardfx.graphs.analysis import ALIAS_OPS, memory_timeline, tensor_bytes
+from shardfx.graphs.format import op_name
 from shardfx.graphs.program import DistProgram
 
 
@@ -236,7 +237,7 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
             busy_comm += cost
         else:
             cost = compute_seconds(node, hw)
-            record(COMPUTE_TRACK, _op_label(node), compute_t, cost, "compute", node)
+            record(COMPUTE_TRACK, op_name(node.target), compute_t, cost, "compute", node)
             compute_t += cost
             busy_compute += cost
             flops += node_flops(node)
@@ -251,11 +252,6 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
 
 
 COMPUTE_TRACK, COMM_TRACK = 0, 1
-
-
-def _op_label(node: fx.Node) -> str:
-    target = node.target
-    return getattr(target, "__name__", str(target)) if node.op == "call_function" else node.op
 
 
 def trace(program: DistProgram, hw: Hardware, ranks: int | None = None) -> dict[str, Any]:

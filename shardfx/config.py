@@ -6,7 +6,6 @@ Unknown keys and bad values are errors that name the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from typing import Any
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "zero_stage": (0, 1, 2, 3),
-    "mixed_precision": (None, "bf16"),
+    "mixed_precision": (None, "bf16", "fp16"),
     "reduce_dtype": ("fp32", "bf16"),
     "batchnorm": ("global", "local"),
     "recompute": ("none", "full", "selective", "budget"),
@@ -32,8 +31,19 @@ class Config:
         2 (+ gradients sharded), 3 (+ parameters sharded).
     reshard_after_forward: ZeRO-3 only; False keeps gathered parameters from
         forward to backward (less traffic, more memory).
-    mixed_precision: None (fp32) or "bf16" (bf16 compute, fp32 master shards).
-    reduce_dtype: dtype gradients are reduced in under mixed precision.
+    mixed_precision: None (fp32), "bf16" (bf16 compute, fp32 master shards) or "fp16" (fp16
+        compute, fp32 master shards, the loss scaled in the program: see loss_scale).
+    reduce_dtype: dtype gradients are reduced in under mixed precision: "fp32", or "bf16" (the
+        compute dtype's width: fp16 under mixed_precision="fp16").
+    loss_scale: mixed_precision="fp16" only. None: dynamic loss scaling as DeepSpeed's: the loss
+        is multiplied by the scale before the backward and the gradients divided by it after the
+        reduction, in the program; a step whose gradients overflow (a non-finite norm) is skipped
+        and the scale divided by 2 (after loss_scale_hysteresis overflows in a row), and after
+        loss_scale_window steps without one it is doubled, never below min_loss_scale. A number
+        > 0: a static scale (an overflow is then a non-finite step for on_nonfinite).
+    initial_loss_scale, loss_scale_window, loss_scale_hysteresis, min_loss_scale: the dynamic
+        scale's start (2**16), the clean steps before it doubles (1000), the overflows it takes
+        to halve it (2), its floor (1).
     grad_clip: clip gradients to this global norm (None: no clipping).
     batchnorm: "global" computes batch statistics over the global batch (single-device
         semantics); "local" keeps each rank's own statistics (DDP's behaviour).
@@ -103,6 +113,11 @@ class Config:
     reshard_after_forward: bool = True
     mixed_precision: str | None = None
     reduce_dtype: str = "fp32"
+    loss_scale: float | None = None
+    initial_loss_scale: float = 2.0**16
+    loss_scale_window: int = 1000
+    loss_scale_hysteresis: int = 2
+    min_loss_scale: float = 1.0
     grad_clip: float | None = None
     batchnorm: str = "global"
     bucket_mb: float | None = None
@@ -186,6 +201,7 @@ class Config:
         if not (isinstance(self.collective_timeout, (int, float)) and self.collective_timeout > 0):
             raise ValueError(f"Config.collective_timeout must be positive seconds; got {self.collective_timeout!r}")
         self._check_pipeline()
+        self._check_loss_scale()
         for key in ("grad_accum_steps", "max_batch_shapes"):
             _check_int(key, getattr(self, key))
         for key in ("micro_batch_size", "train_batch_size"):
@@ -201,6 +217,34 @@ class Config:
     def pp_stages(self) -> int:
         """The stages the model is cut into: pp_size x pp_chunks."""
         return self.pp_size * self.pp_chunks
+
+    def _check_loss_scale(self) -> None:
+        def number(key: str, value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+        if self.loss_scale is not None and not number("loss_scale", self.loss_scale):
+            raise ValueError(
+                f"Config.loss_scale must be a number > 0 (static) or None (dynamic); got {self.loss_scale!r}"
+            )
+        for key in ("initial_loss_scale", "min_loss_scale"):
+            if not number(key, getattr(self, key)):
+                raise ValueError(f"Config.{key} must be a number > 0; got {getattr(self, key)!r}")
+        for key in ("loss_scale_window", "loss_scale_hysteresis"):
+            _check_int(key, getattr(self, key))
+        if self.min_loss_scale > self.initial_loss_scale:
+            raise ValueError(
+                f"Config.min_loss_scale={self.min_loss_scale} is above initial_loss_scale={self.initial_loss_scale}"
+            )
+        if self.loss_scale is not None and self.mixed_precision != "fp16":
+            raise ValueError(
+                f"Config.loss_scale={self.loss_scale!r} scales an fp16 loss; it needs mixed_precision='fp16' "
+                f"(got {self.mixed_precision!r})"
+            )
+        if self.mixed_precision == "fp16" and self.pp_size > 1:
+            raise ValueError(
+                f"Config(mixed_precision='fp16') is not supported with pipeline parallelism yet (pp_size={self.pp_size}): "
+                "use mixed_precision='bf16', which needs no loss scale"
+            )
 
     def _check_pipeline(self) -> None:
         for key in ("pp_size", "pp_microbatches", "pp_chunks"):
@@ -274,35 +318,43 @@ class Config:
         world_size: int | None = None,
         unsupported: str = "warn",
         pp_size: int = 1,
+        strict: bool = False,
     ) -> Config:
-        """A Config from a DeepSpeed JSON config (a path or the parsed dict); see DEEPSPEED_KEYS.
+        """A Config from a DeepSpeed JSON config (a path or the parsed dict): the keys that are
+        Config fields (see shardfx.deepspeed.KEYS). The optimizer, scheduler and steps_per_print
+        are not: shardfx.deepspeed.from_config (or .initialize) builds them.
 
         DeepSpeed sets a pipeline's stages in code (PipelineModule(num_stages=P)), not in the JSON:
         give them as `pp_size`. Then, as in DeepSpeed's PipelineEngine, gradient_accumulation_steps
         is the pipeline's micro-batches (pp_microbatches), and the batch sizes count the
         data-parallel ranks (world_size / pp_size).
 
-        Keys shardfx does not support are reported by their dotted names: `unsupported="warn"`
-        (a UserWarning, one line), "error" (ValueError) or "ignore". The list is also kept on the
-        returned object as `config.deepspeed_unsupported` (not a field: replace() drops it).
+        Keys not honoured here are reported with their reasons: `unsupported="warn"` (a
+        UserWarning, one line), "error" (ValueError; also strict=True) or "ignore". They are also
+        kept on the returned object as `config.deepspeed_unsupported` (sorted keys) and
+        `config.deepspeed_ignored` (key -> reason); replace() drops both.
         """
+        from shardfx import deepspeed
+
         if unsupported not in ("warn", "error", "ignore"):
             raise ValueError(f"unsupported={unsupported!r} is not allowed; choose one of ['warn', 'error', 'ignore']")
-        ds, where = _read_json(source)
-        values, skipped = _map_deepspeed(ds)
-        _check_int("pp_size", pp_size)
-        if world_size is not None and world_size % pp_size:
-            raise ValueError(f"{where}: world size {world_size} does not divide into pp_size={pp_size} stages")
-        _check_batch_sizes(values, None if world_size is None else world_size // pp_size, where)
-        if pp_size > 1:
-            values["pp_size"] = pp_size
-            values["pp_microbatches"] = values.pop("grad_accum_steps", 1)
-        if skipped and unsupported == "error":
-            raise ValueError(f"{where}: keys shardfx does not support: {', '.join(skipped)}")
-        if skipped and unsupported == "warn":
-            warnings.warn(f"{where}: ignoring keys shardfx does not support: {', '.join(skipped)}", stacklevel=2)
-        config = cls.from_dict(values)
-        object.__setattr__(config, "deepspeed_unsupported", skipped)
+        strict = strict or unsupported == "error"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            setup = deepspeed.from_config(source, world_size=world_size, pp_size=pp_size, strict=strict)
+        ignored = dict(setup.ignored)
+        ds, _ = deepspeed.read_json(source)
+        for key in ("optimizer", "scheduler", "steps_per_print"):
+            if key in ds:
+                ignored[key] = "not a Config field: shardfx.deepspeed.from_config builds it"
+        where = "DeepSpeed config" if isinstance(source, dict) else os.fspath(source)
+        if ignored and strict:
+            raise ValueError(f"{where}: keys a Config does not hold (strict): {deepspeed._listing(ignored)}")
+        if ignored and unsupported == "warn":
+            warnings.warn(f"{where}: ignoring {deepspeed._listing(ignored)}", stacklevel=2)
+        config = setup.config
+        object.__setattr__(config, "deepspeed_unsupported", sorted(ignored))
+        object.__setattr__(config, "deepspeed_ignored", dict(sorted(ignored.items())))
         return config
 
     def replace(self, **changes: Any) -> Config:
@@ -312,118 +364,3 @@ class Config:
 def _check_int(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Config.{key} must be an integer >= 1; got {value!r}")
-
-
-# DeepSpeed key (dotted) -> (Config key, how the value converts). Everything else is reported.
-# reduce_bucket_size and stage3_prefetch_bucket_size count elements; shardfx buckets count
-# MiB of fp32 gradients (4 bytes an element), and prefetches whole buckets ahead.
-DEEPSPEED_KEYS: dict[str, str] = {
-    "zero_optimization.stage": "zero_stage",
-    "zero_optimization.reduce_bucket_size": "bucket_mb (elements x 4 bytes)",
-    "zero_optimization.stage3_prefetch_bucket_size": "prefetch (in buckets of reduce_bucket_size, at least 1)",
-    "zero_optimization.overlap_comm": "overlap",
-    "bf16.enabled": 'mixed_precision ("bf16" or None)',
-    "gradient_accumulation_steps": "grad_accum_steps",
-    "gradient_clipping": "grad_clip (0: None)",
-    "train_micro_batch_size_per_gpu": "micro_batch_size",
-    "train_batch_size": "train_batch_size (checked: micro x accumulation x world size)",
-}
-# Keys that change nothing when they hold these values (DeepSpeed's own defaults for what we do).
-_HARMLESS = {"fp16.enabled": False, "bf16.enabled": False, "zero_optimization.reduce_scatter": True}
-
-
-def _read_json(source: Any) -> tuple[dict[str, Any], str]:
-    if isinstance(source, dict):
-        return source, "DeepSpeed config"
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"from_deepspeed takes a path to a JSON file or a dict; got {type(source).__name__}")
-    try:
-        with open(source) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read DeepSpeed config {os.fspath(source)!r}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"DeepSpeed config {os.fspath(source)!r} must hold a JSON object; got {type(data).__name__}")
-    return data, os.fspath(source)
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _map_deepspeed(ds: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """(Config keyword arguments, dotted DeepSpeed keys that were not mapped)."""
-    flat = _flatten(ds)
-    if isinstance(flat.get("zero_optimization"), bool):  # the old form: "zero_optimization": true means stage 1
-        flat["zero_optimization.stage"] = int(flat.pop("zero_optimization"))
-    values: dict[str, Any] = {}
-
-    def take(key: str, kind: Any, allowed: str) -> Any:
-        value = flat.pop(key)
-        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
-            raise ValueError(f"DeepSpeed key {key}={value!r} is not allowed; expected {allowed}")
-        return value
-
-    if "zero_optimization.stage" in flat:
-        stage = take("zero_optimization.stage", int, "one of [0, 1, 2, 3]")
-        if stage not in (0, 1, 2, 3):
-            raise ValueError(
-                f"DeepSpeed key zero_optimization.stage={stage!r} is not allowed; expected one of [0, 1, 2, 3]"
-            )
-        values["zero_stage"] = stage
-    bucket = None
-    if "zero_optimization.reduce_bucket_size" in flat:
-        bucket = take("zero_optimization.reduce_bucket_size", (int, float), "a number of elements >= 0")
-        if bucket < 0:
-            raise ValueError(f"DeepSpeed key zero_optimization.reduce_bucket_size={bucket!r} must be >= 0")
-        values["bucket_mb"] = bucket * 4 / 2**20
-    if "zero_optimization.stage3_prefetch_bucket_size" in flat:
-        fetch = take("zero_optimization.stage3_prefetch_bucket_size", (int, float), "a number of elements >= 0")
-        if fetch < 0:
-            raise ValueError(f"DeepSpeed key zero_optimization.stage3_prefetch_bucket_size={fetch!r} must be >= 0")
-        values["prefetch"] = max(1, round(fetch / bucket)) if bucket else 1
-    if "zero_optimization.overlap_comm" in flat:
-        values["overlap"] = take("zero_optimization.overlap_comm", bool, "true or false")
-    if "bf16.enabled" in flat:
-        values["mixed_precision"] = "bf16" if take("bf16.enabled", bool, "true or false") else None
-    if "gradient_clipping" in flat:
-        clip = take("gradient_clipping", (int, float), "a number >= 0 (0: no clipping)")
-        if clip < 0:
-            raise ValueError(f"DeepSpeed key gradient_clipping={clip!r} must be >= 0 (0: no clipping)")
-        values["grad_clip"] = float(clip) if clip > 0 else None
-    for ds_key, key in (
-        ("gradient_accumulation_steps", "grad_accum_steps"),
-        ("train_micro_batch_size_per_gpu", "micro_batch_size"),
-        ("train_batch_size", "train_batch_size"),
-    ):
-        if ds_key in flat:
-            value = take(ds_key, int, "an integer >= 1")
-            if value < 1:
-                raise ValueError(f"DeepSpeed key {ds_key}={value!r} is not allowed; expected an integer >= 1")
-            values[key] = value
-    skipped = sorted(k for k, v in flat.items() if not (k in _HARMLESS and v == _HARMLESS[k]))
-    return values, skipped
-
-
-def _check_batch_sizes(values: dict[str, Any], world_size: int | None, where: str) -> None:
-    """train_batch_size = micro_batch_size x grad_accum_steps x world size, as DeepSpeed requires."""
-    total, micro = values.get("train_batch_size"), values.get("micro_batch_size")
-    accum = values.get("grad_accum_steps", 1)
-    if total is None or micro is None:
-        return
-    if world_size is not None and total != micro * accum * world_size:
-        raise ValueError(
-            f"{where}: train_batch_size={total} but train_micro_batch_size_per_gpu={micro} x "
-            f"gradient_accumulation_steps={accum} x world size {world_size} = {micro * accum * world_size}"
-        )
-    if total % (micro * accum) != 0:
-        raise ValueError(
-            f"{where}: train_batch_size={total} is not a multiple of train_micro_batch_size_per_gpu={micro} x "
-            f"gradient_accumulation_steps={accum} = {micro * accum}, so no world size fits"
-        )

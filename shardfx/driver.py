@@ -43,7 +43,7 @@ from shardfx.graphs.phases import split_phases
 from shardfx.graphs.pp_schedule import stage_key
 from shardfx.graphs.program import PHASES, PIPELINE, DistProgram, Mesh, Schedule, clone_program
 from shardfx.passes.manager import Pass, PassContext, PassRecord, check_pipeline, run_passes
-from shardfx.passes.pipeline import PASS_NAMES, pipeline, schedule, step_variants
+from shardfx.passes.pipeline import PASS_NAMES, compute_dtype, pipeline, schedule, step_variants
 
 CAPTURE = "capture"
 
@@ -387,9 +387,8 @@ def _trace(
     batch = tuple(batch)
     check_batch(batch, mesh, config)
     local = rank_batch(batch, mesh, config)
-    compute_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
     with warnings.catch_warnings():
         if any(x.device.type == "meta" for x in local):  # compiled on paper: torch warns of meta kernels' autograd
             warnings.simplefilter("ignore", UserWarning)
-        captured = fn(model, local, loss_fn, compute_dtype)
+        captured = fn(model, local, loss_fn, compute_dtype(config))
     return Traced(DistProgram(captured.gm, captured.signature, mesh, captured.fake_mode), captured.seconds)

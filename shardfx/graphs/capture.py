@@ -267,6 +267,7 @@ def _build_signature(gm: fx.GraphModule, model: nn.Module) -> Signature:
                 one = graph.call_function(torch.ops.aten.ones_like.default, (loss_node,))
             one.meta["val"] = loss_node.meta["val"]
             one.meta["partitioner_tag"] = "is_backward"
+            one.meta[meta.ROLE] = meta.LOSS_SEED
             node.replace_all_uses_with(one)
             graph.erase_node(node)
         else:

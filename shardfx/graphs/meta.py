@@ -27,6 +27,7 @@ PARAM_GATHER = "param_gather"  # all-gathers a ZeRO-sharded parameter
 GRAD_SYNC = "grad_sync"  # reduces (or reduce-scatters) a gradient across the dp ranks
 LOSS_SYNC = "loss"  # averages the loss across the dp ranks
 TP_REDISTRIBUTE = "tp"  # changes a placement on the tp axis (tensor_parallel)
+LOSS_SEED = "loss_seed"  # on the backward's seed, d loss / d loss (ones_like(loss)): what loss scaling multiplies
 P2P = "p2p"  # a send or receive between pipeline stages (split_stages); meta[TARGET] names the value
 
 FORWARD = "forward"

@@ -17,6 +17,7 @@ INPUT = "input"  # an element of the user's batch
 GRAD_ACC = "grad_acc"  # a rank's unreduced gradient of `name`, summed over earlier micro-batches
 REPLICA = "replica"  # the full parameter `name` a ZeRO-1/2 step gathered earlier in this optimizer step
 GRAD_SUM = "grad_sum"  # the reduced gradient (shard) of `name` kept from this optimizer step's earlier micro-batches
+LOSS_SCALE = "loss_scale"  # fp16: the scalar the loss is multiplied by before the backward (scale_loss)
 
 # Output roles.
 LOSS = "loss"  # the scalar loss of this rank's batch shard
@@ -27,7 +28,7 @@ GRAD_NORM = "grad_norm"  # the global L2 norm of the step's reduced gradients (b
 # so is REPLICA: the full parameter `target` this step gathered, kept for the next micro-batches.
 
 # A program that reads GRAD_SUM returns, as the GRAD of that parameter, the kept sum with its own added.
-INPUT_ROLES = (PARAM, BUFFER, INPUT, GRAD_ACC, REPLICA, GRAD_SUM)
+INPUT_ROLES = (PARAM, BUFFER, INPUT, GRAD_ACC, REPLICA, GRAD_SUM, LOSS_SCALE)
 OUTPUT_ROLES = (LOSS, GRAD, BUFFER_UPDATE, GRAD_NORM, GRAD_ACC, REPLICA)
 
 

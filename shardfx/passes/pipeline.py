@@ -27,6 +27,7 @@ from shardfx.passes.lower_to_triton import lower_to_triton
 from shardfx.passes.manager import Pass
 from shardfx.passes.recompute import recompute
 from shardfx.passes.reuse_replicas import reuse_replicas
+from shardfx.passes.scale_loss import scale_loss
 from shardfx.passes.schedule_overlap import schedule_overlap
 from shardfx.passes.shard_gradients import shard_gradients
 from shardfx.passes.shard_optimizer_state import shard_optimizer_state
@@ -125,6 +126,18 @@ APPLY_MIXED_PRECISION = Pass(
     needs=(f.GRAD_SYNCS,),
     provides=(f.MIXED_PRECISION,),
 )
+# Before the norm (it must see true gradients: an overflow shows as a non-finite norm) and before
+# sum_gradients (the kept sum it adds in is unscaled already).
+SCALE_LOSS = Pass(
+    "scale_loss",
+    scale_loss,
+    "fp16: the backward starts from the loss scale; reduced gradients divided by it (overflow shows in the norm)",
+    exact=False,
+    needs=(f.GRAD_SYNCS, f.MIXED_PRECISION),
+    provides=(f.LOSS_SCALED,),
+    after=("apply_mixed_precision",),
+    required=True,
+)
 # The norm is taken over the gradients as the optimizer will see them: reduced, in fp32.
 CLIP_GRADIENTS = Pass(
     "clip_gradients",
@@ -132,7 +145,7 @@ CLIP_GRADIENTS = Pass(
     "scale gradients to a global norm, computed across shards; return the norm",
     needs=(f.GRAD_SYNCS,),
     provides=(f.GRAD_NORM_OUTPUT, f.CLIPPED_GRADIENTS),
-    after=("apply_mixed_precision", "sum_gradients"),
+    after=("apply_mixed_precision", "scale_loss", "sum_gradients"),
     required=True,
 )
 GRAD_NORM = Pass(
@@ -141,7 +154,7 @@ GRAD_NORM = Pass(
     "return the global gradient norm, computed across shards (non-finite check, stats)",
     needs=(f.GRAD_SYNCS,),
     provides=(f.GRAD_NORM_OUTPUT,),
-    after=("apply_mixed_precision", "sum_gradients"),
+    after=("apply_mixed_precision", "scale_loss", "sum_gradients"),
     required=True,
 )
 SUM_GRADIENTS = Pass(
@@ -150,7 +163,7 @@ SUM_GRADIENTS = Pass(
     "the last micro-batch adds the reduced gradients kept from the others: norm and clip see the whole step",
     needs=(f.GRAD_SYNCS,),
     provides=(f.KEPT_GRADIENT_SUM,),
-    after=("apply_mixed_precision",),
+    after=("apply_mixed_precision", "scale_loss"),
     required=True,
 )
 REUSE_REPLICAS = Pass(
@@ -216,6 +229,7 @@ PASSES: tuple[Pass, ...] = (
     SHARD_GRADIENTS,
     SHARD_PARAMETERS,
     APPLY_MIXED_PRECISION,
+    SCALE_LOSS,
     SUM_GRADIENTS,
     CLIP_GRADIENTS,
     GRAD_NORM,
@@ -266,19 +280,21 @@ def pipeline(
         )
     if config.recompute != "none":
         passes.append(RECOMPUTE.bind(policy=config.recompute, budget=config.memory_budget, hw=config.hardware))
-    reduce_dtype = torch.float32 if config.reduce_dtype == "fp32" else torch.bfloat16
+    half = compute_dtype(config)
+    reduce_dtype = torch.float32 if config.reduce_dtype == "fp32" else half
     if grad_accum in ("keep", "reduce"):
-        bf16 = config.mixed_precision == "bf16"
         passes.append(
             ACCUMULATE_GRADIENTS.bind(
                 variant=grad_accum,
-                acc_dtype=torch.float32 if bf16 else None,
-                reduce_dtype=reduce_dtype if bf16 else None,
+                acc_dtype=torch.float32 if half else None,
+                reduce_dtype=reduce_dtype if half else None,
             )
         )
     passes.append(_data_parallel_pass(config))
-    if config.mixed_precision == "bf16":
-        passes.append(APPLY_MIXED_PRECISION.bind(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype))
+    if half is not None:
+        passes.append(APPLY_MIXED_PRECISION.bind(param_dtype=half, reduce_dtype=reduce_dtype))
+    if config.mixed_precision == "fp16":
+        passes.append(SCALE_LOSS)
     if grad_accum == "sum":
         passes.append(SUM_GRADIENTS)
     # The norm (and the clip) of the whole step, in the program that holds its gradient; a step of k
@@ -295,6 +311,11 @@ def pipeline(
         passes.append(REUSE_REPLICAS.bind(variant=replicas))
     passes.extend(_communication_passes(config))
     return _with_fusion(passes, config)
+
+
+def compute_dtype(config: Config) -> torch.dtype | None:
+    """The dtype the step computes in: bf16 or fp16 under mixed precision, None (fp32) otherwise."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision or "")
 
 
 def _communication_passes(config: Config) -> list[Pass]:

@@ -48,7 +48,13 @@ class DistributedRuntime:
             self.comm.stats.reset()
         state = self.state
         out = self.executor.run(
-            self.comm, state.params, state.buffers, shards[self.rank], state.grad_acc, state.replicas
+            self.comm,
+            state.params,
+            state.buffers,
+            shards[self.rank],
+            state.grad_acc,
+            state.replicas,
+            loss_scale=state.loss_scale,
         )
         state.apply(out)
         return out.loss.detach()

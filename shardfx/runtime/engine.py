@@ -23,12 +23,15 @@ micro-batch k adds its own and reduces the sum once (passes/accumulate_gradients
 program adds the kept sum in itself (passes/sum_gradients.py). Under ZeRO-1/2
 only the first micro-batch gathers the parameters; the others reuse the replicas it
 kept (passes/reuse_replicas.py). A non-finite loss or gradient norm is reported
-with its step and skipped, stopped on, or ignored per Config.on_nonfinite.
+with its step and skipped, stopped on, or ignored per Config.on_nonfinite. Under fp16
+with a dynamic loss scale, a non-finite gradient norm is an overflow instead: the step is
+skipped (the LR scheduler does not advance) and the scale lowered (runtime/loss_scale.py).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +44,7 @@ from shardfx.graphs.program import PIPELINE, DistProgram, Schedule
 from shardfx.graphs.signature import GRAD_ACC
 from shardfx.runtime import checkpoint
 from shardfx.runtime.executor import Executor, StageExecutor
+from shardfx.runtime.loss_scale import LossScaler
 from shardfx.runtime.nonfinite import NonFiniteError, NonFinitePolicy
 from shardfx.runtime.program_cache import ProgramCache
 from shardfx.runtime.protocol import Runtime
@@ -118,12 +122,14 @@ class Engine:
             executor=StageExecutor if self._pipeline else Executor,
         )
         self._nonfinite = NonFinitePolicy(self.config.on_nonfinite, lambda line: self._log(line))
+        self.loss_scaler = LossScaler(self.config) if self.config.mixed_precision == "fp16" else None
         self._variant = self.schedule.micro_batches[-1]  # the variant that ran last
         self._states = [s for _, s in runtime.held_states()]
         for state in self._states:
             state.auto_step = False  # the engine decides when the optimizer runs
             if options.scheduler is not None and state.optimizer is not None:
                 state.scheduler = options.scheduler(state.optimizer)
+        self._set_loss_scale()
         self.steps = 0  # optimizer steps, skipped ones included
         self.micro_steps = 0  # engine(*batch) calls
         self.samples = 0  # global samples seen (dim 0 of the batches)
@@ -210,6 +216,20 @@ class Engine:
         measured = self._states[0].grad_norm if self._variant in self.schedule.whole_step else None
         norm = None if measured is None else float(measured) * scale
         self.last_grad_norm = norm
+        scaler = self.loss_scaler
+        if scaler is not None and scaler.dynamic:
+            overflow = norm is None or not math.isfinite(norm)
+            try:
+                line = scaler.update(overflow, self.steps)
+            finally:
+                self._set_loss_scale()
+            if overflow:
+                self._log(line)
+                self._nonfinite.forget()
+                for state in self._states:
+                    state.zero_grad()
+                self.skipped_steps += 1
+                return
         try:
             allowed = self._nonfinite.allows_step(self.steps, norm)
         except NonFiniteError:  # "stop": nothing of the step is kept
@@ -223,6 +243,12 @@ class Engine:
             return
         for state in self._states:
             state.optimizer_step(scale if k > 1 else None)
+
+    def _set_loss_scale(self) -> None:
+        """Hand the loss scale to every rank's state: the next step's program multiplies its loss by it."""
+        if self.loss_scaler is not None:
+            for state in self._states:
+                state.loss_scale.fill_(self.loss_scaler.scale)
 
     def get_lr(self) -> list[float]:
         """The learning rate of every optimizer param group (the same on every rank)."""
@@ -327,6 +353,7 @@ class Engine:
             "skipped_steps": self.skipped_steps,
             "grad_norm": self.last_grad_norm,
             "lr": self.get_lr(),
+            "loss_scale": None if self.loss_scaler is None else self.loss_scaler.scale,
             "compiled_shapes": len(self._programs),
         }
 

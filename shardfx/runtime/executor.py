@@ -29,6 +29,7 @@ from shardfx.graphs.signature import (
     GRAD_SUM,
     INPUT,
     LOSS,
+    LOSS_SCALE,
     PARAM,
     REPLICA,
 )
@@ -70,8 +71,9 @@ class Executor:
         batch: tuple[Tensor, ...],
         accumulators: dict[str, Tensor] | None = None,
         replicas: dict[str, Tensor] | None = None,
+        loss_scale: Tensor | None = None,
     ) -> StepOutputs:
-        args = self.arguments(params, buffers, batch, accumulators, replicas)
+        args = self.arguments(params, buffers, batch, accumulators, replicas, loss_scale=loss_scale)
         sites = iter(self.collective_sites)
         if hasattr(comm, "where"):
             comm.where = lambda: next(sites, "(past the last collective node)")
@@ -87,9 +89,11 @@ class Executor:
         accumulators: dict[str, Tensor] | None = None,
         replicas: dict[str, Tensor] | None = None,
         unbound: frozenset[str] = frozenset(),
+        loss_scale: Tensor | None = None,
     ) -> list[Tensor | None]:
         """The graph's arguments, in placeholder order, from this rank's state and batch; None for
-        the roles in `unbound` (a pipeline stage's forward reads no gradient accumulator)."""
+        the roles in `unbound` (a pipeline stage's forward reads no gradient accumulator).
+        `loss_scale`: the fp16 loss scale (a 0-dim fp32 tensor) for a LOSS_SCALE input."""
         args: list[Tensor | None] = []
         for spec, val in zip(self.signature.inputs, self.placeholder_vals):
             if spec.role in unbound:
@@ -117,6 +121,10 @@ class Executor:
                 if kept is None:
                     kept = torch.zeros(val.shape, dtype=val.dtype, device=params[spec.name].device)
                 args.append(kept)
+            elif spec.role == LOSS_SCALE:
+                if loss_scale is None:
+                    raise RuntimeError("this step scales its loss (fp16) and was given no loss scale")
+                args.append(loss_scale)
             else:  # pragma: no cover - signature roles are closed
                 raise AssertionError(spec.role)
         return args

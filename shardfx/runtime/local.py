@@ -81,7 +81,13 @@ class LocalRuntime:
         state = self.states[rank]
         try:
             out = self.executor.run(
-                self.comms[rank], state.params, state.buffers, batch, state.grad_acc, state.replicas
+                self.comms[rank],
+                state.params,
+                state.buffers,
+                batch,
+                state.grad_acc,
+                state.replicas,
+                loss_scale=state.loss_scale,
             )
             if self.keep_outputs:
                 self.outputs[rank] = out

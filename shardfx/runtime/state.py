@@ -56,6 +56,9 @@ class RankState:
         self.grad_acc: dict[str, Tensor] = {}  # unreduced gradient sums between micro-batches
         self.replicas: dict[str, Tensor] = {}  # ZeRO-1/2: full parameters gathered this optimizer step
         self.grad_norm: Tensor | None = None  # the global gradient norm the last step's program returned
+        # fp16: what the step multiplies its loss by (the Engine's loss scaler sets it before each step)
+        device = next(iter(self.params.values())).device if self.params else torch.device("cpu")
+        self.loss_scale = torch.ones((), dtype=torch.float32, device=device)
         self.saved_peak = 0  # a pipeline stage: the most bytes of saved activations held at once (measured)
 
     def apply(self, out: StepOutputs) -> None:

@@ -50,10 +50,11 @@ ZERO3 = {
 
 
 def test_docs_example_maps_and_reports_what_it_drops() -> None:
-    with pytest.warns(UserWarning, match="ignoring keys shardfx does not support: fp16.enabled, optimizer.params.lr"):
+    with pytest.warns(UserWarning, match=r"ignoring optimizer \(not a Config field: shardfx.deepspeed.from_config"):
         config = Config.from_deepspeed(DOCS_EXAMPLE)
     assert (config.zero_stage, config.train_batch_size, config.grad_accum_steps) == (1, 8, 1)
-    assert config.deepspeed_unsupported == ["fp16.enabled", "optimizer.params.lr", "optimizer.type"]
+    assert config.mixed_precision == "fp16" and config.loss_scale is None  # dynamic, DeepSpeed's default
+    assert config.deepspeed_unsupported == ["optimizer"]
 
 
 def test_zero2_file_maps_as_stated(tmp_path) -> None:
@@ -63,16 +64,16 @@ def test_zero2_file_maps_as_stated(tmp_path) -> None:
     assert config.zero_stage == 2 and config.mixed_precision == "bf16" and config.grad_clip == 1.0
     assert (config.micro_batch_size, config.grad_accum_steps, config.train_batch_size) == (4, 2, 32)
     assert config.bucket_mb == pytest.approx(5e8 * 4 / 2**20) and config.overlap is False
-    assert config.deepspeed_unsupported == [
-        "zero_optimization.allgather_bucket_size",
-        "zero_optimization.allgather_partitions",
-        "zero_optimization.contiguous_gradients",
-    ]
+    # allgather_bucket_size equals reduce_bucket_size (one cap here: nothing lost); the other two
+    # hold DeepSpeed's defaults for what the compiler does anyway
+    assert config.deepspeed_unsupported == []
 
 
 def test_zero3_prefetch_counts_buckets() -> None:
-    with pytest.raises(ValueError, match=r"zero_optimization.offload_optimizer.device.*zero_optimization.stage3_max"):
+    with pytest.raises(ValueError, match=r"zero_optimization.offload_optimizer.device \(no CPU/NVMe offload"):
         Config.from_deepspeed(ZERO3, unsupported="error")
+    with pytest.raises(ValueError, match=r"zero_optimization.stage3_max_live_parameters"):
+        Config.from_deepspeed(ZERO3, strict=True)
     config = Config.from_deepspeed(ZERO3, unsupported="ignore")
     assert (config.zero_stage, config.overlap, config.prefetch) == (3, True, 1)
 
@@ -95,7 +96,11 @@ def test_batch_sizes_must_agree() -> None:
         ),
         (
             {"gradient_accumulation_steps": "auto"},
-            r"gradient_accumulation_steps='auto' is not allowed; expected an integer",
+            r'gradient_accumulation_steps is "auto" and no value was given for it',
+        ),
+        (
+            {"gradient_accumulation_steps": "2"},
+            r"gradient_accumulation_steps='2' is not allowed; expected an integer",
         ),
         ({"bf16": {"enabled": "yes"}}, r"bf16.enabled='yes' is not allowed; expected true or false"),
     ],

@@ -4,8 +4,9 @@ A checkpoint is a folder:
 
     .metadata, __*_*.distcp    DCP: every tensor, in its full, unpadded logical shape
     shardfx.json               step, data position, optimizer hyperparameters, scheduler, RNG,
-                               the user's client_state, the shape/dtype of every tensor, and
-                               the sha256 of every other file of the folder
+                               the user's client_state, the shape/dtype of every tensor, the
+                               sha256 of every other file of the folder and, for a Hugging Face
+                               model, its class and config (`hf`, read by `shardfx export --hf`)
 
 Loading validates shardfx.json field by field and checks every file's sha256 before it
 reads a tensor: a flipped bit is refused, naming the file and the tensors in it.
@@ -37,6 +38,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 import warnings
 from typing import Any
 
@@ -80,6 +82,9 @@ def save(path: str | os.PathLike, runtime: Any, meta: dict[str, Any]) -> None:
         "aliases": aliases,
         "tensors": shapes,
     }
+    hf = hf_model_meta(runtime.model)
+    if hf is not None:
+        meta["hf"] = hf
     try:
         text = json.dumps(meta, indent=1)
     except (TypeError, ValueError) as exc:
@@ -102,6 +107,23 @@ def save(path: str | os.PathLike, runtime: Any, meta: dict[str, Any]) -> None:
             os.fsync(f.fileno())
         _replace_dir(tmp, path)
     _barrier(distributed)
+
+
+def hf_model_meta(model: torch.nn.Module) -> dict[str, Any] | None:
+    """`model`'s Hugging Face class name, full config and key prefix, when it is a transformers.PreTrainedModel
+    or a module whose whole state lies under one ("hf." for a wrapper's `self.hf`); None for any other model.
+    Export runs in another process, without the model: this is what rebuilds its config.json there."""
+    modeling = sys.modules.get("transformers.modeling_utils")  # imported wherever a PreTrainedModel exists
+    if modeling is None:
+        return None
+    for name, module in model.named_modules():  # outermost first
+        if isinstance(module, modeling.PreTrainedModel):
+            prefix = f"{name}." if name else ""
+            if not all(k.startswith(prefix) for k in model.state_dict()):
+                return None  # the wrapper has state of its own: not one HF model
+            config = json.loads(module.config.to_json_string(use_diff=False))
+            return {"class": type(module).__name__, "config": config, "prefix": prefix}
+    return None
 
 
 def recover(path: str) -> str:
@@ -156,6 +178,13 @@ _META_FIELDS: dict[str, tuple[type, ...]] = {
     "aliases": (dict,),
     "tensors": (dict,),
 }
+# Fields a checkpoint has only where they apply (and older shardfx did not write): checked when present.
+_OPTIONAL_META_FIELDS: dict[str, tuple[type, ...]] = {
+    "files": (dict, type(None)),  # None: written before checksums, like an absent one
+    "hf": (dict,),
+    "loss_scaler": (dict,),  # fp16: the dynamic loss scale and its counters (runtime/loss_scale.py)
+}
+_HF_FIELDS: dict[str, tuple[type, ...]] = {"class": (str,), "config": (dict,), "prefix": (str,)}
 
 
 def _check_meta(meta: dict[str, Any], path: str) -> None:
@@ -178,9 +207,15 @@ def _check_meta(meta: dict[str, Any], path: str) -> None:
             raise bad(f"tensors.{key}.dtype", entry.get("dtype"), "a dtype name")
     if not all(isinstance(k, str) for k in meta["state_dict_keys"]):
         raise bad("state_dict_keys", meta["state_dict_keys"], "a list of names")
-    files = meta.get("files")
-    if files is not None and not (isinstance(files, dict) and all(isinstance(v, str) for v in files.values())):
-        raise bad("files", files, "file name -> sha256")
+    for field, types in _OPTIONAL_META_FIELDS.items():
+        if field in meta and not isinstance(meta[field], types):
+            raise bad(field, meta[field], " or ".join(t.__name__ for t in types))
+    if not all(isinstance(v, str) for v in (meta.get("files") or {}).values()):
+        raise bad("files", meta["files"], "file name -> sha256")
+    if "hf" in meta:
+        for field, types in _HF_FIELDS.items():
+            if not isinstance(meta["hf"].get(field), types):
+                raise bad(f"hf.{field}", meta["hf"].get(field), " or ".join(t.__name__ for t in types))
 
 
 def verify_files(path: str, meta: dict[str, Any]) -> None:

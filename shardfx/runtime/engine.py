@@ -318,6 +318,8 @@ class Engine:
             "rng": rng_state(),
             "client_state": client_state or {},
         }
+        if self.loss_scaler is not None:
+            meta["loss_scaler"] = self.loss_scaler.state_dict()
         checkpoint.save(path, self.runtime, meta)
 
     def load_checkpoint(self, path: str, *, load_rng: bool = True) -> dict[str, Any]:
@@ -335,6 +337,9 @@ class Engine:
         self.micro_steps = self.steps * self.config.grad_accum_steps
         self._nonfinite.forget()
         self.samples, self.skipped_steps = meta["samples"], meta["skipped_steps"]
+        if self.loss_scaler is not None and "loss_scaler" in meta:  # else: a checkpoint of an fp32/bf16 run
+            self.loss_scaler.load_state_dict(meta["loss_scaler"])
+            self._set_loss_scale()
         if load_rng:
             set_rng_state(meta["rng"])
         return meta["client_state"]

@@ -307,3 +307,17 @@ def test_initialize_refuses_two_optimizers() -> None:
             tiny_gpt(), DOCS_CONFIG, example_inputs=(torch.zeros(8, 16, dtype=torch.long),) * 2, loss_fn=gpt_loss,
             world_size=2, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
         )  # fmt: skip
+
+
+def test_the_loss_scale_survives_a_checkpoint(tmp_path) -> None:
+    ds = copy.deepcopy(DOCS_CONFIG)
+    ds["fp16"].update(initial_scale_power=40, hysteresis=1)
+    engine, tokens = _engine(ds)
+    for _ in range(2):
+        engine.train_step(tokens, tokens)  # two overflows: 2**40 -> 2**38
+    engine.save_checkpoint(str(tmp_path / "ckpt"))
+    resumed, _ = _engine(ds)
+    resumed.load_checkpoint(str(tmp_path / "ckpt"))
+    assert resumed.stats()["loss_scale"] == 2.0**38 == engine.stats()["loss_scale"]
+    assert resumed.loss_scaler.state_dict() == engine.loss_scaler.state_dict()
+    assert float(resumed.runtime.held_states()[0][1].loss_scale) == 2.0**38  # handed to the program

@@ -74,7 +74,8 @@ class Config:
     dump_dir: write the printed program after every pass into this folder.
     disable_passes: names of passes to skip (for bisecting); a name that is no pass is an error
         listing the passes, and a pass the program needs to be correct (data_parallel or the ZeRO
-        pass, clip_gradients, grad_norm, sum_gradients, split_stages) is refused unless force_disable.
+        pass, clip_gradients, grad_norm, sum_gradients, split_stages, scale_loss) is refused unless
+        force_disable.
     force_disable: let disable_passes skip passes the program needs to be correct: the program
         is then not the step this Config describes (bisect uses it to find what breaks).
     grad_accum_steps: micro-batches per optimizer step; `engine(*micro_batch)` takes one,

@@ -177,7 +177,7 @@ def bisect(
             f"bisect runs one program on every rank; pp_size={config.pp_size} runs a program per stage over a "
             "schedule (see one with shardfx passes --pp-stage S); bisect without pipeline parallelism"
         )
-    default = BF16_TOLERANCE if config.mixed_precision == "bf16" else FP32_TOLERANCE
+    default = BF16_TOLERANCE if config.mixed_precision is not None else FP32_TOLERANCE
     rtol = default if rtol is None else rtol
     atol = default if atol is None else atol
     # bisect disables passes to find what breaks: a required one too (the contracts still hold)

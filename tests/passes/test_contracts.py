@@ -88,7 +88,7 @@ def test_every_pipeline_pass_declares_its_contract() -> None:
         assert set(p.after) <= set(PASS_NAMES), (p.name, set(p.after) - set(PASS_NAMES))
     required = {p.name for p in PASSES if p.required}
     dp_passes = {"data_parallel", "shard_optimizer_state", "shard_gradients", "shard_parameters"}
-    assert required == dp_passes | {"clip_gradients", "grad_norm", "sum_gradients", "split_stages"}
+    assert required == dp_passes | {"clip_gradients", "grad_norm", "sum_gradients", "split_stages", "scale_loss"}
 
 
 @pytest.mark.parametrize(
@@ -97,8 +97,9 @@ def test_every_pipeline_pass_declares_its_contract() -> None:
         shardfx.Config(zero_stage=3, tp_size=2, bucket_mb=1, overlap=True, recompute="full"),
         shardfx.Config(zero_stage=2, grad_accum_steps=3, mixed_precision="bf16", grad_clip=1.0),
         shardfx.Config(zero_stage=1, tune_communication=True, fuse=True),
+        shardfx.Config(zero_stage=3, grad_accum_steps=2, grad_accum_sync="micro_batch", mixed_precision="fp16"),
     ],
-    ids=["zero3-tp-overlap-recompute", "zero2-accum-bf16-clip", "zero1-tune-fuse"],
+    ids=["zero3-tp-overlap-recompute", "zero2-accum-bf16-clip", "zero1-tune-fuse", "zero3-accum-fp16"],
 )
 def test_the_pipelines_config_builds_satisfy_their_contracts(config: shardfx.Config) -> None:
     plans = plan(config, build_mesh(config, 4))

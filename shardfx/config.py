@@ -31,6 +31,9 @@ class Config:
         2 (+ gradients sharded), 3 (+ parameters sharded).
     reshard_after_forward: ZeRO-3 only; False keeps gathered parameters from
         forward to backward (less traffic, more memory).
+    param_persistence_threshold: ZeRO-3 only; parameters with fewer elements stay whole on every
+        rank (no gathers; their gradients all-reduced), as DeepSpeed's
+        stage3_param_persistence_threshold. 0 (the default): every parameter is sharded.
     mixed_precision: None (fp32), "bf16" (bf16 compute, fp32 master shards) or "fp16" (fp16
         compute, fp32 master shards, the loss scaled in the program: see loss_scale).
     reduce_dtype: dtype gradients are reduced in under mixed precision: "fp32", or "bf16" (the
@@ -112,6 +115,7 @@ class Config:
 
     zero_stage: int = 0
     reshard_after_forward: bool = True
+    param_persistence_threshold: int = 0
     mixed_precision: str | None = None
     reduce_dtype: str = "fp32"
     loss_scale: float | None = None
@@ -156,6 +160,11 @@ class Config:
             value = getattr(self, key)
             if value not in allowed or (isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed)):
                 raise ValueError(f"Config.{key}={value!r} is not allowed; choose one of {list(allowed)}")
+        threshold = self.param_persistence_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+            raise ValueError(
+                f"Config.param_persistence_threshold must be an integer >= 0 (elements); got {threshold!r}"
+            )
         if not isinstance(self.reshard_after_forward, bool):
             raise TypeError(f"Config.reshard_after_forward must be a bool; got {self.reshard_after_forward!r}")
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0):

@@ -61,6 +61,8 @@ KEYS: dict[str, str] = {
     "(one bucket cap here)",
     "zero_optimization.stage3_prefetch_bucket_size": "Config.prefetch (in buckets of reduce_bucket_size, at least 1)",
     "zero_optimization.overlap_comm": "Config.overlap",
+    "zero_optimization.stage3_param_persistence_threshold": "Config.param_persistence_threshold (elements; "
+    "smaller parameters stay whole under ZeRO-3)",
     "activation_checkpointing": 'Config.recompute="full" (every block recomputed in the backward, as '
     "checkpointing each layer)",
 }
@@ -92,7 +94,6 @@ _REASONS: dict[str, str] = {
     "zero_optimization.stage3_max_live_parameters": "gathered parameters live as the program's schedule says",
     "zero_optimization.stage3_max_reuse_distance": "gathered parameters live as the program's schedule says",
     "zero_optimization.sub_group_size": "the optimizer steps each rank's shards at once",
-    "zero_optimization.stage3_param_persistence_threshold": "every parameter with dim >= 1 is sharded under ZeRO-3",
     "zero_optimization.stage3_gather_16bit_weights_on_model_save": "checkpoints hold full fp32 tensors "
     "(shardfx export writes them)",
     "activation_checkpointing": "recompute is the compiler's (Config.recompute); this option has no equivalent",
@@ -419,6 +420,12 @@ def _config_values(flat: dict[str, Any], where: str) -> dict[str, Any]:
         values["prefetch"] = max(1, round(fetch / bucket)) if bucket else 1
     if "zero_optimization.overlap_comm" in flat:
         values["overlap"] = _take(flat, "zero_optimization.overlap_comm", bool, "true or false")
+    key = "zero_optimization.stage3_param_persistence_threshold"
+    if key in flat:
+        threshold = _take(flat, key, (int, float), "a number of elements >= 0")
+        if threshold < 0 or threshold != int(threshold):
+            raise ValueError(f"DeepSpeed key {key}={threshold!r} must be a whole number of elements >= 0")
+        values["param_persistence_threshold"] = int(threshold)
     bf16 = "bf16.enabled" in flat and _take(flat, "bf16.enabled", bool, "true or false")
     fp16 = "fp16.enabled" in flat and _take(flat, "fp16.enabled", bool, "true or false")
     if bf16 and fp16:

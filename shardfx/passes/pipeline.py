@@ -410,4 +410,8 @@ def _data_parallel_pass(config: Config) -> Pass:
         return SHARD_OPTIMIZER_STATE.bind(axis="dp")
     if stage == 2:
         return SHARD_GRADIENTS.bind(axis="dp")
-    return SHARD_PARAMETERS.bind(axis="dp", reshard_after_forward=config.reshard_after_forward)
+    return SHARD_PARAMETERS.bind(
+        axis="dp",
+        reshard_after_forward=config.reshard_after_forward,
+        persistence_threshold=config.param_persistence_threshold,
+    )

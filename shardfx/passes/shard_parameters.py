@@ -1,6 +1,8 @@
 """ZeRO-3: keep only a 1/N shard of each parameter on every rank.
 
-For every parameter with dim >= 1 (0-dim ones stay replicated):
+For every parameter with dim >= 1 and at least `persistence_threshold` elements (0-dim and
+smaller ones stay replicated, their gradients all-reduced: DeepSpeed's
+stage3_param_persistence_threshold, which saves a gather per use of a bias or a norm weight):
 - the placeholder becomes this rank's dim-0 shard (ShardSpec, padded);
 - forward: all-gather right before the first forward use; the gathered copy is
   freed after its last forward use (the graph holds no later reference);
@@ -41,11 +43,16 @@ ORIGIN = "shard_parameters"
 
 
 def shard_parameters(
-    program: DistProgram, ctx: PassContext, *, axis: str = "dp", reshard_after_forward: bool = True
+    program: DistProgram,
+    ctx: PassContext,
+    *,
+    axis: str = "dp",
+    reshard_after_forward: bool = True,
+    persistence_threshold: int = 0,
 ) -> PassResult:
     order = {n: i for i, n in enumerate(program.graph.nodes)}
     gathers = 0
-    for index, node in sharded_params(program):
+    for index, node in sharded_params(program, persistence_threshold):
         name = param_name(program, index)
         views = _param_views(node, order)  # node and the forward nodes that only re-view it
         forward_users = [u for u in node.users if meta.phase(u) == meta.FORWARD]

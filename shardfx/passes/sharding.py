@@ -29,11 +29,13 @@ aten = torch.ops.aten
 VIEW_OPS = (ALIAS_OPS - {collectives.WAIT}) | {aten._to_copy.default}
 
 
-def sharded_params(program: DistProgram) -> list[tuple[int, fx.Node]]:
-    """(signature index, placeholder) of every parameter that can be dim-0 sharded (dim >= 1)."""
+def sharded_params(program: DistProgram, min_numel: int = 0) -> list[tuple[int, fx.Node]]:
+    """(signature index, placeholder) of every parameter that can be dim-0 sharded (dim >= 1) and
+    holds at least `min_numel` elements (ZeRO-3's persistence threshold: smaller ones stay whole)."""
     out = []
     for i, (spec, node) in enumerate(zip(program.signature.inputs, program.placeholders())):
-        if spec.role == PARAM and node.meta["val"].dim() >= 1:
+        val = node.meta["val"]
+        if spec.role == PARAM and val.dim() >= 1 and val.numel() >= min_numel:
             out.append((i, node))
     return out
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections import Counter
 
 import pytest
 import torch
 
 import shardfx
 from shardfx import deepspeed
+from shardfx.graphs import collectives
 from shardfx.models import gpt_loss
 from shardfx.runtime import lr_schedules
 from tests.fixtures import tiny_gpt
@@ -321,3 +323,34 @@ def test_the_loss_scale_survives_a_checkpoint(tmp_path) -> None:
     assert resumed.stats()["loss_scale"] == 2.0**38 == engine.stats()["loss_scale"]
     assert resumed.loss_scaler.state_dict() == engine.loss_scaler.state_dict()
     assert float(resumed.runtime.held_states()[0][1].loss_scale) == 2.0**38  # handed to the program
+
+
+def test_small_parameters_persist_under_zero3_and_train_as_eager() -> None:
+    """stage3_param_persistence_threshold: parameters under it stay whole (no gathers; their
+    gradients all-reduced); the step is still exactly eager's (SGD with momentum)."""
+    from tests.fixtures import gpt_batch
+    from tests.parity_util import assert_parity
+
+    ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100}}
+    config = deepspeed.from_config(ds, strict=True).config.replace(bucket_mb=0.0, overlap=False)
+    assert config.param_persistence_threshold == 100
+    model = tiny_gpt()
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
+    engine = assert_parity(model, gpt_batch(8), gpt_loss, 2, config, steps=3, optimizer=sgd)
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    assert set(engine.program.shard_specs) == {n for n, size in sizes.items() if size >= 100}
+    assert any(size < 100 for size in sizes.values())  # the layer norms' weights: 32 elements
+    small = sum(size < 100 for size in sizes.values())
+
+    def kinds(config: shardfx.Config) -> Counter:
+        program = shardfx.compile_distributed(
+            tiny_gpt(), 2, example_inputs=gpt_batch(8), loss_fn=gpt_loss, optimizer=sgd, config=config
+        ).program
+        return Counter(collectives.kind(n) for n in program.graph.nodes if collectives.is_collective(n))
+
+    # each small parameter (read in forward and backward) saves two gathers and a reduce-scatter,
+    # and its gradient is all-reduced instead
+    with_threshold, without = kinds(config), kinds(config.replace(param_persistence_threshold=0))
+    assert without["all_gather"] - with_threshold["all_gather"] == 2 * small
+    assert without["reduce_scatter"] - with_threshold["reduce_scatter"] == small
+    assert with_threshold["all_reduce"] - without["all_reduce"] == small

@@ -1,10 +1,10 @@
 """Compile time by depth: capture (torch.export + AOT joint export) and all our passes, per ZeRO stage.
 
-    python benchmarks/compile_time.py                 # GPT of TARGETS.md at 4, 12, 24 layers
+    python benchmarks/compile_time.py                 # GPT of docs/TARGETS.md at 4, 12, 24 layers
     python benchmarks/compile_time.py --layers 4,12 --stages 0,3
 
 Prints capture seconds, pass seconds (the sum over the pipeline), passes / capture,
-and graph node counts after capture and after the pipeline. The target (TARGETS.md):
+and graph node counts after capture and after the pipeline. The target (docs/TARGETS.md):
 passes add at most a quarter of the capture time and grow linearly with depth.
 Nothing runs on ranks: the program is compiled for world size 4 and not executed.
 """

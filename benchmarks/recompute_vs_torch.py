@@ -1,6 +1,6 @@
 """Activation recomputation: shardfx's `recompute` pass against torch's min-cut partitioner, on one joint graph.
 
-    python benchmarks/recompute_vs_torch.py                       # TARGETS.md's GPT, batch 4 x 256: ~15 s on 2 cores
+    python benchmarks/recompute_vs_torch.py                       # docs/TARGETS.md's GPT, batch 4 x 256: ~15 s on 2 cores
     python benchmarks/recompute_vs_torch.py --layers 8 --seq 512 --budgets 0.9,0.7,0.5 --torch-budgets 1.0,0.5,0.0
 
 Model: shardfx.models.GPT(GPTConfig(vocab_size=1024, n_layer=--layers, d_model=256, n_head=4,

@@ -6,7 +6,7 @@
 The defaults take about 7 minutes on 2 quiet CPU cores and 12 on a busy shared
 machine (measured; world size 4 takes two thirds of it).
 
-Model and data: TARGETS.md's GPT (4 layers, d_model 256, 4 heads, vocab 1024,
+Model and data: docs/TARGETS.md's GPT (4 layers, d_model 256, 4 heads, vocab 1024,
 seq 128, untied embedding and head: 3,716,608 parameters; `--tie-weights`
 gives 3,454,464), global batch 8 of uniform random tokens from a fixed seed,
 AdamW(lr=1e-3), loss `gpt_loss`. Every strategy builds its model from the same
@@ -314,7 +314,7 @@ def measure(
 
 
 def model_config(opts: dict[str, Any]) -> GPTConfig:
-    """TARGETS.md's GPT; with --tiny a 1-layer, 64-wide one (the smoke test's: it checks the script runs)."""
+    """docs/TARGETS.md's GPT; with --tiny a 1-layer, 64-wide one (the smoke test's: it checks the script runs)."""
     if opts.get("tiny"):
         return GPTConfig(vocab_size=128, n_layer=1, d_model=64, n_head=2, seq_len=32, tie_weights=opts["tie_weights"])
     return GPTConfig(vocab_size=1024, n_layer=4, d_model=256, n_head=4, seq_len=128, tie_weights=opts["tie_weights"])
@@ -440,7 +440,7 @@ def main() -> None:
     parser.add_argument(
         "--tie-weights",
         action="store_true",
-        help="tie the token embedding and the head (3.45M params; default untied, 3.72M, as in TARGETS.md)",
+        help="tie the token embedding and the head (3.45M params; default untied, 3.72M, as in docs/TARGETS.md)",
     )
     parser.add_argument(
         "--only",

@@ -1,4 +1,4 @@
-"""Data moves one way (DESIGN.md section 1): graphs knows nothing of passes or the runtime, and the
+"""Data moves one way (docs/DESIGN.md section 1): graphs knows nothing of passes or the runtime, and the
 runtime runs any valid program without importing a pass."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Signature; the joint graph is cleaned up so it reads as one training step:
 - frozen parameters have no gradient output;
 - every node carries `val`, a phase and the nn.Module path it came from.
 
-torch's version is read here and nowhere else (DESIGN.md §3). The forward-only
+torch's version is read here and nowhere else (docs/DESIGN.md §3). The forward-only
 trace of eval_step is capture_forward.py; the errors both raise, trace_errors.py.
 """
 

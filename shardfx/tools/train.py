@@ -13,9 +13,18 @@ from about log(vocab) toward that floor, never below it.
     shardfx train --save-every 50 --checkpoint-dir ckpt/     # then, after a crash: --resume
     shardfx train --config ds_config.json                    # ZeRO stage, batch sizes, clipping from DeepSpeed's JSON
     shardfx train --model my_model.py:make --steps 20        # a factory returning (model, batch[, loss_fn])
+    shardfx prepare-data data/pydoc.bin && shardfx train --data data/pydoc.bin --eval-every 20   # real text
 
-A line per --log-every steps (loss, throughput, per-rank memory, communicated bytes)
-prints under the progress bar. Checkpoints go to CHECKPOINT_DIR/step-NNNNNN with
+--data PATH trains on a token file (nanoGPT's flat uint16/uint32 .bin, or a .npy;
+shardfx.models.tokens): random windows of block_size + 1 tokens drawn with the
+run's generator, the last --val-fraction held out; --eval-every N reports the
+mean loss over --eval-batches fixed held-out batches (engine.eval_step). The
+built-in gpt takes its vocab_size from the data; a factory's batch gives the
+batch and block size (its dim 0 and 1) and its loss_fn.
+
+A line per --log-every steps (loss, throughput, planned or measured peak memory a
+rank, communicated bytes, learning rate) prints under the progress bar, which is
+shown only when stdout and stderr are terminals. Checkpoints go to CHECKPOINT_DIR/step-NNNNNN with
 CHECKPOINT_DIR/latest naming the newest; --resume continues from it (same data stream).
 
 `train(TrainOptions(...))` runs the same thing in-process and returns the summary.
@@ -30,9 +39,17 @@ import argparse
 import dataclasses
 from typing import Any
 
+from shardfx.deepspeed import read_json
 from shardfx.tools.options import add_model_arguments, model_kwargs, non_negative_int, positive_float, positive_int
 from shardfx.tools.train_loop import latest_checkpoint, train_here
-from shardfx.tools.train_options import DEFAULT_BATCH_SIZE, TrainOptions, batch_size_for, is_factory, train_config
+from shardfx.tools.train_options import (
+    DEFAULT_BATCH_SIZE,
+    TrainOptions,
+    batch_size_for,
+    check_data,
+    is_factory,
+    train_config,
+)
 
 NAME = "train"
 HELP = "train a built-in model (default: a small GPT on Markov tokens) on N ranks"
@@ -63,7 +80,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         f"else {DEFAULT_BATCH_SIZE})",
     )
     parser.add_argument(
-        "--lr", type=positive_float, default=defaults.lr, help="AdamW learning rate (default %(default)s)"
+        "--lr",
+        type=positive_float,
+        default=None,
+        help=f"AdamW learning rate (default {defaults.lr}); with --config, the file's optimizer and lr are used "
+        'and --lr fills its "auto" values',
     )
     parser.add_argument(
         "--zero-stage",
@@ -92,6 +113,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="gpipe: all forwards, then all backwards; 1f1b: one of each in the steady state, at most P "
         "micro-batches alive (default 1f1b)",
     )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        metavar="PATH",
+        help="train on a token file instead of the synthetic data: a raw little-endian uint16/uint32 array "
+        "(nanoGPT's train.bin; `shardfx prepare-data` writes one) or a 1-D .npy",
+    )
+    data.add_argument(
+        "--data-dtype",
+        choices=("uint16", "uint32"),
+        help="the ids' type in a raw --data file (default: its PATH.meta.json's, else uint16)",
+    )
+    data.add_argument(
+        "--val-fraction",
+        type=_fraction,
+        default=defaults.val_fraction,
+        metavar="F",
+        help="the last fraction of --data held out for validation, in [0, 1) (default %(default)s)",
+    )
+    data.add_argument(
+        "--eval-every",
+        type=non_negative_int,
+        default=defaults.eval_every,
+        metavar="N",
+        help="validation loss every N steps and at the end (needs --data); 0: never (default %(default)s)",
+    )
+    data.add_argument(
+        "--eval-batches",
+        type=positive_int,
+        default=defaults.eval_batches,
+        metavar="N",
+        help="fixed held-out batches the validation loss is the mean over (default %(default)s)",
+    )
     parser.add_argument(
         "--seed",
         type=int,
@@ -116,8 +170,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--config",
         dest="ds_config",
         metavar="DS_CONFIG.json",
-        help="a DeepSpeed JSON config (zero_optimization.stage, batch sizes, gradient_accumulation_steps, "
-        "gradient_clipping, bf16, buckets, overlap); unsupported keys are named and ignored",
+        help="a DeepSpeed JSON config: optimizer, scheduler (DeepSpeed's LR curves), fp16 with loss scaling, bf16, "
+        "zero_optimization, batch sizes, gradient_accumulation_steps, gradient_clipping, activation_checkpointing, "
+        "steps_per_print (docs/deepspeed.md); keys shardfx cannot honour are listed with the reason and ignored",
+    )
+    parser.add_argument(
+        "--strict-config",
+        action="store_true",
+        help="make any --config key shardfx cannot honour an error instead of a header line",
     )
     parser.add_argument(
         "--save-every", type=non_negative_int, default=0, metavar="N", help="checkpoint every N steps and at the end"
@@ -129,9 +189,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--log-every",
         type=non_negative_int,
-        default=defaults.log_every,
+        default=None,
         metavar="N",
-        help="print a step line (loss, throughput, memory, communication) every N steps; 0: none (default %(default)s)",
+        help="print a step line (loss, throughput, memory, communication) every N steps; 0: none "
+        f"(default: the --config file's steps_per_print, else {defaults.log_every})",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (header and summary only)")
     parser.add_argument(
@@ -149,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
         overrides=dict(args.overrides),
         steps=args.steps,
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=args.lr if args.lr is not None else TrainOptions.lr,
+        lr_given=args.lr is not None,
         zero_stage=args.zero_stage,
         seed=args.seed,
         dump_dir=args.dump_dir,
@@ -161,13 +223,28 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
         ds_config=args.ds_config,
-        log_every=args.log_every,
+        strict_config=args.strict_config,
+        log_every=args.log_every if args.log_every is not None else _steps_per_print(args.ds_config),
         pp_size=args.pp_size,
         pp_microbatches=args.pp_microbatches,
         pp_schedule=args.pp_schedule,
+        data=args.data,
+        data_dtype=args.data_dtype,
+        val_fraction=args.val_fraction,
+        eval_every=args.eval_every,
+        eval_batches=args.eval_batches,
     )
     train(options, echo=print)
     return 0
+
+
+def _steps_per_print(ds_config: str | None) -> int:
+    """--log-every's default: the DeepSpeed file's steps_per_print, else TrainOptions' (from_config checks the value)."""
+    if ds_config is not None:
+        value = read_json(ds_config)[0].get("steps_per_print")
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+    return TrainOptions.log_every
 
 
 def train(options: TrainOptions, echo: Any = None) -> dict[str, Any]:
@@ -191,9 +268,13 @@ def train(options: TrainOptions, echo: Any = None) -> dict[str, Any]:
             f"--batch-size {options.batch_size} does not divide into --world-size {options.world_size} ranks; "
             f"use a multiple of {options.world_size}"
         )
-    # Config and the model options are checked here, before any worker starts.
+    # Config, the model options and the data are checked here, before any worker starts.
     if not is_factory(options.model):
         model_kwargs(options.model, options.preset, options.overrides)
+    if options.data is not None:
+        options = check_data(options)  # the gpt's vocab_size from the data
+    elif options.eval_every:
+        raise ValueError("--eval-every needs --data: the synthetic data has no held-out split")
     if options.resume:
         latest_checkpoint(options.checkpoint_dir)
     if options.runtime == "local":
@@ -204,6 +285,17 @@ def train(options: TrainOptions, echo: Any = None) -> dict[str, Any]:
         echo(f"starting {options.world_size} worker processes (torch elastic launcher, rendezvous on 127.0.0.1) ...")
     results = launch(_train_worker, (options, echo is not None), options.world_size, timeout=options.timeout)
     return results[0]
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1); got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1); got {text!r}")
+    return value
 
 
 def _train_worker(options: TrainOptions, verbose: bool) -> dict[str, Any]:

@@ -9,18 +9,30 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
 import shardfx
-from shardfx.models import build_model, num_params
+from shardfx.models import GPT, TokenFile, TokenSplit, build_model, gpt_loss, num_params, open_tokens
 from shardfx.tools.options import DEFAULT_PRESET, model_kwargs
-from shardfx.tools.train_options import TrainOptions, is_factory, train_config
+from shardfx.tools.train_options import (
+    TrainOptions,
+    data_vocab_from,
+    deepspeed_setup,
+    factory_block_size,
+    gpt_config,
+    is_factory,
+    train_config,
+)
 from shardfx.tools.train_report import (
+    BAR_FORMAT,
     LAST_WINDOW,
+    PeakMemory,
     footer,
     header,
     items_per_batch,
@@ -65,13 +77,20 @@ def train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
     """Train with the runtime of this process: threads (local), or this rank of a launched job."""
     say = echo or (lambda line: None)
     config = train_config(options)
-    model, loss_fn, make_batch, kwargs = _build(options)
-    floor, uniform = (None, None) if is_factory(options.model) else loss_floor(options.model, model, kwargs)
+    built = _build(options)
+    model, loss_fn, make_batch, kwargs = built.model, built.loss_fn, built.make_batch, built.kwargs
+    if is_factory(options.model):
+        floor, uniform = None, None
+    else:
+        floor, uniform = loss_floor(options.model, model, kwargs, data=options.data is not None)
     generator = torch.Generator().manual_seed(options.seed)
     example = make_batch(options.batch_size, generator)
     # With accumulation the step is compiled for one micro-batch; train_step takes all of them.
     micro = tuple(x[: x.shape[0] // config.grad_accum_steps] for x in example)
 
+    setup = deepspeed_setup(options)
+    optimizer = setup.optimizer if setup is not None and setup.optimizer is not None else None
+    optimizer_text = setup.optimizer_text if optimizer is not None else f"AdamW(lr={options.lr})"
     say(f"compiling {options.model} for {options.world_size} ranks ...")
     t0 = time.perf_counter()
     engine = shardfx.compile_distributed(
@@ -79,7 +98,8 @@ def train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
         options.world_size,
         example_inputs=micro,
         loss_fn=loss_fn,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=options.lr),
+        optimizer=optimizer or (lambda params: torch.optim.AdamW(params, lr=options.lr)),
+        scheduler=setup.scheduler if setup is not None else None,
         config=config,
     )
     compile_seconds = time.perf_counter() - t0
@@ -88,6 +108,17 @@ def train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
         raise ValueError(
             f"the checkpoint {resumed} is at step {engine.steps}; --steps {options.steps} leaves nothing to train"
         )
+    evaluate = None
+    if options.eval_every:
+        assert built.val is not None  # check_data refused --eval-every without a validation split
+        # Fixed batches of the compiled micro-batch size: the same windows at every evaluation and in every run.
+        val_batches = [
+            built.cast(b) for b in built.val.fixed_batches(options.eval_batches, micro[0].shape[0], built.block_size)
+        ]
+
+        def evaluate() -> float:
+            return sum(engine.eval_step(*b).item() for b in val_batches) / len(val_batches)
+
     summary: dict[str, Any] = {
         "model": options.model,
         "preset": options.preset or DEFAULT_PRESET.get(options.model),
@@ -100,22 +131,33 @@ def train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
         "runtime": options.runtime,
         "zero_stage": config.zero_stage,
         "grad_accum_steps": config.grad_accum_steps,
-        "deepspeed_unsupported": getattr(config, "deepspeed_unsupported", None),
+        "deepspeed_ignored": getattr(config, "deepspeed_ignored", None),
+        "optimizer": optimizer_text,
+        "scheduler": setup.scheduler_text if setup is not None else None,
+        "mixed_precision": config.mixed_precision,
+        "loss_scale": None if engine.loss_scaler is None else engine.loss_scaler.scale,
+        "dynamic_loss_scale": engine.loss_scaler is not None and engine.loss_scaler.dynamic,
         "resumed_from": resumed,
         "start_step": engine.steps,
         "passes": [r.name for r in engine.pass_records if not r.skipped],
         "graph_nodes": len(engine.program.graph.nodes),
         "compile_seconds": compile_seconds,
         "steps": options.steps,
-        "batch_size": options.batch_size,
+        "batch_size": example[0].shape[0],
         "lr": options.lr,
         "seed": options.seed,
         "floor": floor,
         "uniform_loss": uniform,
+        "data": built.data_summary(model),
+        "eval_every": options.eval_every,
+        "eval_batches": options.eval_batches if options.eval_every else None,
     }
     say(header(summary))
+    peak = PeakMemory(engine)
     try:
-        losses, step_seconds, total_seconds, saved = _loop(engine, make_batch, generator, example, options, floor, say)
+        losses, val_losses, step_seconds, total_seconds, saved = _loop(
+            engine, make_batch, generator, example, options, peak, evaluate, say
+        )
     finally:
         close = getattr(engine.runtime, "close", None)
         if close is not None:
@@ -125,6 +167,8 @@ def train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
         first_loss=losses[0],
         last_loss=sum(losses[-LAST_WINDOW:]) / len(losses[-LAST_WINDOW:]),
         last_window=len(losses[-LAST_WINDOW:]),
+        val_loss=val_losses[-1][1] if val_losses else None,
+        val_losses=val_losses,
         train_seconds=total_seconds,
         total_seconds=compile_seconds + total_seconds,
         throughput=items * len(losses) / step_seconds,
@@ -133,6 +177,8 @@ def train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
         skipped_steps=engine.skipped_steps,
         checkpoints=saved,
         memory_per_rank=engine.stats()["memory"],
+        peak_bytes=peak.read(),
+        peak_kind=peak.kind,
     )
     say(footer(summary))
     if options.json_path:
@@ -143,18 +189,96 @@ def train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
     return summary
 
 
-def _build(options: TrainOptions) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
-    """(model, loss_fn, make_batch(n, generator), builder kwargs) of a built-in model or a file.py:factory."""
+@dataclass
+class _Built:
+    """A model ready to compile with its batches; `val`, `cast` and `tokens` only with --data."""
+
+    model: torch.nn.Module
+    loss_fn: Any
+    make_batch: Any  # make_batch(n, generator) -> a global batch
+    kwargs: dict[str, Any]
+    tokens: TokenFile | None = None
+    train_tokens: int = 0
+    val: TokenSplit | None = None
+    block_size: int = 0
+    cast: Any = None  # batch -> batch in the dtypes the model was given
+    vocab_from: str = ""
+
+    def data_summary(self, model: torch.nn.Module) -> dict[str, Any] | None:
+        if self.tokens is None:
+            return None
+        config = getattr(model, "config", None)
+        return {
+            "path": self.tokens.path,
+            "dtype": self.tokens.dtype,
+            "tokens": len(self.tokens.tokens),
+            "train_tokens": self.train_tokens,
+            "val_tokens": len(self.val) if self.val is not None else 0,
+            "block_size": self.block_size,
+            "vocab_size": getattr(config, "vocab_size", None),
+            "vocab_from": self.vocab_from,
+            "meta": self.tokens.meta,
+        }
+
+
+def _build(options: TrainOptions) -> _Built:
+    """The model, loss and batches of a built-in model or a file.py:factory, on its own data or on --data."""
     if is_factory(options.model):
         from shardfx.tools.model_spec import load_model_spec
 
         spec = load_model_spec(options.model, options.preset, options.overrides, seed=options.seed)
-        return spec.model, spec.loss_fn, lambda n, generator: spec.batch, spec.kwargs  # a factory has one batch
+        if options.data is None:  # a factory has one batch
+            return _Built(spec.model, spec.loss_fn, lambda n, generator: spec.batch, spec.kwargs)
+        # The factory's batch gives the shapes: batch size (dim 0), block size (dim 1) and dtypes.
+        block_size = factory_block_size(options.model, spec.batch)
+        size, dtypes = spec.batch[0].shape[0], [x.dtype for x in spec.batch]
+        return _on_data(
+            options, spec.model, spec.loss_fn, spec.kwargs, block_size, size, dtypes, "model.config.vocab_size"
+        )
     kwargs = model_kwargs(options.model, options.preset, options.overrides)
+    if options.data is not None:
+        vocab_from = "--set vocab_size"
+        if "vocab_size" not in kwargs:  # from the data: check_data read it once before the workers started
+            tokens = open_tokens(options.data, options.data_dtype)
+            kwargs["vocab_size"] = options.data_vocab_size or tokens.vocab_size()
+            vocab_from = data_vocab_from(tokens)
+        config = gpt_config(kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(options.seed)  # the parameters build_model("gpt") would make
+            model = GPT(config)
+        return _on_data(options, model, gpt_loss, kwargs, config.seq_len, None, None, vocab_from)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)  # build_model initialises parameters from the global RNG
         model, loss_fn, make_batch = build_model(options.model, **kwargs)
-    return model, loss_fn, make_batch, kwargs
+    return _Built(model, loss_fn, make_batch, kwargs)
+
+
+def _on_data(
+    options: TrainOptions,
+    model: torch.nn.Module,
+    loss_fn: Any,
+    kwargs: dict[str, Any],
+    block_size: int,
+    size: int | None,
+    dtypes: list[torch.dtype] | None,
+    vocab_from: str,
+) -> _Built:
+    """Batches of random windows of the --data file's train split; `size` fixes the batch size (a factory's)."""
+    tokens = open_tokens(options.data, options.data_dtype)
+    train_split, val = tokens.split(options.val_fraction, block_size)
+
+    def cast(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return batch if dtypes is None else tuple(x.to(d) for x, d in zip(batch, dtypes))
+
+    def make_batch(n: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return cast(train_split.batch(size or n, block_size, generator))  # (B, T), (B, T)
+
+    return _Built(model, loss_fn, make_batch, kwargs, tokens, len(train_split), val, block_size, cast, vocab_from)
+
+
+def _show_bar(options: TrainOptions) -> bool:
+    """The progress bar only on a terminal: piped or captured output gets the step lines alone, no bar frames."""
+    return options.progress and sys.stdout.isatty() and sys.stderr.isatty()
 
 
 def _loop(
@@ -163,42 +287,50 @@ def _loop(
     generator: torch.Generator,
     first: tuple,
     options: TrainOptions,
-    floor: float | None,
+    peak: PeakMemory,
+    evaluate: Any,
     say: Any,
-) -> tuple[list[float], float, float, list[str]]:
-    """Run the steps from engine.steps on; returns losses, seconds in train_step, loop wall seconds, checkpoints."""
+) -> tuple[list[float], list[list[float]], float, float, list[str]]:
+    """Run the steps from engine.steps on; returns losses, [step, validation loss] pairs, seconds in
+    train_step, loop wall seconds, checkpoints."""
     import torch.distributed as dist
 
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     items, unit = items_per_batch(first[0])
     losses: list[float] = []
+    val_losses: list[list[float]] = []
     saved: list[str] = []
     step_seconds = 0.0
     start = time.perf_counter()
+    show_bar = _show_bar(options)
     bar = tqdm(
         range(engine.steps, options.steps),
         initial=engine.steps,
         total=options.steps,
         desc="train",
         unit="step",
-        disable=not options.progress,
+        disable=not show_bar,
         dynamic_ncols=True,
+        bar_format=BAR_FORMAT,
     )
     for step in bar:
         batch = first if step == 0 else make_batch(options.batch_size, generator)
+        peak.reset()
         t0 = time.perf_counter()
         loss = engine.train_step(*batch).item()
         dt = time.perf_counter() - t0
         step_seconds += dt
         losses.append(loss)
-        postfix = {"loss": f"{loss:.3f}", unit: f"{items / dt:,.0f}"}
-        if floor is not None:
-            postfix["floor"] = f"{floor:.3f}"
-        bar.set_postfix(postfix, refresh=False)
-        if options.log_every and (step + 1) % options.log_every == 0:
-            line = step_line(engine, step + 1, loss, items / dt, unit)
-            bar.write(line) if options.progress else say(line)
-        if options.save_every and ((step + 1) % options.save_every == 0 or step + 1 == options.steps):
+        done = step + 1
+        val_loss = None
+        if evaluate is not None and (done % options.eval_every == 0 or done == options.steps):
+            val_loss = evaluate()  # every rank evaluates: eval_step is a collective
+            val_losses.append([done, val_loss])
+        bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+        if (options.log_every and done % options.log_every == 0) or val_loss is not None:
+            line = step_line(engine, done, loss, items / dt, unit, (peak.read(), peak.kind), val_loss)
+            bar.write(line) if show_bar else say(line)
+        if options.save_every and (done % options.save_every == 0 or done == options.steps):
             saved.append(_save(engine, options, generator, rank0))
     bar.close()
-    return losses, step_seconds, time.perf_counter() - start, saved
+    return losses, val_losses, step_seconds, time.perf_counter() - start, saved

@@ -1,12 +1,20 @@
-"""The options of `shardfx train` (TrainOptions) and the Config and batch size they imply."""
+"""The options of `shardfx train` (TrainOptions) and the Config, batch size and data they imply."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 import shardfx
+from shardfx.deepspeed import DeepSpeedSetup, from_config, read_json
+from shardfx.models import GPTConfig
+from shardfx.models.registry import GPT_PRESETS
+from shardfx.models.tokens import TokenFile, open_tokens
+from shardfx.tools.options import model_kwargs
 
 DEFAULT_BATCH_SIZE = 32  # sequences a step when neither --batch-size nor --config says
 
@@ -33,10 +41,18 @@ class TrainOptions:
     checkpoint_dir: str = "checkpoints"
     resume: bool = False  # continue from checkpoint_dir/latest
     ds_config: str | None = None  # a DeepSpeed JSON config
+    strict_config: bool = False  # a --config key shardfx cannot honour is an error (else listed in the header)
+    lr_given: bool = False  # --lr was on the command line (it then fills "auto" and must not fight the file's)
     log_every: int = 10  # a step line every N steps under the progress bar; 0: none
     pp_size: int | None = None  # pipeline stages (None: the --config file's, else 1)
     pp_microbatches: int | None = None  # None: the --config file's, else 2 x pp_size under a pipeline
     pp_schedule: str | None = None  # "gpipe" | "1f1b" (None: 1f1b)
+    data: str | None = None  # a token file (shardfx.models.tokens); None: the model's synthetic data
+    data_dtype: str | None = None  # "uint16" | "uint32" of a raw file (None: its meta JSON's, else uint16)
+    val_fraction: float = 0.1  # the last part of --data held out for validation
+    eval_every: int = 0  # validation loss every N steps (and at the end); 0: never
+    eval_batches: int = 8  # fixed validation batches the validation loss is the mean over
+    data_vocab_size: int | None = None  # filled by check_data: the gpt's vocab_size from --data (unless --set)
 
 
 def train_config(options: TrainOptions) -> shardfx.Config:
@@ -52,16 +68,41 @@ def train_config(options: TrainOptions) -> shardfx.Config:
         changes["pp_microbatches"] = options.pp_microbatches
     if options.pp_schedule is not None:
         changes["pp_schedule"] = options.pp_schedule
-    if options.ds_config is None:
+    setup = deepspeed_setup(options)
+    if setup is None:
         return shardfx.Config().replace(**changes)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # named in the header instead
-        base = shardfx.Config.from_deepspeed(
-            options.ds_config, world_size=options.world_size, pp_size=options.pp_size or 1
-        )
-    config = base.replace(**changes)
-    object.__setattr__(config, "deepspeed_unsupported", base.deepspeed_unsupported)
+    config = setup.config.replace(**changes)
+    object.__setattr__(config, "deepspeed_ignored", setup.ignored)
     return config
+
+
+def deepspeed_setup(options: TrainOptions) -> DeepSpeedSetup | None:
+    """--config's DeepSpeed file mapped (shardfx.deepspeed.from_config): Config, optimizer, scheduler.
+
+    "auto" values (as the Hugging Face Trainer writes them) take --lr (lr, warmup_max_lr) and
+    --steps (total_num_steps). --lr beside an optimizer section that gives its own lr is an error.
+    """
+    if options.ds_config is None:
+        return None
+    auto = {"lr": options.lr, "warmup_max_lr": options.lr, "total_num_steps": options.steps}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # listed in the header instead
+        setup = from_config(
+            options.ds_config,
+            world_size=options.world_size,
+            pp_size=options.pp_size or 1,
+            strict=options.strict_config,
+            auto=auto,
+        )
+    if options.lr_given and setup.optimizer is not None:
+        ds, _ = read_json(options.ds_config)
+        given = (ds.get("optimizer", {}).get("params") or {}).get("lr")
+        if given is not None and given != "auto":
+            raise ValueError(
+                f"--lr {options.lr} and --config's optimizer.params.lr {given} disagree; drop one "
+                '(or write "lr": "auto" in the file to take --lr)'
+            )
+    return setup
 
 
 def batch_size_for(options: TrainOptions, config: shardfx.Config) -> int:
@@ -79,3 +120,87 @@ def batch_size_for(options: TrainOptions, config: shardfx.Config) -> int:
 
 def is_factory(model: str) -> bool:
     return ":" in model
+
+
+def gpt_config(kwargs: dict[str, Any]) -> GPTConfig:
+    """The GPTConfig that build_model("gpt", **kwargs) builds, without its Markov data.
+
+    With --data the synthetic chain is not needed, and building it costs vocab_size^2
+    float64s (20 GB at GPT-2's 50,257), so the GPT is built from its config directly.
+    """
+    preset = kwargs.get("preset", "tiny")
+    if preset not in GPT_PRESETS:
+        raise ValueError(f"unknown GPT preset {preset!r}; allowed: {sorted(GPT_PRESETS)}")
+    sizes = {k: v for k, v in kwargs.items() if k not in ("preset", "data_seed")}
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = set(sizes) - fields
+    if unknown:
+        raise ValueError(
+            f"unknown GPT overrides {sorted(unknown)}; allowed: {sorted(fields | {'preset', 'data_seed'})}"
+        )
+    return GPTConfig(**{**GPT_PRESETS[preset], **sizes})
+
+
+def check_data(options: TrainOptions) -> TrainOptions:
+    """Open --data and check it against the model, before any worker starts.
+
+    The built-in gpt takes its vocab_size from the data (the meta JSON's, else the largest
+    id + 1) unless --set vocab_size gives it; a factory's model says its own
+    (model.config.vocab_size, as GPT, nanoGPT and Hugging Face models do). Returns the options
+    with data_vocab_size filled in, so every worker builds the same model without scanning the file.
+    """
+    if not 0 <= options.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1); got {options.val_fraction}")
+    if options.eval_every and not options.val_fraction:
+        raise ValueError("--eval-every needs a validation split; --val-fraction 0 holds out nothing")
+    if not is_factory(options.model) and options.model != "gpt":
+        raise ValueError(f"--data trains a next-token model: --model gpt or a file.py:factory; got {options.model!r}")
+    tokens = open_tokens(options.data, options.data_dtype)
+    overrides = dict(options.overrides)
+    data_vocab = None
+    if is_factory(options.model):
+        from shardfx.tools.model_spec import load_model_spec
+
+        spec = load_model_spec(options.model, options.preset, overrides, seed=options.seed)
+        block_size = factory_block_size(options.model, spec.batch)
+        vocab = getattr(getattr(spec.model, "config", None), "vocab_size", None)
+        vocab_from = f"{options.model}'s model.config.vocab_size"
+    else:
+        block_size = gpt_config(model_kwargs(options.model, options.preset, overrides)).seq_len
+        vocab = overrides.get("vocab_size")
+        vocab_from = "--set vocab_size"
+        if vocab is None:
+            vocab = data_vocab = tokens.vocab_size()
+            vocab_from = data_vocab_from(tokens)
+    tokens.split(options.val_fraction, block_size)  # both parts hold a window
+    highest = tokens.max_token()
+    if "vocab_size" in tokens.meta and highest >= int(tokens.meta["vocab_size"]):
+        raise ValueError(
+            f"--data {options.data}: token id {highest} does not fit the vocab_size {tokens.meta['vocab_size']} "
+            "its meta JSON gives"
+        )
+    if vocab is not None and highest >= vocab:
+        raise ValueError(
+            f"--data {options.data}: token id {highest} does not fit the model's vocab_size {vocab} (from {vocab_from}); "
+            f"it needs at least {highest + 1}"
+        )
+    return dataclasses.replace(options, data_vocab_size=data_vocab)
+
+
+def data_vocab_from(tokens: TokenFile) -> str:
+    """Where a token file's vocab_size comes from, for the header and errors."""
+    return "the meta JSON" if "vocab_size" in tokens.meta else "the largest id + 1"
+
+
+def factory_block_size(text: str, batch: tuple[torch.Tensor, ...]) -> int:
+    """A factory's example batch must be (tokens, targets), integer (B, T) each, to train on --data; T is the block."""
+    if len(batch) != 2 or any(x.dim() != 2 or x.dtype.is_floating_point or x.dtype == torch.bool for x in batch):
+        got = ", ".join(f"{str(x.dtype).removeprefix('torch.')} {list(x.shape)}" for x in batch)
+        raise ValueError(
+            f"--data makes batches of (tokens, targets), integer (B, T) each; the factory {text} returns ({got})"
+        )
+    if batch[0].shape != batch[1].shape:
+        raise ValueError(
+            f"--data: the factory {text}'s tokens {list(batch[0].shape)} and targets {list(batch[1].shape)} differ in shape"
+        )
+    return batch[0].shape[1]

@@ -354,3 +354,11 @@ def test_small_parameters_persist_under_zero3_and_train_as_eager() -> None:
     assert without["all_gather"] - with_threshold["all_gather"] == 2 * small
     assert without["reduce_scatter"] - with_threshold["reduce_scatter"] == small
     assert with_threshold["all_reduce"] - without["all_reduce"] == small
+
+
+def test_the_deepspeed_page_lists_every_mapped_key() -> None:
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "deepspeed.md").read_text()
+    missing = [key for key in deepspeed.KEYS if f"| `{key}` |" not in page]
+    assert missing == []

@@ -51,8 +51,11 @@ def _build_mlp(
     return model, F.mse_loss, make_batch
 
 
-def _build_gpt(*, preset: str = "tiny", data_seed: int = 0, **config_overrides: Any) -> Built:
-    """GPT on MarkovTokens with the same vocabulary; its loss floor is data.entropy_rate()."""
+def gpt_config(*, preset: str = "tiny", data_seed: int = 0, **config_overrides: Any) -> GPTConfig:
+    """The GPTConfig of a preset with overrides (data_seed is the synthetic data's, not the model's).
+
+    `shardfx train --data` builds the GPT from this alone: the Markov chain of _build_gpt costs
+    vocab_size^2 float64s (20 GB at GPT-2's 50,257)."""
     if preset not in GPT_PRESETS:
         raise ValueError(f"unknown GPT preset {preset!r}; allowed: {sorted(GPT_PRESETS)}")
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
@@ -61,7 +64,12 @@ def _build_gpt(*, preset: str = "tiny", data_seed: int = 0, **config_overrides: 
         raise ValueError(
             f"unknown GPT overrides {sorted(unknown)}; allowed: {sorted(fields | {'preset', 'data_seed'})}"
         )
-    config = GPTConfig(**{**GPT_PRESETS[preset], **config_overrides})
+    return GPTConfig(**{**GPT_PRESETS[preset], **config_overrides})
+
+
+def _build_gpt(*, preset: str = "tiny", data_seed: int = 0, **config_overrides: Any) -> Built:
+    """GPT on MarkovTokens with the same vocabulary; its loss floor is data.entropy_rate()."""
+    config = gpt_config(preset=preset, data_seed=data_seed, **config_overrides)
     data = MarkovTokens(vocab_size=config.vocab_size, seed=data_seed)
 
     def make_batch(batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

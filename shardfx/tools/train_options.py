@@ -11,8 +11,7 @@ import torch
 
 import shardfx
 from shardfx.deepspeed import DeepSpeedSetup, from_config, read_json
-from shardfx.models import GPTConfig
-from shardfx.models.registry import GPT_PRESETS
+from shardfx.models import GPTConfig, registry
 from shardfx.models.tokens import TokenFile, open_tokens
 from shardfx.tools.options import model_kwargs
 
@@ -123,22 +122,8 @@ def is_factory(model: str) -> bool:
 
 
 def gpt_config(kwargs: dict[str, Any]) -> GPTConfig:
-    """The GPTConfig that build_model("gpt", **kwargs) builds, without its Markov data.
-
-    With --data the synthetic chain is not needed, and building it costs vocab_size^2
-    float64s (20 GB at GPT-2's 50,257), so the GPT is built from its config directly.
-    """
-    preset = kwargs.get("preset", "tiny")
-    if preset not in GPT_PRESETS:
-        raise ValueError(f"unknown GPT preset {preset!r}; allowed: {sorted(GPT_PRESETS)}")
-    sizes = {k: v for k, v in kwargs.items() if k not in ("preset", "data_seed")}
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    unknown = set(sizes) - fields
-    if unknown:
-        raise ValueError(
-            f"unknown GPT overrides {sorted(unknown)}; allowed: {sorted(fields | {'preset', 'data_seed'})}"
-        )
-    return GPTConfig(**{**GPT_PRESETS[preset], **sizes})
+    """The GPTConfig that build_model("gpt", **kwargs) builds, without its Markov data (see registry.gpt_config)."""
+    return registry.gpt_config(**kwargs)
 
 
 def check_data(options: TrainOptions) -> TrainOptions:

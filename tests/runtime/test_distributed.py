@@ -16,7 +16,8 @@ from tests.runtime import dist_workers
 pytestmark = pytest.mark.multiproc
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+# 4 processes cost ~17 s on 2 cores: in the slow run; 2 ranks cover the default one.
+@pytest.mark.parametrize("world_size", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_zero3_on_gloo_matches_local_runtime(world_size: int) -> None:
     results = launch(dist_workers.train_gpt, (3, 3), world_size, timeout=60)
     model, batch = dist_workers.tiny_gpt_batch()
@@ -84,6 +85,7 @@ def test_a_killed_worker_fails_the_job_naming_it() -> None:
     assert time.monotonic() - start < 60
 
 
+@pytest.mark.slow  # ~27 s; tests/runtime/test_checkpoint.py reshards tp checkpoints to any mesh on the local runtime
 def test_tensor_parallel_checkpoint_on_gloo_reshards(tmp_path) -> None:
     """Each of 4 processes (dp=2 x tp=2, ZeRO-3) writes its boxes; 2 processes and one process read them back."""
     path = str(tmp_path / "ckpt")

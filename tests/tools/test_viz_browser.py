@@ -110,6 +110,7 @@ def test_side_by_side_marks_what_the_pass_added(browser, gpt_pages):
     assert SCREENSHOT.read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow  # ~22 s to compile and render a 48-layer program; the other browser tests open smaller ones
 def test_48_layer_gpt_opens_and_renders_in_under_5_seconds(browser, tmp_path):
     path = tmp_path / "gpt48.html"
     argv = ["viz", "gpt", "--preset", "tiny", "--set", "n_layer=48", "--zero", "3", "-o", str(path), "--no-progress"]

@@ -93,6 +93,9 @@ class Config:
         grad_accum_steps x world size; None: not checked).
     on_nonfinite: what a non-finite loss or gradient norm does: "skip" the optimizer step
         (reported, counted in engine.stats()), "stop" (raise NonFiniteError), "ignore" (step anyway).
+    allow_untested_optimizer: let an optimizer shardfx does not know to be elementwise run on
+        ZeRO or tensor-parallel slices (DeepSpeed's zero_allow_untested_optimizer); without it such
+        an optimizer is refused there (see shardfx/runtime/optimizers.py).
     max_batch_shapes: compiled steps kept for different batch shapes (least recently used
         dropped); 1 makes a new batch shape an error instead of a recompile.
     pp_size: pipeline stages (world size = pp x dp x tp; tp varies fastest, pp slowest, as in
@@ -147,6 +150,7 @@ class Config:
     micro_batch_size: int | None = None
     train_batch_size: int | None = None
     on_nonfinite: str = "skip"
+    allow_untested_optimizer: bool = False
     max_batch_shapes: int = 4
     pp_size: int = 1
     pp_microbatches: int = 1
@@ -217,6 +221,8 @@ class Config:
         for key in ("micro_batch_size", "train_batch_size"):
             if getattr(self, key) is not None:
                 _check_int(key, getattr(self, key))
+        if not isinstance(self.allow_untested_optimizer, bool):
+            raise TypeError(f"Config.allow_untested_optimizer must be a bool; got {self.allow_untested_optimizer!r}")
         if not isinstance(self.force_disable, bool):
             raise TypeError(f"Config.force_disable must be a bool; got {self.force_disable!r}")
         if isinstance(self.disable_passes, str):

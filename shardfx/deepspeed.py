@@ -56,6 +56,8 @@ KEYS: dict[str, str] = {
     "fp16.min_loss_scale": "Config.min_loss_scale",
     "bf16.enabled": 'Config.mixed_precision="bf16"',
     "zero_optimization.stage": "Config.zero_stage",
+    "zero_allow_untested_optimizer": "Config.allow_untested_optimizer (an optimizer not known to be elementwise "
+    "may run on shards)",
     "zero_optimization.reduce_bucket_size": "Config.bucket_mb (elements x 4 bytes)",
     "zero_optimization.allgather_bucket_size": "Config.bucket_mb when reduce_bucket_size is not given "
     "(one bucket cap here)",
@@ -82,7 +84,6 @@ _HARMLESS: dict[str, Any] = {
     "activation_checkpointing.synchronize_checkpoint_boundary": False,
     "activation_checkpointing.profile": False,
     "wall_clock_breakdown": False,
-    "zero_allow_untested_optimizer": True,
 }
 # Why a key is not honoured, by key or by the section it sits in (the longest prefix wins).
 _REASONS: dict[str, str] = {
@@ -99,7 +100,6 @@ _REASONS: dict[str, str] = {
     "activation_checkpointing": "recompute is the compiler's (Config.recompute); this option has no equivalent",
     "fp16.auto_cast": "the whole step computes in fp16",
     "fp16.consecutive_hysteresis": "the hysteresis refills after loss_scale_window clean steps only",
-    "zero_allow_untested_optimizer": "optimizers run on shards; an untested one is the user's responsibility",
     "optimizer.params.max_grad_norm": "use gradient_clipping",
 }
 _DEFAULT_REASON = "not supported by shardfx"
@@ -436,6 +436,8 @@ def _config_values(flat: dict[str, Any], where: str) -> dict[str, Any]:
     if fp16:
         values.update(_loss_scale(scaling))
     # (the loss-scale settings of a disabled fp16 section change nothing)
+    if "zero_allow_untested_optimizer" in flat:
+        values["allow_untested_optimizer"] = _take(flat, "zero_allow_untested_optimizer", bool, "true or false")
     if "gradient_clipping" in flat:
         clip = _take(flat, "gradient_clipping", (int, float), "a number >= 0 (0: no clipping)")
         if clip < 0:

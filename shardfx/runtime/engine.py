@@ -46,6 +46,7 @@ from shardfx.runtime import checkpoint
 from shardfx.runtime.executor import Executor, StageExecutor
 from shardfx.runtime.loss_scale import LossScaler
 from shardfx.runtime.nonfinite import NonFiniteError, NonFinitePolicy
+from shardfx.runtime.optimizers import check_sharded_optimizer
 from shardfx.runtime.program_cache import ProgramCache
 from shardfx.runtime.protocol import Runtime
 from shardfx.runtime.rng import rng_state, set_rng_state
@@ -125,6 +126,8 @@ class Engine:
         self.loss_scaler = LossScaler(self.config) if self.config.mixed_precision == "fp16" else None
         self._variant = self.schedule.micro_batches[-1]  # the variant that ran last
         self._states = [s for _, s in runtime.held_states()]
+        self._check_optimizer()
+        self._warned_no_optimizer = False
         for state in self._states:
             state.auto_step = False  # the engine decides when the optimizer runs
             if options.scheduler is not None and state.optimizer is not None:
@@ -241,8 +244,24 @@ class Engine:
                 state.zero_grad()
             self.skipped_steps += 1
             return
+        if not self._warned_no_optimizer and all(s.optimizer is None for s in self._states):
+            self._warned_no_optimizer = True
+            self._log(
+                "engine.step: there is no optimizer (compile_distributed(optimizer=None), or no trainable "
+                "parameter): the gradients are computed and dropped, nothing trains"
+            )
         for state in self._states:
             state.optimizer_step(scale if k > 1 else None)
+
+    def _check_optimizer(self) -> None:
+        split = []
+        if self.program.shard_specs:
+            split.append(f"ZeRO stage {self.config.zero_stage}")
+        if self.program.tp_specs:
+            split.append(f"tensor parallelism (tp_size={self.config.tp_size})")
+        for state in self._states:
+            if state.optimizer is not None:
+                check_sharded_optimizer(state.optimizer, split, self.config.allow_untested_optimizer)
 
     def _set_loss_scale(self) -> None:
         """Hand the loss scale to every rank's state: the next step's program multiplies its loss by it."""

@@ -362,3 +362,34 @@ def test_the_deepspeed_page_lists_every_mapped_key() -> None:
     page = (Path(__file__).resolve().parents[2] / "docs" / "deepspeed.md").read_text()
     missing = [key for key in deepspeed.KEYS if f"| `{key}` |" not in page]
     assert missing == []
+
+
+def test_an_optimizer_not_known_to_be_elementwise_is_refused_on_shards() -> None:
+    """Adafactor's factored second moment reads row and column means: on ZeRO shards it would
+    train differently from one device. Refused there, named; fine unsharded or when allowed."""
+    tokens = torch.zeros(8, 16, dtype=torch.long)
+
+    def compile_with(**options):
+        return shardfx.compile_distributed(
+            tiny_gpt(), 2, example_inputs=(tokens, tokens), loss_fn=gpt_loss,
+            optimizer=lambda ps: torch.optim.Adafactor(ps, lr=1e-2), config=shardfx.Config(**options),
+        )  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"torch.optim.Adafactor is not one .* under ZeRO stage 1 each rank holds slices"):
+        compile_with(zero_stage=1)
+    with pytest.raises(ValueError, match=r"tensor parallelism \(tp_size=2\)"):
+        compile_with(tp_size=2)
+    compile_with(zero_stage=0)  # whole tensors on every rank: its update is eager's
+    compile_with(zero_stage=3, allow_untested_optimizer=True)
+    ds = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+    assert deepspeed.from_config(ds, strict=True).config.allow_untested_optimizer is True
+
+
+def test_no_optimizer_says_nothing_trains(caplog) -> None:
+    tokens = torch.zeros(8, 16, dtype=torch.long)
+    engine = shardfx.compile_distributed(tiny_gpt(), 2, example_inputs=(tokens, tokens), loss_fn=gpt_loss)
+    with caplog.at_level("WARNING", logger="shardfx"):
+        engine.train_step(tokens, tokens)
+        engine.train_step(tokens, tokens)
+    said = [r.message for r in caplog.records if "there is no optimizer" in r.message]
+    assert len(said) == 1 and "nothing trains" in said[0]

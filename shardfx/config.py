@@ -31,7 +31,7 @@ class Config:
         2 (+ gradients sharded), 3 (+ parameters sharded).
     reshard_after_forward: ZeRO-3 only; False keeps gathered parameters from
         forward to backward (less traffic, more memory).
-    param_persistence_threshold: ZeRO-3 only; parameters with fewer elements stay whole on every
+    param_persistence_threshold: ZeRO-3 only; parameters with at most this many elements stay whole on every
         rank (no gathers; their gradients all-reduced), as DeepSpeed's
         stage3_param_persistence_threshold. 0 (the default): every parameter is sharded.
     mixed_precision: None (fp32), "bf16" (bf16 compute, fp32 master shards) or "fp16" (fp16
@@ -355,15 +355,18 @@ class Config:
         if unsupported not in ("warn", "error", "ignore"):
             raise ValueError(f"unsupported={unsupported!r} is not allowed; choose one of ['warn', 'error', 'ignore']")
         strict = strict or unsupported == "error"
+        ds, where = deepspeed.read_json(source)
+        # not Config fields: left to shardfx.deepspeed.from_config, unread here ("auto" values and all)
+        others = ("optimizer", "scheduler", "steps_per_print")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            setup = deepspeed.from_config(source, world_size=world_size, pp_size=pp_size, strict=strict)
-        ignored = dict(setup.ignored)
-        ds, _ = deepspeed.read_json(source)
-        for key in ("optimizer", "scheduler", "steps_per_print"):
+            setup = deepspeed.from_config(
+                {k: v for k, v in ds.items() if k not in others}, world_size=world_size, pp_size=pp_size, strict=strict
+            )
+        ignored = {k: v for k, v in setup.ignored.items()}
+        for key in others:
             if key in ds:
                 ignored[key] = "not a Config field: shardfx.deepspeed.from_config builds it"
-        where = "DeepSpeed config" if isinstance(source, dict) else os.fspath(source)
         if ignored and strict:
             raise ValueError(f"{where}: keys a Config does not hold (strict): {deepspeed._listing(ignored)}")
         if ignored and unsupported == "warn":

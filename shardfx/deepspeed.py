@@ -63,8 +63,8 @@ KEYS: dict[str, str] = {
     "(one bucket cap here)",
     "zero_optimization.stage3_prefetch_bucket_size": "Config.prefetch (in buckets of reduce_bucket_size, at least 1)",
     "zero_optimization.overlap_comm": "Config.overlap",
-    "zero_optimization.stage3_param_persistence_threshold": "Config.param_persistence_threshold (elements; "
-    "smaller parameters stay whole under ZeRO-3)",
+    "zero_optimization.stage3_param_persistence_threshold": "Config.param_persistence_threshold (parameters "
+    "with at most this many elements stay whole under ZeRO-3; DeepSpeed defaults to 1e5, shardfx to 0)",
     "activation_checkpointing": 'Config.recompute="full" (every block recomputed in the backward, as '
     "checkpointing each layer)",
 }
@@ -251,7 +251,7 @@ def read_json(source: Any) -> tuple[dict[str, Any], str]:
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in d.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):  # an empty section says nothing
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
@@ -327,9 +327,13 @@ def _optimizer(flat: dict[str, Any], where: str) -> tuple[OptimizerFactory | Non
         raise ValueError(f"{where}: optimizer type {name!r} is not supported: {_NO_EQUIVALENT[lower]}")
     kwargs = dict(params)
     if lower in ("adam", "adamw"):
-        kwargs.pop("torch_adam", None)  # DeepSpeed: torch's Adam instead of its fused one; the same update
+        torch_adam = kwargs.pop("torch_adam", False)  # DeepSpeed: torch's Adam instead of its fused one
         adam_w_mode = kwargs.pop("adam_w_mode", True)
         cls_name = "AdamW" if lower == "adamw" or adam_w_mode else "Adam"
+        if not torch_adam:  # DeepSpeed's FusedAdam: no weight decay unless asked (torch's AdamW: 0.01)
+            kwargs.setdefault("weight_decay", 0.0)
+        if kwargs.pop("bias_correction", True) is not True:
+            raise ValueError(f"{where}: optimizer.params.bias_correction=false: torch's Adam always corrects the bias")
     elif lower in _OPTIMIZERS:
         cls_name = _OPTIMIZERS[lower]
     else:

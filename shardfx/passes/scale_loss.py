@@ -38,6 +38,8 @@ MUL = torch.ops.aten.mul.Tensor
 
 def scale_loss(program: DistProgram, ctx: PassContext) -> PassResult:
     seeds = [n for n in program.graph.nodes if meta.role(n) == meta.LOSS_SEED]
+    if not seeds and not any(spec.role == GRAD for spec in program.signature.outputs):
+        return PassResult(program, {"unscaled_gradients": 0})  # eval_step's forward-only program: no backward
     if len(seeds) != 1:
         raise ShardfxError(f"scale_loss needs the one backward seed capture marks; found {len(seeds)}")
     (seed,) = seeds

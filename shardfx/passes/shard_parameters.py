@@ -1,6 +1,6 @@
 """ZeRO-3: keep only a 1/N shard of each parameter on every rank.
 
-For every parameter with dim >= 1 and at least `persistence_threshold` elements (0-dim and
+For every parameter with dim >= 1 and more than `persistence_threshold` elements (0-dim and
 smaller ones stay replicated, their gradients all-reduced: DeepSpeed's
 stage3_param_persistence_threshold, which saves a gather per use of a bias or a norm weight):
 - the placeholder becomes this rank's dim-0 shard (ShardSpec, padded);

@@ -29,13 +29,14 @@ aten = torch.ops.aten
 VIEW_OPS = (ALIAS_OPS - {collectives.WAIT}) | {aten._to_copy.default}
 
 
-def sharded_params(program: DistProgram, min_numel: int = 0) -> list[tuple[int, fx.Node]]:
+def sharded_params(program: DistProgram, persistence_threshold: int = 0) -> list[tuple[int, fx.Node]]:
     """(signature index, placeholder) of every parameter that can be dim-0 sharded (dim >= 1) and
-    holds at least `min_numel` elements (ZeRO-3's persistence threshold: smaller ones stay whole)."""
+    holds more than `persistence_threshold` elements (ZeRO-3's: ones with at most that many stay
+    whole, as DeepSpeed's stage3_param_persistence_threshold)."""
     out = []
     for i, (spec, node) in enumerate(zip(program.signature.inputs, program.placeholders())):
         val = node.meta["val"]
-        if spec.role == PARAM and val.dim() >= 1 and val.numel() >= min_numel:
+        if spec.role == PARAM and val.dim() >= 1 and val.numel() > persistence_threshold:
             out.append((i, node))
     return out
 

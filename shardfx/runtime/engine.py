@@ -220,10 +220,14 @@ class Engine:
         norm = None if measured is None else float(measured) * scale
         self.last_grad_norm = norm
         scaler = self.loss_scaler
-        if scaler is not None and scaler.dynamic:
-            overflow = norm is None or not math.isfinite(norm)
+        if scaler is not None and scaler.dynamic and norm is not None:  # None: nothing to overflow (no gradients)
+            overflow = not math.isfinite(norm)
             try:
                 line = scaler.update(overflow, self.steps)
+            except NonFiniteError:  # overflow at the minimum scale: nothing of the step is kept
+                for state in self._states:
+                    state.zero_grad()
+                raise
             finally:
                 self._set_loss_scale()
             if overflow:

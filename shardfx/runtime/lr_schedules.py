@@ -56,6 +56,26 @@ class _DeepSpeedSchedule(LRScheduler):
     def get_lr(self) -> list[float]:
         return [self.lr_at(self.last_epoch - 1, base) for base in self.base_lrs]
 
+    # A checkpoint keeps the schedule's position, not its settings (as DeepSpeed keeps only
+    # last_batch_iteration): a run resumed with another total_num_steps follows the new curve.
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_batch_iteration": self.last_epoch - 1, "step_count": self._step_count}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        iteration, count = state_dict.get("last_batch_iteration"), state_dict.get("step_count")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (iteration, count)):
+            raise ValueError(
+                f"{type(self).__name__}: a saved position needs integer last_batch_iteration and step_count; got {state_dict!r}"
+            )
+        self.last_epoch, self._step_count = iteration + 1, count
+        self._apply()
+
+    def _apply(self) -> None:
+        """Set the optimizer's lr (and what else the schedule drives) for the current position."""
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
 
 class WarmupLR(_DeepSpeedSchedule):
     def __init__(
@@ -205,6 +225,13 @@ class OneCycle(_DeepSpeedSchedule):
 
     def step(self, epoch: int | None = None) -> None:
         super().step(epoch)
+        self._apply_momentum()
+
+    def _apply(self) -> None:
+        super()._apply()
+        self._apply_momentum()
+
+    def _apply_momentum(self) -> None:
         if self.cycle_momentum:
             beta1 = self.momentum_at(self.last_epoch - 1)
             for group in self.optimizer.param_groups:

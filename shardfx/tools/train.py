@@ -47,6 +47,7 @@ from shardfx.tools.train_options import (
     TrainOptions,
     batch_size_for,
     check_data,
+    implied_batch_size,
     is_factory,
     train_config,
 )
@@ -256,13 +257,9 @@ def train(options: TrainOptions, echo: Any = None) -> dict[str, Any]:
     options = dataclasses.replace(options, batch_size=batch_size_for(options, config))
     accum = config.grad_accum_steps
     if not is_factory(options.model) and config.micro_batch_size is not None:
-        implied = config.micro_batch_size * accum * options.world_size
+        implied, how = implied_batch_size(config, options.world_size)
         if options.batch_size != implied:
-            raise ValueError(
-                f"--batch-size {options.batch_size} disagrees with --config: train_micro_batch_size_per_gpu "
-                f"{config.micro_batch_size} x gradient_accumulation_steps {accum} x world size "
-                f"{options.world_size} is {implied}"
-            )
+            raise ValueError(f"--batch-size {options.batch_size} disagrees with --config: {how} is {implied}")
     if not is_factory(options.model) and options.batch_size % (options.world_size * accum) != 0:
         raise ValueError(
             f"--batch-size {options.batch_size} does not divide into --world-size {options.world_size} ranks; "

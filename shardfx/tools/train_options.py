@@ -61,7 +61,8 @@ def train_config(options: TrainOptions) -> shardfx.Config:
         changes["zero_stage"] = options.zero_stage
     if options.pp_size is not None:
         changes["pp_size"] = options.pp_size
-        if options.pp_microbatches is None and options.pp_size > 1:
+        file_says = options.ds_config is not None and "gradient_accumulation_steps" in read_json(options.ds_config)[0]
+        if options.pp_microbatches is None and options.pp_size > 1 and not file_says:
             changes["pp_microbatches"] = 2 * options.pp_size  # a bubble of (P-1)/(3P-1): under a third
     if options.pp_microbatches is not None:
         changes["pp_microbatches"] = options.pp_microbatches
@@ -111,10 +112,23 @@ def batch_size_for(options: TrainOptions, config: shardfx.Config) -> int:
     if config.train_batch_size is not None:
         return config.train_batch_size
     if config.micro_batch_size is not None:
-        dp = options.world_size // (config.pp_size * config.tp_size)
-        micro = config.pp_microbatches if config.pp_size > 1 else config.grad_accum_steps
-        return config.micro_batch_size * micro * dp
+        return implied_batch_size(config, options.world_size)[0]
     return DEFAULT_BATCH_SIZE
+
+
+def implied_batch_size(config: shardfx.Config, world_size: int) -> tuple[int, str]:
+    """The global batch a Config with micro_batch_size implies, and how (for errors): micro-batch size x
+    micro-batches a step (accumulation, or a pipeline's) x data-parallel ranks."""
+    assert config.micro_batch_size is not None
+    dp = world_size // (config.pp_size * config.tp_size)
+    if config.pp_size > 1:
+        micro, what = config.pp_microbatches, "pipeline micro-batches"
+    else:
+        micro, what = config.grad_accum_steps, "gradient_accumulation_steps"
+    return (
+        config.micro_batch_size * micro * dp,
+        f"train_micro_batch_size_per_gpu {config.micro_batch_size} x {what} {micro} x {dp} data-parallel ranks",
+    )
 
 
 def is_factory(model: str) -> bool:

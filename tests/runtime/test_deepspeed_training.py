@@ -4,6 +4,7 @@ with dynamic loss scaling (an overflow skips the step and lowers the scale), str
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections import Counter
 
@@ -331,16 +332,17 @@ def test_small_parameters_persist_under_zero3_and_train_as_eager() -> None:
     from tests.fixtures import gpt_batch
     from tests.parity_util import assert_parity
 
-    ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100}}
+    # 32: the layer norms' weights hold exactly 32 elements and stay whole, as in DeepSpeed (numel <= threshold)
+    ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 32}}
     config = deepspeed.from_config(ds, strict=True).config.replace(bucket_mb=0.0, overlap=False)
-    assert config.param_persistence_threshold == 100
+    assert config.param_persistence_threshold == 32
     model = tiny_gpt()
     sgd = lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)  # noqa: E731
     engine = assert_parity(model, gpt_batch(8), gpt_loss, 2, config, steps=3, optimizer=sgd)
     sizes = {name: p.numel() for name, p in model.named_parameters()}
-    assert set(engine.program.shard_specs) == {n for n, size in sizes.items() if size >= 100}
-    assert any(size < 100 for size in sizes.values())  # the layer norms' weights: 32 elements
-    small = sum(size < 100 for size in sizes.values())
+    assert set(engine.program.shard_specs) == {n for n, size in sizes.items() if size > 32}
+    assert any(size == 32 for size in sizes.values())
+    small = sum(size <= 32 for size in sizes.values())
 
     def kinds(config: shardfx.Config) -> Counter:
         program = shardfx.compile_distributed(
@@ -375,7 +377,9 @@ def test_an_optimizer_not_known_to_be_elementwise_is_refused_on_shards() -> None
             optimizer=lambda ps: torch.optim.Adafactor(ps, lr=1e-2), config=shardfx.Config(**options),
         )  # fmt: skip
 
-    with pytest.raises(ValueError, match=r"torch.optim.Adafactor is not one .* under ZeRO stage 1 each rank holds slices"):
+    with pytest.raises(
+        ValueError, match=r"torch.optim.Adafactor is not one .* under ZeRO stage 1 each rank holds slices"
+    ):
         compile_with(zero_stage=1)
     with pytest.raises(ValueError, match=r"tensor parallelism \(tp_size=2\)"):
         compile_with(tp_size=2)
@@ -393,3 +397,73 @@ def test_no_optimizer_says_nothing_trains(caplog) -> None:
         engine.train_step(tokens, tokens)
     said = [r.message for r in caplog.records if "there is no optimizer" in r.message]
     assert len(said) == 1 and "nothing trains" in said[0]
+
+
+def test_eval_step_under_fp16() -> None:
+    """eval_step's forward-only program goes through the same passes: scale_loss has no backward
+    to scale there; the loss is the trained weights' loss, to fp16's rounding."""
+    engine, tokens = _engine(DOCS_CONFIG)
+    engine.train_step(tokens, tokens)
+    model = tiny_gpt()
+    model.load_state_dict(engine.state_dict())
+    model.eval()
+    with torch.no_grad():
+        expected = float(gpt_loss(model(tokens), tokens))
+    assert float(engine.eval_step(tokens, tokens)) == pytest.approx(expected, abs=1e-2)
+    assert "loss_scale" not in shardfx.graphs.format.format_program(engine.eval_program())
+
+
+def test_fp16_without_gradients_is_no_overflow() -> None:
+    """No trainable parameter: no gradient norm, so nothing overflowed; the scale stays."""
+    engine, tokens = _engine(DOCS_CONFIG, model=tiny_gpt().requires_grad_(False))
+    for _ in range(3):
+        engine.train_step(tokens, tokens)
+    assert engine.last_grad_norm is None
+    assert engine.skipped_steps == 0 and engine.stats()["loss_scale"] == 1024.0
+
+
+def test_resuming_follows_the_new_schedule_settings() -> None:
+    """A checkpoint keeps the schedule's position, not its settings (DeepSpeed keeps only
+    last_batch_iteration): resumed with a longer total_num_steps, the new curve applies."""
+    params = {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 2}
+    short = deepspeed.from_config({"scheduler": {"type": "WarmupDecayLR", "params": {**params, "total_num_steps": 4}}})
+    long = deepspeed.from_config({"scheduler": {"type": "WarmupDecayLR", "params": {**params, "total_num_steps": 8}}})
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    first = short.scheduler(optimizer)
+    for _ in range(4):
+        optimizer.step()
+        first.step()
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint keeps: JSON
+    assert state == {"last_batch_iteration": 3, "step_count": 5}
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    resumed = long.scheduler(optimizer)
+    resumed.load_state_dict(state)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(warmup_decay(3, 8, 0.0, 1e-3, 2, "log"))
+    optimizer.step()
+    resumed.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(warmup_decay(4, 8, 0.0, 1e-3, 2, "log"))
+
+
+def test_adam_defaults_are_deepspeeds() -> None:
+    """DeepSpeed's FusedAdam decays no weights unless asked (torch's AdamW decays 0.01)."""
+    param = [torch.nn.Parameter(torch.zeros(1))]
+    fused = deepspeed.from_config({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "bias_correction": True}}})
+    assert fused.optimizer(param).defaults["weight_decay"] == 0.0
+    torch_adam = deepspeed.from_config({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}})
+    assert torch_adam.optimizer(param).defaults["weight_decay"] == 0.01  # torch.optim.AdamW's, as DeepSpeed builds it
+    with pytest.raises(ValueError, match="bias_correction=false: torch's Adam always corrects the bias"):
+        deepspeed.from_config({"optimizer": {"type": "Adam", "params": {"bias_correction": False}}})
+
+
+def test_config_from_deepspeed_leaves_the_optimizer_sections_alone() -> None:
+    """A Hugging Face Trainer file ("auto" everywhere in optimizer and scheduler) still gives its Config,
+    and empty sections say nothing."""
+    ds = {
+        "zero_optimization": {"stage": 2},
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": "auto"}},
+        "fp16": {},
+    }
+    config = shardfx.Config.from_deepspeed(ds, unsupported="ignore")
+    assert config.zero_stage == 2 and config.mixed_precision is None
+    assert config.deepspeed_unsupported == ["optimizer", "scheduler"]

@@ -55,8 +55,19 @@ def test_deepspeed_config_and_step_lines(tmp_path, capsys) -> None:
     assert main(argv + ["--batch-size", "12"]) == 2
     assert (
         "--batch-size 12 disagrees with --config: train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 2 "
-        "x world size 2 is 16" in capsys.readouterr().err
+        "x 2 data-parallel ranks is 16" in capsys.readouterr().err
     )
+
+
+def test_a_pipelines_batch_from_the_file(tmp_path, capsys) -> None:
+    """Under --pp-size the file's gradient_accumulation_steps are the pipeline's micro-batches and the
+    batch counts the data-parallel ranks only (DeepSpeed's PipelineEngine)."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 3}))
+    argv = ["train", "--runtime", "local", "--world-size", "4", "--pp-size", "2", "--preset", "tiny", "--steps", "1"]
+    assert main([*argv, "--config", str(ds), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline 1f1b, 3 micro-batches" in out and "global batch 12" in out  # 2 x 3 x 2 dp ranks
 
 
 def test_model_from_a_factory_file(tmp_path) -> None:

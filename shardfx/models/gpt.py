@@ -27,6 +27,14 @@ class GPTConfig:
     bias: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layer", "d_model", "n_head", "seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig {name} must be an integer >= 1; got {value!r} ({type(value).__name__})")
+        for name in ("tie_weights", "bias"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"GPTConfig {name} must be True or False; got {value!r} ({type(value).__name__})")
         if self.n_head <= 0 or self.d_model % self.n_head != 0:
             raise ValueError(
                 f"d_model must be divisible by n_head (a positive count of heads); "

@@ -64,6 +64,8 @@ def gpt_config(*, preset: str = "tiny", data_seed: int = 0, **config_overrides: 
         raise ValueError(
             f"unknown GPT overrides {sorted(unknown)}; allowed: {sorted(fields | {'preset', 'data_seed'})}"
         )
+    if isinstance(data_seed, bool) or not isinstance(data_seed, int):
+        raise ValueError(f"data_seed must be an integer; got {data_seed!r} ({type(data_seed).__name__})")
     return GPTConfig(**{**GPT_PRESETS[preset], **config_overrides})
 
 

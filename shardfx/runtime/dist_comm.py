@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from shardfx.errors import CollectiveError
 from shardfx.graphs.collectives import volume_bytes
 from shardfx.graphs.program import Mesh
+from shardfx.runtime import launch
 from shardfx.runtime.accounting import CommStats
 
 # torch 2.13 renames the *_into_tensor collectives; the old names are the ones 2.11 has.
@@ -39,10 +43,10 @@ class DistComm:
         self.mesh = mesh
         self.rank = dist.get_rank()
         self.stats = CommStats()
-        self.where = lambda: ""
+        self.where: Callable[[], str] = lambda: "(no graph node)"
         self._groups: dict[str, dist.ProcessGroup | None] = {}
-        # output buffer's data_ptr -> (work handle, divisor applied when it completes)
-        self._pending: dict[int, tuple[dist.Work, int]] = {}
+        # output buffer's data_ptr -> (work handle, divisor applied when it completes, where it was started)
+        self._pending: dict[int, tuple[dist.Work, int, str]] = {}
         self._sends: list[tuple[dist.Work, Tensor]] = []  # isends in flight (the tensor kept alive)
         self.recv_seconds = 0.0  # time spent waiting in receives (a pipeline's bubble, measured)
         self._to_self: dict[int, list[Tensor]] = {}  # tag -> sends to this rank itself, in order
@@ -67,6 +71,23 @@ class DistComm:
     def coordinate(self, axis: str) -> int:
         return self.mesh.coords(self.rank)[axis]
 
+    def _issue(self, kind: str, where: str | None) -> str:
+        """The site of the collective this rank issues now (noted on the launcher's board)."""
+        site = where or self.where()
+        launch.issued(f"{kind} at {site}")
+        return site
+
+    @contextmanager
+    def _waiting(self, kind: str, site: str) -> Iterator[None]:
+        """Block in a collective: the launcher sees where; a backend failure (a timeout, a peer gone)
+        becomes a CollectiveError naming this rank and the node."""
+        with launch.waiting(f"{kind} at {site}"):
+            try:
+                yield
+            except RuntimeError as exc:  # torch's DistBackendError and gloo's errors are RuntimeErrors
+                cause = " ".join(str(exc).strip().splitlines()[-1:]) or type(exc).__name__
+                raise CollectiveError(f"rank {self.rank}: {kind} at {site}: did not complete: {cause}") from exc
+
     def _record(self, kind: str, axis: str, x: Tensor, out: Tensor) -> None:
         nb = lambda t: t.numel() * t.element_size()  # noqa: E731
         self.stats.record(kind, volume_bytes(kind, nb(x), nb(out)), self.mesh.size(axis))
@@ -76,6 +97,7 @@ class DistComm:
         n = self.mesh.size(axis)
         if n == 1:
             return getattr(self, kind)(x, axis, **kwargs)
+        site = self._issue(kind, None)
         group = self._groups[axis]
         op = str(kwargs.get("op", "sum"))
         assert kwargs.get("dim", 0) == 0, "async collectives work on dim 0"
@@ -89,15 +111,17 @@ class DistComm:
         else:
             out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
             work = dist.reduce_scatter_tensor(out, x, op=_OPS[op], group=group, async_op=True)
-        self._pending[out.data_ptr()] = (work, n if op == "avg" else 1)
+        self._pending[out.data_ptr()] = (work, n if op == "avg" else 1, f"{kind} at {site}")
         self._record(kind, axis, x, out)
         return out
 
     def wait(self, t: Tensor) -> Tensor:
         pending = self._pending.pop(t.data_ptr(), None)
         if pending is not None:
-            work, divisor = pending
-            work.wait()
+            work, divisor, what = pending
+            kind, _, site = what.partition(" at ")
+            with self._waiting(kind, site):
+                work.wait()
             if divisor != 1:
                 t.div_(divisor)
         return t
@@ -113,6 +137,7 @@ class DistComm:
         (two interleaved stages of one rank): kept here for the matching receive."""
         data = x.detach().contiguous().clone()
         dst = self.peer_rank(axis, peer)
+        self._issue("send", where)
         if dst == self.rank:
             self._to_self.setdefault(tag, []).append(data)
         else:
@@ -132,25 +157,30 @@ class DistComm:
         where: str | None = None,
     ) -> Tensor:
         src = self.peer_rank(axis, peer)
+        site = self._issue("recv", where)
         if src == self.rank:
             out = self._to_self[tag].pop(0)
         else:
             out = torch.empty(shape, dtype=dtype, device=device)
             start = time.perf_counter()
-            dist.recv(out, src=src, tag=tag)
+            with self._waiting(f"recv from rank {src}", site):
+                dist.recv(out, src=src, tag=tag)
             self.recv_seconds += time.perf_counter() - start
         self.stats.record_p2p("recv", out.numel() * out.element_size())
         return out
 
     def finish_sends(self) -> None:
-        for work, _ in self._sends:
-            work.wait()
+        with self._waiting("send", "the end of the step"):
+            for work, _ in self._sends:
+                work.wait()
         self._sends.clear()
 
     def all_reduce(self, x: Tensor, axis: str, op: str, where: str | None = None) -> Tensor:
         out = x.detach().clone()
+        site = self._issue("all_reduce", where)
         if self.mesh.size(axis) > 1:
-            dist.all_reduce(out, op=_OPS[op], group=self._groups[axis])
+            with self._waiting("all_reduce", site):
+                dist.all_reduce(out, op=_OPS[op], group=self._groups[axis])
             if op == "avg":
                 out.div_(self.mesh.size(axis))
         self._record("all_reduce", axis, x, out)
@@ -162,8 +192,10 @@ class DistComm:
         if dim != 0:
             x = x.movedim(dim, 0).contiguous()
         out = torch.empty((x.shape[0] * n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        site = self._issue("all_gather", where)
         if n > 1:
-            dist.all_gather_into_tensor(out, x, group=self._groups[axis])
+            with self._waiting("all_gather", site):
+                dist.all_gather_into_tensor(out, x, group=self._groups[axis])
         else:
             out.copy_(x)
         if dim != 0:
@@ -175,8 +207,10 @@ class DistComm:
         n = self.mesh.size(axis)
         src = x.movedim(dim, 0).contiguous() if dim != 0 else x.contiguous()
         out = torch.empty((src.shape[0] // n, *src.shape[1:]), dtype=src.dtype, device=src.device)
+        site = self._issue("reduce_scatter", where)
         if n > 1:
-            dist.reduce_scatter_tensor(out, src, op=_OPS[op], group=self._groups[axis])
+            with self._waiting("reduce_scatter", site):
+                dist.reduce_scatter_tensor(out, src, op=_OPS[op], group=self._groups[axis])
             if op == "avg":
                 out.div_(n)
         else:

@@ -1,22 +1,52 @@
-"""Start N worker processes through torch's own elastic launcher (what torchrun uses).
+"""Start N worker processes on this machine, each one rank of a torch.distributed job.
 
-Rendezvous binds to 127.0.0.1 unless told otherwise. Each worker joins a gloo
-(or NCCL, on CUDA) process group with the given timeout, runs `fn(*args)`, and
-its return value comes back to the caller by rank. If one worker fails, the
-launcher stops the others and this raises WorkerFailed naming the rank.
+This is shardfx's own launcher, not torch's elastic agent (whose two stores
+listen on every interface). It holds:
+
+- one TCPStore, in this process, on a socket bound to `host` (127.0.0.1 unless
+  told otherwise); gloo and NCCL are told to use the loopback interface too, so
+  with the default host nothing listens beyond this machine;
+- N spawned workers. Each joins the process group with the given collective
+  timeout, runs `fn(*args)` and sends its return value back. Workers ignore
+  Ctrl-C (this process handles it) and die with this process;
+- a board in shared memory where each worker notes the collectives it issues
+  and the one it waits in (`DistComm` writes it). When a worker fails, exits,
+  or waits in one collective past the timeout, the others are killed and
+  WorkerFailed names the rank at fault: the one that died, raised, or did
+  not arrive at the collective node the others wait in.
+
+Ctrl-C: a job that polls `stop_requested(step)` at each step is asked to stop
+at a step all ranks agree on (the launcher picks one no rank has started);
+a second Ctrl-C, or a job that never polls, kills the workers and raises
+KeyboardInterrupt.
 """
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing as mp
 import os
+import pickle
+import queue
+import re
+import signal
 import socket
-import uuid
-from collections.abc import Callable
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+WHERE_BYTES = 160  # a collective site's description, as the board keeps it
+GRACE_S = 5.0  # past the collective timeout, a rank still waiting is declared hung
+EXIT_S = 10.0  # how long a worker that sent its result may take to exit
+SETTLE_S = 1.0  # after the first failure, how long to collect the others' before naming a cause
 
 
 class WorkerFailed(RuntimeError):
@@ -29,15 +59,68 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _worker(fn: Callable[..., Any], args: tuple[Any, ...], timeout: float, backend: str) -> Any:
-    # N processes on one machine: share its cores instead of each taking all of them.
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+class Board:
+    """Shared memory between the launcher and its workers: per rank, collectives issued, the one it
+    waits in and since when, the step it runs; and the step everyone stops at (-1: none)."""
+
+    def __init__(self, ctx: Any, nprocs: int) -> None:
+        self.nprocs = nprocs
+        self.issued = ctx.Array("q", nprocs, lock=False)
+        self.waiting_since = ctx.Array("d", nprocs, lock=False)  # time.monotonic(); 0: not waiting
+        self.where = ctx.Array("c", nprocs * WHERE_BYTES, lock=False)
+        self.step = ctx.Array("q", [-1] * nprocs, lock=False)
+        self.stop_at = ctx.Value("q", -1, lock=False)
+        self.polled = ctx.Value("b", 0, lock=False)
+        self.lock = ctx.Lock()
+
+    def set_where(self, rank: int, text: str) -> None:
+        data = text.encode("utf-8", "replace")[: WHERE_BYTES - 1]
+        start = rank * WHERE_BYTES
+        self.where[start : start + len(data) + 1] = data + b"\0"
+
+    def where_of(self, rank: int) -> str:
+        raw = self.where[rank * WHERE_BYTES : (rank + 1) * WHERE_BYTES]
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+# This process's rank and the launcher's board, in a worker this launcher started (else None).
+_board: Board | None = None
+_rank = 0
+
+
+def issued(where: str) -> None:
+    """A collective was issued at `where` (DistComm calls this; a no-op outside this launcher)."""
+    if _board is not None:
+        _board.issued[_rank] += 1
+        _board.set_where(_rank, where)
+
+
+@contextmanager
+def waiting(where: str) -> Iterator[None]:
+    """This rank blocks in the collective at `where` for the duration."""
+    if _board is None:
+        yield
+        return
+    _board.set_where(_rank, where)
+    _board.waiting_since[_rank] = time.monotonic()
     try:
-        return fn(*args)
+        yield
     finally:
-        dist.destroy_process_group()
+        _board.waiting_since[_rank] = 0.0
+
+
+def stop_requested(step: int) -> bool:
+    """Called by every rank before it starts `step`: True when the user asked to stop (Ctrl-C) and
+    every rank stops before this same step. Outside this launcher: False."""
+    board = _board
+    if board is None:
+        return False
+    with board.lock:
+        board.polled.value = 1
+        if 0 <= board.stop_at.value <= step:
+            return True
+        board.step[_rank] = step
+        return False
 
 
 def launch(
@@ -50,49 +133,307 @@ def launch(
     backend: str | None = None,
     quiet: bool = True,
 ) -> dict[int, Any]:
-    """Run fn(*args) on `nprocs` ranks; returns {rank: return value}. fn must be importable (module level)."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    """Run fn(*args) on `nprocs` ranks; returns {rank: return value}. fn must be importable (module level).
 
+    `quiet` is kept for callers of the elastic launcher this replaced; workers print what they print."""
+    del quiet
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nprocs,
-        run_id=f"shardfx-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"{host}:{free_port(host)}",
-        max_restarts=0,
-        monitor_interval=0.1,
-        start_method="spawn",
-        local_addr=host,
+    ctx = mp.get_context("spawn")
+    board = Board(ctx, nprocs)
+    results = ctx.Queue()
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    listener.bind((host, 0))
+    listener.listen(max(64, nprocs * 4))
+    port = listener.getsockname()[1]
+    fd = listener.detach()  # the store owns (and closes) the socket from here
+    store = dist.TCPStore(
+        host,
+        port,
+        nprocs,
+        is_master=True,
+        timeout=timedelta(seconds=timeout),
+        wait_for_workers=False,
+        master_listen_fd=fd,
     )
-    if quiet:
-        os.environ.setdefault("LOGLEVEL", "ERROR")
-        import logging
-
-        # The launcher logs each failed worker's traceback; WorkerFailed carries the message instead.
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-        logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    procs: list[Any] = []
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # workers start with Ctrl-C ignored
     try:
-        return elastic_launch(config, _worker)(fn, args, timeout, backend)
-    except ChildFailedError as exc:
-        raise WorkerFailed(_describe_failure(exc)) from None
+        for rank in range(nprocs):
+            spec = _WorkerSpec(rank, nprocs, host, port, backend, timeout, os.getpid())
+            proc = ctx.Process(target=_worker, args=(spec, board, results, fn, args), name=f"shardfx-rank{rank}")
+            proc.start()
+            procs.append(proc)
+    except BaseException:
+        _kill(procs)
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        values = _Monitor(procs, board, results, timeout).run()
+        for proc in procs:  # each sent its result: let it exit by itself (its exit handlers run)
+            proc.join(timeout=EXIT_S)
+        return values
+    finally:
+        _kill(procs)
+        results.close()
+        del store
 
 
-def _describe_failure(exc: Any) -> str:
-    lines = []
-    for rank, failure in sorted(exc.failures.items()):
-        message = ""
-        data = getattr(failure, "error_file_data", None) or {}
-        msg = data.get("message") if isinstance(data, dict) else None
-        if isinstance(msg, dict):
-            message = msg.get("message", "")
-        elif isinstance(msg, str):
-            message = msg
-        if not message or message.strip() == "<NONE>":  # killed: no error file was written
-            message = f"exit code {failure.exitcode}" + (
-                f" (signal {failure.signal_name()})" if failure.exitcode < 0 else ""
-            )
-        lines.append(f"rank {rank} failed: {message.strip().splitlines()[-1] if message.strip() else message}")
-    return "; ".join(lines) if lines else str(exc)
+@dataclass(frozen=True)
+class _WorkerSpec:
+    rank: int
+    world_size: int
+    host: str
+    port: int
+    backend: str
+    timeout: float
+    parent: int
+
+
+def _worker(spec: _WorkerSpec, board: Board, results: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    global _board, _rank
+    _die_with_parent(spec.parent)
+    _board, _rank = board, spec.rank
+    env = {
+        "RANK": spec.rank,
+        "LOCAL_RANK": spec.rank,
+        "WORLD_SIZE": spec.world_size,
+        "LOCAL_WORLD_SIZE": spec.world_size,
+        "MASTER_ADDR": spec.host,
+        "MASTER_PORT": spec.port,
+    }
+    os.environ.update({k: str(v) for k, v in env.items()})
+    if _is_loopback(spec.host):  # the backends' own sockets: loopback too, unless the user chose
+        loopback = _loopback_interface()
+        if loopback:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    # N processes on one machine: share its cores instead of each taking all of them.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world_size))
+    try:
+        store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=False, timeout=_td(spec.timeout))
+        dist.init_process_group(
+            spec.backend, store=store, rank=spec.rank, world_size=spec.world_size, timeout=_td(spec.timeout)
+        )
+        try:
+            value = fn(*args)
+        finally:
+            dist.destroy_process_group()
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the launcher, named
+        detail = "".join(traceback.format_exception(exc))
+        results.put(("error", spec.rank, f"{type(exc).__name__}: {exc}", _is_comm_error(exc), detail))
+        results.close()
+        results.join_thread()
+        os._exit(1)
+    # by value: torch's queue pickler would pass tensors as shared-memory handles, gone when this process exits
+    results.put(("ok", spec.rank, pickle.dumps(value)))
+    results.close()
+    results.join_thread()
+
+
+def _td(seconds: float) -> timedelta:
+    return timedelta(seconds=seconds)
+
+
+def _is_comm_error(exc: BaseException) -> bool:
+    """A collective that failed because of another rank (a timeout, a closed connection)."""
+    from shardfx.errors import CollectiveError
+
+    return isinstance(exc, (CollectiveError, dist.DistError))
+
+
+def _is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+
+
+def _loopback_interface() -> str | None:
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    return "lo" if "lo" in names else None
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: this worker gets SIGKILL when the launcher dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the launcher is already gone
+        os._exit(1)
+
+
+def _kill(procs: list[Any]) -> None:
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()  # SIGKILL: a stopped (SIGSTOP) worker cannot act on SIGTERM
+    for proc in procs:
+        proc.join(timeout=10)
+
+
+@dataclass
+class _Failure:
+    rank: int
+    priority: int  # 0: died or hung, 1: raised, 2: a collective failed because of another rank
+    message: str
+    at: float
+    hung: bool = False  # the message reads "did not arrive ...", not a failure's text
+
+
+class _Monitor:
+    """Waits for the workers; on the first failure, names its cause."""
+
+    def __init__(self, procs: list[Any], board: Board, results: Any, timeout: float) -> None:
+        self.procs, self.board, self.results, self.timeout = procs, board, results, timeout
+        self.values: dict[int, Any] = {}
+        self.failures: dict[int, _Failure] = {}
+        self.interrupts = 0
+
+    def run(self) -> dict[int, Any]:
+        first_failure: float | None = None
+        while len(self.values) < len(self.procs):
+            try:
+                self._collect(0.1)
+                self._check_exits()
+                self._check_hang()
+            except KeyboardInterrupt:
+                self._interrupted()
+            if self.failures:
+                first_failure = first_failure or time.monotonic()
+                settled = all(r in self.values or r in self.failures for r in range(len(self.procs)))
+                if settled or time.monotonic() - first_failure > SETTLE_S:
+                    raise WorkerFailed(self._describe())
+        return dict(sorted(self.values.items()))
+
+    def _collect(self, wait: float) -> None:
+        try:
+            message = self.results.get(timeout=wait)
+        except queue.Empty:
+            return
+        while True:
+            if message[0] == "ok":
+                self.values[message[1]] = pickle.loads(message[2])
+            else:
+                _, rank, text, comm_error, _detail = message
+                self._fail(rank, 2 if comm_error else 1, _last_line(text))
+            try:
+                message = self.results.get_nowait()
+            except queue.Empty:
+                return
+
+    def _fail(self, rank: int, priority: int, message: str, hung: bool = False) -> None:
+        if rank not in self.failures:
+            self.failures[rank] = _Failure(rank, priority, message, time.monotonic(), hung)
+
+    def _check_exits(self) -> None:
+        for rank, proc in enumerate(self.procs):
+            if proc.exitcode is None or rank in self.values or rank in self.failures:
+                continue
+            self._collect(0.2)  # its last message may still be in the pipe
+            if rank in self.values or rank in self.failures:
+                continue
+            code = proc.exitcode
+            how = f"exit code {code}" if code >= 0 else f"killed by {_signal_name(-code)}"
+            self._fail(rank, 0, f"the process ended ({how}) without a result")
+
+    def _check_hang(self) -> None:
+        """A rank waiting in one collective past the timeout (the backend did not end it)."""
+        if self.failures:
+            return
+        now = time.monotonic()
+        for rank in range(len(self.procs)):
+            since = self.board.waiting_since[rank]
+            if since and now - since > self.timeout + GRACE_S:
+                where = self.board.where_of(rank)
+                late = self._not_waiting(exclude=rank)
+                for other in late:
+                    self._fail(other, 0, self._absent(other, where, waited=rank), hung=True)
+                if not late:  # every rank waits, each in its own collective
+                    places = ", ".join(f"rank {r} at {self.board.where_of(r)}" for r in range(len(self.procs)))
+                    self._fail(
+                        rank,
+                        0,
+                        f"and every other rank wait past the timeout, each in its own collective: {places}",
+                        True,
+                    )
+                return
+
+    def _not_waiting(self, exclude: int) -> list[int]:
+        """Ranks alive, without a result or a failure, and not waiting in any collective."""
+        return [
+            r
+            for r, proc in enumerate(self.procs)
+            if r != exclude
+            and r not in self.values
+            and r not in self.failures
+            and not self.board.waiting_since[r]
+            and proc.exitcode is None
+        ]
+
+    def _absent(self, rank: int, where: str, waited: int) -> str:
+        state = _process_state(self.procs[rank].pid)
+        last = self.board.where_of(rank)
+        doing = {
+            "T": "its process is stopped (SIGSTOP, or a debugger)",
+            "t": "its process is stopped by a debugger",
+            "Z": "its process has died",
+        }.get(state, f"it is still running, last at {last}" if last else "it is still running, before any collective")
+        return (
+            f"did not arrive at {where or 'a collective'} within the {self.timeout:.0f} s collective timeout "
+            f"(rank {waited} waited there); {doing}"
+        )
+
+    def _interrupted(self) -> None:
+        self.interrupts += 1
+        board = self.board
+        if self.interrupts == 1 and board.polled.value:
+            with board.lock:
+                board.stop_at.value = max(board.step[r] for r in range(board.nprocs)) + 1
+            return
+        _kill(self.procs)
+        raise KeyboardInterrupt
+
+    def _describe(self) -> str:
+        failures = sorted(self.failures.values(), key=lambda f: (f.priority, f.at, f.rank))
+        cause = failures[0]
+        if cause.priority == 2:  # only collective errors: whoever is not waiting did not arrive
+            late = [r for r in range(len(self.procs)) if r not in self.failures and r not in self.values]
+            if late:
+                where = _where_in(cause.message) or self.board.where_of(cause.rank)
+                return "; ".join(f"rank {r} {self._absent(r, where, cause.rank)}" for r in late)
+        if cause.hung:
+            return "; ".join(f"rank {f.rank} {f.message}" for f in failures if f.hung)
+        alike = [f.rank for f in failures if f.message == cause.message]
+        who = f"rank {cause.rank}" if len(alike) == 1 else f"ranks {', '.join(map(str, sorted(alike)))}"
+        lines = [f"{who} failed: {cause.message}"]
+        lines += [f"rank {f.rank}: {f.message}" for f in failures[1:] if f.priority < 2 and f.rank not in alike]
+        return "; ".join(lines)
+
+
+def _where_in(message: str) -> str:
+    """The collective a DistComm error names: 'rank R: KIND at node X (module): did not complete: ...'."""
+    found = re.search(r"rank \d+: (.*?): did not complete", message)
+    return found.group(1) if found else ""
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else text
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _process_state(pid: int) -> str:
+    """The state letter in /proc/PID/stat (R, S, T, Z, ...); '' where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""

@@ -1,8 +1,10 @@
 """`shardfx train`: train a built-in model with shardfx.compile_distributed.
 
 The default trains a small GPT on the synthetic Markov token stream
-(shardfx.models.MarkovTokens) on 4 ranks, each its own process, started through
-torch's elastic launcher (gloo on CPU); rank 0 prints the progress.
+(shardfx.models.MarkovTokens) on 4 ranks, each its own process, started by shardfx's launcher
+(shardfx.runtime.launch; gloo on CPU); rank 0 prints the progress.
+Ctrl-C stops after the current step (every rank at the same one), saves a
+checkpoint when --save-every is set, and exits 130; a second Ctrl-C stops at once.
 `--runtime local` runs the ranks as threads of this process instead. The chain's
 entropy rate is the lowest loss any model can reach, so the loss should fall
 from about log(vocab) toward that floor, never below it.
@@ -37,6 +39,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
+import tempfile
 from typing import Any
 
 from shardfx.deepspeed import read_json
@@ -53,6 +58,7 @@ from shardfx.tools.train_options import (
 )
 
 NAME = "train"
+EXIT_INTERRUPTED = 130  # as a shell reports a command stopped by Ctrl-C (128 + SIGINT)
 HELP = "train a built-in model (default: a small GPT on Markov tokens) on N ranks"
 
 
@@ -157,8 +163,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--runtime",
         choices=("process", "local"),
         default=defaults.runtime,
-        help="process: one process per rank over torch.distributed (gloo/NCCL), started by torch's elastic "
-        "launcher; local: ranks are threads of this process (default %(default)s)",
+        help="process: one process per rank over torch.distributed (gloo/NCCL), started by shardfx's "
+        "launcher (everything listens on 127.0.0.1); local: ranks are threads of this process (default %(default)s)",
     )
     parser.add_argument(
         "--timeout",
@@ -235,7 +241,12 @@ def run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         eval_batches=args.eval_batches,
     )
-    train(options, echo=print)
+    summary = train(options, echo=print)
+    if summary.get("interrupted_at") is not None:
+        saved = summary["checkpoints"]
+        where = f"; checkpoint {os.path.join(options.checkpoint_dir, saved[-1])}" if saved else ""
+        print(f"shardfx train: interrupted at step {summary['interrupted_at']}{where}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -274,14 +285,54 @@ def train(options: TrainOptions, echo: Any = None) -> dict[str, Any]:
         raise ValueError("--eval-every needs --data: the synthetic data has no held-out split")
     if options.resume:
         latest_checkpoint(options.checkpoint_dir)
+    check_paths(options)
     if options.runtime == "local":
         return train_here(options, echo)
     from shardfx.runtime.launch import launch
 
     if echo is not None:
-        echo(f"starting {options.world_size} worker processes (torch elastic launcher, rendezvous on 127.0.0.1) ...")
+        echo(f"starting {options.world_size} worker processes (shardfx launcher, listening on 127.0.0.1 only) ...")
     results = launch(_train_worker, (options, echo is not None), options.world_size, timeout=options.timeout)
     return results[0]
+
+
+def check_paths(options: TrainOptions) -> None:
+    """Every path the run writes, checked before any worker starts: a ValueError naming the option."""
+    targets = [("--dump-dir", options.dump_dir, True), ("--json", options.json_path, False)]
+    if options.save_every:
+        targets.append(("--checkpoint-dir", options.checkpoint_dir, True))
+    for flag, path, is_dir in targets:
+        if path:
+            problem = _unwritable(path, is_dir)
+            if problem:
+                raise ValueError(f"{flag} {path}: {problem}; choose a path you can write")
+
+
+def _unwritable(path: str, is_dir: bool) -> str | None:
+    """Why `path` cannot be written (None: it can), found by writing: permission bits say nothing to
+    root or on /proc. A missing directory is made, as the run would make it."""
+    if is_dir:
+        if os.path.exists(path) and not os.path.isdir(path):
+            return "exists and is not a directory"
+        try:
+            os.makedirs(path, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".shardfx-write-test-")
+            os.close(fd)
+            os.remove(probe)
+        except OSError as exc:
+            return f"cannot write there ({exc.strerror})"
+        return None
+    if os.path.isdir(path):
+        return "is a directory"
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        return f"cannot write there ({exc.strerror})"
+    if not existed:
+        os.remove(path)
+    return None
 
 
 def _fraction(text: str) -> float:
@@ -297,8 +348,14 @@ def _fraction(text: str) -> float:
 
 def _train_worker(options: TrainOptions, verbose: bool) -> dict[str, Any]:
     """One rank of a multi-process run: rank 0 prints and shows the progress bar."""
-    import torch.distributed as dist
+    import threading
 
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    # tqdm's default lock is a multiprocessing one: a worker killed on failure would leave it for the
+    # resource tracker to warn about. One bar per process needs only a thread lock.
+    tqdm.set_lock(threading.RLock())
     rank0 = dist.get_rank() == 0
     options = dataclasses.replace(
         options, progress=options.progress and rank0, json_path=options.json_path if rank0 else None

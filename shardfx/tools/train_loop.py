@@ -9,8 +9,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,27 +159,28 @@ def train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
     say(header(summary))
     peak = PeakMemory(engine)
     try:
-        losses, val_losses, step_seconds, total_seconds, saved = _loop(
-            engine, make_batch, generator, example, options, peak, evaluate, say
-        )
+        run = _loop(engine, make_batch, generator, example, options, peak, evaluate, say)
     finally:
         close = getattr(engine.runtime, "close", None)
         if close is not None:
             close()
     items, unit = items_per_batch(example[0])
+    losses = run.losses
+    window = losses[-LAST_WINDOW:]
     summary.update(
-        first_loss=losses[0],
-        last_loss=sum(losses[-LAST_WINDOW:]) / len(losses[-LAST_WINDOW:]),
-        last_window=len(losses[-LAST_WINDOW:]),
-        val_loss=val_losses[-1][1] if val_losses else None,
-        val_losses=val_losses,
-        train_seconds=total_seconds,
-        total_seconds=compile_seconds + total_seconds,
-        throughput=items * len(losses) / step_seconds,
+        first_loss=losses[0] if losses else None,
+        last_loss=sum(window) / len(window) if window else None,
+        last_window=len(window),
+        val_loss=run.val_losses[-1][1] if run.val_losses else None,
+        val_losses=run.val_losses,
+        train_seconds=run.total_seconds,
+        total_seconds=compile_seconds + run.total_seconds,
+        throughput=items * len(losses) / run.step_seconds if losses else 0.0,
         throughput_unit=unit,
         losses=losses,
         skipped_steps=engine.skipped_steps,
-        checkpoints=saved,
+        checkpoints=run.saved,
+        interrupted_at=run.interrupted_at,
         memory_per_rank=engine.stats()["memory"],
         peak_bytes=peak.read(),
         peak_kind=peak.kind,
@@ -281,6 +286,16 @@ def _show_bar(options: TrainOptions) -> bool:
     return options.progress and sys.stdout.isatty() and sys.stderr.isatty()
 
 
+@dataclass
+class _LoopResult:
+    losses: list[float]
+    val_losses: list[list[float]]  # [step, validation loss] pairs
+    step_seconds: float  # in train_step
+    total_seconds: float  # the loop's wall time
+    saved: list[str]  # checkpoints written
+    interrupted_at: int | None  # Ctrl-C: the step count when the loop stopped
+
+
 def _loop(
     engine: shardfx.Engine,
     make_batch: Any,
@@ -290,17 +305,14 @@ def _loop(
     peak: PeakMemory,
     evaluate: Any,
     say: Any,
-) -> tuple[list[float], list[list[float]], float, float, list[str]]:
-    """Run the steps from engine.steps on; returns losses, [step, validation loss] pairs, seconds in
-    train_step, loop wall seconds, checkpoints."""
+) -> _LoopResult:
+    """Run the steps from engine.steps on; Ctrl-C stops it between steps (all ranks at the same one)
+    and, with --save-every, checkpoints there."""
     import torch.distributed as dist
 
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     items, unit = items_per_batch(first[0])
-    losses: list[float] = []
-    val_losses: list[list[float]] = []
-    saved: list[str] = []
-    step_seconds = 0.0
+    out = _LoopResult([], [], 0.0, 0.0, [], None)
     start = time.perf_counter()
     show_bar = _show_bar(options)
     bar = tqdm(
@@ -313,24 +325,57 @@ def _loop(
         dynamic_ncols=True,
         bar_format=BAR_FORMAT,
     )
-    for step in bar:
-        batch = first if step == 0 else make_batch(options.batch_size, generator)
-        peak.reset()
-        t0 = time.perf_counter()
-        loss = engine.train_step(*batch).item()
-        dt = time.perf_counter() - t0
-        step_seconds += dt
-        losses.append(loss)
-        done = step + 1
-        val_loss = None
-        if evaluate is not None and (done % options.eval_every == 0 or done == options.steps):
-            val_loss = evaluate()  # every rank evaluates: eval_step is a collective
-            val_losses.append([done, val_loss])
-        bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
-        if (options.log_every and done % options.log_every == 0) or val_loss is not None:
-            line = step_line(engine, done, loss, items / dt, unit, (peak.read(), peak.kind), val_loss)
-            bar.write(line) if show_bar else say(line)
-        if options.save_every and (done % options.save_every == 0 or done == options.steps):
-            saved.append(_save(engine, options, generator, rank0))
+    with _interrupts(local=options.runtime == "local") as interrupted:
+        for step in bar:
+            if interrupted(step):
+                out.interrupted_at = step
+                last = f"step-{step:06d}"
+                if options.save_every and out.losses and (not out.saved or out.saved[-1] != last):
+                    out.saved.append(_save(engine, options, generator, rank0))
+                break
+            batch = first if step == 0 else make_batch(options.batch_size, generator)
+            peak.reset()
+            t0 = time.perf_counter()
+            loss = engine.train_step(*batch).item()
+            dt = time.perf_counter() - t0
+            out.step_seconds += dt
+            out.losses.append(loss)
+            done = step + 1
+            val_loss = None
+            if evaluate is not None and (done % options.eval_every == 0 or done == options.steps):
+                val_loss = evaluate()  # every rank evaluates: eval_step is a collective
+                out.val_losses.append([done, val_loss])
+            bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+            if (options.log_every and done % options.log_every == 0) or val_loss is not None:
+                line = step_line(engine, done, loss, items / dt, unit, (peak.read(), peak.kind), val_loss)
+                bar.write(line) if show_bar else say(line)
+            if options.save_every and (done % options.save_every == 0 or done == options.steps):
+                out.saved.append(_save(engine, options, generator, rank0))
     bar.close()
-    return losses, val_losses, step_seconds, time.perf_counter() - start, saved
+    out.total_seconds = time.perf_counter() - start
+    return out
+
+
+@contextmanager
+def _interrupts(local: bool) -> Iterator[Callable[[int], bool]]:
+    """`interrupted(step)`: True once the user pressed Ctrl-C, checked before each step.
+
+    In a launched worker the launcher holds Ctrl-C and picks the step every rank stops at. On the
+    local runtime this process does: the first Ctrl-C stops after the current step, a second one
+    raises KeyboardInterrupt at once."""
+    from shardfx.runtime.launch import stop_requested
+
+    pressed = threading.Event()
+    previous = None
+    if local and threading.current_thread() is threading.main_thread():
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            pressed.set()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield lambda step: pressed.is_set() or stop_requested(step)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)

@@ -162,9 +162,14 @@ def _data_line(d: dict[str, Any]) -> str:
 def footer(s: dict[str, Any]) -> str:
     floor = "n/a" if s["floor"] is None else f"{s['floor']:.4f}"
     val = s.get("val_loss")
+    loss = (
+        "no step ran"
+        if s["first_loss"] is None
+        else f"first {s['first_loss']:.4f}, last {s['last_loss']:.4f} (mean of last {s['last_window']} steps)"
+    )
     lines = [
-        f"loss        first {s['first_loss']:.4f}, last {s['last_loss']:.4f} (mean of last {s['last_window']} steps), "
-        f"floor {floor}" + ("" if s["uniform_loss"] is None else f", uniform guess {s['uniform_loss']:.4f}"),
+        f"loss        {loss}, floor {floor}"
+        + ("" if s["uniform_loss"] is None else f", uniform guess {s['uniform_loss']:.4f}"),
         *(
             [f"validation  {val:.4f} at step {s['val_losses'][-1][0]} (mean of {s['eval_batches']} held-out batches)"]
             if val is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
@@ -125,3 +126,72 @@ def train_gpt_pipeline(path: str) -> dict:
     engine.train_step(*batch)
     out["after"] = engine.state_dict()
     return out
+
+
+def listening_sockets() -> list[str]:
+    """Rank 0, while every rank is alive: the local address of each listening TCP socket that the
+    launcher or a worker holds (from /proc/net/tcp{,6} and each process's open files)."""
+    pids = [None] * dist.get_world_size()
+    dist.all_gather_object(pids, os.getpid())
+    found: list[str] = []
+    if dist.get_rank() == 0:
+        found = _listeners([os.getppid(), *pids])
+    dist.barrier()
+    return found
+
+
+def _listeners(pids: list[int]) -> list[str]:
+    inodes = set()
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                    out.append(_address(cols[1]))
+    return out
+
+
+def _address(hex_address: str) -> str:
+    """/proc/net/tcp's 'HEXIP:HEXPORT' as 'ip:port' (IPv4 and IPv6, little-endian words)."""
+    import ipaddress
+
+    ip_hex, port_hex = hex_address.split(":")
+    raw = bytes.fromhex(ip_hex)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return f"{ipaddress.ip_address(words)}:{int(port_hex, 16)}"
+
+
+def stop_rank_mid_training(rank_to_stop: int, stamp: str) -> None:
+    """Rank `rank_to_stop` stops itself (SIGSTOP) after one step, writing the time to `stamp` first;
+    the others go on into a collective."""
+    model, batch = tiny_gpt_batch()
+    engine = shardfx.compile_distributed(model, None, example_inputs=batch, loss_fn=gpt_loss, optimizer=None)
+    engine.train_step(*batch)
+    dist.barrier()
+    if dist.get_rank() == rank_to_stop:
+        with open(stamp, "w") as f:
+            f.write(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGSTOP)
+    for _ in range(5):
+        engine.train_step(*batch)
+
+
+def wait_alone(seconds: float) -> None:
+    """Rank 0 waits in a collective (as the board sees it) that rank 1 never joins: no backend timeout
+    fires, so only the launcher's own watchdog can end the job."""
+    from shardfx.runtime import launch
+
+    if dist.get_rank() == 0:
+        with launch.waiting("all_reduce at node fake_all_reduce (blocks.0)"):
+            time.sleep(seconds)
+    else:
+        time.sleep(seconds)

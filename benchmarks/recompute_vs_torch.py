@@ -48,7 +48,7 @@ shardfx settings: none, full, selective, budget=f for each --budgets fraction (o
 recompute), budget=<torch's peak in bytes> for each torch row below the no-recompute peak (so the
 "at equal peak" comparison asks shardfx for exactly torch's peak), and budget=<the lowest reachable
 peak> that the pass names when a fraction is unreachable (BudgetUnreachable, raised as PassError).
-The pass ranks candidates by the Config.hardware profile (--hardware, default "cpu").
+The pass minimises added time on the Config.hardware profile (--hardware, default "cpu").
 
 "At equal peak": for each torch row, the shardfx row with peak <= torch's peak and the least added
 time on the --hardware profile.
@@ -345,7 +345,7 @@ def main() -> None:
     parser.add_argument(
         "--hardware",
         default="cpu",
-        help="Config.hardware: the profile the shardfx pass ranks candidates by, and the one 'at equal peak' "
+        help="Config.hardware: the profile the shardfx pass minimises added time on, and the one 'at equal peak' "
         "compares added time on (default cpu; h100 is the other one reported)",
     )
     args = parser.parse_args()

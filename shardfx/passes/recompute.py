@@ -13,10 +13,12 @@ Policies:
   block's outputs (what later blocks read), as torch.utils.checkpoint per block;
 - "selective": the attention core (Megatron-LM's recipe): the attention op and
   what it alone feeds;
-- "budget": recompute the candidates in order of added time per byte freed
-  (roofline, so memory-bound recompute is not free; matmul and attention outputs
-  last) until the program's simulated peak is at most the budget. Deterministic
-  and monotone: a smaller budget recomputes a superset, never a larger peak.
+- "budget": the cheapest recompute set found (added roofline time on the
+  profile, so memory-bound recompute is not free) whose simulated peak is at
+  most the budget: every recomputable forward allocation is a candidate, sets
+  are scored on the exact liveness timeline they give and searched by greedy +
+  prune + swaps (passes/recompute_plan.py). Deterministic; the peak is always
+  within the budget, but a smaller budget need not recompute a superset.
 
 Runs before the sharding pass, so a ZeRO-3 backward gather serves the copies.
 Needs: capture phases and module paths. Provides: meta[RECOMPUTE].
@@ -28,12 +30,14 @@ import operator
 
 import torch.fx as fx
 
+from shardfx.errors import PassError
 from shardfx.graphs import meta, ops
 from shardfx.graphs.analysis import ALIAS_OPS, _storage_owner, memory_timeline, tensor_bytes
 from shardfx.graphs.cost_model import compute_seconds, hardware
 from shardfx.graphs.program import DistProgram
 from shardfx.passes.bucket_collectives import block_of
 from shardfx.passes.manager import PassContext, PassResult
+from shardfx.passes.recompute_plan import RecomputeModel, apply_plan, choose_plan
 
 ORIGIN = "recompute"
 MATMUL_LIKE = ops.of_kind(ops.MATMUL, ops.ATTENTION)  # recomputed last: the most time per byte freed
@@ -191,6 +195,38 @@ def _budget_order(program: DistProgram, hw_name: str) -> list[fx.Node]:
     return [unit for *_, unit in sorted(scored, key=lambda t: t[:3])]
 
 
+def budget_candidates(program: DistProgram) -> dict[fx.Node, list[fx.Node]]:
+    """Every recomputable forward allocation (with its members), in graph order: what the budget
+    policy chooses among."""
+    units: dict[fx.Node, list[fx.Node]] = {}
+    for node in program.graph.nodes:
+        if node.op == "call_function" and meta.phase(node) == meta.FORWARD:
+            unit = _unit(node)
+            if unit.op == "call_function" and unit not in units and recomputable(unit):
+                units[unit] = _members(unit)
+    return units
+
+
+def _recompute_budget(program: DistProgram, target: float, hw: str, before: int) -> list[fx.Node]:
+    model = RecomputeModel(program, budget_candidates(program), hw)
+    order = [model.index[u] for u in _budget_order(program, hw)]
+    chosen, evaluation = choose_plan(model, target, order)
+    if evaluation.peak > target:
+        raise BudgetUnreachable(
+            f"memory budget {target / 2**20:.2f} MiB is below the lowest peak recomputation reaches "
+            f"({evaluation.peak / 2**20:.2f} MiB; {before / 2**20:.2f} MiB without recomputation)"
+        )
+    copies = apply_plan(model, chosen)
+    peak = memory_timeline(program).peak
+    if peak > target:  # the model and the program disagree: never hand back a program over the budget
+        raise PassError(
+            f"recompute: the chosen set leaves a peak of {peak / 2**20:.2f} MiB, over the budget of "
+            f"{target / 2**20:.2f} MiB (its model predicted {evaluation.peak / 2**20:.2f} MiB); this is a "
+            "shardfx bug: please report it; recompute='full' avoids it"
+        )
+    return copies
+
+
 def recompute(
     program: DistProgram, ctx: PassContext, *, policy: str, budget: float | None = None, hw: str = "cpu"
 ) -> PassResult:
@@ -204,30 +240,21 @@ def recompute(
             recomputer.recompute(unit)
     elif policy == "budget":
         assert budget is not None
-        target = budget if budget > 1 else budget * before
-        peak = before
-        for unit in _budget_order(program, hw):
-            if peak <= target:
-                break
-            recomputer.recompute(unit)
-            peak = memory_timeline(program).peak
-        if peak > target:
-            raise BudgetUnreachable(
-                f"memory budget {target / 2**20:.2f} MiB is below the lowest peak recomputation reaches "
-                f"({peak / 2**20:.2f} MiB; {before / 2**20:.2f} MiB without recomputation)"
-            )
+        copies = _recompute_budget(program, budget if budget > 1 else budget * before, hw, before)
     elif policy != "none":
         raise ValueError(f"recompute policy {policy!r} is not one of none, full, selective, budget")
-    program.graph.eliminate_dead_code()
+    if policy != "budget":
+        program.graph.eliminate_dead_code()
+        copies = list(recomputer.copies.values())
     after = memory_timeline(program).peak
     hw_profile = hardware(hw)
-    added = sum(compute_seconds(c, hw_profile) for c in recomputer.copies.values())
+    added = sum(compute_seconds(c, hw_profile) for c in copies)
     return PassResult(
         program,
         {
             "peak_before": before,
             "peak_after": after,
-            "recomputed_nodes": recomputer.added_nodes,
+            "recomputed_nodes": len(copies),
             "added_seconds": added,
         },
     )

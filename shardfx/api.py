@@ -10,8 +10,8 @@ import torch.nn as nn
 
 from shardfx.config import Config
 from shardfx.driver import build_mesh, check_batch, compile_eval, compile_step, pipeline_holders
-from shardfx.graphs.program import PIPELINE
-from shardfx.runtime.engine import Engine, EngineOptions
+from shardfx.graphs.program import PIPELINE, PLAN
+from shardfx.runtime.engine import Engine, EngineOptions, logger
 
 
 def compile_distributed(
@@ -34,17 +34,31 @@ def compile_distributed(
     a factory called with each rank's optimizer, e.g. lambda opt: torch.optim.lr_scheduler.StepLR(opt, 10),
     stepped after every optimizer step. With Config(grad_accum_steps=k), example_inputs is
     one micro-batch (over all ranks); train_step takes k of them stacked.
+    With Config(plan="auto"), the planner (shardfx/planner.py) chooses the Config first; the plan
+    is logged, kept as `engine.plan` and in engine.stats()["plan"].
     """
     config = _check_args(model, world_size, example_inputs, loss_fn, optimizer, config)
-    mesh = build_mesh(config, _resolve_world_size(world_size))
     batch = tuple(example_inputs)
+    plan = None
+    if config.plan == "auto":
+        from shardfx.planner import plan_step
+
+        plan = plan_step(model, batch, loss_fn, config, _resolve_world_size(world_size), log=logger.debug)
+        (log or logger.warning)(plan.describe())
+        config = plan.config
+    mesh = build_mesh(config, _resolve_world_size(world_size))
     check_batch(batch, mesh, config)
     _check_batch_sizes(batch, mesh.size("dp"), config)
     if scheduler is not None and not callable(scheduler):
         raise TypeError(
             f"scheduler must be a factory taking a rank's optimizer, or None; got {type(scheduler).__name__}"
         )
-    compiled = compile_step(model, batch, loss_fn, config, mesh, log=log)
+    if plan is None:
+        compiled = compile_step(model, batch, loss_fn, config, mesh, log=log)
+    else:
+        compiled = plan.compiled
+        for p in compiled.programs.values():
+            p.notes[PLAN] = plan.as_dict()
     program = compiled.program
     runtime: Any
     schedule = compiled.schedule
@@ -91,7 +105,9 @@ def compile_distributed(
         loss_fn=loss_fn,
         log=log,
     )
-    return Engine(runtime, options)
+    engine = Engine(runtime, options)
+    engine.plan = plan
+    return engine
 
 
 def _launched() -> bool:

@@ -6,6 +6,7 @@ Unknown keys and bad values are errors that name the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "on_nonfinite": ("skip", "stop", "ignore"),
     "grad_accum_sync": ("boundary", "micro_batch"),
     "pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b"),
+    "plan": (None, "auto"),
 }
 
 
@@ -114,6 +116,11 @@ class Config:
     pp_stage_memory: bytes a pipeline stage may hold (None: no limit); the cost model's cut keeps
         every stage within it: model state (16 bytes a parameter, ZeRO's share of it on dp > 1)
         plus the activations of the micro-batches the schedule keeps alive there.
+    plan: None (compile this Config as it is) or "auto": the planner (shardfx/planner.py) chooses
+        tp_size, pp_size, zero_stage, reshard_after_forward and recompute (and, through
+        tune_communication, bucket_mb, overlap, prefetch) for the fastest simulated step whose
+        per-rank peak is at most memory_limit. A searched field set away from its default is kept.
+    memory_limit: with plan="auto": bytes per rank (None: no limit).
     """
 
     zero_stage: int = 0
@@ -158,11 +165,14 @@ class Config:
     pp_split: tuple[str, ...] | None = None
     pp_stage_memory: float | None = None
     pp_chunks: int = 1
+    plan: str | None = None
+    memory_limit: float | None = None
 
     def __post_init__(self) -> None:
         for key, allowed in _CHOICES.items():
             value = getattr(self, key)
-            if value not in allowed or (isinstance(value, bool) and not any(isinstance(a, bool) for a in allowed)):
+            # the same type as a choice: 1.0 == 1 and True == 1, but neither is zero_stage 1
+            if not any(type(value) is type(a) and value == a for a in allowed):
                 raise ValueError(f"Config.{key}={value!r} is not allowed; choose one of {list(allowed)}")
         threshold = self.param_persistence_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
@@ -180,7 +190,7 @@ class Config:
             )
         from shardfx.graphs.cost_model import AUTO, PROFILES
 
-        if self.hardware != AUTO and self.hardware not in PROFILES:
+        if not isinstance(self.hardware, str) or (self.hardware != AUTO and self.hardware not in PROFILES):
             raise ValueError(
                 f"Config.hardware={self.hardware!r} is not a profile; choose {AUTO!r} or one of {sorted(PROFILES)}"
             )
@@ -206,7 +216,10 @@ class Config:
             raise ValueError(
                 "Config(sequence_parallel=True) splits along tp ranks: it needs tp_size > 1; got tp_size=1"
             )
-        if self.tp_plan is not None and not isinstance(self.tp_plan, dict):
+        if self.tp_plan is not None and not (
+            isinstance(self.tp_plan, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in self.tp_plan.items())
+        ):
             raise TypeError(f"Config.tp_plan must be a dict of module pattern -> style, or None; got {self.tp_plan!r}")
         if self.recompute == "budget" and not (isinstance(self.memory_budget, (int, float)) and self.memory_budget > 0):
             raise ValueError(
@@ -215,6 +228,7 @@ class Config:
         if not (isinstance(self.collective_timeout, (int, float)) and self.collective_timeout > 0):
             raise ValueError(f"Config.collective_timeout must be positive seconds; got {self.collective_timeout!r}")
         self._check_pipeline()
+        self._check_plan()
         self._check_loss_scale()
         for key in ("grad_accum_steps", "max_batch_shapes"):
             _check_int(key, getattr(self, key))
@@ -225,14 +239,25 @@ class Config:
             raise TypeError(f"Config.allow_untested_optimizer must be a bool; got {self.allow_untested_optimizer!r}")
         if not isinstance(self.force_disable, bool):
             raise TypeError(f"Config.force_disable must be a bool; got {self.force_disable!r}")
-        if isinstance(self.disable_passes, str):
-            object.__setattr__(self, "disable_passes", (self.disable_passes,))
-        object.__setattr__(self, "disable_passes", tuple(self.disable_passes))
+        passes = (self.disable_passes,) if isinstance(self.disable_passes, str) else self.disable_passes
+        if not isinstance(passes, (list, tuple)) or not all(isinstance(name, str) for name in passes):
+            raise TypeError(f"Config.disable_passes must be pass names (a list of str, or one str); got {passes!r}")
+        object.__setattr__(self, "disable_passes", tuple(passes))
+        _check_declared_types(self)
 
     @property
     def pp_stages(self) -> int:
         """The stages the model is cut into: pp_size x pp_chunks."""
         return self.pp_size * self.pp_chunks
+
+    def _check_plan(self) -> None:
+        limit = self.memory_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0):
+            raise ValueError(f"Config.memory_limit must be bytes > 0 or None (no limit); got {limit!r}")
+        if limit is not None and self.plan != "auto":
+            raise ValueError(
+                f"Config.memory_limit={limit!r} is the planner's limit; it needs plan='auto' (got plan={self.plan!r})"
+            )
 
     def _check_loss_scale(self) -> None:
         def number(key: str, value: Any) -> bool:
@@ -294,7 +319,7 @@ class Config:
                 f"pp_microbatches={self.pp_microbatches} is not a multiple"
             )
         if self.pp_split is not None:
-            if isinstance(self.pp_split, str) or not all(isinstance(m, str) for m in self.pp_split):
+            if not isinstance(self.pp_split, (list, tuple)) or not all(isinstance(m, str) for m in self.pp_split):
                 raise TypeError(f"Config.pp_split must be a list of module names or None; got {self.pp_split!r}")
             object.__setattr__(self, "pp_split", tuple(self.pp_split))
             n = self.pp_stages
@@ -378,6 +403,37 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         return self.from_dict({**dataclasses.asdict(self), **changes})
+
+
+def _check_declared_types(config: Config) -> None:
+    """What the checks above let through, by each field's declared type: a bool where a number goes
+    (True is an int to Python), a float where an int goes, a number that is not finite (NaN passes every
+    comparison; inf, or an int past float's range, is no setting), a path that is not a str."""
+    for f in dataclasses.fields(config):
+        value, kinds = getattr(config, f.name), str(f.type).replace(" ", "").split("|")
+        if value is None and "None" in kinds:
+            continue
+        none = " or None" if "None" in kinds else ""
+        if kinds[0] in ("int", "float") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            what = "an integer" if kinds[0] == "int" else "a number"
+            raise TypeError(f"Config.{f.name} must be {what}{none}; got {value!r}")
+        if kinds[0] == "int" and not isinstance(value, int):
+            raise TypeError(f"Config.{f.name} must be an integer{none}; got {value!r}")
+        if kinds[0] == "float" and not _finite(value):
+            raise ValueError(f"Config.{f.name} must be a finite number{none}; got {value!r}")
+        if kinds[0] == "bool" and not isinstance(value, bool):
+            raise TypeError(f"Config.{f.name} must be a bool{none}; got {value!r}")
+        if kinds[0] == "str" and isinstance(value, os.PathLike):
+            object.__setattr__(config, f.name, os.fspath(value))  # a Path for a folder: kept as its str
+        elif kinds[0] == "str" and not isinstance(value, str):
+            raise TypeError(f"Config.{f.name} must be a str{none}; got {value!r}")
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        return False
 
 
 def _check_int(key: str, value: Any) -> None:

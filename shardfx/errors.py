@@ -57,5 +57,9 @@ class CheckpointError(ShardfxError, ValueError):
     """A checkpoint that cannot be loaded: missing, malformed, or holding what a checkpoint never holds."""
 
 
+class ExecutionError(ShardfxError, RuntimeError):
+    """A node of a compiled program raised while it ran (e.g. a token id past the embedding): names the node."""
+
+
 class CollectiveError(ShardfxError):
     """Ranks disagreed on a collective, or a rank failed or timed out inside one."""

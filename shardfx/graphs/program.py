@@ -75,6 +75,7 @@ TRITON_REGIONS = "triton_regions"  # lower_to_triton: one kernels.report.RegionR
 # "tied": {param: [holder stages]}, "holders": {param or buffer: [stages]}}
 PIPELINE = "pipeline"
 PHASES = "phases"  # the compile driver: the program split into its forward and backward (graphs/phases.py)
+PLAN = "plan"  # the planner (Config(plan="auto")): the plan this program was chosen by (Plan.as_dict)
 
 
 @dataclass(frozen=True)

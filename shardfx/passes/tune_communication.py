@@ -97,10 +97,11 @@ def tune_communication(
                 candidates.append((sim.step_seconds, sim.peak_bytes, mb, depth or 0, len(table) - 1))
                 programs[len(table) - 1] = trial
     if not candidates:
-        lowest = min(row["peak_mib"] for row in table)
+        lowest = min(row["peak_bytes"] for row in table)
+        # in bytes: a cap under 5 KiB and its peak both print as 0.00 MiB
         raise ValueError(
-            f"no bucket size / prefetch depth keeps the peak under the memory cap {memory_cap / 2**20:.2f} MiB; "
-            f"the lowest is {lowest:.2f} MiB"
+            f"no bucket size / prefetch depth keeps the peak under the memory cap (Config.comm_memory_cap="
+            f"{memory_cap!r} bytes); the lowest simulated peak is {lowest} bytes: raise the cap or set it to None"
         )
     fastest = min(c[0] for c in candidates)
     tied = [c for c in candidates if c[0] <= fastest * (1 + TOLERANCE)]

@@ -5,11 +5,16 @@ A checkpoint is a folder:
     .metadata, __*_*.distcp    DCP: every tensor, in its full, unpadded logical shape
     shardfx.json               step, data position, optimizer hyperparameters, scheduler, RNG,
                                the user's client_state, the shape/dtype of every tensor, the
-                               sha256 of every other file of the folder and, for a Hugging Face
-                               model, its class and config (`hf`, read by `shardfx export --hf`)
+                               sha256 of every other file of the folder and of its own content
+                               (files["shardfx.json"]: canonical JSON without that entry) and, for a
+                               Hugging Face model, its class and config (`hf`, read by `shardfx export --hf`)
 
 Loading validates shardfx.json field by field and checks every file's sha256 before it
-reads a tensor: a flipped bit is refused, naming the file and the tensors in it.
+reads a tensor: a flipped bit is refused, naming the file and the tensors in it. The checks
+(checkpoint_checks.py) also hold where an attacker re-records the checksums: shardfx.json's
+tensors must be the ones .metadata declares, with their shapes and dtypes, every chunk inside
+its data file, and the RNG state and optimizer settings readable, before anything is allocated
+or any rank's state changes.
 
 Tensor keys are `model/<param>`, `buffer/<name>` and `optim/<param>/<state key>` (e.g.
 `optim/fc.weight/exp_avg`). A sharded parameter and the optimizer state shaped like it
@@ -36,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import sys
 import warnings
@@ -50,9 +54,14 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 from shardfx.errors import CheckpointError
 from shardfx.runtime import checkpoint_layout as layout
-
-FORMAT = "shardfx-checkpoint/1"
-META_FILE = "shardfx.json"
+from shardfx.runtime.checkpoint_checks import (  # FORMAT and META_FILE are also read as checkpoint.*
+    FORMAT,
+    META_FILE,
+    check_meta,
+    check_tensors,
+    meta_digest,
+    read_dcp_metadata,
+)
 
 
 def save(path: str | os.PathLike, runtime: Any, meta: dict[str, Any]) -> None:
@@ -100,6 +109,8 @@ def save(path: str | os.PathLike, runtime: Any, meta: dict[str, Any]) -> None:
     _dcp(dcp.save, tensors, FileSystemWriter(tmp), distributed)
     if rank0:  # dcp.save returns on rank 0 after every rank's files are written
         meta["files"] = {name: _sha256(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
+        meta = json.loads(json.dumps(meta))  # as it will be read back (tuples as lists, keys as str)
+        meta["files"][META_FILE] = meta_digest(meta)
         text = json.dumps(meta, indent=1)
         with open(os.path.join(tmp, META_FILE), "w") as f:
             f.write(text)
@@ -158,64 +169,13 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"checkpoint {path!r} has format {found!r}; this shardfx reads {FORMAT!r}")
-    _check_meta(meta, path)
+    check_meta(meta, path)
+    recorded = (meta.get("files") or {}).get(META_FILE)
+    if recorded is not None and recorded != meta_digest(meta):
+        raise CheckpointError(
+            f"checkpoint {path!r}: {META_FILE} is corrupt (its content differs from the sha256 it records)"
+        )
     return meta
-
-
-# shardfx.json: every field this code reads, with its type (None allowed where listed).
-_META_FIELDS: dict[str, tuple[type, ...]] = {
-    "world_size": (int,),
-    "zero_stage": (int,),
-    "steps": (int,),
-    "micro_steps": (int,),
-    "samples": (int,),
-    "skipped_steps": (int,),
-    "scheduler": (dict, type(None)),
-    "rng": (dict,),
-    "client_state": (dict,),
-    "optimizer_extra": (dict,),
-    "state_dict_keys": (list,),
-    "aliases": (dict,),
-    "tensors": (dict,),
-}
-# Fields a checkpoint has only where they apply (and older shardfx did not write): checked when present.
-_OPTIONAL_META_FIELDS: dict[str, tuple[type, ...]] = {
-    "files": (dict, type(None)),  # None: written before checksums, like an absent one
-    "hf": (dict,),
-    "loss_scaler": (dict,),  # fp16: the dynamic loss scale and its counters (runtime/loss_scale.py)
-}
-_HF_FIELDS: dict[str, tuple[type, ...]] = {"class": (str,), "config": (dict,), "prefix": (str,)}
-
-
-def _check_meta(meta: dict[str, Any], path: str) -> None:
-    """Every field of shardfx.json has the type this code reads it as (CheckpointError naming the field)."""
-
-    def bad(field: str, value: Any, wanted: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {path!r}: {META_FILE} field {field!r} is {value!r}; expected {wanted}")
-
-    for field, types in _META_FIELDS.items():
-        value = meta.get(field)
-        if field not in meta or isinstance(value, bool) or not isinstance(value, types):
-            raise bad(field, value, " or ".join(t.__name__ for t in types))
-    for key, entry in meta["tensors"].items():
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        if not (
-            isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-        ):
-            raise bad(f"tensors.{key}.shape", shape, "a list of sizes")
-        if not isinstance(entry.get("dtype"), str):
-            raise bad(f"tensors.{key}.dtype", entry.get("dtype"), "a dtype name")
-    if not all(isinstance(k, str) for k in meta["state_dict_keys"]):
-        raise bad("state_dict_keys", meta["state_dict_keys"], "a list of names")
-    for field, types in _OPTIONAL_META_FIELDS.items():
-        if field in meta and not isinstance(meta[field], types):
-            raise bad(field, meta[field], " or ".join(t.__name__ for t in types))
-    if not all(isinstance(v, str) for v in (meta.get("files") or {}).values()):
-        raise bad("files", meta["files"], "file name -> sha256")
-    if "hf" in meta:
-        for field, types in _HF_FIELDS.items():
-            if not isinstance(meta["hf"].get(field), types):
-                raise bad(f"hf.{field}", meta["hf"].get(field), " or ".join(t.__name__ for t in types))
 
 
 def verify_files(path: str, meta: dict[str, Any]) -> None:
@@ -226,6 +186,8 @@ def verify_files(path: str, meta: dict[str, Any]) -> None:
         warnings.warn(f"checkpoint {path!r} has no checksums (written by an older shardfx): not verified", stacklevel=3)
         return
     for name, digest in files.items():
+        if name == META_FILE:
+            continue  # checked by read_meta: the digest of its content
         file = os.path.join(path, name)
         if not os.path.isfile(file):
             raise CheckpointError(f"checkpoint {path!r}: {name} is missing")
@@ -259,9 +221,9 @@ def load(path: str | os.PathLike, runtime: Any) -> dict[str, Any]:
     path = recover(os.fspath(path))
     meta = read_meta(path)
     saved = {k: (tuple(v["shape"]), _dtype(v["dtype"])) for k, v in meta["tensors"].items()}
-    template = layout.template(runtime, saved)
     verify_files(path, meta)
-    read_dcp_metadata(path)  # refused here, in one line, before DCP starts
+    check_tensors(path, saved, read_dcp_metadata(path))  # refused here, in one line, before DCP starts
+    template = layout.template(runtime, saved)
     _load(path, template, runtime.distributed)
     layout.restore(runtime, template, meta.get("optimizer_extra", {}))
     return meta
@@ -271,17 +233,27 @@ def consolidate(path: str | os.PathLike) -> dict[str, Tensor]:
     """The model's full state_dict (its own keys and order, tied names included) from a checkpoint, in one process."""
     path = recover(os.fspath(path))
     meta = read_meta(path)
-    template = {
-        k: torch.empty(v["shape"], dtype=_dtype(v["dtype"]))
-        for k, v in meta["tensors"].items()
-        if k.startswith(("model/", "buffer/"))
-    }
+    saved = {k: (tuple(v["shape"]), _dtype(v["dtype"])) for k, v in meta["tensors"].items()}
     verify_files(path, meta)
-    read_dcp_metadata(path)
+    check_tensors(path, saved, read_dcp_metadata(path))
+    names = {k.split("/", 1)[1] for k in saved if k.startswith(("model/", "buffer/"))}
+    aliases = meta.get("aliases", {})
+    unknown = sorted(
+        {n for n in aliases if n not in names}
+        | (set(meta["state_dict_keys"]) - names - {a for v in aliases.values() for a in v})
+    )
+    if unknown:
+        raise CheckpointError(
+            f"checkpoint {path!r}: {META_FILE} names {unknown[:5]} in state_dict_keys or aliases, "
+            "which it holds no tensor for"
+        )
+    template = {
+        k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in saved.items() if k.startswith(("model/", "buffer/"))
+    }
     _load(path, template, distributed=False)
     values = {k.split("/", 1)[1]: v for k, v in template.items()}
-    for name, aliases in meta.get("aliases", {}).items():
-        for alias in aliases:
+    for name, tied in aliases.items():
+        for alias in tied:
             values[alias] = values[name].clone()  # one file entry per name: safetensors refuses shared storage
     return {k: values[k] for k in meta["state_dict_keys"]}
 
@@ -330,67 +302,8 @@ def _barrier(distributed: bool) -> None:
 def _dtype(text: str) -> torch.dtype:
     value = getattr(torch, text.removeprefix("torch."), None)
     if not isinstance(value, torch.dtype):
-        raise ValueError(f"checkpoint names an unknown dtype {text!r}")
+        raise CheckpointError(f"checkpoint names an unknown dtype {text!r}")
     return value
-
-
-_DCP_METADATA = "torch.distributed.checkpoint.metadata"
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits exactly the (module, name) pairs DCP's `.metadata` holds: its dataclasses, torch.Size, dtypes,
-    the layout lookup, paths. A dotted name (protocol 4 resolves `os.system` inside any allowed module) or
-    any other pair is refused: unpickling builds data, it never calls anything else."""
-
-    _ALLOWED = {
-        (_DCP_METADATA, "Metadata"),
-        (_DCP_METADATA, "MetadataIndex"),
-        (_DCP_METADATA, "StorageMeta"),
-        (_DCP_METADATA, "TensorProperties"),
-        (_DCP_METADATA, "TensorStorageMetadata"),
-        (_DCP_METADATA, "ChunkStorageMetadata"),
-        (_DCP_METADATA, "BytesStorageMetadata"),  # admitted to be named and refused (see _check_entries)
-        (_DCP_METADATA, "_MEM_FORMAT_ENCODING"),
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-        ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),  # a lookup in a table of torch's layouts
-        ("pathlib", "PosixPath"),
-        ("pathlib", "WindowsPath"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if "." not in name:
-            if (module, name) in self._ALLOWED:
-                return super().find_class(module, name)
-            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-                return getattr(torch, name)
-        raise pickle.UnpicklingError(f"it names {module}.{name}, which a checkpoint never holds")
-
-
-def read_dcp_metadata(path: str) -> Any:
-    """DCP's `.metadata` of the checkpoint at `path`, read by _MetadataUnpickler and checked: every entry a
-    tensor (DCP reads a bytes entry with torch.load(weights_only=False): code could run). CheckpointError
-    otherwise, in one line, before any data file is opened."""
-    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
-
-    file = os.path.join(path, ".metadata")
-    try:
-        with open(file, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path!r} has no .metadata (not a complete checkpoint)") from None
-    except Exception as exc:  # noqa: BLE001 - any malformed or hostile pickle: one clear line
-        raise CheckpointError(f"checkpoint {path!r}: .metadata refused: {exc}") from None
-    if not isinstance(metadata, Metadata):
-        raise CheckpointError(f"checkpoint {path!r}: .metadata holds a {type(metadata).__name__}, not DCP metadata")
-    for key, entry in metadata.state_dict_metadata.items():
-        if not isinstance(entry, TensorStorageMetadata):
-            raise CheckpointError(
-                f"checkpoint {path!r}: .metadata declares {key!r} as {type(entry).__name__} (bytes); shardfx writes "
-                "only tensors and reads no pickled objects"
-            )
-    return metadata
 
 
 class _SafeReader(FileSystemReader):

@@ -13,11 +13,13 @@ first of them only and read by all.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from shardfx.errors import CheckpointError
 from shardfx.graphs.placement import ShardSpec, local_shard
 from shardfx.runtime.state import RankState, unshard
 
@@ -103,7 +105,7 @@ def template(runtime: Any, saved: dict[str, tuple[tuple[int, ...], torch.dtype]]
     missing = sorted(set(full_shapes) - saved_params)
     extra = sorted(saved_params - set(full_shapes)) if whole else []
     if missing or extra:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint parameters do not match the model: missing {missing or 'none'}, unexpected {extra or 'none'}"
         )
     out: dict[str, Tensor] = {}
@@ -119,7 +121,7 @@ def template(runtime: Any, saved: dict[str, tuple[tuple[int, ...], torch.dtype]]
             if not optimizer or state.optimizer is None or not state.params[name].requires_grad:
                 continue
         if kind == "model" and shape != full_shapes[name]:
-            raise ValueError(
+            raise CheckpointError(
                 f"checkpoint holds {name} with shape {list(shape)}; the model's is {list(full_shapes[name])}"
             )
         if kind in ("model", "optim") and shape == full_shapes[name] and holder[name][0].specs(name):
@@ -133,6 +135,9 @@ def template(runtime: Any, saved: dict[str, tuple[tuple[int, ...], torch.dtype]]
 def restore(runtime: Any, loaded: dict[str, Tensor], extra: dict[str, Any]) -> None:
     """Copy loaded logical tensors into every held rank's parameters, buffers and optimizer."""
     held = getattr(runtime, "held_program", None)  # a pipeline rank's stages, as one program
+    for _, state in runtime.held_states():  # before any rank is changed: a refused load changes nothing
+        if state.optimizer is not None:
+            check_groups(state.optimizer, extra.get("groups", []))
     for rank, state in runtime.held_states():
         _restore_rank(held(rank) if held is not None else runtime.program, rank, state, loaded, extra)
 
@@ -183,14 +188,46 @@ def load_optimizer(state: RankState, named: dict[str, dict[str, Any]], groups: l
     sd = opt.state_dict()
     index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
     sd["state"] = {index[id(state.params[n])]: st for n, st in named.items()}
-    if groups and len(groups) != len(sd["param_groups"]):
-        raise ValueError(
-            f"checkpoint has {len(groups)} optimizer param groups; this optimizer has {len(sd['param_groups'])}"
-        )
+    check_groups(opt, groups)
     for current, saved in zip(sd["param_groups"], groups):
         for key, value in saved.items():
-            current[key] = tuple(value) if isinstance(current.get(key), tuple) else value
+            if key in current and key != "params":  # else a setting this optimizer does not have: it reads none
+                current[key] = tuple(value) if isinstance(current[key], tuple) else value
     opt.load_state_dict(sd)
+
+
+def check_groups(opt: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+    """The checkpoint's param group settings fit this optimizer: as many groups, each setting it has of its kind."""
+    if groups and len(groups) != len(opt.param_groups):
+        raise CheckpointError(
+            f"checkpoint has {len(groups)} optimizer param groups; this optimizer has {len(opt.param_groups)}"
+        )
+    for i, (current, saved) in enumerate(zip(opt.param_groups, groups)):
+        for key, value in saved.items():
+            if key in current and key != "params" and not _same_kind(current[key], value):
+                raise CheckpointError(
+                    f"checkpoint's optimizer param group {i} has {key}={value!r}; this optimizer's is "
+                    f"{current[key]!r} (a {type(current[key]).__name__})"
+                )
+
+
+def _same_kind(current: Any, saved: Any) -> bool:
+    """A saved hyperparameter can stand in for the current one: a number for a number (finite), a bool for a
+    bool, a list of as many for a tuple; None and a bool or number for each other (fused=None vs False)."""
+
+    def kind(v: Any) -> str:
+        if v is None or isinstance(v, bool) or isinstance(v, str):
+            return type(v).__name__
+        if isinstance(v, (int, float)):
+            return "number" if math.isfinite(v) else "not finite"
+        return "list" if isinstance(v, (list, tuple)) else type(v).__name__
+
+    a, b = kind(current), kind(saved)
+    if a == "list" and b == "list":
+        return len(current) == len(saved) and all(_same_kind(x, y) for x, y in zip(current, saved))
+    if "NoneType" in (a, b):
+        return {a, b} <= {"NoneType", "bool", "number"}
+    return a == b and a != "not finite"
 
 
 def _full_shape(program: Any, state: RankState, name: str) -> tuple[int, ...]:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from shardfx.config import Config
-from shardfx.graphs.program import PIPELINE, DistProgram, Schedule
+from shardfx.graphs.program import PIPELINE, PLAN, DistProgram, Schedule
 from shardfx.graphs.signature import GRAD_ACC
 from shardfx.runtime import checkpoint
 from shardfx.runtime.executor import Executor, StageExecutor
@@ -81,9 +81,12 @@ class Engine:
         self.capture_seconds = options.capture_seconds
         self.config = options.config
         self.schedule = options.schedule
+        self.plan: Any = None  # Config(plan="auto"): the planner's Plan (compile_distributed sets it)
         self._model, self._loss_fn = options.model, options.loss_fn
         self._log = options.log or logger.warning
         self._arity = len(options.example_inputs)
+        # what every batch must match (a new shape recompiles; a new dtype or device is refused)
+        self._compiled_for = [(tuple(x.shape), x.dtype, x.device.type) for x in options.example_inputs]
         # Under pipeline parallelism the runtime runs every stage's programs over the micro-batches
         # of one call; the Engine sees one program per optimizer step.
         self._pipeline = hasattr(runtime, "use_stages")
@@ -149,6 +152,7 @@ class Engine:
         With grad_accum_steps=k, `batch` holds k micro-batches stacked on dim 0 (k times the
         example batch); they run one after another and the optimizer steps once.
         """
+        self._check_batch(batch, "train_step")
         k = self.config.grad_accum_steps
         if k == 1:
             micro = [batch]
@@ -174,6 +178,7 @@ class Engine:
             raise RuntimeError(
                 f"engine(*batch) called again before engine.backward(loss) and engine.step() (state: {self._phase})"
             )
+        self._check_batch(batch, "engine(*batch)")
         k = self.config.grad_accum_steps
         variants = self._select_program(batch)
         self._variant = self.schedule.program_for(self.micro_steps)
@@ -302,8 +307,7 @@ class Engine:
         same passes (ZeRO gathers, tensor parallelism, ...) and run on every rank's current state;
         nothing is updated. One program is kept per batch shape (Config.max_batch_shapes).
         """
-        if len(batch) != self._arity:
-            raise TypeError(f"eval_step got {len(batch)} tensors; the step was compiled for {self._arity}")
+        self._check_batch(batch, "eval_step")
         if not self._can_eval:
             raise RuntimeError("eval_step needs the engine built by shardfx.compile_distributed")
         programs = self._eval_programs.get(batch, self._splits)
@@ -383,17 +387,53 @@ class Engine:
             "lr": self.get_lr(),
             "loss_scale": None if self.loss_scaler is None else self.loss_scaler.scale,
             "compiled_shapes": len(self._programs),
+            "plan": self.program.notes.get(PLAN),  # Config(plan="auto"): what the planner chose (Plan.as_dict)
         }
 
     # --- batches ----------------------------------------------------------------------------------
 
+    def _check_batch(self, batch: tuple[Any, ...], verb: str) -> None:
+        """Each element a tensor of the dtype and on the device the step was compiled for, with rows to split
+        (a new shape is compiled: program_cache). A dtype the program was not traced with would fail inside
+        the generated code (or, recompiled, compute in another precision than the model's)."""
+        if len(batch) != self._arity:
+            raise TypeError(
+                f"{verb} got {len(batch)} tensors; the step was compiled for {self._arity}: "
+                f"{_describe(self._compiled_for)}"
+            )
+        for i, x in enumerate(batch):
+            shape, dtype, device = self._compiled_for[i]
+            compiled = f"the step was compiled for {list(shape)} {dtype} on {device}"
+            if not isinstance(x, Tensor):
+                raise TypeError(
+                    f"{verb}: batch[{i}] has type {type(x).__name__}, not a tensor; {compiled}: "
+                    f"pass torch.as_tensor(batch[{i}], dtype={dtype})"
+                )
+            if x.dtype != dtype:
+                raise TypeError(
+                    f"{verb}: batch[{i}] is {list(x.shape)} {x.dtype}; {compiled}: pass batch[{i}].to({dtype}), "
+                    "or compile again with example_inputs of that dtype"
+                )
+            if x.device.type != device:
+                raise ValueError(f"{verb}: batch[{i}] is on {x.device}; {compiled}: pass batch[{i}].to({device!r})")
+            rows, first = (x.shape[0] if x.dim() else 0), self._compiled_for[0][0][0]
+            if i and batch[0].dim() and rows * first != batch[0].shape[0] * shape[0]:
+                # each rank takes its slice of every element: rows that do not scale together pair
+                # one sample's input with another's target, and broadcasting can hide it
+                raise ValueError(
+                    f"{verb}: batch[{i}] has {rows} rows (dim 0) and batch[0] {batch[0].shape[0]}; the step was "
+                    f"compiled for {shape[0]} and {first}: give every element the same samples, in the rows it was "
+                    "compiled with"
+                )
+            if x.dim() == 0 or x.shape[0] == 0:
+                what = "a scalar" if x.dim() == 0 else f"{list(x.shape)}: no rows"
+                raise ValueError(
+                    f"{verb}: batch[{i}] is {what}; {compiled}: every element needs rows on dim 0 "
+                    f"(a multiple of {self._splits * (self.config.grad_accum_steps if verb == 'train_step' else 1)})"
+                )
+
     def _select_program(self, batch: tuple[Tensor, ...]) -> dict[str, tuple[DistProgram, Executor]]:
         """The step's variants compiled for this batch shape (compiled now if new: program_cache)."""
-        if len(batch) != self._arity:
-            raise TypeError(f"the step takes {self._arity} tensors; got {len(batch)}")
-        for i, x in enumerate(batch):
-            if not isinstance(x, Tensor):
-                raise TypeError(f"batch[{i}] must be a tensor; got {type(x).__name__}")
         return self._programs.get(batch, self._splits, self._same_sharding)
 
     def _same_sharding(self, programs: dict[str, DistProgram]) -> None:
@@ -417,5 +457,10 @@ class Engine:
         """Rank r gets the dim-0 slice of its data-parallel coordinate (tp ranks share a slice)."""
         mesh = self.program.mesh
         dp = mesh.size("dp")
-        chunks = [torch.chunk(x, dp, dim=0) for x in batch]
+        # contiguous: the program was traced on contiguous slices (its views assume their strides)
+        chunks = [[c.contiguous() for c in torch.chunk(x, dp, dim=0)] for x in batch]
         return [tuple(c[mesh.coords(r)["dp"]] for c in chunks) for r in range(mesh.world_size)]
+
+
+def _describe(compiled: list[tuple[tuple[int, ...], torch.dtype, str]]) -> str:
+    return "(" + ", ".join(f"{list(shape)} {dtype}" for shape, dtype, _ in compiled) + ")"

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.fx as fx
 from torch import Tensor
 
+from shardfx.errors import ExecutionError, ShardfxError
 from shardfx.graphs import collectives
 from shardfx.graphs.phases import BACKWARD_PART, FORWARD_PART, split_phases
 from shardfx.graphs.program import PHASES, DistProgram
@@ -78,7 +81,7 @@ class Executor:
         if hasattr(comm, "where"):
             comm.where = lambda: next(sites, "(past the last collective node)")
         with torch.no_grad(), collectives.bind(comm):
-            values = self.gm(*args)
+            values = call_graph(self.gm, args)
         return self.outputs(values)
 
     def arguments(
@@ -176,10 +179,40 @@ class StageExecutor(Executor):
     def forward(self, comm: collectives.Communicator, args: list[Tensor]) -> tuple[Tensor, ...]:
         self._bind(comm, FORWARD_PART)
         with torch.no_grad(), collectives.bind(comm):
-            return tuple(self.split.forward(*args))
+            return tuple(call_graph(self.split.forward, args))
 
     def backward(self, comm: collectives.Communicator, args: list[Tensor], saved: tuple[Tensor, ...]) -> StepOutputs:
         self._bind(comm, BACKWARD_PART)
         with torch.no_grad(), collectives.bind(comm):
-            values = self.split.backward(*args, *saved)
+            values = call_graph(self.split.backward, [*args, *saved])
         return self.outputs(values)
+
+
+def call_graph(gm: fx.GraphModule, args: list[Any]) -> Any:
+    """gm(*args). A failure inside it that is not a shardfx error (a CollectiveError stays one) becomes an
+    ExecutionError naming the node that raised, its module and source line: the traceback of the generated
+    code names neither."""
+    try:
+        return gm(*args)
+    except ShardfxError:
+        raise
+    except Exception as exc:
+        node = _failed_node(gm, exc.__traceback__)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        where = f"node {node.name} ({node.target})" if node is not None else "one of its nodes"
+        raise ExecutionError(f"the compiled program failed at {where}: {type(exc).__name__}: {first}", node) from exc
+
+
+def _failed_node(gm: fx.GraphModule, tb: Any) -> fx.Node | None:
+    """The node whose line of gm's generated code the traceback `tb` last passed through (None if unknown)."""
+    code = getattr(getattr(type(gm), "forward", None), "__code__", None)
+    lines = getattr(gm, "_lineno_map", None)  # generated line -> node index, kept by torch.fx
+    line = None
+    while tb is not None:
+        if code is not None and tb.tb_frame.f_code.co_filename == code.co_filename:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    # the map counts lines from the `def forward` line
+    index = lines.get(line - code.co_firstlineno) if line is not None and lines and code is not None else None
+    nodes = list(gm.graph.nodes) if index is not None else []
+    return nodes[index] if index is not None and 0 <= index < len(nodes) else None

@@ -239,7 +239,12 @@ def _is_comm_error(exc: BaseException) -> bool:
     """A collective that failed because of another rank (a timeout, a closed connection)."""
     from shardfx.errors import CollectiveError
 
-    return isinstance(exc, (CollectiveError, dist.DistError))
+    seen = 0
+    while exc is not None and seen < 8:  # an error wrapped around one (ExecutionError from DistError)
+        if isinstance(exc, (CollectiveError, dist.DistError)):
+            return True
+        exc, seen = exc.__cause__, seen + 1
+    return False
 
 
 def _is_loopback(host: str) -> bool:

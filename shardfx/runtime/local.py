@@ -110,7 +110,9 @@ class LocalRuntime:
                 raise
 
         futures = [self._pool.submit(rank_eval, r) for r in range(self.world_size)]
-        return [f.result() for f in futures][0]
+        # every rank done before returning or raising: a rank left waiting in a collective of this
+        # program would hold its pool thread into the next one, which then never completes
+        return gather_ranks(futures)[0]
 
     def state_dict(self) -> dict[str, Tensor]:
         return full_state_dict(self.program, self.model, self.states)

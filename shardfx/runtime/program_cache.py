@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shardfx.errors import ShardfxError
 from shardfx.graphs.program import DistProgram
 from shardfx.runtime.executor import Executor
 
@@ -67,7 +68,7 @@ class ProgramCache:
         if key in self._sets:
             self._sets.move_to_end(key)
             return self._sets[key]
-        change = _difference(batch, next(reversed(self._sets))) if self._sets else "a new batch shape"
+        change = _difference(batch, next(reversed(self._sets))) if self._sets else f"batch {_describe(key)}"
         if self._compile_for is None or (self._sets and self._max == 1 and self._strict):
             raise ValueError(
                 f"{change}. Compile again for a new batch shape (or let the engine recompile: "
@@ -75,10 +76,16 @@ class ProgramCache:
             )
         for i, x in enumerate(batch):
             if x.dim() == 0 or x.shape[0] % dp:
-                raise ValueError(f"batch[{i}] has shape {list(x.shape)}; dim 0 must divide into {dp} ranks")
+                raise ValueError(
+                    f"batch[{i}] has shape {list(x.shape)}; dim 0 must divide into {dp} ranks: "
+                    f"use a batch size that is a multiple of {dp}"
+                )
         if self._sets:
             self._log(f"{change}: compiling a new {self._what} ({len(self._sets)} already kept)")
-        programs = self._compile_for(batch)
+        try:
+            programs = self._compile_for(batch)
+        except ShardfxError as exc:  # name the input that changed, not only the op that could not take it
+            raise type(exc)(f"{change}, and the {self._what} could not be compiled for it: {exc}") from exc
         if validate is not None:
             validate(programs)
         self._sets[key] = {name: (p, self.executor(p)) for name, p in programs.items()}

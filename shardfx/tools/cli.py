@@ -22,9 +22,9 @@ from typing import NoReturn
 
 from shardfx.errors import ShardfxError
 from shardfx.runtime.launch import WorkerFailed
-from shardfx.tools import bisect, calibrate, estimate, export, passes_cmd, prepare_data, train, viz
+from shardfx.tools import bisect, calibrate, estimate, export, passes_cmd, plan_cmd, prepare_data, train, viz
 
-COMMANDS = (train, prepare_data, estimate, passes_cmd, viz, bisect, calibrate, export)
+COMMANDS = (train, prepare_data, estimate, passes_cmd, plan_cmd, viz, bisect, calibrate, export)
 
 EXIT_OK = 0
 EXIT_GRAPH_ERROR = 1

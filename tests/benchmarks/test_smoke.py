@@ -63,6 +63,13 @@ def test_zero_vs_fsdp2() -> None:
 
 
 @pytest.mark.multiproc
+def test_planner_sweep() -> None:
+    out = run("planner_sweep.py", "--tiny", "--world-sizes", "2", "--steps", "1", "--warmup", "1", "--batch", "4")
+    assert "| **planner pick**:" in out and "fastest measured fit:" in out and "planner compile time" in out, out
+    assert out.count("| ZeRO-") >= 12, out
+
+
+@pytest.mark.multiproc
 def test_grad_accumulation() -> None:
     out = run(
         "grad_accumulation.py", "--tiny", "--steps", "1", "--accum", "2", "--batch", "4",

@@ -13,7 +13,7 @@ from shardfx.tools.cli import build_parser, main
 from shardfx.tools.estimate import zero_model_state_bytes
 from shardfx.tools.train import TrainOptions, train
 
-SUBCOMMANDS = ["train", "estimate", "passes", "viz", "bisect", "calibrate", "export", "prepare-data"]
+SUBCOMMANDS = ["train", "estimate", "passes", "plan", "viz", "bisect", "calibrate", "export", "prepare-data"]
 
 
 def test_help_lists_subcommands(capsys):

@@ -32,6 +32,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -208,6 +209,7 @@ def _worker(spec: _WorkerSpec, board: Board, results: Any, fn: Callable[..., Any
         if loopback:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
             os.environ.setdefault("NCCL_SOCKET_IFNAME", loopback)
+    _thread_lock_for_tqdm()
     # N processes on one machine: share its cores instead of each taking all of them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.world_size))
     try:
@@ -229,6 +231,16 @@ def _worker(spec: _WorkerSpec, board: Board, results: Any, fn: Callable[..., Any
     results.put(("ok", spec.rank, pickle.dumps(value)))
     results.close()
     results.join_thread()
+
+
+def _thread_lock_for_tqdm() -> None:
+    """tqdm's default lock is a multiprocessing semaphore: a worker killed on failure would leave it
+    behind for the resource tracker to warn about. Each worker's bars need only a thread lock."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    tqdm.set_lock(threading.RLock())
 
 
 def _td(seconds: float) -> timedelta:

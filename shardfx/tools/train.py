@@ -348,14 +348,8 @@ def _fraction(text: str) -> float:
 
 def _train_worker(options: TrainOptions, verbose: bool) -> dict[str, Any]:
     """One rank of a multi-process run: rank 0 prints and shows the progress bar."""
-    import threading
-
     import torch.distributed as dist
-    from tqdm import tqdm
 
-    # tqdm's default lock is a multiprocessing one: a worker killed on failure would leave it for the
-    # resource tracker to warn about. One bar per process needs only a thread lock.
-    tqdm.set_lock(threading.RLock())
     rank0 = dist.get_rank() == 0
     options = dataclasses.replace(
         options, progress=options.progress and rank0, json_path=options.json_path if rank0 else None

@@ -50,4 +50,5 @@ def test_a_killed_worker_stops_the_main_job_naming_the_rank() -> None:
     assert time.monotonic() - killed_at < 40
     assert job.returncode == 1
     assert "worker failed: rank" in err and "SIGKILL" in err, err[-2000:]
+    assert "Traceback" not in err and "leaked" not in err, err[-2000:]  # one line, no noise after it
     assert not _workers(job.pid)

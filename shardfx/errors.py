@@ -61,5 +61,5 @@ class ExecutionError(ShardfxError, RuntimeError):
     """A node of a compiled program raised while it ran (e.g. a token id past the embedding): names the node."""
 
 
-class CollectiveError(ShardfxError):
+class CollectiveError(ShardfxError, RuntimeError):
     """Ranks disagreed on a collective, or a rank failed or timed out inside one."""

@@ -74,7 +74,8 @@ class DistComm:
     def _issue(self, kind: str, where: str | None) -> str:
         """The site of the collective this rank issues now (noted on the launcher's board)."""
         site = where or self.where()
-        launch.issued(f"{kind} at {site}")
+        if launch.on_board():
+            launch.issued(f"{kind} at {site}")
         return site
 
     @contextmanager
@@ -84,6 +85,8 @@ class DistComm:
         with launch.waiting(f"{kind} at {site}"):
             try:
                 yield
+            except torch.OutOfMemoryError:
+                raise  # this rank's own failure, as torch names it
             except RuntimeError as exc:  # torch's DistBackendError and gloo's errors are RuntimeErrors
                 cause = " ".join(str(exc).strip().splitlines()[-1:]) or type(exc).__name__
                 raise CollectiveError(f"rank {self.rank}: {kind} at {site}: did not complete: {cause}") from exc

@@ -194,8 +194,8 @@ def call_graph(gm: fx.GraphModule, args: list[Any]) -> Any:
     code names neither."""
     try:
         return gm(*args)
-    except ShardfxError:
-        raise
+    except (ShardfxError, torch.OutOfMemoryError):
+        raise  # named already, or caught by type (a smaller batch is the usual answer to OOM)
     except Exception as exc:
         node = _failed_node(gm, exc.__traceback__)
         first = (str(exc).strip().splitlines() or [""])[0]

@@ -51,7 +51,12 @@ SETTLE_S = 1.0  # after the first failure, how long to collect the others' befor
 
 
 class WorkerFailed(RuntimeError):
-    """A worker process failed; the message names its rank and what it said."""
+    """A worker process failed; the message names its rank and what it said. `tracebacks`: each
+    failed rank's traceback as it sent it (`shardfx --debug` prints them)."""
+
+    def __init__(self, message: str, tracebacks: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.tracebacks = tracebacks or {}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -61,12 +66,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class Board:
-    """Shared memory between the launcher and its workers: per rank, collectives issued, the one it
+    """Shared memory between the launcher and its workers: per rank, the collective it issued last or
     waits in and since when, the step it runs; and the step everyone stops at (-1: none)."""
 
     def __init__(self, ctx: Any, nprocs: int) -> None:
         self.nprocs = nprocs
-        self.issued = ctx.Array("q", nprocs, lock=False)
         self.waiting_since = ctx.Array("d", nprocs, lock=False)  # time.monotonic(); 0: not waiting
         self.where = ctx.Array("c", nprocs * WHERE_BYTES, lock=False)
         self.step = ctx.Array("q", [-1] * nprocs, lock=False)
@@ -75,9 +79,11 @@ class Board:
         self.lock = ctx.Lock()
 
     def set_where(self, rank: int, text: str) -> None:
-        data = text.encode("utf-8", "replace")[: WHERE_BYTES - 1]
+        data = _ENCODED.get(text)
+        if data is None:  # a program has a fixed set of sites: each is encoded once
+            data = _ENCODED[text] = text.encode("utf-8", "replace")[: WHERE_BYTES - 1] + b"\0"
         start = rank * WHERE_BYTES
-        self.where[start : start + len(data) + 1] = data + b"\0"
+        self.where[start : start + len(data)] = data
 
     def where_of(self, rank: int) -> str:
         raw = self.where[rank * WHERE_BYTES : (rank + 1) * WHERE_BYTES]
@@ -87,12 +93,17 @@ class Board:
 # This process's rank and the launcher's board, in a worker this launcher started (else None).
 _board: Board | None = None
 _rank = 0
+_ENCODED: dict[str, bytes] = {}
+
+
+def on_board() -> bool:
+    """Whether this process is a worker of this launcher (DistComm skips the board otherwise)."""
+    return _board is not None
 
 
 def issued(where: str) -> None:
-    """A collective was issued at `where` (DistComm calls this; a no-op outside this launcher)."""
+    """A collective was issued at `where`: the board's "last at" for this rank."""
     if _board is not None:
-        _board.issued[_rank] += 1
         _board.set_where(_rank, where)
 
 
@@ -157,7 +168,8 @@ def launch(
         master_listen_fd=fd,
     )
     procs: list[Any] = []
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # workers start with Ctrl-C ignored
+    main = threading.current_thread() is threading.main_thread()  # signals are the main thread's only
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None  # workers ignore Ctrl-C
     try:
         for rank in range(nprocs):
             spec = _WorkerSpec(rank, nprocs, host, port, backend, timeout, os.getpid())
@@ -168,13 +180,20 @@ def launch(
         _kill(procs)
         raise
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    monitor = _Monitor(procs, board, results, timeout)
+    # Ctrl-C only counts here; the loop acts on it between reads (never halfway through a result)
+    previous = signal.signal(signal.SIGINT, monitor.on_sigint) if main else None
     try:
-        values = _Monitor(procs, board, results, timeout).run()
+        values = monitor.run()
+        deadline = time.monotonic() + EXIT_S
         for proc in procs:  # each sent its result: let it exit by itself (its exit handlers run)
-            proc.join(timeout=EXIT_S)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
         return values
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         _kill(procs)
         results.close()
         del store
@@ -217,18 +236,20 @@ def _worker(spec: _WorkerSpec, board: Board, results: Any, fn: Callable[..., Any
         dist.init_process_group(
             spec.backend, store=store, rank=spec.rank, world_size=spec.world_size, timeout=_td(spec.timeout)
         )
-        try:
-            value = fn(*args)
-        finally:
-            dist.destroy_process_group()
+        # by value: torch's queue pickler would pass tensors as shared-memory handles, gone when this exits
+        value = pickle.dumps(fn(*args))
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the launcher, named
+        # Reported before anything else: the process group stays up (this process ends at once), so the
+        # peers do not see a closed connection, and report it, before the launcher has this rank's cause.
         detail = "".join(traceback.format_exception(exc))
-        results.put(("error", spec.rank, f"{type(exc).__name__}: {exc}", _is_comm_error(exc), detail))
+        headline = (str(exc).strip().splitlines() or [""])[0]
+        message = f"{type(exc).__name__}: {headline}" if headline else type(exc).__name__
+        results.put(("error", spec.rank, message, _is_comm_error(exc), detail, time.monotonic()))
         results.close()
         results.join_thread()
         os._exit(1)
-    # by value: torch's queue pickler would pass tensors as shared-memory handles, gone when this process exits
-    results.put(("ok", spec.rank, pickle.dumps(value)))
+    dist.destroy_process_group()
+    results.put(("ok", spec.rank, value))
     results.close()
     results.join_thread()
 
@@ -255,8 +276,21 @@ def _is_comm_error(exc: BaseException) -> bool:
     while exc is not None and seen < 8:  # an error wrapped around one (ExecutionError from DistError)
         if isinstance(exc, (CollectiveError, dist.DistError)):
             return True
+        # gloo's own errors are plain RuntimeErrors (a collective outside DistComm, e.g. a checkpoint's)
+        if isinstance(exc, RuntimeError) and any(p in str(exc) for p in _PEER_FAILURES):
+            return True
         exc, seen = exc.__cause__, seen + 1
     return False
+
+
+# What gloo (and NCCL) say when the failure is another rank's
+_PEER_FAILURES = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Timed out waiting",
+    "timed out",
+    "Broken pipe",
+)
 
 
 def _is_loopback(host: str) -> bool:
@@ -306,22 +340,30 @@ class _Monitor:
         self.procs, self.board, self.results, self.timeout = procs, board, results, timeout
         self.values: dict[int, Any] = {}
         self.failures: dict[int, _Failure] = {}
-        self.interrupts = 0
+        self.details: dict[int, str] = {}  # rank -> the traceback it sent
+        self.interrupts = 0  # Ctrl-C presses counted by on_sigint
+        self.handled = 0  # of them, acted on
+
+    def on_sigint(self, signum: int, frame: Any) -> None:
+        self.interrupts += 1
+        if self.interrupts > 1:  # a second press: stop now, whatever is half done
+            _kill(self.procs)
+            raise KeyboardInterrupt
 
     def run(self) -> dict[int, Any]:
         first_failure: float | None = None
         while len(self.values) < len(self.procs):
-            try:
-                self._collect(0.1)
-                self._check_exits()
-                self._check_hang()
-            except KeyboardInterrupt:
+            self._collect(0.1)
+            self._check_exits()
+            self._check_hang()
+            if self.interrupts > self.handled:
+                self.handled = self.interrupts
                 self._interrupted()
             if self.failures:
                 first_failure = first_failure or time.monotonic()
                 settled = all(r in self.values or r in self.failures for r in range(len(self.procs)))
                 if settled or time.monotonic() - first_failure > SETTLE_S:
-                    raise WorkerFailed(self._describe())
+                    raise WorkerFailed(self._describe(), dict(sorted(self.details.items())))
         return dict(sorted(self.values.items()))
 
     def _collect(self, wait: float) -> None:
@@ -333,16 +375,17 @@ class _Monitor:
             if message[0] == "ok":
                 self.values[message[1]] = pickle.loads(message[2])
             else:
-                _, rank, text, comm_error, _detail = message
-                self._fail(rank, 2 if comm_error else 1, _last_line(text))
+                _, rank, text, comm_error, detail, at = message
+                self.details[rank] = detail
+                self._fail(rank, 2 if comm_error else 1, text, at=at)
             try:
                 message = self.results.get_nowait()
             except queue.Empty:
                 return
 
-    def _fail(self, rank: int, priority: int, message: str, hung: bool = False) -> None:
+    def _fail(self, rank: int, priority: int, message: str, hung: bool = False, at: float | None = None) -> None:
         if rank not in self.failures:
-            self.failures[rank] = _Failure(rank, priority, message, time.monotonic(), hung)
+            self.failures[rank] = _Failure(rank, priority, message, time.monotonic() if at is None else at, hung)
 
     def _check_exits(self) -> None:
         for rank, proc in enumerate(self.procs):
@@ -403,11 +446,14 @@ class _Monitor:
         )
 
     def _interrupted(self) -> None:
-        self.interrupts += 1
+        """The first Ctrl-C: ask a job that polls stop_requested to stop at a step no rank has started."""
         board = self.board
-        if self.interrupts == 1 and board.polled.value:
-            with board.lock:
+        # a worker stopped while holding the lock would block the launcher: then stop at once
+        if board.polled.value and board.lock.acquire(timeout=5):
+            try:
                 board.stop_at.value = max(board.step[r] for r in range(board.nprocs)) + 1
+            finally:
+                board.lock.release()
             return
         _kill(self.procs)
         raise KeyboardInterrupt
@@ -416,10 +462,22 @@ class _Monitor:
         failures = sorted(self.failures.values(), key=lambda f: (f.priority, f.at, f.rank))
         cause = failures[0]
         if cause.priority == 2:  # only collective errors: whoever is not waiting did not arrive
+            where = _where_in(cause.message) or self.board.where_of(cause.rank)
             late = [r for r in range(len(self.procs)) if r not in self.failures and r not in self.values]
             if late:
-                where = _where_in(cause.message) or self.board.where_of(cause.rank)
                 return "; ".join(f"rank {r} {self._absent(r, where, cause.rank)}" for r in late)
+            if self.values:  # a rank finished while another still waited for it
+                done = ", ".join(map(str, sorted(self.values)))
+                return (
+                    f"rank {cause.rank} waited at {where or 'a collective'} for rank(s) {done}, which had already "
+                    f"returned: the ranks ran different collectives ({cause.message})"
+                )
+            sites = {f.rank: _where_in(f.message) for f in failures}
+            if len({site for site in sites.values() if site}) > 1:
+                places = ", ".join(
+                    f"rank {r} at {site or 'an unnamed collective'}" for r, site in sorted(sites.items())
+                )
+                return f"the ranks diverged, each waiting in a different collective: {places}"
         if cause.hung:
             return "; ".join(f"rank {f.rank} {f.message}" for f in failures if f.hung)
         alike = [f.rank for f in failures if f.message == cause.message]
@@ -433,11 +491,6 @@ def _where_in(message: str) -> str:
     """The collective a DistComm error names: 'rank R: KIND at node X (module): did not complete: ...'."""
     found = re.search(r"rank \d+: (.*?): did not complete", message)
     return found.group(1) if found else ""
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else text
 
 
 def _signal_name(number: int) -> str:

@@ -75,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_GRAPH_ERROR
     except WorkerFailed as exc:
         if args.debug:
+            for rank, text in exc.tracebacks.items():
+                print(f"--- rank {rank}:\n{text}", file=sys.stderr)
             raise
         print(f"shardfx {args.command}: worker failed: {exc}", file=sys.stderr)
         return EXIT_GRAPH_ERROR

@@ -195,3 +195,20 @@ def wait_alone(seconds: float) -> None:
             time.sleep(seconds)
     else:
         time.sleep(seconds)
+
+
+def raise_on_rank_1() -> None:
+    """Rank 1 raises (a message of several lines) while rank 0 waits for it in a barrier."""
+    if dist.get_rank() == 1:
+        raise ValueError("batch has 3 rows, expected 4\n  hint: pass --batch-size 4")
+    dist.barrier()
+
+
+def rank_1_returns_early() -> None:
+    """Rank 0 issues one all-reduce more than rank 1, which returns."""
+    from shardfx.graphs.program import Mesh
+    from shardfx.runtime.dist_comm import DistComm
+
+    comm = DistComm(Mesh.of(dp=2))
+    for i in range(3 if dist.get_rank() == 0 else 2):
+        comm.all_reduce(torch.ones(2), "dp", "sum", where=f"node ar_{i} (root)")

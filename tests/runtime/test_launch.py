@@ -43,3 +43,19 @@ def test_a_wait_past_the_timeout_ends_the_job_even_without_a_backend_timeout() -
     assert message.startswith("rank 1 did not arrive at all_reduce at node fake_all_reduce (blocks.0) within the 2 s")
     assert "it is still running" in message, message
     assert time.monotonic() - start < 60  # not the 120 s the ranks sleep
+
+
+def test_the_rank_that_raised_is_named_not_the_one_that_waited_for_it() -> None:
+    with pytest.raises(WorkerFailed) as failed:
+        launch(dist_workers.raise_on_rank_1, (), 2, timeout=20)
+    assert str(failed.value) == "rank 1 failed: ValueError: batch has 3 rows, expected 4"  # the headline
+    assert "hint: pass --batch-size 4" in failed.value.tracebacks[1]
+
+
+def test_a_rank_that_returned_early_is_named_with_the_collective_left_waiting() -> None:
+    with pytest.raises(WorkerFailed) as failed:
+        launch(dist_workers.rank_1_returns_early, (), 2, timeout=4)
+    message = str(failed.value)
+    assert message.startswith("rank 0 waited at all_reduce at node ar_2 (root) for rank(s) 1, which had already "), (
+        message
+    )

@@ -59,12 +59,6 @@ class WorkerFailed(RuntimeError):
         self.tracebacks = tracebacks or {}
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 class Board:
     """Shared memory between the launcher and its workers: per rank, the collective it issued last or
     waits in and since when, the step it runs; and the step everyone stops at (-1: none)."""
@@ -143,12 +137,8 @@ def launch(
     timeout: float = 60.0,
     host: str = "127.0.0.1",
     backend: str | None = None,
-    quiet: bool = True,
 ) -> dict[int, Any]:
-    """Run fn(*args) on `nprocs` ranks; returns {rank: return value}. fn must be importable (module level).
-
-    `quiet` is kept for callers of the elastic launcher this replaced; workers print what they print."""
-    del quiet
+    """Run fn(*args) on `nprocs` ranks; returns {rank: return value}. fn must be importable (module level)."""
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     ctx = mp.get_context("spawn")
     board = Board(ctx, nprocs)

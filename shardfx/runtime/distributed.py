@@ -17,6 +17,7 @@ from shardfx.graphs.program import DistProgram
 from shardfx.runtime.dist_comm import DistComm
 from shardfx.runtime.executor import Executor
 from shardfx.runtime.state import OptimizerFactory, RankState
+from shardfx.runtime.step_trace import Timeline
 
 
 class DistributedRuntime:
@@ -42,8 +43,11 @@ class DistributedRuntime:
     def use(self, program: DistProgram, executor: Executor) -> None:
         self.program, self.executor = program, executor
 
-    def step(self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True) -> Tensor:
-        """Run this rank's step on shards[rank]; reset_stats=False adds to the last step's collective counts."""
+    def step(
+        self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True, timelines: dict[int, Timeline] | None = None
+    ) -> Tensor:
+        """Run this rank's step on shards[rank]; reset_stats=False adds to the last step's collective counts;
+        `timelines[rank]`: time every node into it (runtime/step_trace.py)."""
         if reset_stats:
             self.comm.stats.reset()
         state = self.state
@@ -55,6 +59,7 @@ class DistributedRuntime:
             state.grad_acc,
             state.replicas,
             loss_scale=state.loss_scale,
+            timeline=(timelines or {}).get(self.rank),
         )
         state.apply(out)
         return out.loss.detach()

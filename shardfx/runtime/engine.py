@@ -13,6 +13,8 @@ outside it, on each rank's local shards. The verbs map onto that as follows:
                                   gradients, step the optimizer and the LR scheduler;
                                   otherwise nothing
     engine.train_step(*batch)     all three, over grad_accum_steps micro-batches stacked on dim 0
+    engine.trace_step(*batch)     train_step with every node of every rank timed: the measured step
+                                  (and the cost model's simulated one) as a Chrome / Perfetto trace
 
 With gradient accumulation (Config.grad_accum_steps=k) the step is compiled in up to
 three variants, and the compile driver hands over a Schedule saying which runs at which
@@ -40,6 +42,7 @@ import torch
 from torch import Tensor
 
 from shardfx.config import Config
+from shardfx.graphs import cost_model
 from shardfx.graphs.program import PIPELINE, PLAN, DistProgram, Schedule
 from shardfx.graphs.signature import GRAD_ACC
 from shardfx.runtime import checkpoint
@@ -50,6 +53,7 @@ from shardfx.runtime.optimizers import check_sharded_optimizer
 from shardfx.runtime.program_cache import ProgramCache
 from shardfx.runtime.protocol import Runtime
 from shardfx.runtime.rng import rng_state, set_rng_state
+from shardfx.runtime.step_trace import OPTIMIZER_TRACK, Timeline, begin_step, chrome_trace
 
 logger = logging.getLogger("shardfx")
 
@@ -143,6 +147,7 @@ class Engine:
         self.last_grad_norm: float | None = None
         self._phase = "idle"  # idle -> forward -> backward -> (step) idle
         self._last_loss: Tensor | None = None
+        self._timelines: dict[int, Timeline] | None = None  # set while trace_step runs
 
     # --- training -----------------------------------------------------------------------------
 
@@ -188,7 +193,7 @@ class Engine:
         else:
             self._use(*variants[self._variant])
         # the collective counts of engine.stats() cover every micro-batch of the last optimizer step
-        loss = self.runtime.step(self._split(batch), reset_stats=self.micro_steps % k == 0)
+        loss = self.runtime.step(self._split(batch), reset_stats=self.micro_steps % k == 0, timelines=self._timelines)
         self.micro_steps += 1
         self.samples += batch[0].shape[0]
         self._nonfinite.record_loss((self.micro_steps - 1) % k, float(loss))
@@ -260,7 +265,49 @@ class Engine:
                 "parameter): the gradients are computed and dropped, nothing trains"
             )
         for state in self._states:
-            state.optimizer_step(scale if k > 1 else None)
+            if self._timelines is None:
+                state.optimizer_step(scale if k > 1 else None)
+                continue
+            with self._timelines[state.rank].span(OPTIMIZER_TRACK, "optimizer.step", "optimizer"):
+                state.optimizer_step(scale if k > 1 else None)
+
+    def trace_step(self, *batch: Tensor, hardware: str | None = cost_model.AUTO) -> dict[str, Any]:
+        """train_step(*batch), every node of every rank's program timed: the measured step as a Chrome /
+        Perfetto trace (open it in ui.perfetto.dev; layout in runtime/step_trace.py), with the cost model's
+        simulated step of the same programs beside it on the `hardware` profile (None: measured only).
+
+        The state changes exactly as train_step changes it (the same ops run); the loss is
+        otherData["loss"], the measured step_ms and simulated_step_ms are in otherData too. Under the
+        distributed runtime it is a collective: every rank calls it and gets every rank's events. Trace a
+        step after the first, which also allocates the optimizer's state and warms the caches. A pipeline
+        (pp_size > 1) runs several stages' programs interleaved and is not supported.
+        """
+        if self._pipeline:
+            raise ValueError(
+                f"trace_step times one program per rank; this engine is a pipeline (pp_size={self.config.pp_size}), "
+                "whose ranks interleave several stages' programs: not supported; trace a pp_size=1 engine"
+            )
+        if self._phase != "idle" or self.micro_steps % self.config.grad_accum_steps:
+            raise RuntimeError(
+                f"trace_step runs a whole optimizer step; {self.micro_steps % self.config.grad_accum_steps} of "
+                f"{self.config.grad_accum_steps} micro-batches of this one have run (state: {self._phase})"
+            )
+        hw = None if hardware is None else cost_model.hardware(hardware)  # an unknown profile fails before the step
+        held = [rank for rank, _ in self.runtime.held_states()]
+        # every rank's loss_scale lives where its parameters do: CUDA steps are synchronised node by node
+        self._timelines = begin_step(held, self.runtime.distributed, self._states[0].loss_scale.device)
+        try:
+            loss = self.train_step(*batch)
+            timelines = self._timelines
+        finally:
+            self._timelines = None
+        return chrome_trace(
+            timelines,
+            world_size=self.program.mesh.world_size,
+            distributed=self.runtime.distributed,
+            hardware=hw,
+            other={"step": self.steps, "loss": float(loss)},
+        )
 
     def _check_optimizer(self) -> None:
         split = []

@@ -6,7 +6,8 @@ gradients (by parameter name), the new buffer values and, under gradient
 accumulation, the new gradient accumulators and the gathered parameter
 replicas to keep. An accumulator the caller does not have yet (the first
 micro-batch) is bound to zeros; a replica must have been kept. A GRAD_SUM
-input is bound to the parameter's kept `.grad` (zeros if none).
+input is bound to the parameter's kept `.grad` (zeros if none). Given a Timeline, the
+graph runs node by node and every node is timed into it (runtime/step_trace.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from shardfx.graphs.signature import (
     PARAM,
     REPLICA,
 )
+from shardfx.runtime.step_trace import TimedInterpreter, Timeline
 
 
 @dataclass
@@ -75,13 +77,20 @@ class Executor:
         accumulators: dict[str, Tensor] | None = None,
         replicas: dict[str, Tensor] | None = None,
         loss_scale: Tensor | None = None,
+        timeline: Timeline | None = None,
     ) -> StepOutputs:
+        """One rank's step; `timeline`: time every node into it (the same ops: the same results)."""
         args = self.arguments(params, buffers, batch, accumulators, replicas, loss_scale=loss_scale)
         sites = iter(self.collective_sites)
         if hasattr(comm, "where"):
             comm.where = lambda: next(sites, "(past the last collective node)")
         with torch.no_grad(), collectives.bind(comm):
-            values = call_graph(self.gm, args)
+            if timeline is None:
+                values = call_graph(self.gm, args)
+            else:
+                timeline.begin_run(self.program)
+                values = call_graph(self.gm, args, timeline)
+                timeline.end_run()
         return self.outputs(values)
 
     def arguments(
@@ -188,16 +197,17 @@ class StageExecutor(Executor):
         return self.outputs(values)
 
 
-def call_graph(gm: fx.GraphModule, args: list[Any]) -> Any:
+def call_graph(gm: fx.GraphModule, args: list[Any], timeline: Timeline | None = None) -> Any:
     """gm(*args). A failure inside it that is not a shardfx error (a CollectiveError stays one) becomes an
     ExecutionError naming the node that raised, its module and source line: the traceback of the generated
-    code names neither."""
+    code names neither. `timeline`: run the nodes one by one through TimedInterpreter instead, timing each."""
+    interpreter = None if timeline is None else TimedInterpreter(gm, timeline)
     try:
-        return gm(*args)
+        return gm(*args) if interpreter is None else interpreter.run(*args)
     except (ShardfxError, torch.OutOfMemoryError):
         raise  # named already, or caught by type (a smaller batch is the usual answer to OOM)
     except Exception as exc:
-        node = _failed_node(gm, exc.__traceback__)
+        node = _failed_node(gm, exc.__traceback__) if interpreter is None else interpreter.current
         first = (str(exc).strip().splitlines() or [""])[0]
         where = f"node {node.name} ({node.target})" if node is not None else "one of its nodes"
         raise ExecutionError(f"the compiled program failed at {where}: {type(exc).__name__}: {first}", node) from exc

@@ -17,6 +17,7 @@ from shardfx.graphs.program import DistProgram
 from shardfx.runtime.executor import Executor, StepOutputs
 from shardfx.runtime.local_comm import LocalWorld
 from shardfx.runtime.state import OptimizerFactory, RankState, full_state_dict
+from shardfx.runtime.step_trace import Timeline
 
 
 def gather_ranks(futures: list[Future]) -> list:
@@ -65,19 +66,23 @@ class LocalRuntime:
     def use(self, program: DistProgram, executor: Executor) -> None:
         self.program, self.executor = program, executor
 
-    def step(self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True) -> Tensor:
+    def step(
+        self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True, timelines: dict[int, Timeline] | None = None
+    ) -> Tensor:
         """Run one training step; `shards[r]` is rank r's part of the batch. Returns rank 0's loss.
 
         reset_stats=False adds this step's collectives to the counts of the steps before it.
+        `timelines[r]`: time every node of rank r's program into it (runtime/step_trace.py).
         """
         self.world.reset()
         if reset_stats:
             for comm in self.comms:
                 comm.stats.reset()
-        futures = [self._pool.submit(self._rank_step, r, shards[r]) for r in range(self.world_size)]
+        timeline = (timelines or {}).get
+        futures = [self._pool.submit(self._rank_step, r, shards[r], timeline(r)) for r in range(self.world_size)]
         return gather_ranks(futures)[0]
 
-    def _rank_step(self, rank: int, batch: tuple[Tensor, ...]) -> Tensor:
+    def _rank_step(self, rank: int, batch: tuple[Tensor, ...], timeline: Timeline | None = None) -> Tensor:
         state = self.states[rank]
         try:
             out = self.executor.run(
@@ -88,6 +93,7 @@ class LocalRuntime:
                 state.grad_acc,
                 state.replicas,
                 loss_scale=state.loss_scale,
+                timeline=timeline,
             )
             if self.keep_outputs:
                 self.outputs[rank] = out

@@ -34,6 +34,7 @@ from shardfx.runtime.executor import StageExecutor
 from shardfx.runtime.local import gather_ranks
 from shardfx.runtime.local_comm import LocalWorld
 from shardfx.runtime.state import OptimizerFactory, RankState, unshard
+from shardfx.runtime.step_trace import Timeline
 
 AXIS = "pp"
 FORWARD_ONLY_UNBOUND = frozenset({GRAD_ACC, GRAD_SUM})
@@ -221,8 +222,11 @@ class LocalPipelineRuntime:
         self.stages = StagePrograms(programs, self.pipe)
         self.program = self.stages.program(self.pipe.stages - 1)
 
-    def step(self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True) -> Tensor:
+    def step(
+        self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True, timelines: dict[int, Timeline] | None = None
+    ) -> Tensor:
         """Run the whole table on every rank; shards[r] is rank r's slice of the global batch."""
+        _untraced(timelines)
         self.world.reset()
         if reset_stats:
             for comm in self.comms:
@@ -360,8 +364,12 @@ class DistributedPipelineRuntime:
         self.stages = StagePrograms(programs, self.pipe)
         self.program = self.stages.held_program(self.coord)
 
-    def step(self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True) -> Tensor:
+    def step(
+        self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True, timelines: dict[int, Timeline] | None = None
+    ) -> Tensor:
         import torch.distributed as dist
+
+        _untraced(timelines)
 
         if reset_stats:
             self.comm.stats.reset()
@@ -462,3 +470,8 @@ def pipeline_state_dict(
         for spec in program.signature.buffers():
             out.setdefault(spec.name, state_of(first).buffers[spec.name].clone())
     return {k: out[k] if k in out else v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _untraced(timelines: dict[int, Timeline] | None) -> None:
+    if timelines is not None:  # Engine.trace_step refuses first; this guards a direct caller
+        raise ValueError("a pipeline step cannot be traced node by node (runtime/step_trace.py): give timelines=None")

@@ -15,6 +15,7 @@ from torch import Tensor
 from shardfx.graphs.program import DistProgram
 from shardfx.runtime.executor import Executor
 from shardfx.runtime.state import RankState
+from shardfx.runtime.step_trace import Timeline
 
 
 class Runtime(Protocol):
@@ -31,7 +32,13 @@ class Runtime(Protocol):
         """Run `program` (with its executor) from the next step on."""
         ...
 
-    def step(self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True) -> Tensor: ...
+    def step(
+        self, shards: list[tuple[Tensor, ...]], reset_stats: bool = True, timelines: dict[int, Timeline] | None = None
+    ) -> Tensor:
+        """One step on every held rank (`shards[r]`: rank r's batch); `timelines`: time each held rank's
+        nodes into its Timeline (runtime/step_trace.py; a pipeline refuses)."""
+        ...
+
     def evaluate(self, executor: Executor, shards: list[tuple[Tensor, ...]]) -> Tensor: ...
     def state_dict(self) -> dict[str, Tensor]: ...
     def comm_stats(self, rank: int = 0) -> dict[str, dict[str, int]]: ...

@@ -16,6 +16,7 @@ from about log(vocab) toward that floor, never below it.
     shardfx train --config ds_config.json                    # ZeRO stage, batch sizes, clipping from DeepSpeed's JSON
     shardfx train --model my_model.py:make --steps 20        # a factory returning (model, batch[, loss_fn])
     shardfx prepare-data data/pydoc.bin && shardfx train --data data/pydoc.bin --eval-every 20   # real text
+    shardfx train --world-size 2 --preset tiny --zero-stage 3 --steps 5 --trace step.json   # measured vs simulated
 
 --data PATH trains on a token file (nanoGPT's flat uint16/uint32 .bin, or a .npy;
 shardfx.models.tokens): random windows of block_size + 1 tokens drawn with the
@@ -28,6 +29,12 @@ A line per --log-every steps (loss, throughput, planned or measured peak memory 
 rank, communicated bytes, learning rate) prints under the progress bar, which is
 shown only when stdout and stderr are terminals. Checkpoints go to CHECKPOINT_DIR/step-NNNNNN with
 CHECKPOINT_DIR/latest naming the newest; --resume continues from it (same data stream).
+
+--trace FILE.json measures one optimizer step (--trace-step, default the second this run trains):
+every rank runs that step's program node by node, timing each node (the same ops, so the same
+results; engine.trace_step, runtime/step_trace.py), and rank 0 writes every rank's compute,
+communication and optimizer tracks as a Chrome / Perfetto trace, with the cost model's simulated
+step of the same program beside each rank; `shardfx viz --measured-trace FILE.json` links it.
 
 `train(TrainOptions(...))` runs the same thing in-process and returns the summary.
 
@@ -42,9 +49,11 @@ import dataclasses
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from shardfx.deepspeed import read_json
+from shardfx.graphs.cost_model import hardware
 from shardfx.tools.options import add_model_arguments, model_kwargs, non_negative_int, positive_float, positive_int
 from shardfx.tools.train_loop import latest_checkpoint, train_here
 from shardfx.tools.train_options import (
@@ -54,6 +63,7 @@ from shardfx.tools.train_options import (
     check_data,
     implied_batch_size,
     is_factory,
+    trace_at,
     train_config,
 )
 
@@ -202,6 +212,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         f"(default: the --config file's steps_per_print, else {defaults.log_every})",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (header and summary only)")
+    trace = parser.add_argument_group("measured step trace")
+    trace.add_argument(
+        "--trace",
+        dest="trace_path",
+        metavar="FILE.json",
+        help="write one measured optimizer step (--trace-step) as a Chrome/Perfetto trace (ui.perfetto.dev): per "
+        "rank a compute, a communication and an optimizer track, exposed communication marked, and beside each "
+        "rank the cost model's simulated step of the same program; that step runs node by node (the same results, "
+        "its step line slower); pipelines (--pp-size > 1) are not supported and refused",
+    )
+    trace.add_argument(
+        "--trace-step",
+        type=positive_int,
+        metavar="N",
+        help="the optimizer step --trace measures, numbered as the step lines (default: the second step this run "
+        "trains, so the first one's warm-up is not in it)",
+    )
+    trace.add_argument(
+        "--trace-hardware",
+        default=defaults.trace_hardware,
+        metavar="PROFILE",
+        help="the cost model's profile for the simulated step in --trace (default: this machine's; "
+        "cpu, a100, h100, h200, h100-ib)",
+    )
     parser.add_argument(
         "--json", dest="json_path", metavar="PATH", help="write the summary and per-step losses as JSON"
     )
@@ -240,6 +274,9 @@ def run(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         eval_every=args.eval_every,
         eval_batches=args.eval_batches,
+        trace_path=args.trace_path,
+        trace_step=args.trace_step,
+        trace_hardware=args.trace_hardware,
     )
     summary = train(options, echo=print)
     if summary.get("interrupted_at") is not None:
@@ -285,6 +322,7 @@ def train(options: TrainOptions, echo: Any = None) -> dict[str, Any]:
         raise ValueError("--eval-every needs --data: the synthetic data has no held-out split")
     if options.resume:
         latest_checkpoint(options.checkpoint_dir)
+    check_trace(options, config.pp_size)
     check_paths(options)
     if options.runtime == "local":
         return train_here(options, echo)
@@ -296,9 +334,33 @@ def train(options: TrainOptions, echo: Any = None) -> dict[str, Any]:
     return results[0]
 
 
+def check_trace(options: TrainOptions, pp_size: int) -> None:
+    """--trace, --trace-step and --trace-hardware, checked before any worker starts."""
+    if options.trace_path is None:
+        if options.trace_step is not None:
+            raise ValueError(
+                f"--trace-step {options.trace_step} says which step --trace measures; give --trace FILE.json"
+            )
+        return
+    if Path(options.trace_path).suffix.lower() != ".json":
+        raise ValueError(f"--trace {options.trace_path}: the file name must end in .json")
+    if pp_size > 1:
+        raise ValueError(
+            f"--trace times one program per rank; a pipeline (--pp-size {pp_size}) interleaves several stages' "
+            "programs on each rank: not supported, trace a run with --pp-size 1"
+        )
+    if not options.resume:  # resumed, the start step is the checkpoint's: checked once it is loaded
+        trace_at(options, 0)
+    hardware(options.trace_hardware)  # an unknown profile names the known ones
+
+
 def check_paths(options: TrainOptions) -> None:
     """Every path the run writes, checked before any worker starts: a ValueError naming the option."""
-    targets = [("--dump-dir", options.dump_dir, True), ("--json", options.json_path, False)]
+    targets = [
+        ("--dump-dir", options.dump_dir, True),
+        ("--json", options.json_path, False),
+        ("--trace", options.trace_path, False),
+    ]
     if options.save_every:
         targets.append(("--checkpoint-dir", options.checkpoint_dir, True))
     for flag, path, is_dir in targets:

@@ -31,6 +31,7 @@ from shardfx.tools.train_options import (
     factory_block_size,
     gpt_config,
     is_factory,
+    trace_at,
     train_config,
 )
 from shardfx.tools.train_report import (
@@ -112,6 +113,7 @@ def train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
         raise ValueError(
             f"the checkpoint {resumed} is at step {engine.steps}; --steps {options.steps} leaves nothing to train"
         )
+    traced_step = trace_at(options, engine.steps) if options.trace_path else None
     evaluate = None
     if options.eval_every:
         assert built.val is not None  # check_data refused --eval-every without a validation split
@@ -159,7 +161,7 @@ def train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
     say(header(summary))
     peak = PeakMemory(engine)
     try:
-        run = _loop(engine, make_batch, generator, example, options, peak, evaluate, say)
+        run = _loop(engine, make_batch, generator, example, options, peak, evaluate, say, traced_step)
     finally:
         close = getattr(engine.runtime, "close", None)
         if close is not None:
@@ -181,6 +183,7 @@ def train_here(options: TrainOptions, echo: Any) -> dict[str, Any]:
         skipped_steps=engine.skipped_steps,
         checkpoints=run.saved,
         interrupted_at=run.interrupted_at,
+        trace=run.trace,
         memory_per_rank=engine.stats()["memory"],
         peak_bytes=peak.read(),
         peak_kind=peak.kind,
@@ -294,6 +297,7 @@ class _LoopResult:
     total_seconds: float  # the loop's wall time
     saved: list[str]  # checkpoints written
     interrupted_at: int | None  # Ctrl-C: the step count when the loop stopped
+    trace: dict[str, Any] | None = None  # --trace: where it went and its measured / simulated step
 
 
 def _loop(
@@ -305,9 +309,10 @@ def _loop(
     peak: PeakMemory,
     evaluate: Any,
     say: Any,
+    traced_step: int | None = None,
 ) -> _LoopResult:
     """Run the steps from engine.steps on; Ctrl-C stops it between steps (all ranks at the same one)
-    and, with --save-every, checkpoints there."""
+    and, with --save-every, checkpoints there. Step `traced_step` runs as engine.trace_step (--trace)."""
     import torch.distributed as dist
 
     rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -336,11 +341,20 @@ def _loop(
             batch = first if step == 0 else make_batch(options.batch_size, generator)
             peak.reset()
             t0 = time.perf_counter()
-            loss = engine.train_step(*batch).item()
+            done = step + 1
+            traced = None
+            if done == traced_step:  # every rank traces it (a collective); rank 0 writes the file
+                traced = engine.trace_step(*batch, hardware=options.trace_hardware)
+                loss = traced["otherData"]["loss"]
+            else:
+                loss = engine.train_step(*batch).item()
             dt = time.perf_counter() - t0
             out.step_seconds += dt
             out.losses.append(loss)
-            done = step + 1
+            if traced is not None:
+                out.trace = _write_trace(traced, options, rank0)
+                line = _trace_line(out.trace)
+                bar.write(line) if show_bar else say(line)
             val_loss = None
             if evaluate is not None and (done % options.eval_every == 0 or done == options.steps):
                 val_loss = evaluate()  # every rank evaluates: eval_step is a collective
@@ -354,6 +368,30 @@ def _loop(
     bar.close()
     out.total_seconds = time.perf_counter() - start
     return out
+
+
+def _write_trace(traced: dict[str, Any], options: TrainOptions, rank0: bool) -> dict[str, Any]:
+    """Write --trace (on rank 0; every rank holds the whole trace) and say what it holds."""
+    assert options.trace_path is not None
+    if rank0:
+        with open(options.trace_path, "w") as f:
+            json.dump(traced, f)
+    data = traced["otherData"]
+    keys = ("step", "step_ms", "exposed_comm_ms", "optimizer_ms", "simulated_step_ms", "hardware")
+    return {"path": options.trace_path, **{k: data.get(k) for k in keys}}
+
+
+def _trace_line(trace: dict[str, Any]) -> str:
+    simulated = (
+        f"; simulated {trace['simulated_step_ms']:.1f} ms on {trace['hardware']}"
+        if trace["simulated_step_ms"] is not None
+        else ""
+    )
+    return (
+        f"trace of step {trace['step']} written to {trace['path']}: measured {trace['step_ms']:.1f} ms "
+        f"(exposed communication {trace['exposed_comm_ms']:.1f} ms; optimizer {trace['optimizer_ms']:.1f} ms "
+        f"after it){simulated}; open it in ui.perfetto.dev"
+    )
 
 
 @contextmanager

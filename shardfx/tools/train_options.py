@@ -52,6 +52,22 @@ class TrainOptions:
     eval_every: int = 0  # validation loss every N steps (and at the end); 0: never
     eval_batches: int = 8  # fixed validation batches the validation loss is the mean over
     data_vocab_size: int | None = None  # filled by check_data: the gpt's vocab_size from --data (unless --set)
+    trace_path: str | None = None  # the measured step (and the simulated one) as a Chrome / Perfetto trace
+    trace_step: int | None = None  # the optimizer step trace_path measures, counted as the step lines (None: trace_at)
+    trace_hardware: str = "auto"  # the cost model's profile for the simulated step beside the measured one
+
+
+def trace_at(options: TrainOptions, start_step: int) -> int:
+    """The step --trace measures: --trace-step, else the second step this run trains (the first also
+    allocates the optimizer's state and warms the caches), or its only one."""
+    if options.trace_step is not None:
+        if not start_step < options.trace_step <= options.steps:
+            raise ValueError(
+                f"--trace-step {options.trace_step}: this run trains steps {start_step + 1} to {options.steps}; "
+                "choose one of them"
+            )
+        return options.trace_step
+    return min(start_step + 2, options.steps)
 
 
 def train_config(options: TrainOptions) -> shardfx.Config:

@@ -3,6 +3,7 @@
     shardfx viz gpt --preset tiny --zero 3 -o zero3.html                  # after the whole pipeline
     shardfx viz gpt --preset tiny --zero 3 --compare capture -o diff.html # two stages side by side
     shardfx viz gpt --preset tiny --zero 3 -o z3.html --trace z3.json     # + the simulated step (Perfetto)
+    shardfx viz gpt --preset tiny --zero 3 -o z3.html --measured-trace step.json  # + `shardfx train --trace`'s
     shardfx viz mlp --zero 2 --after shard_gradients -o mlp.svg           # graphviz 'dot'
     shardfx viz gpt --preset tiny --set n_layer=48 --depth 2 -o gpt48.svg # modules below depth 2 as boxes
     shardfx viz gpt --preset tiny --zero 3 --memory-plot memory.png       # needs matplotlib
@@ -86,6 +87,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "(a compute and a communication track per rank; exposed communication marked); the HTML links to it",
     )
     out.add_argument(
+        "--measured-trace",
+        metavar="FILE.json",
+        help="HTML: link a measured step written by `shardfx train --trace FILE.json` (every rank measured, "
+        "the simulated step beside it) from the page; the file is read, not rewritten",
+    )
+    out.add_argument(
         "--hardware",
         default="auto",
         help="the cost model's profile for --trace (default: this machine's; cpu, a100, h100, h200, h100-ib)",
@@ -101,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.trace and Path(args.trace).suffix.lower() != ".json":
         raise ValueError(f"--trace {args.trace}: the file name must end in .json")
+    measured = measured_link(args.measured_trace, args.output) if args.measured_trace else None
     hw = hardware(args.hardware)  # an unknown profile is an error before compiling
     suffix = Path(args.output).suffix.lower() if args.output else ""
     if args.output and suffix not in (".html", ".htm", ".svg"):
@@ -142,12 +150,38 @@ def run(args: argparse.Namespace) -> int:
         Path(args.output).write_text(render_svg(stage, args.depth))
         print(f"wrote {args.output} (after {stage.name}, {len(stage.program.graph.nodes)} nodes)")
     elif args.output:
-        Path(args.output).write_text(render_html(title, shown, link))
+        Path(args.output).write_text(render_html(title, shown, link, measured))
         print(f"wrote {args.output} ({' vs '.join(s.name for s in shown)}); open it in a browser, works offline")
+        if measured is not None:
+            print(
+                f"linked {args.measured_trace} from it (measured step {measured['step']}: {measured['step_ms']:.1f} ms)"
+            )
     if args.memory_plot:
         plot_memory(shown, args.memory_plot, spec.label)
         print(f"wrote {args.memory_plot} (live memory of one rank)")
     return 0
+
+
+def measured_link(path: str, output: str | None) -> dict[str, Any]:
+    """What the page shows of a measured trace (`shardfx train --trace`), checked before compiling: the
+    file relative to the page, its step and its measured and simulated step times."""
+    if not output or Path(output).suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"--measured-trace {path} is linked from the HTML page: give -o FILE.html")
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not JSON"
+        raise ValueError(f"--measured-trace {path}: cannot read it ({reason})") from None
+    other = data.get("otherData") if isinstance(data, dict) else None
+    if not isinstance(other, dict) or other.get("measured") is not True:
+        raise ValueError(
+            f"--measured-trace {path}: not a measured step (no otherData.measured); write one with "
+            "`shardfx train --trace FILE.json` (for the simulated step use --trace here)"
+        )
+    page_dir = Path(output).resolve().parent
+    link = {"file": os.path.relpath(Path(path).resolve(), page_dir)}
+    link.update({k: other.get(k) for k in ("step", "step_ms", "simulated_step_ms", "hardware")})
+    return link
 
 
 def dot_path() -> str:

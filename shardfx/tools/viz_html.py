@@ -82,12 +82,21 @@ def stage_data(stage: Stage) -> dict[str, Any]:
     return {"name": stage.name, "index": stage.index, "stats": stage.stats(), "nodes": node_records(stage)}
 
 
-def render_html(title: str, stages: list[Stage], trace: dict[str, Any] | None = None) -> str:
+def render_html(
+    title: str,
+    stages: list[Stage],
+    trace: dict[str, Any] | None = None,
+    measured_trace: dict[str, Any] | None = None,
+) -> str:
     """One self-contained page; two stages open side by side. `trace`: {file, step_ms, hardware} of a
-    simulated-step trace written beside it (the header links to it)."""
+    simulated-step trace written beside it; `measured_trace`: {file, step, step_ms, simulated_step_ms,
+    hardware} of a measured one (`shardfx train --trace`). The header links to each (`file` relative to
+    the page)."""
     data: dict[str, Any] = {"title": title, "stages": [stage_data(s) for s in stages]}
     if trace is not None:
         data["trace"] = trace
+    if measured_trace is not None:
+        data["measured_trace"] = measured_trace
     # JSON inside <script>: '</' must not close the element early.
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     template = resources.files("shardfx.tools").joinpath("viz_template.html").read_text()

@@ -12,7 +12,9 @@ import pytest
 from shardfx.tools.cli import main
 from shardfx.tools.train import TrainOptions, train
 from shardfx.tools.train_options import trace_at
+from tests.tools.browser import CHROMIUM, Browser
 
+READY = "new Promise(done => { const poll = () => window.vizReady ? done(window.vizReady) : setTimeout(poll, 10); poll(); })"
 TINY = ["train", "--world-size", "2", "--preset", "tiny", "--batch-size", "8", "--no-progress"]
 
 
@@ -58,6 +60,21 @@ def test_the_page_links_the_measured_trace(traced_run, tmp_path, capsys):
         "file": "traces/step.json",
         **{k: other[k] for k in ("step", "step_ms", "simulated_step_ms", "hardware")},
     }
+    if CHROMIUM is None:
+        return  # the page's own script needs chromium to run (apt-get install chromium); its data is checked above
+    browser = Browser()
+    try:
+        view = browser.open()
+        view.goto(page.as_uri())
+        view.evaluate(READY)
+        shown = view.evaluate(
+            "(() => { const a = document.getElementById('measured-trace');"
+            " return [a.hidden, a.getAttribute('href'), a.textContent]; })()"
+        )
+    finally:
+        browser.close()
+    assert shown[:2] == [False, "traces/step.json"]
+    assert re.fullmatch(r"measured step 3: [\d.]+ ms, simulated [\d.]+ ms on cpu \(trace\)", shown[2]), shown
 
 
 def test_viz_refuses_what_is_no_measured_trace(tmp_path, capsys):

@@ -37,7 +37,7 @@ from shardfx.graphs.signature import (
     PARAM,
     REPLICA,
 )
-from shardfx.runtime.step_trace import TimedInterpreter, Timeline
+from shardfx.runtime.step_trace import TimedRun, Timeline
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Executor:
         # The k-th collective a rank issues is the k-th collective node of the graph (SPMD,
         # nodes run in graph order), so errors can name the node without an interpreter.
         self.lossless = False
+        self._timed: TimedRun | None = None  # made at the first traced step (engine.trace_step)
         self.collective_sites = [
             f"node {n.name} ({n.meta.get('shardfx.module') or 'root'})"
             for n in program.graph.nodes
@@ -88,9 +89,9 @@ class Executor:
             if timeline is None:
                 values = call_graph(self.gm, args)
             else:
+                self._timed = self._timed or TimedRun(self.gm)
                 timeline.begin_run(self.program)
-                values = call_graph(self.gm, args, timeline)
-                timeline.end_run()
+                values = call_graph(self.gm, args, timeline, self._timed)
         return self.outputs(values)
 
     def arguments(
@@ -197,17 +198,19 @@ class StageExecutor(Executor):
         return self.outputs(values)
 
 
-def call_graph(gm: fx.GraphModule, args: list[Any], timeline: Timeline | None = None) -> Any:
+def call_graph(
+    gm: fx.GraphModule, args: list[Any], timeline: Timeline | None = None, timed: TimedRun | None = None
+) -> Any:
     """gm(*args). A failure inside it that is not a shardfx error (a CollectiveError stays one) becomes an
     ExecutionError naming the node that raised, its module and source line: the traceback of the generated
-    code names neither. `timeline`: run the nodes one by one through TimedInterpreter instead, timing each."""
-    interpreter = None if timeline is None else TimedInterpreter(gm, timeline)
+    code names neither. `timeline`: run the nodes one by one instead (`timed`: gm's TimedRun, made if not
+    given), timing each into its current run (Timeline.begin_run)."""
     try:
-        return gm(*args) if interpreter is None else interpreter.run(*args)
+        return gm(*args) if timeline is None else (timed or TimedRun(gm)).run(args, timeline)
     except (ShardfxError, torch.OutOfMemoryError):
         raise  # named already, or caught by type (a smaller batch is the usual answer to OOM)
     except Exception as exc:
-        node = _failed_node(gm, exc.__traceback__) if interpreter is None else interpreter.current
+        node = _failed_node(gm, exc.__traceback__) if timeline is None else timeline.current
         first = (str(exc).strip().splitlines() or [""])[0]
         where = f"node {node.name} ({node.target})" if node is not None else "one of its nodes"
         raise ExecutionError(f"the compiled program failed at {where}: {type(exc).__name__}: {first}", node) from exc

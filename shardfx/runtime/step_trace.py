@@ -3,9 +3,9 @@
 The cost model predicts a step (graphs/cost_model.trace); this measures one in the same layout,
 so that prediction and measurement open side by side in ui.perfetto.dev. `engine.trace_step(*batch)`
 runs one optimizer step (every micro-batch of it) as train_step does, except that each rank runs
-its program node by node through TimedInterpreter: an fx.Interpreter over the same graph, calling
-the same ops on the same arguments in the same order, so the step's results are bitwise those of
-the generated code (tests/runtime/test_step_trace.py checks it). Per rank it records
+its program node by node (TimedRun: the graph's own calls on the same values in the same order,
+each value dropped after its last use, as the generated code does), so the step's results are
+bitwise those of the generated code (tests/runtime/test_step_trace.py checks it). Per rank it records
 
 - compute track (tid 0): every compute node, named by its op, with the node, its module and
   phase in the args; "exposed" slices (category "exposed", as in the simulated trace) for the
@@ -14,14 +14,15 @@ the generated code (tests/runtime/test_step_trace.py checks it). Per rank it rec
 - communication track (tid 1): every collective; a `*_start` from its issue until its wait
   returned, an upper bound of its completion (nothing says when the data landed earlier; the
   event's args say so), a synchronous one for the time it took;
-- optimizer track (tid 2): optimizer.step, which runs outside the program and the cost model.
+- optimizer track (tid 2): optimizer.step, which runs outside the program (and so outside step_ms).
 
 Timestamps count from a barrier just before the step on every rank (the local runtime's ranks
 are threads of one process: one clock, one origin, taken before they start; they also share the
 GIL, so judge overlap by the processes runtime's trace). On CUDA every node ends with the compute
 stream synchronised, so a node's time is its kernels', not their launch; NCCL's stream is left
-alone, so an async collective still overlaps compute until its wait. Interpreting costs a few
-microseconds of Python a node more than the generated code: tiny ops on a CPU look slower here.
+alone, so an async collective still overlaps compute until its wait. Running node by node costs a
+few microseconds of Python a node more than the generated code; the clock is read right around
+each call, so that cost falls in the gaps between nodes (visible on a small model on a CPU).
 """
 
 from __future__ import annotations
@@ -45,50 +46,29 @@ WAIT_END = "when its wait returned: an upper bound of when the collective comple
 
 
 class Timeline:
-    """One rank's measured events of a step, Chrome trace events in microseconds since `origin`
-    (a time.perf_counter reading). `sync`: what makes a node's work finished before its end is read
-    (the CUDA compute stream's synchronize; None on a CPU)."""
+    """One rank's measured step: the calls of every program run (micro-batch) and the spans outside
+    them, as time.perf_counter readings; `events()` turns them into Chrome trace events in
+    microseconds since `origin`. `sync`: what makes a node's work finished before its end is read
+    (the CUDA compute stream's synchronize; None on a CPU). Recording appends one tuple a node, the
+    events are built after the step, so the step itself pays little for being measured."""
 
     def __init__(self, rank: int, origin: float, sync: Callable[[], None] | None = None) -> None:
         self.rank = rank
         self.origin = origin
         self.sync = sync
-        self.events: list[dict[str, Any]] = []
-        self.programs: list[DistProgram] = []  # the program of every micro-batch run, in order
-        self._issued: dict[fx.Node, float] = {}  # `*_start` nodes whose wait has not run: issue time
+        self.runs: list[tuple[DistProgram, list[tuple[fx.Node, float, float]]]] = []  # (program, its calls)
+        self.spans: list[tuple[int, str, str, float, float]] = []  # (track, name, category, begin, end)
+        self.current: fx.Node | None = None  # the node running (or the one that raised), for the error
+
+    @property
+    def programs(self) -> list[DistProgram]:
+        """The program of every micro-batch run, in order."""
+        return [program for program, _ in self.runs]
 
     def begin_run(self, program: DistProgram) -> None:
-        """A program (one micro-batch) starts on this rank."""
-        self.programs.append(program)
-        self._issued = {}
-
-    def end_run(self) -> None:
-        """Close the collectives no wait of this program finished (none should be left: verify pairs them)."""
-        end = time.perf_counter()
-        for start, issued in self._issued.items():
-            self._slice(COMM_TRACK, collectives.kind(start), "collective", issued, end, _where(start), "no wait ran")
-        self._issued = {}
-
-    def node(self, node: fx.Node, begin: float, end: float) -> None:
-        """Record one call_function node that ran from `begin` to `end` (perf_counter seconds)."""
-        where = _where(node)
-        if collectives.is_start(node):
-            self._issued[node] = begin
-            self._slice(COMPUTE_TRACK, f"{collectives.kind(node)} (issue)", "exposed", begin, end, where)
-        elif collectives.is_wait(node):
-            self._slice(COMPUTE_TRACK, "wait", "exposed", begin, end, where)
-            start = node.args[0]
-            issued = self._issued.pop(start, None) if isinstance(start, fx.Node) else None
-            if issued is not None:
-                assert isinstance(start, fx.Node)
-                args = {**_where(start), "wait": node.name}
-                self._slice(COMM_TRACK, collectives.kind(start), "collective", issued, end, args, WAIT_END)
-        elif collectives.is_collective(node):
-            kind = collectives.kind(node)
-            self._slice(COMM_TRACK, kind, "collective", begin, end, where, "when it returned (synchronous)")
-            self._slice(COMPUTE_TRACK, f"{kind} (synchronous)", "exposed", begin, end, where)
-        else:
-            self._slice(COMPUTE_TRACK, op_name(node.target), "compute", begin, end, where)
+        """A program (one micro-batch) starts on this rank: its calls go to `calls`."""
+        self.calls: list[tuple[fx.Node, float, float]] = []
+        self.runs.append((program, self.calls))
 
     @contextmanager
     def span(self, track: int, name: str, category: str) -> Iterator[None]:
@@ -97,52 +77,119 @@ class Timeline:
         yield
         if self.sync is not None:
             self.sync()
-        self._slice(track, name, category, begin, time.perf_counter(), {})
+        self.spans.append((track, name, category, begin, time.perf_counter()))
 
-    def _slice(
-        self, track: int, name: str, category: str, begin: float, end: float, args: dict[str, Any], ends: str = ""
-    ) -> None:
-        args = {**args, "micro_batch": len(self.programs) - 1}
-        if ends:
-            args["end"] = ends
-        self.events.append(
-            {
-                "name": name,
-                "cat": category,
-                "ph": "X",
-                "pid": self.rank,
-                "tid": track,
-                "ts": (begin - self.origin) * 1e6,
-                "dur": (end - begin) * 1e6,
-                "args": args,
-            }
-        )
+    def events(self) -> list[dict[str, Any]]:
+        """Every call and span as Chrome trace events (pid: the rank; tid: the track)."""
+        out: list[dict[str, Any]] = []
+
+        def add(track: int, name: str, cat: str, begin: float, end: float, args: dict[str, Any]) -> None:
+            out.append(
+                {
+                    "name": name,
+                    "cat": cat,
+                    "ph": "X",
+                    "pid": self.rank,
+                    "tid": track,
+                    "ts": (begin - self.origin) * 1e6,
+                    "dur": (end - begin) * 1e6,
+                    "args": args,
+                }
+            )
+
+        for micro_batch, (_, calls) in enumerate(self.runs):
+            issued: dict[fx.Node, float] = {}  # `*_start` nodes whose wait has not run: their issue time
+            for node, begin, end in calls:
+                where = {**_where(node), "micro_batch": micro_batch}
+                if collectives.is_start(node):
+                    issued[node] = begin
+                    add(COMPUTE_TRACK, f"{collectives.kind(node)} (issue)", "exposed", begin, end, where)
+                elif collectives.is_wait(node):
+                    add(COMPUTE_TRACK, "wait", "exposed", begin, end, where)
+                    start = node.args[0]
+                    if isinstance(start, fx.Node) and start in issued:
+                        args = {**_where(start), "micro_batch": micro_batch, "wait": node.name, "end": WAIT_END}
+                        add(COMM_TRACK, collectives.kind(start), "collective", issued.pop(start), end, args)
+                elif collectives.is_collective(node):
+                    kind = collectives.kind(node)
+                    add(COMM_TRACK, kind, "collective", begin, end, {**where, "end": "when it returned (synchronous)"})
+                    add(COMPUTE_TRACK, f"{kind} (synchronous)", "exposed", begin, end, where)
+                else:
+                    add(COMPUTE_TRACK, op_name(node.target), "compute", begin, end, where)
+            last = calls[-1][2] if calls else self.origin
+            for start, begin in issued.items():  # none is left where verify paired every start with a wait
+                args = {**_where(start), "micro_batch": micro_batch, "end": "the program ended (no wait of it ran)"}
+                add(COMM_TRACK, collectives.kind(start), "collective", begin, last, args)
+        for track, name, cat, begin, end in self.spans:
+            add(track, name, cat, begin, end, {})
+        return out
 
 
 def _where(node: fx.Node) -> dict[str, Any]:
     return {"node": node.name, "module": node.meta.get(meta.MODULE) or "", "phase": node.meta.get(meta.PHASE, "")}
 
 
-class TimedInterpreter(fx.Interpreter):
-    """Runs a graph node by node, timing every call_function node into `timeline`. `current` is the
-    node running (or the one that raised), for executor.call_graph's error."""
+class TimedRun:
+    """Runs a graph's nodes one by one as its generated code does (the same calls on the same values,
+    each value dropped after its last use), timing every call into a Timeline.
 
-    def __init__(self, gm: fx.GraphModule, timeline: Timeline) -> None:
-        super().__init__(gm)
-        self.extra_traceback = False  # call_graph names the node; torch's note would repeat the message
-        self.timeline = timeline
-        self.current: fx.Node | None = None
+    Not fx.Interpreter: its bookkeeping costs about 12 us of Python a node against 3 here (a
+    2-core VM), which doubles the step of a small model. The clock is read right around the
+    call, so what remains shows as gaps between nodes, not inside them. Holds nothing of a run:
+    the local runtime's rank threads share one.
+    """
 
-    def run_node(self, n: fx.Node) -> Any:
-        self.current = n
-        if n.op != "call_function":
-            return super().run_node(n)
-        begin = time.perf_counter()
-        out = super().run_node(n)
-        if self.timeline.sync is not None:
-            self.timeline.sync()
-        self.timeline.node(n, begin, time.perf_counter())
-        return out
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        last_use: dict[fx.Node, fx.Node] = {}
+        for node in reversed(self.nodes):
+            for used in node.all_input_nodes:
+                last_use.setdefault(used, node)
+        self.frees: dict[fx.Node, list[fx.Node]] = {}  # node -> the values whose last use it is
+        for used, user in last_use.items():
+            self.frees.setdefault(user, []).append(used)
+
+    def run(self, args: list[Any], timeline: Timeline) -> Any:
+        """gm(*args), each call recorded into timeline.calls; timeline.current names the node running."""
+        env: dict[fx.Node, Any] = {}
+        value = env.__getitem__
+        inputs = iter(self.gm.graph.process_inputs(*args))
+        sync, clock, calls = timeline.sync, time.perf_counter, timeline.calls
+        for node in self.nodes:
+            timeline.current = node
+            if node.op == "placeholder":
+                env[node] = next(inputs)
+            elif node.op == "output":
+                return self.gm.graph.process_outputs(fx.map_arg(node.args[0], value))
+            elif node.op == "get_attr":
+                env[node] = _attribute(self.gm, str(node.target))
+            else:
+                fn = self._callable(node)
+                call_args, call_kwargs = fx.map_arg(node.args, value), fx.map_arg(node.kwargs, value)
+                begin = clock()
+                env[node] = fn(*call_args, **call_kwargs)
+                if sync is not None:
+                    sync()
+                calls.append((node, begin, clock()))
+            for used in self.frees.get(node, ()):
+                del env[used]
+        raise AssertionError("the graph has no output node")
+
+    def _callable(self, node: fx.Node) -> Callable[..., Any]:
+        if node.op == "call_function":
+            return node.target  # type: ignore[return-value]
+        if node.op == "call_module":
+            return self.gm.get_submodule(str(node.target))
+        assert node.op == "call_method", node.op
+        return lambda obj, *args, **kwargs: getattr(obj, str(node.target))(*args, **kwargs)
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def begin_step(ranks: list[int], distributed: bool, device: torch.device) -> dict[int, Timeline]:
@@ -173,7 +220,7 @@ def chrome_trace(
     cost model's simulated step of the same programs (pid world_size + R, "rank R (simulated)"), each
     rank's two next to each other. On a distributed job every rank's events are gathered to every rank
     (a collective). `other`: more otherData (the step, its loss)."""
-    local = [e for r in sorted(timelines) for e in timelines[r].events]
+    local = [e for r in sorted(timelines) for e in timelines[r].events()]
     if distributed:
         import torch.distributed as dist
 

@@ -64,6 +64,7 @@ Columns:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -81,7 +82,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import shardfx
-from shardfx.graphs.cost_model import hardware, simulate
+from shardfx.graphs.cost_model import Hardware, hardware, simulate
 from shardfx.models import GPT, GPTConfig, gpt_loss, num_params
 from shardfx.runtime.launch import launch
 
@@ -330,6 +331,7 @@ def worker(opts: dict[str, Any]) -> dict[str, Any]:
     batches = make_batches(opts, n_steps + 1, cfg.vocab_size, cfg.seq_len)
     held_out = batches.pop()
     names = [n for n in STRATEGIES if n == BASELINE or opts["only"] is None or n in opts["only"]]
+    profile = calibrated_here() if opts["calibrate"] else hardware("auto", ranks=dist.get_world_size())
     strategies = [build_strategy(name, opts, cfg, batches[0]) for name in names]
     times, memory, comm = measure(strategies, batches, opts["warmup"], peak_memory)
     results: dict[str, Any] = {}
@@ -338,7 +340,7 @@ def worker(opts: dict[str, Any]) -> dict[str, Any]:
         state = s.full_state_dict()
         row = {"setup_s": s.setup_s, "times_s": times[s.name], "peak": memory[s.name], "comm": comm[s.name]}
         if isinstance(s, Shardfx):
-            row["predicted_ms"] = simulate(s.engine.program, hardware("auto")).step_seconds * 1e3
+            row["predicted_ms"] = simulate(s.engine.program, profile).train_step_seconds * 1e3
             row["plan"] = plan_of(s.engine)
         if rank == 0:
             torch.manual_seed(opts["seed"])
@@ -350,7 +352,46 @@ def worker(opts: dict[str, Any]) -> dict[str, Any]:
                 reference = state
             row["max_abs_weight_diff_vs_ddp"] = max((state[key] - reference[key]).abs().max().item() for key in state)
         results[s.name] = row
-    return {"rank": rank, "threads": torch.get_num_threads(), "params": num_params(GPT(cfg)), "strategies": results}
+    return {
+        "rank": rank,
+        "threads": torch.get_num_threads(),
+        "params": num_params(GPT(cfg)),
+        "strategies": results,
+        "profile": dataclasses.asdict(profile),
+    }
+
+
+def calibrated_here() -> Hardware:
+    """`shardfx calibrate`'s measurements, taken in this job's processes before any strategy is built
+    (--calibrate): the profile then meets the machine's load as the steps that follow do."""
+    from shardfx.tools import calibrate
+
+    figures = calibrate.measure_all()
+    source = f"calibrated in this job, {dist.get_world_size()} gloo ranks"
+    return Hardware(name="cpu", source=source, ranks=dist.get_world_size(), cores=os.cpu_count() or 1, **figures)
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation (ties take their mean rank)."""
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else float("nan")
 
 
 def plan_of(engine: Any) -> str:
@@ -407,6 +448,18 @@ def summarize(ranks: dict[int, dict[str, Any]], loss_rtol: float) -> tuple[list[
             "peak_bytes_per_rank": [ranks[r]["strategies"][name]["peak"]["Total"] for r in sorted(ranks)],
             "sent_bytes": sent,
         }
+    predicted = {n: r for n, r in record["strategies"].items() if "predicted_ms" in r}
+    if len(predicted) >= 2:
+        ratios = {n: r["median_ms"] / r["predicted_ms"] for n, r in predicted.items()}
+        rho = spearman([r["median_ms"] for r in predicted.values()], [r["predicted_ms"] for r in predicted.values()])
+        worst = max(ratios, key=lambda n: max(ratios[n], 1 / ratios[n]))
+        profile = ranks[0]["profile"]
+        notes.append(
+            f"cost model ({profile['name']}: {profile['source']}): measured / predicted "
+            f"{min(ratios.values()):.2f}-{max(ratios.values()):.2f} over the {len(predicted)} shardfx rows "
+            f"(furthest: {worst}, {ratios[worst]:.2f}); Spearman rank correlation {rho:.2f}"
+        )
+        record["cost_model"] = {"ratios": ratios, "spearman": rho, "profile": profile}
     return lines + [""] * bool(notes) + notes, record
 
 
@@ -464,6 +517,12 @@ def main() -> None:
         default=None,
         metavar="PATH",
         help="also write the raw numbers (every step time, memory breakdowns, collective counts) here",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure the cost model's profile in this job before the strategies (default: this machine's "
+        "saved calibration, `shardfx calibrate`, else the built-in one)",
     )
     parser.add_argument(
         "--tiny", action="store_true", help="a 1-layer, 64-wide GPT: checks the script runs (figures mean nothing)"

@@ -230,7 +230,7 @@ class _Search:
         self.limit = config.memory_limit
         self.base = config.replace(plan=None, memory_limit=None)
         self.explicit = set(check_explicit(config, keep))
-        self.hw: Hardware = hardware(config.hardware)
+        self.hw: Hardware = hardware(config.hardware, ranks=world_size)
         self.log = log or (lambda line: None)
         self.traces: dict[tuple[int, int, int], Traced | Exception] = {}
         self.candidates: list[Candidate] = []
@@ -416,15 +416,18 @@ def _measure(compiled: Compiled, config: Config, hw: Hardware) -> tuple[tuple[fl
     sims = {name: simulate(p, hw) for name, p in compiled.programs.items()}
     optimizer = max(_optimizer_bytes(p) for p in compiled.programs.values())
     if config.pp_size == 1:
-        times = (sum(sims[v].step_seconds for v in micro), sum(sims[v].compute_seconds for v in micro))
+        # the optimizer updates once, after the last micro-batch's program
+        step = sum(sims[v].step_seconds for v in micro) + sims[micro[-1]].optimizer_seconds
+        times = (step, sum(sims[v].compute_seconds for v in micro))
         return times, max(s.peak_bytes for s in sims.values()), optimizer
     # A pipeline: every stage runs its micro-batches; the slowest sets the pace, and a synchronous
     # schedule adds (P-1) micro-batch times of fill and drain (the (P-1)/(M+P-1) bubble).
     alive = alive_by_stage(config.pp_schedule, config.pp_size, config.pp_microbatches, config.pp_chunks)
-    stage_seconds, stage_compute, peak = [], [], 0
+    stage_seconds, stage_compute, updates, peak = [], [], [], 0
     for s in range(config.pp_stages):
         p2p = sum(_p2p_seconds(compiled.programs[stage_key(s, v)], hw) for v in micro)
         stage_seconds.append(sum(sims[stage_key(s, v)].step_seconds for v in micro) + p2p)
+        updates.append(sims[stage_key(s, micro[-1])].optimizer_seconds)
         stage_compute.append(sum(sims[stage_key(s, v)].compute_seconds for v in micro))
         for v in set(micro):
             program = compiled.programs[stage_key(s, v)]
@@ -432,12 +435,15 @@ def _measure(compiled: Compiled, config: Config, hw: Hardware) -> tuple[tuple[fl
             kept = split_phases(program).saved_bytes * (alive[s % config.pp_size] - 1)
             peak = max(peak, sims[stage_key(s, v)].peak_bytes + kept)
     bubble = 1 + (config.pp_size - 1) / len(micro)
-    return (max(stage_seconds) * bubble, max(stage_compute) * bubble), peak, optimizer
+    # every stage updates its own parameters after its last backward, outside the bubble
+    step = max(seconds * bubble + update for seconds, update in zip(stage_seconds, updates))
+    return (step, max(stage_compute) * bubble), peak, optimizer
 
 
 def _p2p_seconds(program: Any, hw: Hardware) -> float:
     """The sends and receives of a stage program, which the cost model prices as plain ops: each
     one waits for its peer, alpha + bytes / link bandwidth (the whole tensor crosses the link)."""
+    hw = hw.at(program.mesh.world_size)
     seconds = 0.0
     for node in program.graph.nodes:
         if node.target is SEND:

@@ -1,9 +1,11 @@
 """Cost model: the simulated step time of a per-rank program on named hardware.
 
 One compute stream and one communication stream. Each compute node costs its
-roofline time, max(FLOPs / peak FLOP/s, bytes moved / memory bandwidth), plus
-a fixed per-op overhead (dispatch and launch: large on a CPU running Python,
-a few microseconds on a GPU). A collective costs the alpha-beta model of a
+roofline time, max(FLOPs / peak FLOP/s, bytes moved / memory bandwidth,
+elements / the transcendental rate for GELU, exp, softmax and their kind),
+plus a fixed per-op overhead (dispatch and launch: large on a CPU running
+Python, a few microseconds on a GPU); a view moves nothing and costs its
+dispatch (Hardware.view_overhead). A collective costs the alpha-beta model of a
 ring: alpha + bytes sent per rank / link bandwidth, where a rank sends
 (N-1)/N of the gathered or scattered tensor and 2(N-1)/N of an all-reduced
 one. Synchronous collectives stop compute until they finish; `*_start`
@@ -11,7 +13,16 @@ launches on the communication stream (after the collectives before it) and
 `wait` stops compute only until its collective is done: the time compute sits
 in waits and synchronous collectives is the exposed communication. Where ranks
 share cores with their communication (gloo on a CPU), an async collective
-also takes (1 - overlap) of its time from compute (Hardware.overlap).
+also takes (1 - overlap) of its time from compute (Hardware.overlap). After
+the program, the optimizer updates the parameter elements this rank holds
+(priced as Adam(W): seconds per element and per tensor).
+
+Ranks that share a machine's cores (a CPU profile: Hardware.cores > 0) share
+its compute: a profile measured with `ranks` ranks on `cores` cores is scaled
+to the program's world size (Hardware.at): each rank's FLOP/s and bytes/s are
+its share of the cores, and once there are more ranks than cores every fixed
+cost stretches by ranks / cores (each rank has the CPU part of the time).
+`shardfx calibrate --world-size 2,4` measures each rank count itself.
 
 FLOPs come from torch's own formulas (torch.utils.flop_counter) where it has
 them; every attention kernel (graphs/ops.py) is counted as 4*B*H*Lq*Lk*D
@@ -20,11 +31,12 @@ forward and 2.5x that backward; every other op is memory-bound (its FLOPs ignore
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import os
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +48,7 @@ from shardfx.graphs import collectives, ops
 from shardfx.graphs.analysis import ALIAS_OPS, memory_timeline, tensor_bytes
 from shardfx.graphs.format import op_name
 from shardfx.graphs.program import DistProgram
+from shardfx.graphs.signature import PARAM
 
 
 @dataclass(frozen=True)
@@ -50,9 +63,45 @@ class Hardware:
     source: str = ""
     overlap: float = 1.0  # share of an async collective's time that runs beside compute, not in its way
     machine: str = ""  # the machine a calibration measured (machine_id()); "" for built-in profiles
+    special_rate: float = 0.0  # elements/s of a transcendental elementwise op (GELU, exp); 0: bandwidth-bound
+    view_overhead: float = 0.0  # seconds of a view's dispatch (it moves no data)
+    optimizer_element: float = 0.0  # seconds of Adam(W)'s update per parameter element; 0: ADAM_BYTES / mem_bw
+    optimizer_tensor: float = 0.0  # seconds of Adam(W)'s update per parameter tensor, beside its elements
+    ranks: int = 1  # ranks that ran at once on the machine when it was measured
+    cores: int = 0  # the CPU cores those ranks shared; 0: every rank has a device of its own
 
     def flops(self, dtype: torch.dtype) -> float:
         return self.bf16_flops if dtype in (torch.bfloat16, torch.float16) else self.fp32_flops
+
+    def at(self, ranks: int) -> Hardware:
+        """This profile for `ranks` ranks on the machine. A device per rank (cores == 0), or the
+        rank count it was measured at: itself. Else each rank computes and moves bytes at its share
+        of the cores (cores / ranks of them), and the fixed costs (dispatch, collective latency)
+        stretch by ranks / cores where ranks outnumber cores, as the OS time-shares them."""
+        if self.cores == 0 or ranks == self.ranks:
+            return self
+        measured = [hw for hw in _calibrations() if hw.ranks == ranks] if self.machine else []
+        if measured and self.machine == measured[0].machine:  # `shardfx calibrate` measured this rank count
+            return measured[0]
+        share = self.ranks / ranks  # cores per rank now, over cores per rank when measured
+        stretch = max(1.0, ranks / self.cores) / max(1.0, self.ranks / self.cores)
+        # a ring collective's latency grows with its steps, (N - 1) of them
+        steps = max(ranks - 1, 1) / max(self.ranks - 1, 1)
+        return replace(
+            self,
+            fp32_flops=self.fp32_flops * share,
+            bf16_flops=self.bf16_flops * share,
+            mem_bw=self.mem_bw * share,
+            special_rate=self.special_rate * share,
+            optimizer_element=self.optimizer_element / share,
+            link_bw=self.link_bw / stretch,
+            alpha=self.alpha * stretch * steps,
+            op_overhead=self.op_overhead * stretch,
+            view_overhead=self.view_overhead * stretch,
+            optimizer_tensor=self.optimizer_tensor * stretch,
+            ranks=ranks,
+            source=f"{self.source}; scaled from {self.ranks} to {ranks} ranks on {self.cores} cores",
+        )
 
 
 # Data-sheet figures (dense, no sparsity); the fp32 rate is TF32 tensor-core math as
@@ -62,13 +111,28 @@ PROFILES: dict[str, Hardware] = {
     "h100": Hardware("h100", 494e12, 989e12, 3.35e12, 450e9, 10e-6, 5e-6, "H100 SXM data sheet, NVLink4"),
     "h200": Hardware("h200", 494e12, 989e12, 4.8e12, 450e9, 10e-6, 5e-6, "H200 SXM data sheet, NVLink4"),
     "h100-ib": Hardware("h100-ib", 494e12, 989e12, 3.35e12, 50e9, 20e-6, 5e-6, "H100 across nodes, 400 Gb/s IB"),
-    # Measured on a 2-core CI machine, 2 gloo ranks (`shardfx calibrate` measures yours; the
-    # medians of several runs): a collective between compute costs 3.5 ms of latency (the
-    # ranks' skew), and 3/4 of an async one's time is taken from compute (the ranks' cores
-    # also run gloo).
+    # Measured on a 2-core CI machine by `shardfx calibrate --world-size 2` (medians; both ranks
+    # measuring at once): a collective between compute costs ALPHA of latency (mostly the ranks'
+    # skew), and (1 - overlap) of an async one's time is taken from compute (the ranks' cores
+    # also run gloo). Rates are per rank with a core each (ranks=2, cores=2); `hardware("cpu")`
+    # gives this machine's core count, and Hardware.at scales the figures to other rank counts.
     "cpu": Hardware(
-        "cpu", 50e9, 1.3e9, 14e9, 0.6e9, 3.5e-3, 9e-6, "built-in: a 2-core x86 VM, 2 gloo ranks", overlap=0.25
-    ),
+        "cpu",
+        55e9,
+        1.2e9,
+        13e9,
+        0.9e9,
+        3.5e-3,
+        12e-6,
+        "built-in: a 2-core x86 VM, 2 gloo ranks",
+        overlap=0.25,
+        special_rate=450e6,
+        view_overhead=6e-6,
+        optimizer_element=14e-9,
+        optimizer_tensor=100e-6,
+        ranks=2,
+        cores=2,
+    ),  # fmt: skip
 }
 
 CALIBRATION_FILE = Path.home() / ".cache" / "shardfx" / "hardware.json"
@@ -78,6 +142,7 @@ AUTO = "auto"
 _CUDA_NAMES = (("H200", "h200"), ("H100", "h100"), ("A100", "a100"))
 
 
+@functools.cache
 def machine_id() -> str:
     """What a calibration depends on: CPU model, cores, torch version (a new machine recalibrates)."""
     model = platform.processor() or platform.machine()
@@ -100,25 +165,48 @@ def resolve(name: str) -> str:
     return "cpu"
 
 
-def hardware(name: str = AUTO) -> Hardware:
+def hardware(name: str = AUTO, ranks: int | None = None) -> Hardware:
     """A named profile ("auto": this machine's). 'cpu' is the calibrated one when `shardfx calibrate`
-    has run on this machine; a calibration of another machine (or torch) is not used."""
+    has run on this machine; a calibration of another machine (or torch) is not used. `ranks`: the
+    calibration measured at that many ranks where there is one, else the nearest (simulate scales
+    a profile to the program's world size either way: Hardware.at)."""
     name = resolve(name)
-    if name == "cpu" and CALIBRATION_FILE.exists():
-        try:
-            saved = Hardware(**json.loads(CALIBRATION_FILE.read_text()))
-        except (TypeError, ValueError):  # an older or damaged file: the built-in profile
-            saved = None
-        if saved is not None and saved.machine == machine_id():
-            return saved
+    if name == "cpu":
+        saved = _calibrations()
+        if saved:
+            want = saved[0].ranks if ranks is None else ranks
+            return min(saved, key=lambda hw: (abs(hw.ranks - want), hw.ranks))
     if name not in PROFILES:
         raise ValueError(f"unknown hardware profile {name!r}; known: {sorted(PROFILES)} or {AUTO!r}")
+    if name == "cpu":  # the built-in figures were measured per core: this machine's cores share them
+        return replace(PROFILES["cpu"], cores=os.cpu_count() or 1)
     return PROFILES[name]
 
 
-def save_calibration(hw: Hardware) -> Path:
+def _calibrations() -> list[Hardware]:
+    """This machine's saved calibrations, one per rank count measured (none: no file, another
+    machine's, or an older or damaged file)."""
+    if not CALIBRATION_FILE.exists():
+        return []
+    try:
+        data = json.loads(CALIBRATION_FILE.read_text())
+        profiles = [Hardware(**entry) for entry in data["profiles"]] if data.get("machine") == machine_id() else []
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return []
+    return [hw for hw in profiles if hw.machine == machine_id()]
+
+
+def save_calibration(*profiles: Hardware) -> Path:
+    """Keep `profiles` (one machine's, each measured at its own rank count) as the calibration. Of
+    that machine's profiles saved before, one at a rank count measured again is replaced, the others stay."""
+    machine = profiles[0].machine
+    if any(hw.machine != machine for hw in profiles):
+        raise ValueError("save_calibration: the profiles were measured on different machines")
+    kept = {hw.ranks: hw for hw in _calibrations() if hw.machine == machine}
+    kept.update({hw.ranks: hw for hw in profiles})
+    data = {"machine": machine, "profiles": [asdict(kept[r]) for r in sorted(kept)]}
     CALIBRATION_FILE.parent.mkdir(parents=True, exist_ok=True)
-    CALIBRATION_FILE.write_text(json.dumps(asdict(hw), indent=2))
+    CALIBRATION_FILE.write_text(json.dumps(data, indent=2))
     return CALIBRATION_FILE
 
 
@@ -148,12 +236,48 @@ def node_bytes(node: fx.Node) -> int:
     return read + tensor_bytes(node.meta.get("val"))
 
 
+# Elementwise ops whose arithmetic (erf, exp, log, tanh), not their bytes, bounds them on a CPU:
+# each output element costs 1 / Hardware.special_rate (measured on GELU).
+TRANSCENDENTAL = {
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "gelu", "gelu_backward", "erf", "exp", "log", "tanh", "tanh_backward", "sigmoid", "sigmoid_backward",
+        "silu", "silu_backward", "_softmax", "_log_softmax", "_log_softmax_backward_data", "sin", "cos",
+    )
+}  # fmt: skip
+
+
+def is_view(node: fx.Node) -> bool:
+    return node.op == "call_function" and (node.target in ALIAS_OPS or node.target is operator.getitem)
+
+
 def compute_seconds(node: fx.Node, hw: Hardware) -> float:
-    if node.op != "call_function" or node.target in ALIAS_OPS or node.target is operator.getitem:
-        return 0.0
+    if node.op != "call_function" or node.target is operator.getitem:
+        return 0.0  # getitem is a Python tuple index: no dispatch
+    if node.target in ALIAS_OPS:
+        return hw.view_overhead
     val = node.meta.get("val")
     dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
-    return max(node_flops(node) / hw.flops(dtype), node_bytes(node) / hw.mem_bw) + hw.op_overhead
+    seconds = max(node_flops(node) / hw.flops(dtype), node_bytes(node) / hw.mem_bw)
+    if hw.special_rate > 0 and node.target in TRANSCENDENTAL and isinstance(val, torch.Tensor):
+        seconds = max(seconds, val.numel() / hw.special_rate)
+    return seconds + hw.op_overhead
+
+
+ADAM_BYTES = 28  # per element: Adam(W) reads the parameter, its gradient and two moments, writes three
+
+
+def optimizer_seconds(program: DistProgram, hw: Hardware) -> float:
+    """Adam(W)'s step over the trainable parameter elements this rank holds (its shards under ZeRO),
+    after the program: per element (measured, or ADAM_BYTES over the memory bandwidth) and per tensor."""
+    trainable = {s.name for s in program.signature.params(trainable_only=True)}
+    sizes = [
+        n.meta["val"].numel()
+        for spec, n in zip(program.signature.inputs, program.placeholders())
+        if spec.role == PARAM and spec.name in trainable
+    ]
+    per_element = hw.optimizer_element or ADAM_BYTES / hw.mem_bw
+    return sum(sizes) * per_element + len(sizes) * hw.optimizer_tensor
 
 
 def collective_seconds(node: fx.Node, program: DistProgram, hw: Hardware) -> float:
@@ -173,10 +297,17 @@ class Simulation:
     exposed_comm_seconds: float
     peak_bytes: int
     flops: int
+    optimizer_seconds: float = 0.0  # Adam(W)'s update after the program (not in step_seconds)
+
+    @property
+    def train_step_seconds(self) -> float:
+        """The program and the optimizer's update after it: one training step."""
+        return self.step_seconds + self.optimizer_seconds
 
     def describe(self) -> str:
         return (
-            f"step {self.step_seconds * 1e3:.2f} ms (compute {self.compute_seconds * 1e3:.2f} ms, "
+            f"step {self.step_seconds * 1e3:.2f} ms + optimizer {self.optimizer_seconds * 1e3:.2f} ms "
+            f"(compute {self.compute_seconds * 1e3:.2f} ms, "
             f"communication {self.comm_seconds * 1e3:.2f} ms of which exposed {self.exposed_comm_seconds * 1e3:.2f} ms), "
             f"peak {self.peak_bytes / 2**20:.1f} MiB, {self.flops / 1e9:.2f} GFLOP"
         )
@@ -185,7 +316,8 @@ class Simulation:
 def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | None = None) -> Simulation:
     """One rank's step on `hw`. `events`: also append what ran when, as Chrome trace events (see
     trace): on the compute track every op and every time compute sits exposed to communication,
-    on the communication track every collective."""
+    on the communication track every collective. `hw` is scaled to the program's world size (Hardware.at)."""
+    hw = hw.at(program.mesh.world_size)
     compute_t = comm_t = 0.0
     busy_compute = busy_comm = exposed = 0.0
     flops = 0
@@ -248,6 +380,7 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
         exposed_comm_seconds=exposed,
         peak_bytes=memory_timeline(program).peak,
         flops=flops,
+        optimizer_seconds=optimizer_seconds(program, hw),
     )
 
 

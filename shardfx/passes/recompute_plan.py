@@ -142,7 +142,10 @@ class RecomputeModel:
             sorted(m for u in self.units for m in self.members[u] if owner[m] == m and self.size[m]), dtype=np.int64
         )
         profile = hardware(hw)
-        self.cost = {u: compute_seconds(nodes[u], profile) for u in self.units}
+        # a unit's cost is its op's (the search's unit of account); the copies' views and getitems
+        # the plan also builds are priced in evaluate()
+        self.node_cost = {m: compute_seconds(nodes[m], profile) for u in self.units for m in self.members[u]}
+        self.cost = {u: self.node_cost[u] for u in self.units}
         # the move that recomputes a unit from kept values: it and its candidate inputs the backward does not read
         self.chain: dict[int, frozenset[int]] = {}
         for u in self.units:
@@ -276,7 +279,7 @@ class RecomputeModel:
         live = self.held + np.cumsum(allocs) - (np.cumsum(frees) - frees) + transient
         peak = int(max(live.max(initial=0.0), self.held))
         excess = float(np.clip(live - target, 0.0, None).sum())
-        cost = sum(self.cost[u] for u in plan)
+        cost = sum(self.node_cost[m] for _, copied in plan.values() for m in copied)
         # only recomputing a value live at the peak can lower it
         p = int(live.argmax()) if length else 0
         parts = self.unit_parts

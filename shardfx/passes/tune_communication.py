@@ -58,7 +58,7 @@ def tune_communication(
     overlap: bool | None = None,
     prefetch: int | None = None,
 ) -> PassResult:
-    profile = hardware(hw)
+    profile = hardware(hw, ranks=program.mesh.world_size)
     sizes = BUCKETS_MB if bucket_mb is None else (float(bucket_mb),)
     table: list[dict[str, Any]] = []
     candidates: list[tuple[float, int, float, int, int]] = []  # (seconds, peak, MiB, depth, row) that fit

@@ -1,26 +1,33 @@
 """`shardfx calibrate`: measure this machine once for the cost model's "cpu" profile.
 
-Measures, with the threads each of N worker processes gets (cores / N):
-matmul FLOP/s in fp32 and bf16, memory bandwidth (a large copy), the fixed
-cost of one small op, and gloo between N local processes as a training step
-meets it (each collective after some compute): latency (alpha), bandwidth,
-and how much of an async collective hides behind compute (overlap). The
-result is written to ~/.cache/shardfx/hardware.json with this machine's
-identity (CPU model, cores, torch version); `hardware("cpu")` returns it on
-this machine only, and the built-in profile elsewhere.
+Measures, in each of N worker processes at once (with the threads each gets,
+cores / N, so they share the cores and the memory bus as a training step
+does): matmul FLOP/s in fp32 and bf16, memory bandwidth (a large copy), GELU's
+elements/s, the fixed cost of one small op and of one view, AdamW's step per
+parameter element and per tensor, and gloo between the N processes as a
+training step meets it (each collective after some compute): latency (alpha),
+bandwidth, and how much of an async collective hides behind compute (overlap).
+Medians, not best cases: a step meets the machine as it is.
 
-    shardfx calibrate --world-size 2
+The result is written to ~/.cache/shardfx/hardware.json with this machine's
+identity (CPU model, cores, torch version), one profile per rank count
+measured; `hardware("cpu")` returns them on this machine only, and the
+built-in profile elsewhere. The cost model scales a profile to rank counts
+not measured (cost_model.Hardware.at).
+
+    shardfx calibrate --world-size 2,4
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 
 import torch
 
-from shardfx.tools.options import positive_int
+from shardfx.tools.options import positive_int_list
 
 NAME = "calibrate"
 HELP = "measure this machine (FLOP/s, memory bandwidth, op overhead, gloo alpha/beta) for the cost model"
@@ -30,15 +37,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         NAME, help=HELP, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--world-size", type=positive_int, default=2, help="worker processes to measure gloo between")
+    parser.add_argument(
+        "--world-size",
+        type=positive_int_list,
+        default=[2],
+        metavar="N[,N...]",
+        help="worker processes to measure with, one calibration per count (default 2); e.g. 2,4",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the figures without saving them")
     parser.set_defaults(run=run)
     return parser
 
 
 def _timings(fn, repeat: int) -> list[float]:  # noqa: ANN001
-    """`repeat` timings of fn() after one untimed call, sorted."""
+    """`repeat` timings of fn() after one untimed call, sorted. Every rank starts at a barrier, so the
+    ranks measure at once and share the cores and the memory bus as a training step shares them."""
+    import torch.distributed as dist
+
     fn()
+    if dist.is_initialized():
+        dist.barrier()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -47,35 +65,67 @@ def _timings(fn, repeat: int) -> list[float]:  # noqa: ANN001
     return sorted(times)
 
 
-def _best(fn, repeat: int = 5) -> float:  # noqa: ANN001
-    """The fastest of `repeat` timings: the least disturbed by other work on a shared machine."""
-    return _timings(fn, repeat)[0]
+def _median(fn, repeat: int = 9) -> float:  # noqa: ANN001
+    """The median of `repeat` timings: what a step meets on a machine others share, not its best case."""
+    return _timings(fn, repeat)[repeat // 2]
+
+
+WINDOW = 0.05  # seconds: a timing spans several of the OS's time slices, so ranks sharing a core show it
+
+
+def _seconds_per_call(fn) -> float:  # noqa: ANN001
+    """fn's time per call: the median of timings of enough calls in a row to fill WINDOW (with more
+    ranks than cores, one call can run within a single time slice and miss the sharing)."""
+    start = time.perf_counter()
+    fn()
+    calls = max(1, math.ceil(WINDOW / max(time.perf_counter() - start, 1e-7)))
+
+    def many() -> None:
+        for _ in range(calls):
+            fn()
+
+    return _median(many) / calls
 
 
 def measure_compute() -> dict[str, float]:
+    """FLOP/s of a 512^3 matmul, bytes/s of a 64 MiB copy, elements/s of GELU (the transcendental
+    elementwise ops), and the fixed cost of a small op and of a view, as this rank meets them."""
     n = 512
     a, b = torch.randn(n, n), torch.randn(n, n)
-    fp32 = 2 * n**3 / _best(lambda: torch.mm(a, b))
+    fp32 = 2 * n**3 / _seconds_per_call(lambda: torch.mm(a, b))
     ab, bb = a.bfloat16(), b.bfloat16()
-    bf16 = 2 * n**3 / _best(lambda: torch.mm(ab, bb))
+    bf16 = 2 * n**3 / _seconds_per_call(lambda: torch.mm(ab, bb))
     big = torch.empty(16 * 2**20)  # 64 MiB
     out = torch.empty_like(big)
-    mem_bw = 2 * big.numel() * 4 / _best(lambda: out.copy_(big))
+    mem_bw = 2 * big.numel() * 4 / _seconds_per_call(lambda: out.copy_(big))
+    wide = torch.randn(2**20)
+    special = wide.numel() / _seconds_per_call(lambda: torch.ops.aten.gelu(wide))
     x = torch.ones(4)
-    ops = 200
+    return {
+        "fp32_flops": fp32,
+        "bf16_flops": bf16,
+        "mem_bw": mem_bw,
+        "special_rate": special,
+        "op_overhead": _seconds_per_call(lambda: torch.ops.aten.add.Tensor(x, 1.0)),
+        "view_overhead": _seconds_per_call(lambda: torch.ops.aten.view(x, [2, 2])),
+    }
 
-    def small_ops() -> None:
-        y = x
-        for _ in range(ops):
-            y = torch.ops.aten.add.Tensor(y, 1.0)
 
-    overhead = _best(small_ops) / ops
-    return {"fp32_flops": fp32, "bf16_flops": bf16, "mem_bw": mem_bw, "op_overhead": overhead}
+def measure_optimizer() -> dict[str, float]:
+    """AdamW's step (torch's default implementation for CPU tensors): seconds per parameter element
+    (one 1M-element parameter) and per parameter tensor (64 tiny ones)."""
+    import torch.nn as nn
 
+    def step_seconds(shapes: list[int]) -> float:
+        params = [nn.Parameter(torch.randn(k)) for k in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        return _seconds_per_call(optimizer.step)
 
-def _median(fn, repeat: int = 15) -> float:  # noqa: ANN001
-    """The median of `repeat` timings: collectives between compute vary with the ranks' skew."""
-    return _timings(fn, repeat)[repeat // 2]
+    per_tensor = step_seconds([16] * 64) / 64
+    per_element = max(step_seconds([2**20]) - per_tensor, 0.0) / 2**20
+    return {"optimizer_element": per_element, "optimizer_tensor": per_tensor}
 
 
 def measure_gloo() -> dict[str, float]:
@@ -96,33 +146,40 @@ def measure_gloo() -> dict[str, float]:
             torch.mm(a, a)
 
     small, big = torch.ones(64), torch.ones(1024 * 1024)
-    base = _median(compute)
-    alpha = max(_median(lambda: (compute(), dist.all_reduce(small))) - base, 1e-6)
-    sync = max(_median(lambda: (compute(), dist.all_reduce(big))) - base, alpha + 1e-6)
-    hidden = _median(lambda: (lambda work: (compute(), work.wait()))(dist.all_reduce(big, async_op=True))) - base
+    base = _median(compute, 15)
+    alpha = max(_median(lambda: (compute(), dist.all_reduce(small)), 15) - base, 1e-6)
+    sync = max(_median(lambda: (compute(), dist.all_reduce(big)), 15) - base, alpha + 1e-6)
+    hidden = _median(lambda: (lambda work: (compute(), work.wait()))(dist.all_reduce(big, async_op=True)), 15) - base
     sent = 2 * big.numel() * 4 * (world - 1) / world  # a ring all-reduce sends 2(N-1)/N of the tensor
     overlap = min(max(1.0 - hidden / sync, 0.0), 1.0)
     return {"alpha": alpha, "link_bw": sent / (sync - alpha), "overlap": overlap}
 
 
-def _worker() -> dict[str, float]:
-    return {**measure_compute(), **measure_gloo()}
+def measure_all() -> dict[str, float]:
+    """Every figure of a profile, measured in this process of an initialized gloo job (each rank calls it)."""
+    return {**measure_compute(), **measure_optimizer(), **measure_gloo()}
 
 
 def run(args: argparse.Namespace) -> int:
     from shardfx.graphs.cost_model import Hardware, machine_id, save_calibration
     from shardfx.runtime.launch import launch
 
-    print(f"measuring with {args.world_size} worker processes ({os.cpu_count()} cores) ...")
-    figures = launch(_worker, (), args.world_size, timeout=120)[0]
-    source = f"calibrated on this machine, {args.world_size} gloo ranks"
-    hw = Hardware(name="cpu", source=source, machine=machine_id(), **figures)
-    print(
-        f"fp32 {hw.fp32_flops / 1e9:.1f} GFLOP/s, bf16 {hw.bf16_flops / 1e9:.1f} GFLOP/s, "
-        f"memory {hw.mem_bw / 1e9:.1f} GB/s, op overhead {hw.op_overhead * 1e6:.1f} us, "
-        f"gloo alpha {hw.alpha * 1e6:.0f} us, link {hw.link_bw / 1e9:.2f} GB/s, "
-        f"{hw.overlap:.0%} of an async collective hidden behind compute"
-    )
+    cores = os.cpu_count() or 1
+    profiles = []
+    for world in args.world_size:
+        print(f"measuring with {world} worker processes ({cores} cores) ...", flush=True)
+        figures = launch(measure_all, (), world, timeout=180)[0]
+        source = f"calibrated on this machine, {world} gloo ranks"
+        hw = Hardware(name="cpu", source=source, machine=machine_id(), ranks=world, cores=cores, **figures)
+        profiles.append(hw)
+        print(
+            f"  {world} ranks: fp32 {hw.fp32_flops / 1e9:.1f} GFLOP/s, bf16 {hw.bf16_flops / 1e9:.1f} GFLOP/s, "
+            f"memory {hw.mem_bw / 1e9:.1f} GB/s, GELU {hw.special_rate / 1e6:.0f} M elements/s, "
+            f"op overhead {hw.op_overhead * 1e6:.1f} us, view {hw.view_overhead * 1e6:.1f} us, "
+            f"AdamW {hw.optimizer_element * 1e9:.1f} ns/element + {hw.optimizer_tensor * 1e6:.0f} us/tensor, "
+            f"gloo alpha {hw.alpha * 1e6:.0f} us, link {hw.link_bw / 1e9:.2f} GB/s, "
+            f"{hw.overlap:.0%} of an async collective hidden behind compute"
+        )
     if not args.dry_run:
-        print(f"saved to {save_calibration(hw)}")
+        print(f"saved to {save_calibration(*profiles)}")
     return 0

@@ -46,6 +46,14 @@ positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
 
 
+def positive_int_list(text: str) -> list[int]:
+    """argparse type: comma-separated integers >= 1, e.g. 2,4 (each one once, in the order given)."""
+    values = [positive_int(part.strip()) for part in text.split(",")]
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"each number once; got {text!r}")
+    return values
+
+
 def positive_float(text: str) -> float:
     """argparse type: a number > 0 (accepts 7.5e9)."""
     try:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
+import torch
 
 import shardfx
 from shardfx.graphs import collectives, cost_model
@@ -74,14 +76,63 @@ def test_unknown_profile() -> None:
 def test_auto_is_this_machines_profile_and_a_calibration_is_for_its_machine_only(tmp_path, monkeypatch) -> None:
     path = tmp_path / "hardware.json"
     monkeypatch.setattr(cost_model, "CALIBRATION_FILE", path)
-    assert hardware("auto") == hardware("cpu") == PROFILES["cpu"]  # no GPU, no calibration yet
+    builtin = dataclasses.replace(PROFILES["cpu"], cores=os.cpu_count())  # its rates per core, on this machine's
+    assert hardware("auto") == hardware("cpu") == builtin  # no GPU, no calibration yet
     mine = dataclasses.replace(PROFILES["cpu"], alpha=1e-3, source="calibrated", machine=cost_model.machine_id())
     cost_model.save_calibration(mine)
     assert hardware("auto") == mine
+    four = dataclasses.replace(mine, ranks=4, alpha=5e-3)
+    cost_model.save_calibration(four)  # another rank count: kept beside the first
+    assert hardware("cpu") == mine and hardware("cpu", ranks=4) == four and hardware("cpu", ranks=3) == mine
+    assert mine.at(4) == four  # simulating 4 ranks takes what was measured at 4, not the scaled 2
     cost_model.save_calibration(dataclasses.replace(mine, machine="another CPU x64, torch 2.11"))
-    assert hardware("cpu") == PROFILES["cpu"]  # measured elsewhere: not used here
+    assert hardware("cpu") == builtin  # measured elsewhere: not used here
     path.write_text('{"name": "cpu", "alpha": 1}')  # an older file's fields: the built-in profile
-    assert hardware("cpu") == PROFILES["cpu"]
+    assert hardware("cpu") == builtin
+
+
+def test_ranks_sharing_cores_share_their_compute() -> None:
+    """A CPU profile measured with 2 ranks on 2 cores, at 4 ranks: each rank has half a core, so its
+    FLOP/s and bytes/s halve and every fixed cost doubles; a device per rank (a GPU profile) is unchanged."""
+    cpu = dataclasses.replace(PROFILES["cpu"], ranks=2, cores=2)
+    assert cpu.at(2) is cpu and PROFILES["h100"].at(8) is PROFILES["h100"]
+    four = cpu.at(4)
+    assert four.fp32_flops == cpu.fp32_flops / 2 and four.mem_bw == cpu.mem_bw / 2
+    assert four.op_overhead == 2 * cpu.op_overhead and four.view_overhead == 2 * cpu.view_overhead
+    assert four.optimizer_element == 2 * cpu.optimizer_element and four.link_bw == cpu.link_bw / 2
+    assert four.alpha == 2 * cpu.alpha * 3  # stretched by 2, and a ring of 4 has 3 steps to 2's one
+    one = cpu.at(1)  # one rank has both cores (two threads): twice the rate, the same fixed costs
+    assert one.fp32_flops == 2 * cpu.fp32_flops and one.op_overhead == cpu.op_overhead
+    # the simulation of a 4-rank program uses the 4-rank figures
+    program = compiled(zero_stage=0, bucket_mb=0, overlap=False)
+    assert simulate(program, cpu).compute_seconds == pytest.approx(simulate(program, four).compute_seconds)
+
+
+def test_the_optimizer_updates_the_elements_a_rank_holds() -> None:
+    """Adam(W) after the program: per element this rank updates (a quarter of them under ZeRO-3 at
+    world size 4, plus padding) and per parameter tensor."""
+    hw = dataclasses.replace(PROFILES["h100"], optimizer_element=1e-9, optimizer_tensor=1e-6)
+    full, sharded = compiled(zero_stage=0), compiled(zero_stage=3)
+    model = tiny_gpt()
+    elements = sum(p.numel() for p in model.parameters())
+    tensors = len(list(model.parameters()))
+    assert simulate(full, hw).optimizer_seconds == pytest.approx(elements * 1e-9 + tensors * 1e-6)
+    quarter = simulate(sharded, hw).optimizer_seconds - tensors * 1e-6
+    assert elements / 4 * 1e-9 <= quarter <= (elements / 4 + 4 * tensors) * 1e-9  # shards padded to 4
+    sim = simulate(full, hw)
+    assert sim.train_step_seconds == sim.step_seconds + sim.optimizer_seconds
+    # no measured rate: Adam's 28 bytes an element over the memory bandwidth
+    h100 = PROFILES["h100"]
+    assert simulate(full, h100).optimizer_seconds == pytest.approx(elements * 28 / h100.mem_bw)
+
+
+def test_views_cost_their_dispatch_and_gelu_its_arithmetic() -> None:
+    program = compiled(zero_stage=0)
+    hw = dataclasses.replace(PROFILES["cpu"], view_overhead=3e-6, special_rate=1e6)
+    view = next(n for n in program.graph.nodes if n.target is torch.ops.aten.view.default)
+    assert cost_model.compute_seconds(view, hw) == 3e-6
+    gelu = next(n for n in program.graph.nodes if n.target is torch.ops.aten.gelu.default)
+    assert cost_model.compute_seconds(gelu, hw) == pytest.approx(gelu.meta["val"].numel() / 1e6 + hw.op_overhead)
 
 
 def test_trace_of_the_simulated_step() -> None:

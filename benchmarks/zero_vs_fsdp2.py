@@ -368,7 +368,10 @@ def calibrated_here() -> Hardware:
 
     figures = calibrate.measure_all()
     source = f"calibrated in this job, {dist.get_world_size()} gloo ranks"
-    return Hardware(name="cpu", source=source, ranks=dist.get_world_size(), cores=os.cpu_count() or 1, **figures)
+    cores = os.cpu_count() or 1
+    return Hardware(
+        name="cpu", source=source, ranks=dist.get_world_size(), cores=cores, gather_as_all_reduce=True, **figures
+    )
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:

@@ -8,7 +8,9 @@ Python, a few microseconds on a GPU); a view moves nothing and costs its
 dispatch (Hardware.view_overhead). A collective costs the alpha-beta model of a
 ring: alpha + bytes sent per rank / link bandwidth, where a rank sends
 (N-1)/N of the gathered or scattered tensor and 2(N-1)/N of an all-reduced
-one. Synchronous collectives stop compute until they finish; `*_start`
+one (on gloo, which all-reduces 3-5x faster a byte than it gathers or
+scatters, DistComm runs a gather or scatter as an all-reduce of the whole
+tensor, and a CPU profile prices it so: Hardware.gather_as_all_reduce). Synchronous collectives stop compute until they finish; `*_start`
 launches on the communication stream (after the collectives before it) and
 `wait` stops compute only until its collective is done: the time compute sits
 in waits and synchronous collectives is the exposed communication. Where ranks
@@ -69,6 +71,8 @@ class Hardware:
     optimizer_tensor: float = 0.0  # seconds of Adam(W)'s update per parameter tensor, beside its elements
     ranks: int = 1  # ranks that ran at once on the machine when it was measured
     cores: int = 0  # the CPU cores those ranks shared; 0: every rank has a device of its own
+    # all-gathers and reduce-scatters run as an all-reduce of the whole tensor (DistComm on gloo)
+    gather_as_all_reduce: bool = False
 
     def flops(self, dtype: torch.dtype) -> float:
         return self.bf16_flops if dtype in (torch.bfloat16, torch.float16) else self.fp32_flops
@@ -111,27 +115,29 @@ PROFILES: dict[str, Hardware] = {
     "h100": Hardware("h100", 494e12, 989e12, 3.35e12, 450e9, 10e-6, 5e-6, "H100 SXM data sheet, NVLink4"),
     "h200": Hardware("h200", 494e12, 989e12, 4.8e12, 450e9, 10e-6, 5e-6, "H200 SXM data sheet, NVLink4"),
     "h100-ib": Hardware("h100-ib", 494e12, 989e12, 3.35e12, 50e9, 20e-6, 5e-6, "H100 across nodes, 400 Gb/s IB"),
-    # Measured on a 2-core CI machine by `shardfx calibrate --world-size 2` (medians; both ranks
-    # measuring at once): a collective between compute costs ALPHA of latency (mostly the ranks'
-    # skew), and (1 - overlap) of an async one's time is taken from compute (the ranks' cores
-    # also run gloo). Rates are per rank with a core each (ranks=2, cores=2); `hardware("cpu")`
-    # gives this machine's core count, and Hardware.at scales the figures to other rank counts.
+    # Measured on a 2-core CI machine by `shardfx calibrate --world-size 2` (typical of several runs
+    # on a quiet machine, both ranks measuring at once; a busy one measured up to 2x slower): a
+    # small collective between compute costs 2 ms (mostly the ranks' skew), and (1 - overlap) of an
+    # async one's time is taken from compute (the ranks' cores also run gloo). Rates are per rank
+    # with a core each (ranks=2, cores=2); `hardware("cpu")` gives this machine's core count, and
+    # Hardware.at scales the figures to other rank counts.
     "cpu": Hardware(
         "cpu",
-        55e9,
-        1.2e9,
-        13e9,
-        0.9e9,
-        3.5e-3,
-        12e-6,
+        70e9,
+        2.9e9,
+        15e9,
+        1.5e9,
+        2.0e-3,
+        6e-6,
         "built-in: a 2-core x86 VM, 2 gloo ranks",
-        overlap=0.25,
-        special_rate=450e6,
-        view_overhead=6e-6,
-        optimizer_element=14e-9,
-        optimizer_tensor=100e-6,
+        overlap=0.3,
+        special_rate=1.0e9,
+        view_overhead=3.7e-6,
+        optimizer_element=8e-9,
+        optimizer_tensor=37e-6,
         ranks=2,
         cores=2,
+        gather_as_all_reduce=True,
     ),  # fmt: skip
 }
 
@@ -285,7 +291,10 @@ def collective_seconds(node: fx.Node, program: DistProgram, hw: Hardware) -> flo
     n = program.mesh.size(collectives.axis_of(node))
     if n == 1:
         return 0.0
-    volume = collectives.volume_bytes(kind, tensor_bytes(node.args[0].meta["val"]), tensor_bytes(node.meta["val"]))
+    in_bytes, out_bytes = tensor_bytes(node.args[0].meta["val"]), tensor_bytes(node.meta["val"])
+    if hw.gather_as_all_reduce and kind in ("all_gather", "reduce_scatter"):
+        kind, in_bytes = "all_reduce", max(in_bytes, out_bytes)  # the whole tensor, all-reduced (gloo)
+    volume = collectives.volume_bytes(kind, in_bytes, out_bytes)
     return hw.alpha + volume * (n - 1) / n / hw.link_bw
 
 

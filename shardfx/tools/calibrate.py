@@ -87,14 +87,27 @@ def _seconds_per_call(fn) -> float:  # noqa: ANN001
     return _median(many) / calls
 
 
+# A training step's matmuls: (tokens x width) by (width x 4 width) and back, as the forward (A B),
+# the input's gradient (G B^T) and the weight's (A^T G) multiply them, at a few widths.
+MATMUL_SHAPES = [(512, 256, 1024), (512, 1024, 256), (1024, 512, 512)]
+
+
+def _matmul_rate(dtype: torch.dtype) -> float:
+    """FLOP/s over MATMUL_SHAPES in the three layouts of a linear layer's forward and backward:
+    the total FLOPs over the total of each one's median time."""
+    flops = seconds = 0.0
+    for m, k, n in MATMUL_SHAPES:
+        a, b, g = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype), torch.randn(m, n, dtype=dtype)
+        for left, right in ((a, b), (g, b.t()), (a.t(), g)):
+            seconds += _seconds_per_call(lambda left=left, right=right: torch.mm(left, right))
+            flops += 2 * left.shape[0] * left.shape[1] * right.shape[1]
+    return flops / seconds
+
+
 def measure_compute() -> dict[str, float]:
     """FLOP/s of a 512^3 matmul, bytes/s of a 64 MiB copy, elements/s of GELU (the transcendental
     elementwise ops), and the fixed cost of a small op and of a view, as this rank meets them."""
-    n = 512
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    fp32 = 2 * n**3 / _seconds_per_call(lambda: torch.mm(a, b))
-    ab, bb = a.bfloat16(), b.bfloat16()
-    bf16 = 2 * n**3 / _seconds_per_call(lambda: torch.mm(ab, bb))
+    fp32, bf16 = _matmul_rate(torch.float32), _matmul_rate(torch.bfloat16)
     big = torch.empty(16 * 2**20)  # 64 MiB
     out = torch.empty_like(big)
     mem_bw = 2 * big.numel() * 4 / _seconds_per_call(lambda: out.copy_(big))
@@ -130,10 +143,12 @@ def measure_optimizer() -> dict[str, float]:
 
 def measure_gloo() -> dict[str, float]:
     """Latency, bandwidth and overlap of gloo collectives as a training step sees them: each one
-    issued after a few milliseconds of compute, so the ranks' skew and their shared cores count.
+    issued after compute, so the ranks' skew and their shared cores count.
 
-    alpha: a small all-reduce's cost after compute; link_bw: from the extra time of a 4 MiB one;
-    overlap: the share of that 4 MiB all-reduce's time that an async launch hides behind compute."""
+    alpha: the time a small all-reduce adds between short stretches of compute (the ranks' skew and
+    the latency), over a sequence of 20; link_bw: from the extra time of a 16 MiB one
+    (large enough that its transfer, not the skew, sets its time); overlap: the share of that
+    all-reduce's time an async launch hides behind compute longer than it."""
     import torch.distributed as dist
 
     import shardfx.runtime.dist_comm  # noqa: F401 - quiets torch 2.13's rename warnings
@@ -141,23 +156,54 @@ def measure_gloo() -> dict[str, float]:
     world = dist.get_world_size()
     a = torch.randn(256, 256)
 
-    def compute() -> None:
-        for _ in range(8):
+    def compute(k: int = 8) -> None:
+        for _ in range(k):
             torch.mm(a, a)
 
-    small, big = torch.ones(64), torch.ones(1024 * 1024)
+    small, big = torch.ones(64), torch.ones(4 * 2**20)
+
+    def after_compute(tensor: torch.Tensor) -> float:
+        """Seconds in one all-reduce issued after compute: what a rank waits in it, skew included."""
+        compute()
+        start = time.perf_counter()
+        dist.all_reduce(tensor)
+        return time.perf_counter() - start
+
+    def median_of(fn, repeat: int = 15) -> float:  # noqa: ANN001
+        fn()
+        dist.barrier()
+        return sorted(fn() for _ in range(repeat))[repeat // 2]
+
+    def between_compute(collective: bool, count: int = 20) -> None:
+        """`count` short stretches of compute, each followed by a small all-reduce when `collective`:
+        the rhythm of an unbucketed step, in which the ranks' skew builds and drains."""
+        for _ in range(count):
+            compute(2)
+            if collective:
+                dist.all_reduce(small)
+
     base = _median(compute, 15)
-    alpha = max(_median(lambda: (compute(), dist.all_reduce(small)), 15) - base, 1e-6)
-    sync = max(_median(lambda: (compute(), dist.all_reduce(big)), 15) - base, alpha + 1e-6)
-    hidden = _median(lambda: (lambda work: (compute(), work.wait()))(dist.all_reduce(big, async_op=True)), 15) - base
+    # per collective: a sequence's extra time over the same compute alone (steadier than one call's)
+    alpha = max((_median(lambda: between_compute(True)) - _median(lambda: between_compute(False))) / 20, 1e-6)
+    sync = max(median_of(lambda: after_compute(big)), alpha + 1e-6)
+    k = max(8, math.ceil(8 * 1.5 * sync / max(base, 1e-6)))  # compute that outlasts the collective
+    long = _median(lambda: compute(k), 9)
+    overlapped = _median(lambda: (lambda work: (compute(k), work.wait()))(dist.all_reduce(big, async_op=True)), 15)
     sent = 2 * big.numel() * 4 * (world - 1) / world  # a ring all-reduce sends 2(N-1)/N of the tensor
-    overlap = min(max(1.0 - hidden / sync, 0.0), 1.0)
+    overlap = min(max(1.0 - (overlapped - long) / sync, 0.0), 1.0)
     return {"alpha": alpha, "link_bw": sent / (sync - alpha), "overlap": overlap}
 
 
 def measure_all() -> dict[str, float]:
-    """Every figure of a profile, measured in this process of an initialized gloo job (each rank calls it)."""
-    return {**measure_compute(), **measure_optimizer(), **measure_gloo()}
+    """Every figure of a profile, measured in this process of an initialized gloo job (each rank calls
+    it), averaged over the ranks: one rank's figures depend on which of them lags (the one that is
+    ahead waits out the skew in every collective, the one behind hardly waits), a step on all of them."""
+    import torch.distributed as dist
+
+    figures = {**measure_compute(), **measure_optimizer(), **measure_gloo()}
+    values = torch.tensor(list(figures.values()), dtype=torch.float64)
+    dist.all_reduce(values)
+    return {key: float(v) / dist.get_world_size() for key, v in zip(figures, values)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -170,7 +216,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"measuring with {world} worker processes ({cores} cores) ...", flush=True)
         figures = launch(measure_all, (), world, timeout=180)[0]
         source = f"calibrated on this machine, {world} gloo ranks"
-        hw = Hardware(name="cpu", source=source, machine=machine_id(), ranks=world, cores=cores, **figures)
+        hw = Hardware(
+            name="cpu",
+            source=source,
+            machine=machine_id(),
+            ranks=world,
+            cores=cores,
+            gather_as_all_reduce=True,
+            **figures,
+        )
         profiles.append(hw)
         print(
             f"  {world} ranks: fp32 {hw.fp32_flops / 1e9:.1f} GFLOP/s, bf16 {hw.bf16_flops / 1e9:.1f} GFLOP/s, "

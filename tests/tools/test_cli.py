@@ -90,6 +90,9 @@ def test_estimate_counts_a_registry_model_once_per_tied_parameter(capsys):
         (["estimate", "--world-size", "8"], r"give the model size"),
         (["estimate", "--model", "gpt", "--set", "n_layr=2", "--world-size", "8"], r"unknown GPT overrides"),
         (["train", "--preset", "huge"], r"unknown preset 'huge'"),
+        (["calibrate", "--world-size", "2,0"], r"--world-size: must be an integer >= 1; got 0"),
+        (["calibrate", "--world-size", "2,2"], r"--world-size: each number once; got '2,2'"),
+        (["calibrate", "--world-size", "2,x"], r"--world-size: must be an integer >= 1; got 'x'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, message, capsys):

@@ -369,9 +369,7 @@ def calibrated_here() -> Hardware:
     figures = calibrate.measure_all()
     source = f"calibrated in this job, {dist.get_world_size()} gloo ranks"
     cores = os.cpu_count() or 1
-    return Hardware(
-        name="cpu", source=source, ranks=dist.get_world_size(), cores=cores, gather_as_all_reduce=True, **figures
-    )
+    return Hardware(name="cpu", source=source, ranks=dist.get_world_size(), cores=cores, **figures)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:

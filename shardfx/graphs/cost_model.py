@@ -8,9 +8,7 @@ Python, a few microseconds on a GPU); a view moves nothing and costs its
 dispatch (Hardware.view_overhead). A collective costs the alpha-beta model of a
 ring: alpha + bytes sent per rank / link bandwidth, where a rank sends
 (N-1)/N of the gathered or scattered tensor and 2(N-1)/N of an all-reduced
-one (on gloo, which all-reduces 3-5x faster a byte than it gathers or
-scatters, DistComm runs a gather or scatter as an all-reduce of the whole
-tensor, and a CPU profile prices it so: Hardware.gather_as_all_reduce). Synchronous collectives stop compute until they finish; `*_start`
+one. Synchronous collectives stop compute until they finish; `*_start`
 launches on the communication stream (after the collectives before it) and
 `wait` stops compute only until its collective is done: the time compute sits
 in waits and synchronous collectives is the exposed communication. Where ranks
@@ -71,8 +69,6 @@ class Hardware:
     optimizer_tensor: float = 0.0  # seconds of Adam(W)'s update per parameter tensor, beside its elements
     ranks: int = 1  # ranks that ran at once on the machine when it was measured
     cores: int = 0  # the CPU cores those ranks shared; 0: every rank has a device of its own
-    # all-gathers and reduce-scatters run as an all-reduce of the whole tensor (DistComm on gloo)
-    gather_as_all_reduce: bool = False
 
     def flops(self, dtype: torch.dtype) -> float:
         return self.bf16_flops if dtype in (torch.bfloat16, torch.float16) else self.fp32_flops
@@ -137,7 +133,6 @@ PROFILES: dict[str, Hardware] = {
         optimizer_tensor=37e-6,
         ranks=2,
         cores=2,
-        gather_as_all_reduce=True,
     ),  # fmt: skip
 }
 
@@ -291,10 +286,7 @@ def collective_seconds(node: fx.Node, program: DistProgram, hw: Hardware) -> flo
     n = program.mesh.size(collectives.axis_of(node))
     if n == 1:
         return 0.0
-    in_bytes, out_bytes = tensor_bytes(node.args[0].meta["val"]), tensor_bytes(node.meta["val"])
-    if hw.gather_as_all_reduce and kind in ("all_gather", "reduce_scatter"):
-        kind, in_bytes = "all_reduce", max(in_bytes, out_bytes)  # the whole tensor, all-reduced (gloo)
-    volume = collectives.volume_bytes(kind, in_bytes, out_bytes)
+    volume = collectives.volume_bytes(kind, tensor_bytes(node.args[0].meta["val"]), tensor_bytes(node.meta["val"]))
     return hw.alpha + volume * (n - 1) / n / hw.link_bw
 
 

@@ -45,12 +45,8 @@ class DistComm:
         self.stats = CommStats()
         self.where: Callable[[], str] = lambda: "(no graph node)"
         self._groups: dict[str, dist.ProcessGroup | None] = {}
-        # output buffer's data_ptr -> (work handle, what completes it once the work is done, where it started)
-        self._pending: dict[int, tuple[dist.Work, Callable[[], None], str]] = {}
-        # gloo's all-gather and reduce-scatter move a byte 3-5x slower than its all-reduce (measured at
-        # 2 and 4 ranks, 1-16 MiB): on gloo both run as an all-reduce of the whole tensor, which sends
-        # twice the bytes and still takes less time. The cost model prices them so (cpu profiles).
-        self.via_all_reduce = dist.get_backend() == "gloo"
+        # output buffer's data_ptr -> (work handle, divisor applied when it completes, where it was started)
+        self._pending: dict[int, tuple[dist.Work, int, str]] = {}
         self._sends: list[tuple[dist.Work, Tensor]] = []  # isends in flight (the tensor kept alive)
         self.recv_seconds = 0.0  # time spent waiting in receives (a pipeline's bubble, measured)
         self._to_self: dict[int, list[Tensor]] = {}  # tag -> sends to this rank itself, in order
@@ -109,63 +105,29 @@ class DistComm:
         op = str(kwargs.get("op", "sum"))
         assert kwargs.get("dim", 0) == 0, "async collectives work on dim 0"
         x = x.contiguous()
-        divisor = n if op == "avg" else 1
         if kind == "all_reduce":
             out = x.detach().clone()
             work = dist.all_reduce(out, op=_OPS[op], group=group, async_op=True)
-            finish = self._divide(out, divisor)
         elif kind == "all_gather":
             out = torch.empty((x.shape[0] * n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-            work = self._gather(out, x, group, async_op=True)
-            finish = self._divide(out, 1)
+            work = dist.all_gather_into_tensor(out, x, group=group, async_op=True)
         else:
             out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-            work, finish = self._scatter(out, x, op, group, divisor, async_op=True)
-        self._pending[out.data_ptr()] = (work, finish, f"{kind} at {site}")
+            work = dist.reduce_scatter_tensor(out, x, op=_OPS[op], group=group, async_op=True)
+        self._pending[out.data_ptr()] = (work, n if op == "avg" else 1, f"{kind} at {site}")
         self._record(kind, axis, x, out)
         return out
 
     def wait(self, t: Tensor) -> Tensor:
         pending = self._pending.pop(t.data_ptr(), None)
         if pending is not None:
-            work, finish, what = pending
+            work, divisor, what = pending
             kind, _, site = what.partition(" at ")
             with self._waiting(kind, site):
                 work.wait()
-            finish()
-        return t
-
-    @staticmethod
-    def _divide(out: Tensor, divisor: int) -> Callable[[], None]:
-        return (lambda: out.div_(divisor)) if divisor != 1 else (lambda: None)
-
-    def _gather(self, out: Tensor, x: Tensor, group: dist.ProcessGroup | None, async_op: bool) -> dist.Work | None:
-        """all_gather_into_tensor(out, x), on gloo as a sum of zeros and each rank's own block (exact)."""
-        if not self.via_all_reduce:
-            return dist.all_gather_into_tensor(out, x, group=group, async_op=async_op)
-        index = dist.get_group_rank(group, self.rank) if group is not None else self.rank
-        out.zero_()
-        out[index * x.shape[0] : (index + 1) * x.shape[0]].copy_(x)
-        return dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
-
-    def _scatter(
-        self, out: Tensor, src: Tensor, op: str, group: dist.ProcessGroup | None, divisor: int, async_op: bool
-    ) -> tuple[dist.Work | None, Callable[[], None]]:
-        """reduce_scatter_tensor(out, src) and what completes it (divide for "avg"); on gloo an
-        all-reduce of a copy of src whose own block is copied out (the copy is freed then)."""
-        if not self.via_all_reduce:
-            work = dist.reduce_scatter_tensor(out, src, op=_OPS[op], group=group, async_op=async_op)
-            return work, self._divide(out, divisor)
-        index = dist.get_group_rank(group, self.rank) if group is not None else self.rank
-        whole = src.detach().clone()
-        work = dist.all_reduce(whole, op=_OPS[op], group=group, async_op=async_op)
-
-        def finish() -> None:
-            out.copy_(whole[index * out.shape[0] : (index + 1) * out.shape[0]])
             if divisor != 1:
-                out.div_(divisor)
-
-        return work, finish
+                t.div_(divisor)
+        return t
 
     def peer_rank(self, axis: str, peer: int) -> int:
         other = self.mesh.peer(self.rank, axis, peer)
@@ -236,7 +198,7 @@ class DistComm:
         site = self._issue("all_gather", where)
         if n > 1:
             with self._waiting("all_gather", site):
-                self._gather(out, x, self._groups[axis], async_op=False)
+                dist.all_gather_into_tensor(out, x, group=self._groups[axis])
         else:
             out.copy_(x)
         if dim != 0:
@@ -251,8 +213,9 @@ class DistComm:
         site = self._issue("reduce_scatter", where)
         if n > 1:
             with self._waiting("reduce_scatter", site):
-                _, finish = self._scatter(out, src, op, self._groups[axis], n if op == "avg" else 1, async_op=False)
-            finish()
+                dist.reduce_scatter_tensor(out, src, op=_OPS[op], group=self._groups[axis])
+            if op == "avg":
+                out.div_(n)
         else:
             out.copy_(src)
         if dim != 0:

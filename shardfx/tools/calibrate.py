@@ -222,7 +222,6 @@ def run(args: argparse.Namespace) -> int:
             machine=machine_id(),
             ranks=world,
             cores=cores,
-            gather_as_all_reduce=True,
             **figures,
         )
         profiles.append(hw)

@@ -56,8 +56,11 @@ Columns:
                    held-out batch, computed by one eager GPT on rank 0. Same init,
                    same data: strategies agree to about 1e-4 relative, or the
                    measurement is broken (flagged below the table).
-  predicted ms     the cost model's step time for the engine's program on this
-                   machine's profile (hardware("auto"): `shardfx calibrate`'s, else built-in).
+  predicted ms     the cost model's training step for the engine's program (the program
+                   and Adam(W)'s update: Simulation.train_step_seconds) on this machine's
+                   profile for the world size (hardware("auto", ranks=N): `shardfx
+                   calibrate`'s, else built-in), or with --calibrate the one measured in the
+                   job, on which the buckets and prefetch are then also planned.
   buckets, overlap what the step runs: tune_communication's plan, or the Config's settings.
 """
 
@@ -363,13 +366,20 @@ def worker(opts: dict[str, Any]) -> dict[str, Any]:
 
 def calibrated_here() -> Hardware:
     """`shardfx calibrate`'s measurements, taken in this job's processes before any strategy is built
-    (--calibrate): the profile then meets the machine's load as the steps that follow do."""
+    (--calibrate): the profile then meets the machine's load as the steps that follow do. It is kept
+    as this process's calibration (in a file of its own, the user's is untouched), so the engines'
+    plans (Config(hardware="auto")) are made on the profile the predictions use."""
+    import tempfile
+    from pathlib import Path
+
+    from shardfx.graphs import cost_model
     from shardfx.tools import calibrate
 
-    figures = calibrate.measure_all()
-    source = f"calibrated in this job, {dist.get_world_size()} gloo ranks"
-    cores = os.cpu_count() or 1
-    return Hardware(name="cpu", source=source, ranks=dist.get_world_size(), cores=cores, **figures)
+    world = dist.get_world_size()
+    profile = calibrate.profile(calibrate.measure_all(), world, f"calibrated in this job, {world} gloo ranks")
+    cost_model.CALIBRATION_FILE = Path(tempfile.mkdtemp(prefix="zero_vs_fsdp2-")) / "hardware.json"
+    cost_model.save_calibration(profile)
+    return profile
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:

@@ -8,9 +8,9 @@ Python, a few microseconds on a GPU); a view moves nothing and costs its
 dispatch (Hardware.view_overhead). A collective costs the alpha-beta model of a
 ring: alpha + bytes sent per rank / link bandwidth, where a rank sends
 (N-1)/N of the gathered or scattered tensor and 2(N-1)/N of an all-reduced
-one. Synchronous collectives stop compute until they finish; `*_start`
-launches on the communication stream (after the collectives before it) and
-`wait` stops compute only until its collective is done: the time compute sits
+one (gloo's reduce-scatter is an all-reduce of its input: Hardware.scatter_by_all_reduce).
+Synchronous collectives stop compute until they finish; `*_start` launches on
+the communication stream (after the collectives before it) and `wait` stops compute only until its collective is done: the time compute sits
 in waits and synchronous collectives is the exposed communication. Where ranks
 share cores with their communication (gloo on a CPU), an async collective
 also takes (1 - overlap) of its time from compute (Hardware.overlap). After
@@ -19,9 +19,10 @@ the program, the optimizer updates the parameter elements this rank holds
 
 Ranks that share a machine's cores (a CPU profile: Hardware.cores > 0) share
 its compute: a profile measured with `ranks` ranks on `cores` cores is scaled
-to the program's world size (Hardware.at): each rank's FLOP/s and bytes/s are
-its share of the cores, and once there are more ranks than cores every fixed
-cost stretches by ranks / cores (each rank has the CPU part of the time).
+to the program's world size on this machine's cores (Hardware.at): each rank's
+FLOP/s and bytes/s are its share of the cores, and once there are more ranks
+than cores every fixed cost stretches by ranks / cores (each rank has the CPU
+part of the time).
 `shardfx calibrate --world-size 2,4` measures each rank count itself.
 
 FLOPs come from torch's own formulas (torch.utils.flop_counter) where it has
@@ -36,7 +37,8 @@ import json
 import operator
 import os
 import platform
-from dataclasses import asdict, dataclass, replace
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,39 +71,52 @@ class Hardware:
     optimizer_tensor: float = 0.0  # seconds of Adam(W)'s update per parameter tensor, beside its elements
     ranks: int = 1  # ranks that ran at once on the machine when it was measured
     cores: int = 0  # the CPU cores those ranks shared; 0: every rank has a device of its own
+    # the backend runs a reduce-scatter as an all-reduce of its whole input and keeps its own chunk
+    # (torch's gloo does: ProcessGroupGloo::reduce_scatter_tensor_coalesced), so it costs one
+    scatter_by_all_reduce: bool = False
 
     def flops(self, dtype: torch.dtype) -> float:
         return self.bf16_flops if dtype in (torch.bfloat16, torch.float16) else self.fp32_flops
 
-    def at(self, ranks: int) -> Hardware:
-        """This profile for `ranks` ranks on the machine. A device per rank (cores == 0), or the
-        rank count it was measured at: itself. Else each rank computes and moves bytes at its share
-        of the cores (cores / ranks of them), and the fixed costs (dispatch, collective latency)
-        stretch by ranks / cores where ranks outnumber cores, as the OS time-shares them."""
-        if self.cores == 0 or ranks == self.ranks:
+    def at(self, ranks: int, cores: int | None = None) -> Hardware:
+        """This profile for `ranks` ranks on this machine's `cores` (default os.cpu_count()). A device
+        per rank (a GPU profile, cores == 0): itself. A calibration of this machine: the one measured
+        at `ranks`, else the one measured nearest it, scaled. Scaling: each rank computes and moves
+        bytes at its share of the cores (cores / ranks of them, against the share when measured),
+        and the fixed costs (dispatch, collective latency) stretch by ranks / cores where ranks
+        outnumber cores, as the OS time-shares them."""
+        if self.cores == 0:
             return self
-        measured = [hw for hw in _calibrations() if hw.ranks == ranks] if self.machine else []
-        if measured and self.machine == measured[0].machine:  # `shardfx calibrate` measured this rank count
-            return measured[0]
-        share = self.ranks / ranks  # cores per rank now, over cores per rank when measured
-        stretch = max(1.0, ranks / self.cores) / max(1.0, self.ranks / self.cores)
+        cores = cores or os.cpu_count() or 1
+        saved = _calibrations()
+        base = _nearest(saved, ranks) if self in saved else self  # a copy changed by hand is scaled as it is
+        if ranks == base.ranks and cores == base.cores:
+            return base
+        share = (cores / ranks) / (base.cores / base.ranks)  # cores per rank now, over when measured
+        stretch = max(1.0, ranks / cores) / max(1.0, base.ranks / base.cores)
         # a ring collective's latency grows with its steps, (N - 1) of them
-        steps = max(ranks - 1, 1) / max(self.ranks - 1, 1)
+        steps = max(ranks - 1, 1) / max(base.ranks - 1, 1)
         return replace(
-            self,
-            fp32_flops=self.fp32_flops * share,
-            bf16_flops=self.bf16_flops * share,
-            mem_bw=self.mem_bw * share,
-            special_rate=self.special_rate * share,
-            optimizer_element=self.optimizer_element / share,
-            link_bw=self.link_bw / stretch,
-            alpha=self.alpha * stretch * steps,
-            op_overhead=self.op_overhead * stretch,
-            view_overhead=self.view_overhead * stretch,
-            optimizer_tensor=self.optimizer_tensor * stretch,
+            base,
+            fp32_flops=base.fp32_flops * share,
+            bf16_flops=base.bf16_flops * share,
+            mem_bw=base.mem_bw * share,
+            special_rate=base.special_rate * share,
+            optimizer_element=base.optimizer_element / share,
+            link_bw=base.link_bw / stretch,
+            alpha=base.alpha * stretch * steps,
+            op_overhead=base.op_overhead * stretch,
+            view_overhead=base.view_overhead * stretch,
+            optimizer_tensor=base.optimizer_tensor * stretch,
             ranks=ranks,
-            source=f"{self.source}; scaled from {self.ranks} to {ranks} ranks on {self.cores} cores",
+            cores=cores,
+            source=f"{base.source}; scaled from {base.ranks} ranks on {base.cores} cores to {ranks} on {cores}",
         )
+
+
+def _nearest(profiles: list[Hardware], ranks: int) -> Hardware:
+    """The profile measured at the rank count nearest `ranks` (the lower one of a tie)."""
+    return min(profiles, key=lambda hw: (abs(hw.ranks - ranks), hw.ranks))
 
 
 # Data-sheet figures (dense, no sparsity); the fp32 rate is TF32 tensor-core math as
@@ -114,9 +129,10 @@ PROFILES: dict[str, Hardware] = {
     # Measured on a 2-core CI machine by `shardfx calibrate --world-size 2` (typical of several runs
     # on a quiet machine, both ranks measuring at once; a busy one measured up to 2x slower): a
     # small collective between compute costs 2 ms (mostly the ranks' skew), and (1 - overlap) of an
-    # async one's time is taken from compute (the ranks' cores also run gloo). Rates are per rank
-    # with a core each (ranks=2, cores=2); `hardware("cpu")` gives this machine's core count, and
-    # Hardware.at scales the figures to other rank counts.
+    # async one's time is taken from compute (the ranks' cores also run gloo); gloo's reduce-scatter
+    # is an all-reduce (1.1-1.2x an all-reduce's time at 16 MiB, 2 and 4 ranks). Rates are per rank
+    # with a core each (ranks=2, cores=2); Hardware.at scales them to this machine's cores and the
+    # program's rank count.
     "cpu": Hardware(
         "cpu",
         70e9,
@@ -133,10 +149,13 @@ PROFILES: dict[str, Hardware] = {
         optimizer_tensor=37e-6,
         ranks=2,
         cores=2,
+        scatter_by_all_reduce=True,
     ),  # fmt: skip
 }
 
-CALIBRATION_FILE = Path.home() / ".cache" / "shardfx" / "hardware.json"
+# where `shardfx calibrate` keeps this machine's figures; SHARDFX_HARDWARE_FILE names another file
+# (the test suite points it at an empty folder, so a developer's calibration changes no test)
+CALIBRATION_FILE = Path(os.environ.get("SHARDFX_HARDWARE_FILE") or Path.home() / ".cache" / "shardfx" / "hardware.json")
 
 
 AUTO = "auto"
@@ -168,30 +187,50 @@ def resolve(name: str) -> str:
 
 def hardware(name: str = AUTO, ranks: int | None = None) -> Hardware:
     """A named profile ("auto": this machine's). 'cpu' is the calibrated one when `shardfx calibrate`
-    has run on this machine; a calibration of another machine (or torch) is not used. `ranks`: the
-    calibration measured at that many ranks where there is one, else the nearest (simulate scales
-    a profile to the program's world size either way: Hardware.at)."""
+    has run on this machine (a calibration of another machine, or torch, is not used), else the
+    built-in one. `ranks`: the profile for a program of that many ranks on this machine
+    (Hardware.at: a calibration measured at that count, else one scaled to it); without it, the
+    profile as measured (simulate scales it to the program's world size itself)."""
     name = resolve(name)
-    if name == "cpu":
-        saved = _calibrations()
-        if saved:
-            want = saved[0].ranks if ranks is None else ranks
-            return min(saved, key=lambda hw: (abs(hw.ranks - want), hw.ranks))
     if name not in PROFILES:
         raise ValueError(f"unknown hardware profile {name!r}; known: {sorted(PROFILES)} or {AUTO!r}")
-    if name == "cpu":  # the built-in figures were measured per core: this machine's cores share them
-        return replace(PROFILES["cpu"], cores=os.cpu_count() or 1)
-    return PROFILES[name]
+    saved = _calibrations() if name == "cpu" else []
+    profile = _nearest(saved, ranks or saved[0].ranks) if saved else PROFILES[name]
+    return profile if ranks is None else profile.at(ranks)
+
+
+_FIELDS = {f.name for f in fields(Hardware)}
+_read: dict[tuple[str, int, int], list[Hardware]] = {}
 
 
 def _calibrations() -> list[Hardware]:
     """This machine's saved calibrations, one per rank count measured (none: no file, another
-    machine's, or an older or damaged file)."""
-    if not CALIBRATION_FILE.exists():
+    machine's, or an older or damaged file). Read once per version of the file."""
+    try:
+        stat = CALIBRATION_FILE.stat()
+    except OSError:
         return []
+    key = (str(CALIBRATION_FILE), stat.st_mtime_ns, stat.st_size)
+    if key not in _read:
+        _read[key] = _load_calibrations()
+    return _read[key]
+
+
+def _load_calibrations() -> list[Hardware]:
     try:
         data = json.loads(CALIBRATION_FILE.read_text())
-        profiles = [Hardware(**entry) for entry in data["profiles"]] if data.get("machine") == machine_id() else []
+        if data.get("machine") != machine_id():
+            return []
+        entries = data["profiles"]
+        unknown = sorted({key for entry in entries for key in entry} - _FIELDS)
+        if unknown:
+            warnings.warn(
+                f"{CALIBRATION_FILE} was written by another version of shardfx (fields {unknown}); "
+                "its figures are not used: run `shardfx calibrate` again",
+                stacklevel=3,
+            )
+            return []
+        profiles = [Hardware(**entry) for entry in entries]
     except (TypeError, ValueError, KeyError, AttributeError):
         return []
     return [hw for hw in profiles if hw.machine == machine_id()]
@@ -208,6 +247,7 @@ def save_calibration(*profiles: Hardware) -> Path:
     data = {"machine": machine, "profiles": [asdict(kept[r]) for r in sorted(kept)]}
     CALIBRATION_FILE.parent.mkdir(parents=True, exist_ok=True)
     CALIBRATION_FILE.write_text(json.dumps(data, indent=2))
+    _read.clear()
     return CALIBRATION_FILE
 
 
@@ -286,7 +326,10 @@ def collective_seconds(node: fx.Node, program: DistProgram, hw: Hardware) -> flo
     n = program.mesh.size(collectives.axis_of(node))
     if n == 1:
         return 0.0
-    volume = collectives.volume_bytes(kind, tensor_bytes(node.args[0].meta["val"]), tensor_bytes(node.meta["val"]))
+    in_bytes = tensor_bytes(node.args[0].meta["val"])
+    if kind == "reduce_scatter" and hw.scatter_by_all_reduce:
+        kind = "all_reduce"
+    volume = collectives.volume_bytes(kind, in_bytes, tensor_bytes(node.meta["val"]))
     return hw.alpha + volume * (n - 1) / n / hw.link_bw
 
 

@@ -178,7 +178,7 @@ def _selective_units(program: DistProgram) -> list[fx.Node]:
 
 def _budget_order(program: DistProgram, hw_name: str) -> list[fx.Node]:
     """Candidates, cheapest added time per byte freed first; matmul-like outputs after all others."""
-    hw = hardware(hw_name)
+    hw = hardware(hw_name, ranks=program.mesh.world_size)
     order = {n: i for i, n in enumerate(program.graph.nodes)}
     scored = []
     seen: set[fx.Node] = set()
@@ -247,7 +247,7 @@ def recompute(
         program.graph.eliminate_dead_code()
         copies = list(recomputer.copies.values())
     after = memory_timeline(program).peak
-    hw_profile = hardware(hw)
+    hw_profile = hardware(hw, ranks=program.mesh.world_size)
     added = sum(compute_seconds(c, hw_profile) for c in copies)
     return PassResult(
         program,

@@ -141,7 +141,7 @@ class RecomputeModel:
         self.unit_parts = np.asarray(
             sorted(m for u in self.units for m in self.members[u] if owner[m] == m and self.size[m]), dtype=np.int64
         )
-        profile = hardware(hw)
+        profile = hardware(hw, ranks=program.mesh.world_size)
         # a unit's cost is its op's (the search's unit of account); the copies' views and getitems
         # the plan also builds are priced in evaluate()
         self.node_cost = {m: compute_seconds(nodes[m], profile) for u in self.units for m in self.members[u]}

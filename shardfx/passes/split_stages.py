@@ -165,7 +165,7 @@ def plan_stages(
     if not forward:
         raise ShardfxError("pipeline parallelism needs a forward to cut; the step has none")
     starts, blocks = _block_starts(forward)  # forward index -> block that begins there
-    hw = hardware(hw_name)
+    hw = hardware(hw_name, ranks=program.mesh.world_size)
     first_of_seq: dict[int, int] = {}
     for i, node in enumerate(forward):
         seq = node.meta.get("seq_nr")

@@ -9,7 +9,8 @@ training step meets it (each collective after some compute): latency (alpha),
 bandwidth, and how much of an async collective hides behind compute (overlap).
 Medians, not best cases: a step meets the machine as it is.
 
-The result is written to ~/.cache/shardfx/hardware.json with this machine's
+The result is written to ~/.cache/shardfx/hardware.json (or the file the
+SHARDFX_HARDWARE_FILE environment variable names) with this machine's
 identity (CPU model, cores, torch version), one profile per rank count
 measured; `hardware("cpu")` returns them on this machine only, and the
 built-in profile elsewhere. The cost model scales a profile to rank counts
@@ -24,10 +25,23 @@ import argparse
 import math
 import os
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from shardfx.tools.options import positive_int_list
+
+if TYPE_CHECKING:
+    from shardfx.graphs.cost_model import Hardware
+
+
+def rank_counts(text: str) -> list[int]:
+    """argparse type of --world-size: rank counts >= 2 (gloo's latency and bandwidth need two ranks)."""
+    counts = positive_int_list(text)
+    if min(counts) < 2:
+        raise argparse.ArgumentTypeError(f"each count must be at least 2 (a collective needs two ranks); got {text!r}")
+    return counts
+
 
 NAME = "calibrate"
 HELP = "measure this machine (FLOP/s, memory bandwidth, op overhead, gloo alpha/beta) for the cost model"
@@ -39,10 +53,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--world-size",
-        type=positive_int_list,
+        type=rank_counts,
         default=[2],
         metavar="N[,N...]",
-        help="worker processes to measure with, one calibration per count (default 2); e.g. 2,4",
+        help="worker processes to measure with, each at least 2, one calibration per count (default 2); e.g. 2,4",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the figures without saving them")
     parser.set_defaults(run=run)
@@ -105,7 +119,7 @@ def _matmul_rate(dtype: torch.dtype) -> float:
 
 
 def measure_compute() -> dict[str, float]:
-    """FLOP/s of a 512^3 matmul, bytes/s of a 64 MiB copy, elements/s of GELU (the transcendental
+    """FLOP/s of a linear layer's matmuls (MATMUL_SHAPES), bytes/s of a 64 MiB copy, elements/s of GELU (the transcendental
     elementwise ops), and the fixed cost of a small op and of a view, as this rank meets them."""
     fp32, bf16 = _matmul_rate(torch.float32), _matmul_rate(torch.bfloat16)
     big = torch.empty(16 * 2**20)  # 64 MiB
@@ -206,8 +220,23 @@ def measure_all() -> dict[str, float]:
     return {key: float(v) / dist.get_world_size() for key, v in zip(figures, values)}
 
 
+def profile(figures: dict[str, float], ranks: int, source: str) -> Hardware:
+    """This machine's "cpu" profile from measure_all's figures, measured with `ranks` gloo ranks."""
+    from shardfx.graphs.cost_model import Hardware, machine_id
+
+    return Hardware(
+        name="cpu",
+        source=source,
+        machine=machine_id(),
+        ranks=ranks,
+        cores=os.cpu_count() or 1,
+        scatter_by_all_reduce=True,  # torch's gloo runs a reduce-scatter as an all-reduce
+        **figures,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
-    from shardfx.graphs.cost_model import Hardware, machine_id, save_calibration
+    from shardfx.graphs.cost_model import save_calibration
     from shardfx.runtime.launch import launch
 
     cores = os.cpu_count() or 1
@@ -215,15 +244,7 @@ def run(args: argparse.Namespace) -> int:
     for world in args.world_size:
         print(f"measuring with {world} worker processes ({cores} cores) ...", flush=True)
         figures = launch(measure_all, (), world, timeout=180)[0]
-        source = f"calibrated on this machine, {world} gloo ranks"
-        hw = Hardware(
-            name="cpu",
-            source=source,
-            machine=machine_id(),
-            ranks=world,
-            cores=cores,
-            **figures,
-        )
+        hw = profile(figures, world, f"calibrated on this machine, {world} gloo ranks")
         profiles.append(hw)
         print(
             f"  {world} ranks: fp32 {hw.fp32_flops / 1e9:.1f} GFLOP/s, bf16 {hw.bf16_flops / 1e9:.1f} GFLOP/s, "

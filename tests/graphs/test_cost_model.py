@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 import shardfx
 from shardfx.graphs import collectives, cost_model
+from shardfx.graphs.analysis import tensor_bytes
 from shardfx.graphs.cost_model import PROFILES, hardware, node_flops, simulate
 from shardfx.models import gpt_loss
 from tests.fixtures import gpt_batch, tiny_gpt
@@ -76,36 +78,66 @@ def test_unknown_profile() -> None:
 def test_auto_is_this_machines_profile_and_a_calibration_is_for_its_machine_only(tmp_path, monkeypatch) -> None:
     path = tmp_path / "hardware.json"
     monkeypatch.setattr(cost_model, "CALIBRATION_FILE", path)
-    builtin = dataclasses.replace(PROFILES["cpu"], cores=os.cpu_count())  # its rates per core, on this machine's
+    builtin = PROFILES["cpu"]
     assert hardware("auto") == hardware("cpu") == builtin  # no GPU, no calibration yet
-    mine = dataclasses.replace(PROFILES["cpu"], alpha=1e-3, source="calibrated", machine=cost_model.machine_id())
+    here = os.cpu_count()
+    mine = dataclasses.replace(builtin, alpha=1e-3, source="calibrated", machine=cost_model.machine_id(), cores=here)
     cost_model.save_calibration(mine)
     assert hardware("auto") == mine
     four = dataclasses.replace(mine, ranks=4, alpha=5e-3)
     cost_model.save_calibration(four)  # another rank count: kept beside the first
-    assert hardware("cpu") == mine and hardware("cpu", ranks=4) == four and hardware("cpu", ranks=3) == mine
+    assert hardware("cpu") == mine and hardware("cpu", ranks=4) == four
     assert mine.at(4) == four  # simulating 4 ranks takes what was measured at 4, not the scaled 2
+    # a count not measured: scaled from the nearest one measured, whichever calibration it starts from
+    assert hardware("cpu", ranks=5) == mine.at(5) == four.at(5) == four.at(5, cores=here)
+    assert mine.at(5).source.startswith("calibrated; scaled from 4 ranks")
+    changed = dataclasses.replace(mine, overlap=1.0)  # not a saved calibration: scaled as it is
+    assert changed.at(4).overlap == 1.0 and changed.at(4).alpha != four.alpha
     cost_model.save_calibration(dataclasses.replace(mine, machine="another CPU x64, torch 2.11"))
     assert hardware("cpu") == builtin  # measured elsewhere: not used here
-    path.write_text('{"name": "cpu", "alpha": 1}')  # an older file's fields: the built-in profile
+    path.write_text('{"name": "cpu", "alpha": 1}')  # damaged: the built-in profile
     assert hardware("cpu") == builtin
+    entry = {**dataclasses.asdict(mine), "gather_as_all_reduce": True}  # written by another version
+    path.write_text(json.dumps({"machine": mine.machine, "profiles": [entry]}))
+    with pytest.warns(UserWarning, match=r"another version of shardfx \(fields \['gather_as_all_reduce'\]\)"):
+        assert hardware("cpu") == builtin
 
 
 def test_ranks_sharing_cores_share_their_compute() -> None:
     """A CPU profile measured with 2 ranks on 2 cores, at 4 ranks: each rank has half a core, so its
     FLOP/s and bytes/s halve and every fixed cost doubles; a device per rank (a GPU profile) is unchanged."""
-    cpu = dataclasses.replace(PROFILES["cpu"], ranks=2, cores=2)
-    assert cpu.at(2) is cpu and PROFILES["h100"].at(8) is PROFILES["h100"]
-    four = cpu.at(4)
+    cpu = PROFILES["cpu"]
+    assert (cpu.ranks, cpu.cores) == (2, 2)
+    assert cpu.at(2, cores=2) is cpu and PROFILES["h100"].at(8) is PROFILES["h100"]
+    four = cpu.at(4, cores=2)
     assert four.fp32_flops == cpu.fp32_flops / 2 and four.mem_bw == cpu.mem_bw / 2
     assert four.op_overhead == 2 * cpu.op_overhead and four.view_overhead == 2 * cpu.view_overhead
     assert four.optimizer_element == 2 * cpu.optimizer_element and four.link_bw == cpu.link_bw / 2
     assert four.alpha == 2 * cpu.alpha * 3  # stretched by 2, and a ring of 4 has 3 steps to 2's one
-    one = cpu.at(1)  # one rank has both cores (two threads): twice the rate, the same fixed costs
+    one = cpu.at(1, cores=2)  # one rank has both cores (two threads): twice the rate, the same fixed costs
     assert one.fp32_flops == 2 * cpu.fp32_flops and one.op_overhead == cpu.op_overhead
-    # the simulation of a 4-rank program uses the 4-rank figures
+    # on a 16-core machine, 16 ranks have a core each, as the 2 ranks it was measured with had
+    sixteen = cpu.at(16, cores=16)
+    assert sixteen.fp32_flops == cpu.fp32_flops and sixteen.op_overhead == cpu.op_overhead
+    assert sixteen.alpha == cpu.alpha * 15  # only the ring's steps
+    # the simulation of a 4-rank program uses the 4-rank figures on this machine's cores
     program = compiled(zero_stage=0, bucket_mb=0, overlap=False)
-    assert simulate(program, cpu).compute_seconds == pytest.approx(simulate(program, four).compute_seconds)
+    assert simulate(program, cpu).compute_seconds == pytest.approx(simulate(program, cpu.at(4)).compute_seconds)
+
+
+def test_gloo_reduce_scatter_costs_an_all_reduce_of_its_input() -> None:
+    """torch's gloo reduces a whole tensor and keeps a chunk; NCCL's ring sends (N-1)/N of it."""
+    program = compiled(zero_stage=2, bucket_mb=0, overlap=False)
+    scatter = next(
+        n for n in program.graph.nodes if collectives.is_collective(n) and collectives.kind(n) == "reduce_scatter"
+    )
+    full = tensor_bytes(scatter.args[0].meta["val"])
+    nccl = dataclasses.replace(PROFILES["h100"], alpha=0.0)
+    gloo = dataclasses.replace(nccl, scatter_by_all_reduce=True)
+    n = program.mesh.world_size
+    assert cost_model.collective_seconds(scatter, program, nccl) == pytest.approx(full * (n - 1) / n / nccl.link_bw)
+    assert cost_model.collective_seconds(scatter, program, gloo) == pytest.approx(2 * full * (n - 1) / n / nccl.link_bw)
+    assert PROFILES["cpu"].scatter_by_all_reduce and not PROFILES["h100"].scatter_by_all_reduce
 
 
 def test_the_optimizer_updates_the_elements_a_rank_holds() -> None:
@@ -119,8 +151,6 @@ def test_the_optimizer_updates_the_elements_a_rank_holds() -> None:
     assert simulate(full, hw).optimizer_seconds == pytest.approx(elements * 1e-9 + tensors * 1e-6)
     quarter = simulate(sharded, hw).optimizer_seconds - tensors * 1e-6
     assert elements / 4 * 1e-9 <= quarter <= (elements / 4 + 4 * tensors) * 1e-9  # shards padded to 4
-    sim = simulate(full, hw)
-    assert sim.train_step_seconds == sim.step_seconds + sim.optimizer_seconds
     # no measured rate: Adam's 28 bytes an element over the memory bandwidth
     h100 = PROFILES["h100"]
     assert simulate(full, h100).optimizer_seconds == pytest.approx(elements * 28 / h100.mem_bw)

@@ -147,7 +147,9 @@ def old_greedy(program: DistProgram, target: float) -> tuple[int, float]:
             break
         recomputer.recompute(unit)
     program.graph.eliminate_dead_code()
-    return memory_timeline(program).peak, sum(compute_seconds(c, hardware("cpu")) for c in recomputer.copies.values())
+    return memory_timeline(program).peak, sum(
+        compute_seconds(c, hardware("cpu", ranks=program.mesh.world_size)) for c in recomputer.copies.values()
+    )
 
 
 @pytest.mark.parametrize("fraction", [0.9, 0.8, 0.7, 0.6, 0.55])
@@ -161,7 +163,7 @@ def test_gpt_budget_meets_the_target_for_no_more_than_the_old_greedy(gpt_program
     chosen, found = choose_plan(model, target, [model.index[u] for u in _budget_order(program, "cpu")])
     copies = apply_plan(model, chosen)
     assert memory_timeline(program).peak == found.peak <= target
-    cost = sum(compute_seconds(c, hardware("cpu")) for c in copies)
+    cost = sum(compute_seconds(c, hardware("cpu", ranks=program.mesh.world_size)) for c in copies)
     assert cost == pytest.approx(found.cost) and cost <= old_cost * (1 + 1e-9), (cost, old_cost)
     assert all(c.meta[meta.PHASE] == meta.BACKWARD and c.meta[meta.RECOMPUTE] for c in copies)
 

@@ -93,6 +93,7 @@ def test_estimate_counts_a_registry_model_once_per_tied_parameter(capsys):
         (["calibrate", "--world-size", "2,0"], r"--world-size: must be an integer >= 1; got 0"),
         (["calibrate", "--world-size", "2,2"], r"--world-size: each number once; got '2,2'"),
         (["calibrate", "--world-size", "2,x"], r"--world-size: must be an integer >= 1; got 'x'"),
+        (["calibrate", "--world-size", "1,2"], r"--world-size: each count must be at least 2 .*; got '1,2'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, message, capsys):

@@ -8,6 +8,14 @@ so every distinct piece counts once (padding rows are zero and add nothing; a
 replicated gradient is the same on every rank and is not reduced). One scalar
 all-reduce per mesh axis, carrying every group split over that axis.
 
+The norm adds no round trip of its own: the step already averages its loss
+over the data-parallel ranks with a scalar all-reduce (role "loss"), and that
+one is folded into the norm's all-reduce over the same axis (the local loss
+travels beside the squared norms; the mean is the sum over the ranks divided by
+their count, as the runtimes average). It then happens at the end of the step
+instead of after the forward; a loss that is not fp32, or one averaged over an
+axis no gradient is split over, keeps its own all-reduce.
+
 The program returns the norm (output role GRAD_NORM) for the engine's
 non-finite check and its stats. With max_norm, the gradients are also scaled by
 torch's coefficient min(1, max_norm / (norm + 1e-6)), as
@@ -19,6 +27,7 @@ Needs: a sharding pass (reduced gradients, shard_specs). Provides: optimizer-pha
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 from torch import Tensor
 
 from shardfx.graphs import meta
@@ -46,32 +55,50 @@ def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float | 
     groups = sorted(set(splits))
     member = [groups.index(s) for s in splits]
     axes = [a for a in program.mesh.names if any(a in g for g in groups)]
+    loss_sync = _foldable_loss_sync(program, axes)
+    loss_axis = loss_sync.args[1] if loss_sync is not None else None
+    ranks = program.mesh.size(loss_axis) if loss_axis is not None else 1
 
-    def norm_and_clip(*grads: Tensor) -> tuple[Tensor, ...]:
+    def norm_and_clip(*args: Tensor) -> tuple[Tensor, ...]:
+        grads = args[: len(indices)]
         sums: list[Tensor] = [None] * len(groups)  # type: ignore[list-item]  # no constant: no device baked in
         for g, k in zip(grads, member):
             square = g.float().pow(2).sum()
             sums[k] = square if sums[k] is None else sums[k] + square
+        mean_loss: list[Tensor] = []
         for axis in axes:  # every group split over `axis` in one all-reduce
             split = [k for k, group in enumerate(groups) if axis in group]
-            reduced = torch.ops.shardfx.all_reduce(torch.stack([sums[k] for k in split]), axis, "sum")
+            carried = [sums[k] for k in split]
+            if axis == loss_axis:  # the step's loss rides along: its own all-reduce is folded in here
+                carried.append(args[-1])
+            reduced = torch.ops.shardfx.all_reduce(torch.stack(carried), axis, "sum")
             for j, k in enumerate(split):
                 sums[k] = reduced[j]
+            if axis == loss_axis:
+                mean_loss.append(reduced[-1] / ranks)
         norm = torch.stack(sums).sum().sqrt()
         if max_norm is None:
-            return (norm,)
+            return (norm, *mean_loss)
         coef = torch.clamp(max_norm / (norm + eps), max=1.0)
-        return (norm, *(g * coef.to(g.dtype) for g in grads))
+        return (norm, *mean_loss, *(g * coef.to(g.dtype) for g in grads))
 
     before = set(program.graph.nodes)
+    inputs = [outputs[i] for i in indices] + ([loss_sync.args[0]] if loss_sync is not None else [])
     with program.graph.inserting_before(program.output_node()):
-        norm, *clipped = inline(
+        norm, *rest = inline(
             program,
             norm_and_clip,
-            [outputs[i] for i in indices],
+            inputs,
             provenance=outputs[indices[-1]],
             origin="clip_gradients" if max_norm is not None else "grad_norm",
         )
+    if loss_sync is not None:
+        mean, *clipped = rest
+        loss_sync.replace_all_uses_with(mean)
+        program.graph.erase_node(loss_sync)
+        outputs = program.outputs()
+    else:
+        clipped = rest
     for node in program.graph.nodes:
         if node not in before:  # about every gradient: the optimizer phase of the whole model
             node.meta[meta.PHASE] = meta.OPTIMIZER
@@ -80,4 +107,27 @@ def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float | 
         outputs[i] = new
     program.set_outputs([*outputs, norm])
     program.signature.outputs.append(OutputSpec(GRAD_NORM))
-    return PassResult(program, {"clipped": len(clipped), "norm_groups": len(groups)})
+    return PassResult(
+        program, {"clipped": len(clipped), "norm_groups": len(groups), "loss_folded": loss_sync is not None}
+    )
+
+
+def _foldable_loss_sync(program: DistProgram, axes: list[str]) -> fx.Node | None:
+    """The step's loss all-reduce (synchronous, averaging an fp32 value over one of `axes`, read by
+    nothing but the program's output), if there is exactly one: the norm's all-reduce carries it."""
+    found = [n for n in program.graph.nodes if n.op == "call_function" and n.meta.get(meta.ROLE) == meta.LOSS_SYNC]
+    if len(found) != 1:
+        return None
+    node = found[0]
+    val = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+    if (
+        node.target is not torch.ops.shardfx.all_reduce.default
+        or node.args[1] not in axes
+        or node.args[2] != "avg"
+        or not isinstance(val, Tensor)
+        or val.dtype != torch.float32
+        or val.dim() != 0
+        or any(user.op != "output" for user in node.users)
+    ):
+        return None
+    return node

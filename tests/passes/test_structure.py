@@ -164,3 +164,23 @@ def test_gradient_outputs_are_shards_under_zero3() -> None:
         if spec.role == GRAD:
             shard = engine.program.shard_specs[spec.target]
             assert tuple(value.meta["val"].shape) == shard.shard_shape
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_the_gradient_norm_adds_no_round_trip(stage: int) -> None:
+    """The step's scalar all-reduces: ZeRO-0's gradients are whole on every rank, so the norm is local
+    and the loss's mean is the only one; ZeRO-1/2/3's norm needs its shards' squares summed across the
+    ranks, and that all-reduce carries the loss too (its own is gone), so the count stays one."""
+    engine = compile_gpt(4, zero_stage=stage)
+    engine.runtime.close()
+    scalars = [
+        n
+        for n in engine.program.graph.nodes
+        if collectives.is_collective(n) and collectives.kind(n) == "all_reduce" and n.args[0].meta["val"].numel() <= 2
+    ]
+    assert len(scalars) == 1
+    loss_syncs = collective_nodes(engine, "all_reduce", meta.LOSS_SYNC)
+    if stage == 0:
+        assert scalars == loss_syncs
+    else:
+        assert loss_syncs == [] and scalars[0].args[0].meta["val"].shape == (2,)  # squared norm, local loss

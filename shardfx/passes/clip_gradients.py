@@ -13,8 +13,10 @@ over the data-parallel ranks with a scalar all-reduce (role "loss"), and that
 one is folded into the norm's all-reduce over the same axis (the local loss
 travels beside the squared norms; the mean is the sum over the ranks divided by
 their count, as the runtimes average). It then happens at the end of the step
-instead of after the forward; a loss that is not fp32, or one averaged over an
-axis no gradient is split over, keeps its own all-reduce.
+instead of after the forward. Where no norm crosses ranks (ZeRO-0: every
+gradient is whole on every rank), the loss rides on the last gradient all-reduce
+over its axis instead (one more element of the same average). A loss that is not
+fp32, or that finds no all-reduce to ride on, keeps its own.
 
 The program returns the norm (output role GRAD_NORM) for the engine's
 non-finite check and its stats. With max_norm, the gradients are also scaled by
@@ -44,7 +46,7 @@ def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float | 
     outputs = program.outputs()
     indices = [i for i, s in enumerate(program.signature.outputs) if s.role == GRAD]
     if not indices:
-        return PassResult(program, {"clipped": 0})
+        return PassResult(program, {"clipped": 0, "loss_folded": False})
     # the axes each gradient is split over, in mesh order; one group per distinct set
     splits = [
         tuple(
@@ -57,6 +59,9 @@ def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float | 
     axes = [a for a in program.mesh.names if any(a in g for g in groups)]
     loss_sync = _foldable_loss_sync(program, axes)
     loss_axis = loss_sync.args[1] if loss_sync is not None else None
+    folded_in_gradient = loss_sync is None and _fold_into_gradient_all_reduce(program)
+    if folded_in_gradient:
+        outputs = program.outputs()  # a gradient output is now the folded all-reduce's slice
     ranks = program.mesh.size(loss_axis) if loss_axis is not None else 1
 
     def norm_and_clip(*args: Tensor) -> tuple[Tensor, ...]:
@@ -108,8 +113,57 @@ def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float | 
     program.set_outputs([*outputs, norm])
     program.signature.outputs.append(OutputSpec(GRAD_NORM))
     return PassResult(
-        program, {"clipped": len(clipped), "norm_groups": len(groups), "loss_folded": loss_sync is not None}
+        program,
+        {
+            "clipped": len(clipped),
+            "norm_groups": len(groups),
+            "loss_folded": loss_sync is not None or folded_in_gradient,
+        },
     )
+
+
+def _fold_into_gradient_all_reduce(program: DistProgram) -> bool:
+    """Average the loss in the last gradient all-reduce over its axis (ZeRO-0: the norm is local):
+    all_reduce(cat([g.flatten(), loss.reshape(1)]), avg) in place of the two. False: nothing to fold."""
+    loss_sync = _foldable_loss_sync(program, list(program.mesh.names))
+    if loss_sync is None:
+        return False
+    _, axis, op = loss_sync.args
+    grads = [
+        n
+        for n in program.graph.nodes
+        if n.target is torch.ops.shardfx.all_reduce.default
+        and n.meta.get(meta.ROLE) == meta.GRAD_SYNC
+        and n.args[1:] == (axis, op)
+        and n.args[0].meta["val"].dtype == torch.float32
+    ]
+    if not grads:
+        return False
+    grad = grads[-1]
+    shape = tuple(grad.args[0].meta["val"].shape)
+
+    def reduce_both(g: Tensor, loss: Tensor) -> tuple[Tensor, Tensor]:
+        flat = torch.ops.shardfx.all_reduce(torch.cat([g.reshape(-1), loss.reshape(1)]), axis, op)
+        return flat[:-1].view(shape), flat[-1]
+
+    before = set(program.graph.nodes)
+    with program.graph.inserting_before(grad):
+        reduced, mean = inline(
+            program, reduce_both, [grad.args[0], loss_sync.args[0]], provenance=grad, origin="grad_norm"
+        )
+    merged = next(
+        n for n in program.graph.nodes if n not in before and n.target is torch.ops.shardfx.all_reduce.default
+    )
+    for key in (meta.ROLE, meta.TARGET, meta.PHASE, meta.MODULE):
+        if key in grad.meta:
+            merged.meta[key] = grad.meta[key]
+    if meta.PLACEMENT in grad.meta:
+        reduced.meta[meta.PLACEMENT] = grad.meta[meta.PLACEMENT]
+    grad.replace_all_uses_with(reduced)
+    program.graph.erase_node(grad)
+    loss_sync.replace_all_uses_with(mean)
+    program.graph.erase_node(loss_sync)
+    return True
 
 
 def _foldable_loss_sync(program: DistProgram, axes: list[str]) -> fx.Node | None:

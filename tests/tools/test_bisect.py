@@ -51,10 +51,12 @@ def test_names_the_pass_that_drops_a_gradient_reduction_with_rank_and_parameter(
 
 def test_command_exits_1_naming_pass_rank_and_parameter(capsys):
     argv = ["bisect", "mlp", "--no-progress", "--append-pass", f"{BROKEN}:drop_one_grad_reduction"]
+    # one synchronous all-reduce per parameter (no bucket, no overlap), so one gradient is spoiled
+    argv += ["--config", "bucket_mb=0", "--config", "overlap=False"]
     assert main(argv) == 1
     out = capsys.readouterr().out
-    # stages: capture, sync_batch_norm, data_parallel, grad_norm, tune_communication, the broken pass
-    assert "first divergence: after pass 'drop_one_grad_reduction' (stage 5)" in out
+    # stages: capture, sync_batch_norm, data_parallel, grad_norm, the broken pass
+    assert "first divergence: after pass 'drop_one_grad_reduction' (stage 4)" in out
     assert re.search(r"gradient of layers\.\d\.(weight|bias) on rank [01]: max \|diff\| \d", out), out
     assert max(len(line) for line in out.splitlines()) <= 80
 

@@ -53,8 +53,9 @@ def test_zero3_collective_counts_equal_the_graph(gpt_zero3):
     assert in_graph == {"all_gather": 29, "reduce_scatter": 15, "all_reduce": 1}
     assert (int(row["AG"]), int(row["RS"]), int(row["AR"])) == (29, 15, 1)
     assert rows[2]["name"] == "shard_parameters" and rows[2]["collectives"] == in_graph
-    # grad_norm adds one scalar all-reduce over dp: the gradients are dp shards
-    assert rows[-1]["name"] == "grad_norm" and rows[-1]["collectives"] == {**in_graph, "all_reduce": 2}
+    # grad_norm sums the dp shards' squares in one scalar all-reduce, which also carries the loss
+    # (its own all-reduce is folded in): still one
+    assert rows[-1]["name"] == "grad_norm" and rows[-1]["collectives"] == {**in_graph, "all_reduce": 1}
     capture = table_row(out, "capture")
     assert (capture["AG"], capture["RS"], capture["AR"]) == ("-", "-", "-")
 
@@ -169,9 +170,9 @@ def test_variant_shows_each_program_of_an_accumulating_step(tmp_path):
         assert "accumulate_gradients" in [r["name"] for r in rows] and rows[-1]["name"] == "reuse_replicas"
     model, _, _ = build_model("gpt", preset="tiny", bias=False)
     params = len(list(model.parameters()))  # the tied embedding once
-    # every program all-reduces the loss; last also the grad norm over the dp shards
+    # every program all-reduces the loss; in the last that all-reduce also sums the grad norm's shards
     assert collectives["first"] == {"all_gather": params, "all_reduce": 1}
     assert collectives["middle"] == {"all_reduce": 1}
-    assert collectives["last"] == {"reduce_scatter": params, "all_reduce": 2}
+    assert collectives["last"] == {"reduce_scatter": params, "all_reduce": 1}
     code, _, err = run_cli([*argv, "--zero", "3", "--variant", "first"])
     assert code == 2 and "--variant first: this configuration compiles middle, last" in err

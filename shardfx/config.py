@@ -56,7 +56,8 @@ class Config:
         None, the default: the cost model plans it, see tune_communication).
     overlap: issue collectives asynchronously: gradient reductions launched while the backward
         still runs, parameter gathers prefetched `prefetch` blocks ahead (None: planned).
-    prefetch: parameter gathers in flight ahead of their use, >= 1 (None: planned).
+    prefetch: collectives in flight, >= 1 (None: planned): parameter gathers issued this many blocks
+        ahead of their use, and up to this many gradient reductions running at once.
     tp_size: tensor-parallel ranks (world size = dp x tp); Linear layers split Megatron-style.
     tp_plan: {module pattern: "colwise" | "rowwise" | "replicate"}; None: the automatic plan.
     sequence_parallel: with tp_size > 1, Megatron's sequence parallelism: between the blocks

@@ -5,8 +5,9 @@
   `depth` blocks' parameters are on their way; its wait sits right before the
   first use. The first `depth` gathers start at the top of the step.
 - gradient reductions: the start stays where the gradient (bucket) is complete;
-  its wait sits right before the next reduction starts (at most one reduction in
-  flight, so reduction buffers do not pile up) and the last one before the end.
+  the k-th one's wait sits right before the (k + depth)-th reduction starts (at
+  most `depth` reductions in flight, so reduction buffers do not pile up) and
+  the last `depth` ones' before the end.
 - everything else (the loss mean, batch-norm statistics) stays synchronous.
 
 The order of collectives is unchanged and identical on every rank (one SPMD
@@ -42,14 +43,14 @@ def schedule_overlap(program: DistProgram, ctx: PassContext, *, depth: int = 1) 
     last_input = program.placeholders()[-1]
     for k, (start, _) in enumerate(gathers):
         _hoist_after(program, start, last_input if k < depth else gathers[k - depth][1])
-    # reductions: wait right before the next reduction starts
-    for (_, wait), (next_start, _) in zip(reductions, reductions[1:]):
+    # reductions: wait right before the reduction `depth` later starts
+    for (_, wait), (next_start, _) in zip(reductions, reductions[depth:]):
         if _position(program)(wait) > _position(program)(next_start):
             next_start.prepend(wait)  # earlier: its start precedes next_start and its readers come later
         else:
             _delay(program, wait, next_start)
-    if reductions:
-        _delay(program, reductions[-1][1], program.output_node())
+    for _, wait in reductions[-depth:]:
+        _delay(program, wait, program.output_node())
     return PassResult(program, {"prefetched_gathers": len(gathers), "async_reductions": len(reductions)})
 
 

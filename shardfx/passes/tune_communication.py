@@ -12,7 +12,8 @@ The whole table is in the pass stats, so a person can see why.
 The search is kept small without losing a candidate: bucket caps that group
 the collectives alike are one candidate (the smallest cap names it), each
 grouping is bucketed once and its overlap variants are built from that copy,
-and prefetch depths beyond the number of parameter gathers are the same program.
+and depths beyond the number of parameter gathers and of gradient reductions
+are the same program.
 
 Needs: a sharding pass. Provides: what bucket_collectives and schedule_overlap provide.
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shardfx.graphs import meta
+from shardfx.graphs import collectives, meta
 from shardfx.graphs.cost_model import hardware, simulate
 from shardfx.graphs.program import DistProgram, clone_program
 from shardfx.passes.bucket_collectives import bucket_collectives, buckets
@@ -44,8 +45,11 @@ def _groupings(program: DistProgram, sizes: tuple[float, ...]) -> dict[float, tu
     return {mb: grouping for grouping, mb in seen.items()}
 
 
-def _gathers(program: DistProgram) -> int:
-    return sum(1 for n in program.graph.nodes if n.meta.get(meta.ROLE) == meta.PARAM_GATHER)
+def _in_flight_bound(program: DistProgram) -> int:
+    """The most collectives a depth can keep in flight: the parameter gathers or the gradient
+    reductions, whichever are more (a deeper schedule is the same program)."""
+    roles = [n.meta.get(meta.ROLE) for n in program.graph.nodes if collectives.is_collective(n)]
+    return max(roles.count(meta.PARAM_GATHER), roles.count(meta.GRAD_SYNC), 1)
 
 
 def tune_communication(
@@ -69,9 +73,9 @@ def tune_communication(
         bucketed = program if g == len(groupings) - 1 else clone_program(program, lazy=True)
         if mb > 0:
             bucketed = bucket_collectives(bucketed, ctx, bucket_bytes=int(mb * 2**20)).program
-        gathers = _gathers(bucketed)
+        bound = _in_flight_bound(bucketed)
         depths = DEPTHS if prefetch is None else (prefetch,)
-        depths = sorted({min(d, max(gathers, 1)) for d in depths})
+        depths = sorted({min(d, bound) for d in depths})
         schedules: list[int | None] = ([None] if not overlap else []) + ([] if overlap is False else list(depths))
         for s, depth in enumerate(schedules):
             trial = bucketed

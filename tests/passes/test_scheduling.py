@@ -68,7 +68,11 @@ def test_prefetch_places_starts_and_waits(depth: int) -> None:
         # issued no later than right after the wait of the gather `depth` earlier: before the compute it hides behind
         compute_after = next(n for n in nodes[pos[waits[k - depth]] :] if n.meta.get(meta.ORIGIN) == "capture")
         assert pos[starts[k]] < pos[compute_after]
-    # at most one gradient reduction in flight: each wait precedes the next reduction's start
+    # at most `depth` gradient reductions in flight: each wait precedes the start `depth` later,
+    # and the one right after it is not waited for first (the depth is used)
     reductions = [n for n in nodes if collectives.is_start(n) and n.meta.get(meta.ROLE) == "grad_sync"]
-    for first, second in zip(reductions, reductions[1:]):
-        assert pos[next(iter(first.users))] < pos[second]
+    assert len(reductions) > depth
+    for first, later in zip(reductions, reductions[depth:]):
+        assert pos[next(iter(first.users))] < pos[later]
+    for first, following in zip(reductions, reductions[1:]):
+        assert (pos[next(iter(first.users))] < pos[following]) == (depth == 1)

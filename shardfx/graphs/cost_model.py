@@ -10,7 +10,8 @@ ring: alpha + bytes sent per rank / link bandwidth, where a rank sends
 (N-1)/N of the gathered or scattered tensor and 2(N-1)/N of an all-reduced
 one (gloo's reduce-scatter is an all-reduce of its input: Hardware.scatter_by_all_reduce).
 Synchronous collectives stop compute until they finish; `*_start` launches on
-the communication stream (after the collectives before it) and `wait` stops compute only until its collective is done: the time compute sits
+the communication stream (after the collectives before it) and `wait` stops
+compute only until its collective is done: the time compute sits
 in waits and synchronous collectives is the exposed communication. Where ranks
 share cores with their communication (gloo on a CPU), an async collective
 also takes (1 - overlap) of its time from compute (Hardware.overlap). After

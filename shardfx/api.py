@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from shardfx.config import Config
 from shardfx.driver import build_mesh, check_batch, compile_eval, compile_step, pipeline_holders
+from shardfx.graphs.cost_model import AUTO
 from shardfx.graphs.program import PIPELINE, PLAN
 from shardfx.runtime.engine import Engine, EngineOptions, logger
 
@@ -39,6 +40,10 @@ def compile_distributed(
     """
     config = _check_args(model, world_size, example_inputs, loss_fn, optimizer, config)
     batch = tuple(example_inputs)
+    if _launched() and config.hardware in (AUTO, "cpu"):
+        from shardfx.tools.calibrate import calibrate_once
+
+        calibrate_once(config.hardware, log or logger.warning)  # the first job at this rank count on this machine
     plan = None
     if config.plan == "auto":
         from shardfx.planner import plan_step

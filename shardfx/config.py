@@ -75,7 +75,8 @@ class Config:
     fuse: fuse memory-bound regions into generated Triton kernels (None: on with CUDA, off on CPU).
     kernel_cache_dir: folder for generated kernels (None: $SHARDFX_KERNEL_CACHE or ~/.cache/shardfx/kernels).
     hardware: the cost model's hardware profile for decisions (shardfx.graphs.cost_model.PROFILES);
-        "auto": this machine's (the CUDA device's, else "cpu", calibrated by `shardfx calibrate`).
+        "auto": this machine's (the CUDA device's, else "cpu": measured by the first launched gloo job
+        at each rank count on this machine, or by `shardfx calibrate`; SHARDFX_CALIBRATE=0 skips it).
     collective_timeout: seconds a rank waits in a collective before every rank fails.
     dump_dir: write the printed program after every pass into this folder.
     disable_passes: names of passes to skip (for bisecting); a name that is no pass is an error

@@ -21,3 +21,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 os.environ["SHARDFX_HARDWARE_FILE"] = os.path.join(tempfile.mkdtemp(prefix="shardfx-tests-"), "hardware.json")
+# launched jobs plan on the built-in "cpu" profile rather than measuring this machine first
+# (tests/runtime/test_calibrate_once.py turns it on)
+os.environ["SHARDFX_CALIBRATE"] = "0"

@@ -217,6 +217,11 @@ def _calibrations() -> list[Hardware]:
     return _read[key]
 
 
+def calibrated_ranks() -> set[int]:
+    """The rank counts this machine has a saved calibration for."""
+    return {hw.ranks for hw in _calibrations()}
+
+
 def _load_calibrations() -> list[Hardware]:
     try:
         data = json.loads(CALIBRATION_FILE.read_text())
@@ -247,7 +252,9 @@ def save_calibration(*profiles: Hardware) -> Path:
     kept.update({hw.ranks: hw for hw in profiles})
     data = {"machine": machine, "profiles": [asdict(kept[r]) for r in sorted(kept)]}
     CALIBRATION_FILE.parent.mkdir(parents=True, exist_ok=True)
-    CALIBRATION_FILE.write_text(json.dumps(data, indent=2))
+    partial = CALIBRATION_FILE.with_name(f"{CALIBRATION_FILE.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(data, indent=2))
+    partial.replace(CALIBRATION_FILE)  # a job reading it meanwhile sees the old file or the new, never half of one
     _read.clear()
     return CALIBRATION_FILE
 

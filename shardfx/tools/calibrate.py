@@ -17,6 +17,10 @@ built-in profile elsewhere. The cost model scales a profile to rank counts
 not measured (cost_model.Hardware.at).
 
     shardfx calibrate --world-size 2,4
+
+A launched gloo job on a CPU calibrates itself the first time it runs at a rank
+count this machine has no calibration for (calibrate_once, from
+compile_distributed); SHARDFX_CALIBRATE=0 turns that off.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -233,6 +238,46 @@ def profile(figures: dict[str, float], ranks: int, source: str) -> Hardware:
         scatter_by_all_reduce=True,  # torch's gloo runs a reduce-scatter as an all-reduce
         **figures,
     )
+
+
+AUTO_ENV = "SHARDFX_CALIBRATE"  # "0": a launched job does not calibrate itself
+
+
+def calibrate_once(hardware_name: str, echo: Callable[[str], None] | None = None) -> bool:
+    """In a launched gloo job that plans on this CPU's profile (`hardware_name` "auto" or "cpu"):
+    measure this machine at the job's rank count when it has no calibration at that count yet
+    (a new machine, a new torch or a new count), keep it (save_calibration) and return True;
+    otherwise False. Every rank calls it (the measurement is collective); the ranks agree on
+    whether to measure, and rank 0 saves before any rank plans. `echo`: rank 0's line saying so."""
+    import torch.distributed as dist
+
+    from shardfx.graphs import cost_model
+
+    if os.environ.get(AUTO_ENV, "1") == "0" or not (dist.is_available() and dist.is_initialized()):
+        return False
+    if cost_model.resolve(hardware_name) != "cpu" or dist.get_backend() != "gloo":
+        return False
+    world = dist.get_world_size()
+    if world < 2:
+        return False
+    missing = torch.tensor([int(world not in cost_model.calibrated_ranks())])
+    dist.all_reduce(missing, op=dist.ReduceOp.MAX)  # one rank that lacks it (another file): all measure
+    if not missing.item():
+        return False
+    rank0 = dist.get_rank() == 0
+    if rank0 and echo is not None:
+        echo(
+            f"shardfx: measuring this machine for the cost model at {world} ranks (once; kept in "
+            f"{cost_model.CALIBRATION_FILE}; {AUTO_ENV}=0 skips it) ..."
+        )
+    start = time.perf_counter()
+    hw = profile(measure_all(), world, f"calibrated on this machine by a {world}-rank job")
+    if rank0:
+        cost_model.save_calibration(hw)
+        if echo is not None:
+            echo(f"shardfx: measured in {time.perf_counter() - start:.0f} s")
+    dist.barrier()  # every rank plans on the saved calibration
+    return True
 
 
 def run(args: argparse.Namespace) -> int:

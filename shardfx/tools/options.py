@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -119,3 +121,30 @@ def model_kwargs(model: str, preset: str | None, overrides: list[tuple[str, Any]
     else:
         base = presets[preset]
     return {**base, **dict(overrides)}
+
+
+def unwritable(path: str, is_dir: bool) -> str | None:
+    """Why `path` cannot be written (None: it can), found by writing: permission bits say nothing to
+    root or on /proc. A missing directory is made, as the run would make it."""
+    if is_dir:
+        if os.path.exists(path) and not os.path.isdir(path):
+            return "exists and is not a directory"
+        try:
+            os.makedirs(path, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".shardfx-write-test-")
+            os.close(fd)
+            os.remove(probe)
+        except OSError as exc:
+            return f"cannot write there ({exc.strerror})"
+        return None
+    if os.path.isdir(path):
+        return "is a directory"
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        return f"cannot write there ({exc.strerror})"
+    if not existed:
+        os.remove(path)
+    return None

@@ -48,13 +48,19 @@ import argparse
 import dataclasses
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from shardfx.deepspeed import read_json
 from shardfx.graphs.cost_model import hardware
-from shardfx.tools.options import add_model_arguments, model_kwargs, non_negative_int, positive_float, positive_int
+from shardfx.tools.options import (
+    add_model_arguments,
+    model_kwargs,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    unwritable,
+)
 from shardfx.tools.train_loop import latest_checkpoint, train_here
 from shardfx.tools.train_options import (
     DEFAULT_BATCH_SIZE,
@@ -365,36 +371,9 @@ def check_paths(options: TrainOptions) -> None:
         targets.append(("--checkpoint-dir", options.checkpoint_dir, True))
     for flag, path, is_dir in targets:
         if path:
-            problem = _unwritable(path, is_dir)
+            problem = unwritable(path, is_dir)
             if problem:
                 raise ValueError(f"{flag} {path}: {problem}; choose a path you can write")
-
-
-def _unwritable(path: str, is_dir: bool) -> str | None:
-    """Why `path` cannot be written (None: it can), found by writing: permission bits say nothing to
-    root or on /proc. A missing directory is made, as the run would make it."""
-    if is_dir:
-        if os.path.exists(path) and not os.path.isdir(path):
-            return "exists and is not a directory"
-        try:
-            os.makedirs(path, exist_ok=True)
-            fd, probe = tempfile.mkstemp(dir=path, prefix=".shardfx-write-test-")
-            os.close(fd)
-            os.remove(probe)
-        except OSError as exc:
-            return f"cannot write there ({exc.strerror})"
-        return None
-    if os.path.isdir(path):
-        return "is a directory"
-    existed = os.path.exists(path)
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as exc:
-        return f"cannot write there ({exc.strerror})"
-    if not existed:
-        os.remove(path)
-    return None
 
 
 def _fraction(text: str) -> float:

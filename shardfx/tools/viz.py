@@ -29,7 +29,7 @@ from typing import Any
 from shardfx.graphs.analysis import memory_timeline
 from shardfx.graphs.cost_model import hardware, trace
 from shardfx.tools.model_spec import add_model_spec_arguments, model_spec_from_args
-from shardfx.tools.options import positive_int
+from shardfx.tools.options import positive_int, unwritable
 from shardfx.tools.stages import (
     Stage,
     add_compile_arguments,
@@ -119,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
         dot_path()  # fail before compiling when graphviz is missing
     if args.memory_plot:
         _pyplot()
+    for flag, path in (("-o", args.output), ("--trace", args.trace), ("--memory-plot", args.memory_plot)):
+        problem = path and unwritable(path, is_dir=False)
+        if problem:
+            raise ValueError(f"{flag} {path}: {problem}; choose a path you can write")
     config = config_from_args(args)
     spec = model_spec_from_args(args)
     stages = compile_stages(

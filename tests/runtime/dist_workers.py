@@ -212,3 +212,17 @@ def rank_1_returns_early() -> None:
     comm = DistComm(Mesh.of(dp=2))
     for i in range(3 if dist.get_rank() == 0 else 2):
         comm.all_reduce(torch.ones(2), "dp", "sum", where=f"node ar_{i} (root)")
+
+
+def compile_calibrating_twice() -> dict:
+    """Compile the tiny GPT twice in a job that may calibrate itself (SHARDFX_CALIBRATE=1): what each
+    compile printed, and the profile the second one planned on."""
+    from shardfx.graphs import cost_model
+
+    printed: list[list[str]] = []
+    for _ in range(2):
+        lines: list[str] = []
+        model, batch = tiny_gpt_batch()
+        shardfx.compile_distributed(model, None, example_inputs=batch, loss_fn=gpt_loss, log=lines.append)
+        printed.append([line for line in lines if line.startswith("shardfx: measur")])
+    return {"printed": printed, "profile": cost_model.hardware("auto", ranks=dist.get_world_size())}

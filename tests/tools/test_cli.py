@@ -94,6 +94,9 @@ def test_estimate_counts_a_registry_model_once_per_tied_parameter(capsys):
         (["calibrate", "--world-size", "2,2"], r"--world-size: each number once; got '2,2'"),
         (["calibrate", "--world-size", "2,x"], r"--world-size: must be an integer >= 1; got 'x'"),
         (["calibrate", "--world-size", "1,2"], r"--world-size: each count must be at least 2 .*; got '1,2'"),
+        (["viz", "mlp", "-o", "no_such_dir/x.html"], r"-o no_such_dir/x.html: cannot write there \(No such"),
+        (["viz", "mlp", "--trace", "/"], r"--trace /: the file name must end in .json"),
+        (["viz", "mlp", "--trace", "no/t.json"], r"--trace no/t.json: cannot write there"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, message, capsys):

@@ -73,7 +73,8 @@ def test_zero3_bytes_follow_the_zero_formula(gpt_zero3):
 
 def test_output_fits_80_columns_and_has_every_part(gpt_zero3):
     out, rows, dump = gpt_zero3
-    too_wide = [line for line in out.splitlines() if len(line) > 80]
+    # the line naming the dump folder is as long as the folder's path, which is not the tool's
+    too_wide = [line for line in out.splitlines() if len(line) > 80 and str(dump) not in line]
     assert not too_wide, too_wide[:3]
     assert [r["name"] for r in rows] == ["capture", "sync_batch_norm", "shard_parameters", "grad_norm"]
     assert sorted(p.name for p in dump.iterdir()) == [

@@ -66,10 +66,12 @@ def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float | 
 
     def norm_and_clip(*args: Tensor) -> tuple[Tensor, ...]:
         grads = args[: len(indices)]
-        sums: list[Tensor] = [None] * len(groups)  # type: ignore[list-item]  # no constant: no device baked in
-        for g, k in zip(grads, member):
-            square = g.float().pow(2).sum()
-            sums[k] = square if sums[k] is None else sums[k] + square
+        # each group's sum of squares from one fused pass over its gradients (fp32 norms whatever
+        # their dtype), not a square and a sum per gradient: no temporaries, one read of each
+        sums: list[Tensor] = []
+        for k in range(len(groups)):
+            norms = torch._foreach_norm([g for g, m in zip(grads, member) if m == k], 2, dtype=torch.float32)
+            sums.append(torch.stack(norms).pow(2).sum())
         mean_loss: list[Tensor] = []
         for axis in axes:  # every group split over `axis` in one all-reduce
             split = [k for k, group in enumerate(groups) if axis in group]

@@ -14,9 +14,7 @@ the communication stream (after the collectives before it) and `wait` stops
 compute only until its collective is done: the time compute sits
 in waits and synchronous collectives is the exposed communication. Where ranks
 share cores with their communication (gloo on a CPU), an async collective
-also takes (1 - overlap) of its transfer time from compute (Hardware.overlap);
-its latency (alpha: on a CPU mostly the ranks' skew, which a synchronous
-collective waits out) is waiting, not work, and passes beside compute. After
+also takes (1 - overlap) of its time from compute (Hardware.overlap). After
 the program, the optimizer updates the parameter elements this rank holds
 (priced as Adam(W): seconds per element and per tensor).
 
@@ -400,9 +398,7 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
             done[node] = comm_t
             busy_comm += cost
             record(COMM_TRACK, collectives.kind(node), begin, cost, "collective", node)
-            # shared cores: compute slows while the transfer runs; the latency (alpha, on a CPU mostly
-            # the ranks' skew) is waiting, not work, and passes beside compute
-            shared = (1.0 - hw.overlap) * max(cost - hw.alpha, 0.0)
+            shared = (1.0 - hw.overlap) * cost  # shared cores: compute slows while it runs
             record(COMPUTE_TRACK, f"{collectives.kind(node)} (shared cores)", compute_t, shared, "exposed", node)
             compute_t += shared
             exposed += shared

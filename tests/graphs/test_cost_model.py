@@ -51,19 +51,13 @@ def test_overlap_hides_communication(hw: str) -> None:
 
 
 def test_ranks_sharing_cores_hide_less() -> None:
-    """Hardware.overlap: the share of an async collective's transfer that runs beside compute. At 0
-    (the transfer takes the cores compute needs) overlapping gains only the latency, which is
-    waiting, not work: nothing without latency, at most alpha a collective with it."""
+    """Hardware.overlap: the share of an async collective that runs beside compute. At 0 (the
+    communication takes the cores compute needs) overlapping gains nothing over waiting."""
     plain = compiled(zero_stage=3, bucket_mb=64.0, overlap=False)
     overlapped = compiled(zero_stage=3, bucket_mb=64.0, overlap=True, prefetch=1)
-    h100 = hardware("h100")
-    steps = [simulate(overlapped, dataclasses.replace(h100, overlap=f)).step_seconds for f in (0, 0.5, 1)]
+    steps = [simulate(overlapped, dataclasses.replace(hardware("h100"), overlap=f)).step_seconds for f in (0, 0.5, 1)]
     assert steps[0] > steps[1] > steps[2]
-    no_latency = dataclasses.replace(h100, overlap=0.0, alpha=0.0)
-    assert simulate(overlapped, no_latency).step_seconds >= simulate(plain, no_latency).step_seconds * (1 - 1e-9)
-    started = sum(collectives.is_start(n) for n in overlapped.graph.nodes)
-    gained = simulate(plain, h100).step_seconds - steps[0]
-    assert 0 < gained <= started * h100.alpha * (1 + 1e-9)
+    assert steps[0] >= simulate(plain, hardware("h100")).step_seconds * (1 - 1e-9)
 
 
 def test_bucketing_saves_latency() -> None:

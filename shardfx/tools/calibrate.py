@@ -6,7 +6,7 @@ does): matmul FLOP/s in fp32 and bf16, memory bandwidth (a large copy), GELU's
 elements/s, the fixed cost of one small op and of one view, AdamW's step per
 parameter element and per tensor, and gloo between the N processes as a
 training step meets it (each collective after some compute): latency (alpha),
-bandwidth, and how much of an async collective hides behind compute (overlap).
+bandwidth, and how much of a bucketed backward's all-reduces async launches hide (overlap).
 Medians, not best cases: a step meets the machine as it is.
 
 The result is written to ~/.cache/shardfx/hardware.json (or the file the
@@ -166,8 +166,8 @@ def measure_gloo() -> dict[str, float]:
 
     alpha: the time a small all-reduce adds between short stretches of compute (the ranks' skew and
     the latency), over a sequence of 20; link_bw: from the extra time of a 16 MiB one
-    (large enough that its transfer, not the skew, sets its time); overlap: the share of that
-    all-reduce's time an async launch hides behind compute longer than it."""
+    (large enough that its transfer, not the skew, sets its time); overlap: the share of the
+    collectives' time a bucketed backward hides by launching them async (_overlap)."""
     import torch.distributed as dist
 
     import shardfx.runtime.dist_comm  # noqa: F401 - quiets torch 2.13's rename warnings
@@ -205,12 +205,53 @@ def measure_gloo() -> dict[str, float]:
     # per collective: a sequence's extra time over the same compute alone (steadier than one call's)
     alpha = max((_median(lambda: between_compute(True)) - _median(lambda: between_compute(False))) / 20, 1e-6)
     sync = max(median_of(lambda: after_compute(big)), alpha + 1e-6)
-    k = max(8, math.ceil(8 * 1.5 * sync / max(base, 1e-6)))  # compute that outlasts the collective
-    long = _median(lambda: compute(k), 9)
-    overlapped = _median(lambda: (lambda work: (compute(k), work.wait()))(dist.all_reduce(big, async_op=True)), 15)
     sent = 2 * big.numel() * 4 * (world - 1) / world  # a ring all-reduce sends 2(N-1)/N of the tensor
-    overlap = min(max(1.0 - (overlapped - long) / sync, 0.0), 1.0)
-    return {"alpha": alpha, "link_bw": sent / (sync - alpha), "overlap": overlap}
+    one = max(median_of(lambda: after_compute(torch.ones(BUCKET_NUMEL))), 1e-6)  # one bucket's all-reduce
+    return {"alpha": alpha, "link_bw": sent / (sync - alpha), "overlap": _overlap(compute, base, one)}
+
+
+def _overlap(compute, base: float, one: float) -> float:  # noqa: ANN001
+    """The share of its collectives' time a bucketed backward hides by launching them async: the
+    rhythm of one (BUCKETS gradient buckets, each all-reduced while the next stretch of compute
+    runs, at most 2 in flight) timed three ways: collectives synchronous, async, and none. Where
+    the ranks share cores, the transfers slow the compute beside them (a share is not hidden), and
+    an async collective also lets a rank run on past a peer that lags (the ranks' skew), which a
+    single collective behind compute does not show."""
+    import torch.distributed as dist
+
+    buckets = [torch.ones(BUCKET_NUMEL) for _ in range(BUCKETS)]
+    chunk = max(2, math.ceil(8 * 1.5 * one / max(base, 1e-6)))  # compute that outlasts one collective
+
+    def rhythm(mode: str) -> None:
+        pending: list = []
+        for bucket in buckets:
+            if mode == "sync":
+                dist.all_reduce(bucket)
+            elif mode == "async":
+                pending.append(dist.all_reduce(bucket, async_op=True))
+                if len(pending) > 2:
+                    pending.pop(0).wait()
+            compute(chunk)
+        for work in pending:
+            work.wait()
+
+    # the three interleaved, each after a barrier, so the machine's drift falls on all of them alike
+    times: dict[str, list[float]] = {"none": [], "sync": [], "async": []}
+    for mode in times:
+        rhythm(mode)  # warm
+    for _ in range(REPEAT):
+        for mode, seen in times.items():
+            dist.barrier()
+            start = time.perf_counter()
+            rhythm(mode)
+            seen.append(time.perf_counter() - start)
+    none, sync, overlapped = (sorted(seen)[REPEAT // 2] for seen in times.values())
+    if sync <= none:
+        return 1.0  # the collectives cost nothing measurable here
+    return min(max(1.0 - (overlapped - none) / (sync - none), 0.0), 1.0)
+
+
+BUCKETS, BUCKET_NUMEL, REPEAT = 8, 2**19, 21  # _overlap's rhythm: 8 gradient buckets of 2 MiB, 21 timings
 
 
 def measure_all() -> dict[str, float]:
@@ -297,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
             f"op overhead {hw.op_overhead * 1e6:.1f} us, view {hw.view_overhead * 1e6:.1f} us, "
             f"AdamW {hw.optimizer_element * 1e9:.1f} ns/element + {hw.optimizer_tensor * 1e6:.0f} us/tensor, "
             f"gloo alpha {hw.alpha * 1e6:.0f} us, link {hw.link_bw / 1e9:.2f} GB/s, "
-            f"{hw.overlap:.0%} of an async collective hidden behind compute"
+            f"{hw.overlap:.0%} of a bucketed backward's all-reduces hidden by async launches"
         )
     if not args.dry_run:
         print(f"saved to {save_calibration(*profiles)}")

@@ -88,6 +88,7 @@ import shardfx
 from shardfx.graphs.cost_model import Hardware, hardware, simulate
 from shardfx.models import GPT, GPTConfig, gpt_loss, num_params
 from shardfx.runtime.launch import launch
+from shardfx.tools.calibrate import calibrate_once
 
 MiB = 2**20
 BASELINE = "DDP"
@@ -334,7 +335,11 @@ def worker(opts: dict[str, Any]) -> dict[str, Any]:
     batches = make_batches(opts, n_steps + 1, cfg.vocab_size, cfg.seq_len)
     held_out = batches.pop()
     names = [n for n in STRATEGIES if n == BASELINE or opts["only"] is None or n in opts["only"]]
-    profile = calibrated_here() if opts["calibrate"] else hardware("auto", ranks=dist.get_world_size())
+    if opts["calibrate"]:
+        profile = calibrated_here()
+    else:  # the profile the engines will plan on: measured first if this machine has none at this count
+        calibrate_once("auto", print if rank == 0 else None)
+        profile = hardware("auto", ranks=dist.get_world_size())
     strategies = [build_strategy(name, opts, cfg, batches[0]) for name in names]
     times, memory, comm = measure(strategies, batches, opts["warmup"], peak_memory)
     results: dict[str, Any] = {}

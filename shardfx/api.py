@@ -40,6 +40,7 @@ def compile_distributed(
     """
     config = _check_args(model, world_size, example_inputs, loss_fn, optimizer, config)
     batch = tuple(example_inputs)
+    _resolve_world_size(world_size)  # a wrong world size fails before the machine is measured
     if _launched() and config.hardware in (AUTO, "cpu"):
         from shardfx.tools.calibrate import calibrate_once
 

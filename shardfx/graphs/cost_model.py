@@ -188,9 +188,9 @@ def resolve(name: str) -> str:
 
 
 def hardware(name: str = AUTO, ranks: int | None = None) -> Hardware:
-    """A named profile ("auto": this machine's). 'cpu' is the calibrated one when `shardfx calibrate`
-    has run on this machine (a calibration of another machine, or torch, is not used), else the
-    built-in one. `ranks`: the profile for a program of that many ranks on this machine
+    """A named profile ("auto": this machine's). 'cpu' is the calibrated one when this machine has been
+    measured (by `shardfx calibrate`, or by the first launched gloo job at a rank count; a calibration
+    of another machine, or torch, is not used), else the built-in one. `ranks`: the profile for a program of that many ranks on this machine
     (Hardware.at: a calibration measured at that count, else one scaled to it); without it, the
     profile as measured (simulate scales it to the program's world size itself)."""
     name = resolve(name)
@@ -203,24 +203,39 @@ def hardware(name: str = AUTO, ranks: int | None = None) -> Hardware:
 
 _FIELDS = {f.name for f in fields(Hardware)}
 _read: dict[tuple[str, int, int], list[Hardware]] = {}
+# rank count -> the calibration this process's job measured (tools/calibrate.calibrate_once): every rank
+# plans on it whether or not the file could be written or is the same file on every rank
+_measured_here: dict[int, Hardware] = {}
 
 
 def _calibrations() -> list[Hardware]:
-    """This machine's saved calibrations, one per rank count measured (none: no file, another
-    machine's, or an older or damaged file). Read once per version of the file."""
+    """This machine's calibrations, one per rank count measured: the file's (none: no file, another
+    machine's, or an older or damaged file; read once per version of it), with those this process's
+    job measured in their place."""
+    saved: list[Hardware] = []
     try:
         stat = CALIBRATION_FILE.stat()
     except OSError:
-        return []
-    key = (str(CALIBRATION_FILE), stat.st_mtime_ns, stat.st_size)
-    if key not in _read:
-        _read[key] = _load_calibrations()
-    return _read[key]
+        pass
+    else:
+        key = (str(CALIBRATION_FILE), stat.st_mtime_ns, stat.st_size)
+        if key not in _read:
+            _read[key] = _load_calibrations()
+        saved = _read[key]
+    if not _measured_here:
+        return saved
+    kept = {hw.ranks: hw for hw in saved} | _measured_here
+    return [kept[r] for r in sorted(kept)]
 
 
 def calibrated_ranks() -> set[int]:
-    """The rank counts this machine has a saved calibration for."""
+    """The rank counts this machine has a calibration for."""
     return {hw.ranks for hw in _calibrations()}
+
+
+def use_calibration(hw: Hardware) -> None:
+    """Plan on `hw` (measured by this process's job at hw.ranks ranks) from now on in this process."""
+    _measured_here[hw.ranks] = hw
 
 
 def _load_calibrations() -> list[Hardware]:

@@ -39,6 +39,16 @@ from shardfx.graphs.signature import GRAD, GRAD_NORM, OutputSpec
 from shardfx.passes.manager import PassContext, PassResult
 
 
+def _sum_of_squares(grads: list[Tensor]) -> Tensor:
+    """sum(g.float().pow(2).sum() for g in grads), in one _foreach_norm per kind of dtype: 16-bit
+    gradients' norms are taken in fp32, the others' in their own dtype (fp64 is not narrowed in the norm)."""
+    narrow = [g for g in grads if g.dtype in (torch.float16, torch.bfloat16)]
+    wide = [g for g in grads if g.dtype not in (torch.float16, torch.bfloat16)]
+    norms = list(torch._foreach_norm(narrow, 2, dtype=torch.float32)) if narrow else []
+    norms += [n.float() for n in torch._foreach_norm(wide, 2)] if wide else []
+    return torch.stack(norms).pow(2).sum()
+
+
 def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float | None, eps: float = 1e-6) -> PassResult:
     """max_norm=None only measures (the pipeline names that pass "grad_norm"). The gradients of a step
     of k micro-batches are their sum, k times the mean one device clips: the pipeline passes
@@ -66,12 +76,9 @@ def clip_gradients(program: DistProgram, ctx: PassContext, *, max_norm: float | 
 
     def norm_and_clip(*args: Tensor) -> tuple[Tensor, ...]:
         grads = args[: len(indices)]
-        # each group's sum of squares from one fused pass over its gradients (fp32 norms whatever
-        # their dtype), not a square and a sum per gradient: no temporaries, one read of each
-        sums: list[Tensor] = []
-        for k in range(len(groups)):
-            norms = torch._foreach_norm([g for g, m in zip(grads, member) if m == k], 2, dtype=torch.float32)
-            sums.append(torch.stack(norms).pow(2).sum())
+        # each group's sum of squares from fused passes over its gradients, not a square and a sum
+        # per gradient: no temporaries, one read of each; fp32 norms (16-bit gradients accumulate in fp32)
+        sums = [_sum_of_squares([g for g, m in zip(grads, member) if m == k]) for k in range(len(groups))]
         mean_loss: list[Tensor] = []
         for axis in axes:  # every group split over `axis` in one all-reduce
             split = [k for k, group in enumerate(groups) if axis in group]

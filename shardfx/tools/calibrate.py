@@ -29,6 +29,7 @@ import argparse
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -281,7 +282,8 @@ def profile(figures: dict[str, float], ranks: int, source: str) -> Hardware:
     )
 
 
-AUTO_ENV = "SHARDFX_CALIBRATE"  # "0": a launched job does not calibrate itself
+AUTO_ENV = "SHARDFX_CALIBRATE"  # "0" (or "false", "no", "off"): a launched job does not calibrate itself
+OFF = ("0", "false", "no", "off")
 
 
 def calibrate_once(hardware_name: str, echo: Callable[[str], None] | None = None) -> bool:
@@ -289,12 +291,13 @@ def calibrate_once(hardware_name: str, echo: Callable[[str], None] | None = None
     measure this machine at the job's rank count when it has no calibration at that count yet
     (a new machine, a new torch or a new count), keep it (save_calibration) and return True;
     otherwise False. Every rank calls it (the measurement is collective); the ranks agree on
-    whether to measure, and rank 0 saves before any rank plans. `echo`: rank 0's line saying so."""
+    whether to measure, every rank plans on what was measured (cost_model.use_calibration) and rank 0
+    keeps it in the file (a file it cannot write is a warning). `echo`: rank 0's line saying so."""
     import torch.distributed as dist
 
     from shardfx.graphs import cost_model
 
-    if os.environ.get(AUTO_ENV, "1") == "0" or not (dist.is_available() and dist.is_initialized()):
+    if os.environ.get(AUTO_ENV, "1").strip().lower() in OFF or not (dist.is_available() and dist.is_initialized()):
         return False
     if cost_model.resolve(hardware_name) != "cpu" or dist.get_backend() != "gloo":
         return False
@@ -312,12 +315,21 @@ def calibrate_once(hardware_name: str, echo: Callable[[str], None] | None = None
             f"{cost_model.CALIBRATION_FILE}; {AUTO_ENV}=0 skips it) ..."
         )
     start = time.perf_counter()
-    hw = profile(measure_all(), world, f"calibrated on this machine by a {world}-rank job")
+    with torch.random.fork_rng(devices=[]):  # the measurement's random tensors leave the job's draws as they were
+        figures = measure_all()  # averaged over the ranks: the same figures on every rank
+    hw = profile(figures, world, f"calibrated on this machine by a {world}-rank job")
+    cost_model.use_calibration(hw)  # every rank plans on these figures, whatever becomes of the file
     if rank0:
-        cost_model.save_calibration(hw)
+        try:
+            cost_model.save_calibration(hw)
+        except OSError as exc:
+            warnings.warn(
+                f"shardfx: could not keep the calibration in {cost_model.CALIBRATION_FILE} ({exc.strerror}); "
+                "this job plans on it, the next one measures again (SHARDFX_HARDWARE_FILE names another file)",
+                stacklevel=2,
+            )
         if echo is not None:
             echo(f"shardfx: measured in {time.perf_counter() - start:.0f} s")
-    dist.barrier()  # every rank plans on the saved calibration
     return True
 
 

@@ -50,6 +50,15 @@ def test_batchnorm(config: Config) -> None:
     assert_parity(MLP(16, (37,), 8, batchnorm=True, bias=False), mlp_batch(), F.mse_loss, 2, config)
 
 
+@pytest.mark.parametrize("stage", [0, 3])
+def test_grad_clipping_of_a_float64_model(stage: int) -> None:
+    """The gradient norm of fp64 gradients (no 16-bit narrowing path): clipped as eager clips."""
+    model, (x, y) = MLP(16, (37,), 8).double(), mlp_batch()
+    assert_parity(
+        model, (x.double(), y.double()), F.mse_loss, 2, Config(zero_stage=stage, grad_clip=0.05), optimizer=sgd
+    )
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_grad_clipping(stage: int) -> None:
     """A clip norm small enough to bite every step: the global norm is computed across shards.

@@ -220,9 +220,11 @@ def compile_calibrating_twice() -> dict:
     from shardfx.graphs import cost_model
 
     printed: list[list[str]] = []
+    draws = []  # the global generator's next numbers after each compile (tiny_gpt_batch seeds it)
     for _ in range(2):
         lines: list[str] = []
         model, batch = tiny_gpt_batch()
         shardfx.compile_distributed(model, None, example_inputs=batch, loss_fn=gpt_loss, log=lines.append)
         printed.append([line for line in lines if line.startswith("shardfx: measur")])
-    return {"printed": printed, "profile": cost_model.hardware("auto", ranks=dist.get_world_size())}
+        draws.append(torch.rand(3))
+    return {"printed": printed, "profile": cost_model.hardware("auto", ranks=dist.get_world_size()), "draws": draws}

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from shardfx.graphs import cost_model
 from shardfx.runtime.launch import launch
 from tests.runtime import dist_workers
+
+pytestmark = pytest.mark.multiproc
 
 
 def test_the_first_job_at_a_rank_count_measures_the_machine_and_later_ones_reuse_it(tmp_path, monkeypatch) -> None:
@@ -23,3 +28,5 @@ def test_the_first_job_at_a_rank_count_measures_the_machine_and_later_ones_reuse
     profile = results[0]["profile"]  # what the second compile planned on: the saved calibration
     assert profile.source == "calibrated on this machine by a 2-rank job" == results[1]["profile"].source
     assert profile.alpha > 0 and profile.link_bw > 0 and profile.fp32_flops > 0
+    first_draws, second_draws = results[0]["draws"]  # measuring drew from no generator of the job's
+    assert torch.equal(first_draws, second_draws)

@@ -10,7 +10,6 @@ import torch.nn as nn
 
 from shardfx.config import Config
 from shardfx.driver import build_mesh, check_batch, compile_eval, compile_step, pipeline_holders
-from shardfx.graphs.cost_model import AUTO
 from shardfx.graphs.program import PIPELINE, PLAN
 from shardfx.runtime.engine import Engine, EngineOptions, logger
 
@@ -40,19 +39,20 @@ def compile_distributed(
     """
     config = _check_args(model, world_size, example_inputs, loss_fn, optimizer, config)
     batch = tuple(example_inputs)
-    _resolve_world_size(world_size)  # a wrong world size fails before the machine is measured
-    if _launched() and config.hardware in (AUTO, "cpu"):
+    ranks = _resolve_world_size(world_size)  # a wrong world size fails before the machine is measured
+    if _launched():
         from shardfx.tools.calibrate import calibrate_once
 
-        calibrate_once(config.hardware, log or logger.warning)  # the first job at this rank count on this machine
+        # the first gloo job at this rank count on this machine measures it for the cost model
+        calibrate_once(config.hardware, log or logger.warning)
     plan = None
     if config.plan == "auto":
         from shardfx.planner import plan_step
 
-        plan = plan_step(model, batch, loss_fn, config, _resolve_world_size(world_size), log=logger.debug)
+        plan = plan_step(model, batch, loss_fn, config, ranks, log=logger.debug)
         (log or logger.warning)(plan.describe())
         config = plan.config
-    mesh = build_mesh(config, _resolve_world_size(world_size))
+    mesh = build_mesh(config, ranks)
     check_batch(batch, mesh, config)
     _check_batch_sizes(batch, mesh.size("dp"), config)
     if scheduler is not None and not callable(scheduler):

@@ -188,11 +188,12 @@ def resolve(name: str) -> str:
 
 
 def hardware(name: str = AUTO, ranks: int | None = None) -> Hardware:
-    """A named profile ("auto": this machine's). 'cpu' is the calibrated one when this machine has been
-    measured (by `shardfx calibrate`, or by the first launched gloo job at a rank count; a calibration
-    of another machine, or torch, is not used), else the built-in one. `ranks`: the profile for a program of that many ranks on this machine
-    (Hardware.at: a calibration measured at that count, else one scaled to it); without it, the
-    profile as measured (simulate scales it to the program's world size itself)."""
+    """A named profile ("auto": this machine's). 'cpu' is the calibrated one when this machine has
+    been measured (by `shardfx calibrate`, or by the first launched gloo job at a rank count; a
+    calibration of another machine, or torch, is not used), else the built-in one. `ranks`: the
+    profile for a program of that many ranks on this machine (Hardware.at: a calibration measured
+    at that count, else one scaled to it); without it, the profile as measured (simulate scales it
+    to the program's world size itself)."""
     name = resolve(name)
     if name not in PROFILES:
         raise ValueError(f"unknown hardware profile {name!r}; known: {sorted(PROFILES)} or {AUTO!r}")

@@ -213,13 +213,15 @@ OPS: dict[Any, OpFacts] = {
         alias=True,
         tp="dims",
     ),  # fmt: skip
-    **_rows(VIEW, [aten.as_strided.default, aten.unbind.int], alias=True),
+    aten.unbind.int: OpFacts(VIEW, alias=True, tp="unbind"),  # a fused q|k|v taken apart (Falcon)
+    aten.as_strided.default: OpFacts(VIEW, alias=True),
     # the gradients of slice and select: zeros around the incoming gradient (a new tensor)
     aten.slice_backward.default: OpFacts(OTHER, tp="dims"),
     aten.select_backward.default: OpFacts(OTHER, tp="dims"),
     collectives.WAIT: OpFacts(OTHER, alias=True),  # returns the async collective's buffer
     operator.getitem: OpFacts(VIEW, tp="getitem"),  # picks one output of a multi-output op
     aten.cat.default: OpFacts(OTHER, tp="cat"),
+    aten.stack.default: OpFacts(OTHER, tp="stack"),  # unbind's gradient
     # reductions
     aten.sum.dim_IntList: OpFacts(REDUCTION, tp="sum"),
     aten.sum.default: OpFacts(REDUCTION, tp="sum"),

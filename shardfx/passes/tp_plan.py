@@ -144,6 +144,8 @@ FRIENDLY = (
     | ops.with_tp_rule("view")
     | ops.with_tp_rule("dims")
     | ops.with_tp_rule("split")
+    | ops.with_tp_rule("unbind")
+    | ops.with_tp_rule("stack")
     | ops.with_tp_rule("getitem")
     | ops.with_tp_rule("permute")
     | ops.with_tp_rule("cat")

@@ -258,6 +258,35 @@ def _split(node: fx.Node, placements: dict, tp: int) -> Decision:
     return replicate_all(node, placements)
 
 
+def _unbind(node: fx.Node, placements: dict, tp: int) -> Decision:
+    """unbind along another dim: every part keeps the shard (one dim fewer before it); along the
+    sharded dim each part is one rank's slice, so the input must be whole."""
+    src = node.args[0]
+    dim = (node.args[1] if len(node.args) > 1 else 0) % src.meta["val"].dim()
+    p = _pl(src, placements)
+    n_out = len(node.meta["val"])
+    if not isinstance(p, Shard):
+        return Decision(tuple(p for _ in range(n_out)))
+    if p.dim == dim:
+        return replicate_all(node, placements)
+    return Decision(tuple(Shard(p.dim - (dim < p.dim), p.blocks) for _ in range(n_out)))
+
+
+def _stack(node: fx.Node, placements: dict, tp: int) -> Decision:
+    """stack of tensors sharded alike keeps the shard (one dim more at or before it); the inverse
+    of unbind."""
+    parts = node.args[0]
+    dim = (node.args[1] if len(node.args) > 1 else 0) % node.meta["val"].dim()
+    pls = [_pl(a, placements) for a in parts]
+    if all(p == R for p in pls):
+        return Decision(R)
+    if all(isinstance(p, Partial) for p in pls):
+        return Decision(P)
+    if all(isinstance(p, Shard) and p == pls[0] for p in pls):
+        return Decision(Shard(pls[0].dim + (dim <= pls[0].dim), pls[0].blocks))
+    return replicate_all(node, placements)
+
+
 def _cat(node: fx.Node, placements: dict, tp: int) -> Decision:
     """cat of k slices sharded along the cat dim is that dim in k blocks (the inverse of split)."""
     # torch.cat skips 1-D empty tensors (an empty key/value cache concatenated with the new keys)
@@ -542,6 +571,8 @@ FAMILIES = {
     "permute": _permute,
     "split": _split,
     "cat": _cat,
+    "unbind": _unbind,
+    "stack": _stack,
     "getitem": _getitem,
     "matmul": _matmul,
     "sum": _sum,

@@ -133,15 +133,16 @@ def test_op_without_a_rule_falls_back_exactly() -> None:
     assert stats["tp_all_gathers"] >= 1
 
 
-def rule_on(fn, *shapes, placements):  # type: ignore[no-untyped-def]
-    """The tp rule's decision for the last op of fn traced on tensors of `shapes` (inputs' placements given)."""
+def rule_on(fn, *shapes, placements, target=None):  # type: ignore[no-untyped-def]
+    """The tp rule's decision for the last op (or the last `target`) of fn traced on tensors of
+    `shapes` (inputs' placements given)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     from shardfx.passes.tp_rules import RULES
 
     gm = make_fx(fn, tracing_mode="fake")(*[torch.randn(s) for s in shapes])
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    node = [n for n in gm.graph.nodes if n.op == "call_function"][-1]
+    node = [n for n in gm.graph.nodes if n.op == "call_function" and target in (None, n.target)][-1]
     return RULES[node.target](node, dict(zip(inputs, placements)), 2)
 
 
@@ -157,3 +158,49 @@ def test_rules_where_a_split_does_not_carry() -> None:
     # a sum over every dim (dim=[]) of a shard is a partial sum
     decision = rule_on(lambda x: torch.ops.aten.sum.dim_IntList(x, []), (4, 6), placements=[Shard(1)])
     assert decision.out == Partial()
+
+
+class UnbindAttention(nn.Module):
+    """Falcon's attention (transformers >= 5.25): one fused q|k|v Linear viewed as (B, L, H, 3, D) and
+    taken apart with unbind; its gradient is a stack."""
+
+    def __init__(self, heads: int = 4, dim: int = 32) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.dense = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, self.heads, 3, d // self.heads).unbind(dim=3)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.dense(out.transpose(1, 2).reshape(b, n, d))
+
+
+def test_a_fused_projection_taken_apart_with_unbind_splits_by_heads() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 6, 32), torch.randn(4, 6, 32)
+    engine = assert_parity(UnbindAttention(), (x, y), F.mse_loss, 2, shardfx.Config(tp_size=2), optimizer=sgd)
+    stats = next(r.stats for r in engine.pass_records if r.name == "tensor_parallel")
+    assert stats["plan"] == {"qkv": "colwise", "dense": "rowwise"}, stats["reasons"]
+    assert not stats["fallback_ops"] and not stats["left_replicated"]
+    assert engine.runtime.states[0].params["qkv.weight"].shape == (48, 32)
+
+
+def test_unbind_and_stack_rules() -> None:
+    from shardfx.graphs.placement import Partial, Replicate, Shard
+
+    unbind = torch.ops.aten.unbind.int
+    # along another dim every part keeps the shard, one dim fewer before it
+    decision = rule_on(lambda x: torch.unbind(x, 1), (4, 3, 8), placements=[Shard(2)], target=unbind)
+    assert decision.out == (Shard(1), Shard(1), Shard(1))
+    # along the sharded dim each part would be one rank's: the input is gathered
+    decision = rule_on(lambda x: torch.unbind(x, 1), (4, 2, 8), placements=[Shard(1)], target=unbind)
+    assert decision.out == (Replicate(), Replicate()) and decision.want
+    # stack: the inverse; parts split differently cannot stay split
+    decision = rule_on(lambda a, b: torch.stack([a, b], 1), (4, 8), (4, 8), placements=[Shard(1), Shard(1)])
+    assert decision.out == Shard(2)
+    decision = rule_on(lambda a, b: torch.stack([a, b], 0), (4, 8), (4, 8), placements=[Partial(), Partial()])
+    assert decision.out == Partial()
+    decision = rule_on(lambda a, b: torch.stack([a, b], 0), (4, 8), (4, 8), placements=[Shard(0), Shard(1)])
+    assert decision.out == Replicate() and decision.want

@@ -52,7 +52,7 @@ class MemoryTimeline:
         return self.peak / 2**20
 
 
-def _storage_owner(node: fx.Node) -> fx.Node:
+def storage_owner(node: fx.Node) -> fx.Node:
     """The node whose allocation `node`'s value lives in (itself unless it is a view or a tuple element)."""
     while node.op == "call_function" and (node.target in ALIAS_OPS or node.target is operator.getitem):
         if node.target is operator.getitem and node.args[0].target not in ALIAS_OPS:
@@ -65,7 +65,7 @@ def memory_timeline(program: DistProgram) -> MemoryTimeline:
     nodes = list(program.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     outputs = set(program.outputs())
-    owner = {n: _storage_owner(n) for n in nodes if n.op != "output"}
+    owner = {n: storage_owner(n) for n in nodes if n.op != "output"}
     size: dict[fx.Node, int] = {}
     for n in nodes:
         if n.op == "output" or owner[n] is not n:

@@ -203,6 +203,25 @@ torch.library.register_fake("shardfx::wait", _wait_fake, lib=_lib)
 
 WAIT = torch.ops.shardfx.wait.default
 
+# The in-place all-reduce start, for a reduction whose input nothing else reads (a bucket's
+# concatenated gradients, schedule_overlap decides): the transfer runs in the input's own storage,
+# so there is no copy of it and no second buffer. It returns its input, reduced once waited for.
+_lib.define("all_reduce_start_(Tensor(a!) x, str axis, str op) -> Tensor(a!)")
+
+
+def _all_reduce_start_(x: Tensor, axis: str, op: str) -> Tensor:
+    return current().start("all_reduce", x, axis, op=op, inplace=True)
+
+
+def _all_reduce_start_fake(x: Tensor, axis: str, op: str) -> Tensor:
+    return x
+
+
+_lib.impl("all_reduce_start_", _all_reduce_start_, "CompositeExplicitAutograd")
+torch.library.register_fake("shardfx::all_reduce_start_", _all_reduce_start_fake, lib=_lib)
+
+ALL_REDUCE_START_ = torch.ops.shardfx.all_reduce_start_.default
+
 # Point-to-point, between the ranks of a pipeline: `peer` is relative along `axis` (+1 the next
 # stage, -1 the previous one), never a rank. `tag` names the value (and the stage it goes to): a
 # receive takes the oldest message of its tag, so two stages of one rank (interleaved) can receive
@@ -243,6 +262,7 @@ OPS = {
     torch.ops.shardfx.all_reduce_start.default: "all_reduce",
     torch.ops.shardfx.all_gather_start.default: "all_gather",
     torch.ops.shardfx.reduce_scatter_start.default: "reduce_scatter",
+    ALL_REDUCE_START_: "all_reduce",
 }
 START_OPS = {
     "all_reduce": torch.ops.shardfx.all_reduce_start.default,
@@ -262,7 +282,7 @@ def is_collective(node: fx.Node) -> bool:
 
 
 def is_start(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in START_OPS.values()
+    return node.op == "call_function" and (node.target in START_OPS.values() or node.target is ALL_REDUCE_START_)
 
 
 def is_wait(node: fx.Node) -> bool:

@@ -219,6 +219,7 @@ OPS: dict[Any, OpFacts] = {
     aten.slice_backward.default: OpFacts(OTHER, tp="dims"),
     aten.select_backward.default: OpFacts(OTHER, tp="dims"),
     collectives.WAIT: OpFacts(OTHER, alias=True),  # returns the async collective's buffer
+    collectives.ALL_REDUCE_START_: OpFacts(OTHER, alias=True),  # reduces its input in place
     operator.getitem: OpFacts(VIEW, tp="getitem"),  # picks one output of a multi-output op
     aten.cat.default: OpFacts(OTHER, tp="cat"),
     aten.stack.default: OpFacts(OTHER, tp="stack"),  # unbind's gradient

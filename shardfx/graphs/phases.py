@@ -129,9 +129,9 @@ def part_programs(program: DistProgram) -> dict[str, DistProgram]:
 
 def _bytes(nodes: list[fx.Node]) -> int:
     """Bytes of the values of `nodes`, a view counted with its base (as the runtime holds them)."""
-    from shardfx.graphs.analysis import _storage_owner, tensor_bytes
+    from shardfx.graphs.analysis import storage_owner, tensor_bytes
 
-    owners = {_storage_owner(n) for n in nodes}
+    owners = {storage_owner(n) for n in nodes}
     return sum(tensor_bytes(o.meta.get("val")) for o in owners if o.op != "placeholder")
 
 

@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from shardfx.errors import PassError
 from shardfx.graphs import meta, ops
-from shardfx.graphs.analysis import ALIAS_OPS, _storage_owner, memory_timeline, tensor_bytes
+from shardfx.graphs.analysis import ALIAS_OPS, memory_timeline, storage_owner, tensor_bytes
 from shardfx.graphs.cost_model import compute_seconds, hardware
 from shardfx.graphs.program import DistProgram
 from shardfx.passes.bucket_collectives import block_of
@@ -60,7 +60,7 @@ def recomputable(node: fx.Node) -> bool:
 def _unit(node: fx.Node) -> fx.Node:
     """The node a recompute decision is made for: the allocation a value lives in (a view stands
     for its base, a getitem for its multi-output op)."""
-    owner = _storage_owner(node)
+    owner = storage_owner(node)
     return owner.args[0] if owner.target is operator.getitem else owner
 
 

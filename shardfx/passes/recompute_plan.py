@@ -40,7 +40,7 @@ import numpy as np
 import torch.fx as fx
 
 from shardfx.graphs import collectives, meta
-from shardfx.graphs.analysis import _storage_owner, tensor_bytes
+from shardfx.graphs.analysis import storage_owner, tensor_bytes
 from shardfx.graphs.cost_model import compute_seconds, hardware
 from shardfx.graphs.program import DistProgram
 
@@ -67,7 +67,7 @@ class RecomputeModel:
         index = {n: i for i, n in enumerate(nodes)}
         self.index = index
         n_nodes = len(nodes)
-        owner = [index[_storage_owner(n)] if n.op != "output" else i for i, n in enumerate(nodes)]
+        owner = [index[storage_owner(n)] if n.op != "output" else i for i, n in enumerate(nodes)]
         self.owner = owner
         self.backward = [n.op != "output" and n.op != "placeholder" and meta.phase(n) == meta.BACKWARD for n in nodes]
         forward = [n.op == "call_function" and meta.phase(n) == meta.FORWARD for n in nodes]

@@ -4,7 +4,8 @@
   after the wait of the (k - depth)-th, so while one block computes, the next
   `depth` blocks' parameters are on their way; its wait sits right before the
   first use. The first `depth` gathers start at the top of the step.
-- gradient reductions: the start stays where the gradient (bucket) is complete;
+- gradient reductions: the start stays where the gradient (bucket) is complete
+  (an all-reduce of a buffer nothing else reads runs in that buffer: no copy);
   the k-th one's wait sits right before the (k + depth)-th reduction starts (at
   most `depth` reductions in flight, so reduction buffers do not pile up) and
   the last `depth` ones' before the end.
@@ -17,9 +18,13 @@ Needs: a sharding pass (and bucket_collectives if used). Provides: *_start / wai
 
 from __future__ import annotations
 
+import operator
+
 import torch.fx as fx
+from torch import Tensor
 
 from shardfx.graphs import collectives, meta
+from shardfx.graphs.analysis import storage_owner
 from shardfx.graphs.program import DistProgram
 from shardfx.graphs.rewrite import insert_call
 from shardfx.passes.manager import PassContext, PassResult
@@ -57,10 +62,13 @@ def schedule_overlap(program: DistProgram, ctx: PassContext, *, depth: int = 1) 
 def _split(program: DistProgram, node: fx.Node) -> tuple[fx.Node, fx.Node]:
     """Replace a sync collective by start (at its place) + wait (right before its first user)."""
     kind = collectives.kind(node)
+    target = collectives.START_OPS[kind]
+    if kind == "all_reduce" and _donated(program, node):
+        target = collectives.ALL_REDUCE_START_
     with program.graph.inserting_before(node):
         # an async collective's buffer is shaped as the sync one's result, and its wait returns it
         val = node.meta["val"]
-        start = insert_call(program, collectives.START_OPS[kind], node.args, provenance=node, origin=ORIGIN, val=val)
+        start = insert_call(program, target, node.args, provenance=node, origin=ORIGIN, val=val)
     for key in (meta.ROLE, meta.TARGET, meta.BUCKET, meta.PLACEMENT):
         if key in node.meta:
             start.meta[key] = node.meta[key]
@@ -71,6 +79,22 @@ def _split(program: DistProgram, node: fx.Node) -> tuple[fx.Node, fx.Node]:
     node.replace_all_uses_with(wait)
     program.graph.erase_node(node)
     return start, wait
+
+
+def _donated(program: DistProgram, node: fx.Node) -> bool:
+    """Whether the all-reduce may run in its input's storage: the input is an allocation of its own
+    (a bucket's cat, a gradient's matmul or layer norm backward; no view, no input of the step, no
+    other collective's buffer), contiguous, and nothing else reads it."""
+    x = node.args[0]
+    if not isinstance(x, fx.Node) or x.op != "call_function" or len(x.users) != 1:
+        return False
+    val = x.meta.get("val")
+    if not isinstance(val, Tensor) or not val.is_contiguous():
+        return False
+    if storage_owner(x) is not x or x in program.outputs():
+        return False
+    # one element of a multi-output op (a layer norm's weight gradient): no other getitem picks it
+    return x.target is not operator.getitem or sum(u.args[1] == x.args[1] for u in x.args[0].users) == 1
 
 
 def _position(program: DistProgram):  # noqa: ANN202 - a key function

@@ -289,7 +289,7 @@ def _named_cuts(forward: list[fx.Node], split: tuple[str, ...], blocks: list[str
 def _bytes_by_node(program: DistProgram, forward: list[fx.Node], per_param: float) -> tuple[list[float], list[float]]:
     """Per forward node: the model-state bytes of the parameters it reads first, and the bytes of
     the activations it makes that the backward keeps (one micro-batch)."""
-    from shardfx.graphs.analysis import _storage_owner, tensor_bytes
+    from shardfx.graphs.analysis import storage_owner, tensor_bytes
 
     index = {n: i for i, n in enumerate(forward)}
     state = [0.0] * len(forward)
@@ -302,7 +302,7 @@ def _bytes_by_node(program: DistProgram, forward: list[fx.Node], per_param: floa
     owners = set()
     for node in forward:
         if any(u not in index and u.op != "output" for u in node.users):
-            owners.add(_storage_owner(node))
+            owners.add(storage_owner(node))
     for owner in owners:
         if owner in index:
             kept[index[owner]] += tensor_bytes(owner.meta.get("val"))

@@ -95,18 +95,22 @@ class DistComm:
         nb = lambda t: t.numel() * t.element_size()  # noqa: E731
         self.stats.record(kind, volume_bytes(kind, nb(x), nb(out)), self.mesh.size(axis))
 
-    def start(self, kind: str, x: Tensor, axis: str, **kwargs: object) -> Tensor:
-        """Launch `kind` asynchronously; the returned buffer is valid after wait(buffer)."""
+    def start(self, kind: str, x: Tensor, axis: str, inplace: bool = False, **kwargs: object) -> Tensor:
+        """Launch `kind` asynchronously; the returned buffer is valid after wait(buffer). `inplace`
+        (all_reduce): reduce in x's own storage and return x."""
         n = self.mesh.size(axis)
         if n == 1:
-            return getattr(self, kind)(x, axis, **kwargs)
+            out = getattr(self, kind)(x, axis, **kwargs)
+            return x.copy_(out) if inplace else out
         site = self._issue(kind, None)
         group = self._groups[axis]
         op = str(kwargs.get("op", "sum"))
         assert kwargs.get("dim", 0) == 0, "async collectives work on dim 0"
+        if inplace and not x.is_contiguous():
+            raise RuntimeError(f"rank {self.rank}: in-place all_reduce at {site} of a non-contiguous tensor")
         x = x.contiguous()
         if kind == "all_reduce":
-            out = x.detach().clone()
+            out = x.detach() if inplace else x.detach().clone()
             work = dist.all_reduce(out, op=_OPS[op], group=group, async_op=True)
         elif kind == "all_gather":
             out = torch.empty((x.shape[0] * n, *x.shape[1:]), dtype=x.dtype, device=x.device)

@@ -196,9 +196,11 @@ class LocalComm:
         self.stats.record(kind, volume_bytes(kind, _nbytes(x), _nbytes(out)), len(group))
         return out
 
-    def start(self, kind: str, x: Tensor, axis: str, **kwargs: object) -> Tensor:
-        """Async start: the local backend completes here (wait is then a no-op), same results."""
-        return getattr(self, kind)(x, axis, **kwargs)
+    def start(self, kind: str, x: Tensor, axis: str, inplace: bool = False, **kwargs: object) -> Tensor:
+        """Async start: the local backend completes here (wait is then a no-op), same results.
+        `inplace` (all_reduce): the result is written into x, and x returned."""
+        out = getattr(self, kind)(x, axis, **kwargs)
+        return x.copy_(out) if inplace else out
 
     def wait(self, t: Tensor) -> Tensor:
         return t

@@ -76,3 +76,37 @@ def test_prefetch_places_starts_and_waits(depth: int) -> None:
         assert pos[next(iter(first.users))] < pos[later]
     for first, following in zip(reductions, reductions[1:]):
         assert (pos[next(iter(first.users))] < pos[following]) == (depth == 1)
+
+
+def test_a_gradient_bucket_is_reduced_in_its_own_storage() -> None:
+    """ZeRO-0: each bucket's concatenated gradients (or a gradient alone in its bucket) are read by its
+    all-reduce alone, so the transfer runs in that buffer (no copy, no second buffer); the state
+    matches the unscheduled run exactly."""
+    base_losses, base_state, _ = train(shardfx.Config(zero_stage=0, bucket_mb=64.0, overlap=False))
+    losses, state, engine = train(shardfx.Config(zero_stage=0, bucket_mb=64.0, overlap=True, prefetch=1))
+    starts = [n for n in engine.program.graph.nodes if collectives.is_start(n)]
+    assert starts and all(s.target is collectives.ALL_REDUCE_START_ for s in starts)
+    assert sum(s.args[0].target is torch.ops.aten.cat.default for s in starts) >= 2
+    assert all(list(s.args[0].users) == [s] for s in starts)
+    assert torch.equal(losses, base_losses)
+    assert all(torch.equal(state[k], v) for k, v in base_state.items())
+
+
+def test_an_all_reduce_is_not_in_place_where_its_input_is_read_again_or_is_a_view() -> None:
+    from types import SimpleNamespace
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from shardfx.passes.schedule_overlap import _donated
+
+    def decided(fn) -> bool:  # type: ignore[no-untyped-def]
+        with collectives.mesh_sizes({"dp": 2}):
+            gm = make_fx(fn, tracing_mode="fake")(torch.randn(4, 6))
+        (node,) = [n for n in gm.graph.nodes if n.target is torch.ops.shardfx.all_reduce.default]
+        return _donated(SimpleNamespace(outputs=lambda: []), node)
+
+    reduce = lambda x: torch.ops.shardfx.all_reduce(x, "dp", "sum")  # noqa: E731
+    assert decided(lambda g: reduce(g * 2))
+    assert not decided(lambda g: (lambda y: (reduce(y), y + 1))(g * 2))  # read again after it
+    assert not decided(lambda g: reduce((g * 2).t()))  # a view of another allocation
+    assert not decided(lambda g: reduce(g))  # an input of the step

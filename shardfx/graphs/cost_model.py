@@ -8,7 +8,8 @@ Python, a few microseconds on a GPU); a view moves nothing and costs its
 dispatch (Hardware.view_overhead). A collective costs the alpha-beta model of a
 ring: alpha + bytes sent per rank / link bandwidth, where a rank sends
 (N-1)/N of the gathered or scattered tensor and 2(N-1)/N of an all-reduced
-one (gloo's reduce-scatter is an all-reduce of its input: Hardware.scatter_by_all_reduce).
+one (on gloo, shardfx runs a reduce-scatter as one exchange with each peer,
+which sends the same (N-1)/N: runtime/dist_comm.py).
 Synchronous collectives stop compute until they finish; `*_start` launches on
 the communication stream (after the collectives before it) and `wait` stops
 compute only until its collective is done: the time compute sits
@@ -72,9 +73,6 @@ class Hardware:
     optimizer_tensor: float = 0.0  # seconds of Adam(W)'s update per parameter tensor, beside its elements
     ranks: int = 1  # ranks that ran at once on the machine when it was measured
     cores: int = 0  # the CPU cores those ranks shared; 0: every rank has a device of its own
-    # the backend runs a reduce-scatter as an all-reduce of its whole input and keeps its own chunk
-    # (torch's gloo does: ProcessGroupGloo::reduce_scatter_tensor_coalesced), so it costs one
-    scatter_by_all_reduce: bool = False
 
     def flops(self, dtype: torch.dtype) -> float:
         return self.bf16_flops if dtype in (torch.bfloat16, torch.float16) else self.fp32_flops
@@ -151,7 +149,6 @@ PROFILES: dict[str, Hardware] = {
         optimizer_tensor=37e-6,
         ranks=2,
         cores=2,
-        scatter_by_all_reduce=True,
     ),  # fmt: skip
 }
 
@@ -352,8 +349,6 @@ def collective_seconds(node: fx.Node, program: DistProgram, hw: Hardware) -> flo
     if n == 1:
         return 0.0
     in_bytes = tensor_bytes(node.args[0].meta["val"])
-    if kind == "reduce_scatter" and hw.scatter_by_all_reduce:
-        kind = "all_reduce"
     volume = collectives.volume_bytes(kind, in_bytes, tensor_bytes(node.meta["val"]))
     return hw.alpha + volume * (n - 1) / n / hw.link_bw
 

@@ -30,6 +30,8 @@ warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprec
 warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
 
 _OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+# Tags of the point-to-point exchanges a gloo reduce-scatter is made of, clear of a pipeline's tags.
+_SCATTER_TAG = 1 << 24
 
 
 class DistComm:
@@ -45,8 +47,9 @@ class DistComm:
         self.stats = CommStats()
         self.where: Callable[[], str] = lambda: "(no graph node)"
         self._groups: dict[str, dist.ProcessGroup | None] = {}
-        # output buffer's data_ptr -> (work handle, divisor applied when it completes, where it was started)
-        self._pending: dict[int, tuple[dist.Work, int, str]] = {}
+        # output buffer's data_ptr -> (work handles, what finishes it once they complete, where it was started)
+        self._pending: dict[int, tuple[list[dist.Work], Callable[[], None], str]] = {}
+        self._exchanges = 0  # gloo reduce-scatters issued: each one's tag (the same count on every rank)
         self._sends: list[tuple[dist.Work, Tensor]] = []  # isends in flight (the tensor kept alive)
         self.recv_seconds = 0.0  # time spent waiting in receives (a pipeline's bubble, measured)
         self._to_self: dict[int, list[Tensor]] = {}  # tag -> sends to this rank itself, in order
@@ -109,29 +112,68 @@ class DistComm:
         if inplace and not x.is_contiguous():
             raise RuntimeError(f"rank {self.rank}: in-place all_reduce at {site} of a non-contiguous tensor")
         x = x.contiguous()
+        finish: Callable[[], None] = (lambda: None) if op != "avg" else (lambda: out.div_(n))  # type: ignore[misc]
         if kind == "all_reduce":
             out = x.detach() if inplace else x.detach().clone()
-            work = dist.all_reduce(out, op=_OPS[op], group=group, async_op=True)
+            works = [dist.all_reduce(out, op=_OPS[op], group=group, async_op=True)]
         elif kind == "all_gather":
             out = torch.empty((x.shape[0] * n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-            work = dist.all_gather_into_tensor(out, x, group=group, async_op=True)
+            works = [dist.all_gather_into_tensor(out, x, group=group, async_op=True)]
+        elif self._exchanged(axis, op):
+            out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            works, parts = self._exchange(x.detach(), axis)
+            finish = lambda: self._sum_parts(parts, out, op)  # noqa: E731
         else:
             out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-            work = dist.reduce_scatter_tensor(out, x, op=_OPS[op], group=group, async_op=True)
-        self._pending[out.data_ptr()] = (work, n if op == "avg" else 1, f"{kind} at {site}")
+            works = [dist.reduce_scatter_tensor(out, x, op=_OPS[op], group=group, async_op=True)]
+        self._pending[out.data_ptr()] = (works, finish, f"{kind} at {site}")
         self._record(kind, axis, x, out)
         return out
 
     def wait(self, t: Tensor) -> Tensor:
         pending = self._pending.pop(t.data_ptr(), None)
         if pending is not None:
-            work, divisor, what = pending
+            works, finish, what = pending
             kind, _, site = what.partition(" at ")
             with self._waiting(kind, site):
-                work.wait()
-            if divisor != 1:
-                t.div_(divisor)
+                for work in works:
+                    work.wait()
+            finish()
         return t
+
+    def _exchanged(self, axis: str, op: str) -> bool:
+        """Whether a reduce-scatter over `axis` runs as one exchange with each peer: on gloo, whose own
+        reduce_scatter_tensor is an all-reduce of the whole input (twice the bytes) and a copy out;
+        the exchange measured 2-2.7x faster at 2 and 4 ranks, 4-16 MiB."""
+        return op in ("sum", "avg") and dist.get_backend(self._groups[axis]) == "gloo"
+
+    def _exchange(self, x: Tensor, axis: str) -> tuple[list[dist.Work], list[Tensor]]:
+        """Send each peer its chunk of x (dim 0) and receive this rank's chunk from each: the works and
+        the chunks to sum, in group-rank order (this rank's own chunk is a view of x)."""
+        group = self._groups[axis]
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.mesh.world_size))
+        chunks = x.chunk(len(ranks))
+        tag = _SCATTER_TAG + self._exchanges % _SCATTER_TAG
+        self._exchanges += 1
+        parts: list[Tensor] = []
+        ops = []
+        for peer, chunk in zip(ranks, chunks):  # chunk j is group rank j's
+            if peer == self.rank:
+                parts.append(chunk)
+                continue
+            parts.append(torch.empty_like(chunk))  # this rank's chunk, as the peer holds it
+            ops.append(dist.P2POp(dist.isend, chunk, peer, group, tag))
+            ops.append(dist.P2POp(dist.irecv, parts[-1], peer, group, tag))
+        return dist.batch_isend_irecv(ops), parts
+
+    @staticmethod
+    def _sum_parts(parts: list[Tensor], out: Tensor, op: str) -> None:
+        """Rank 0's chunk first, then each next rank's added: the local backend's order, so both agree bitwise."""
+        out.copy_(parts[0])
+        for part in parts[1:]:
+            out.add_(part)
+        if op == "avg":
+            out.div_(len(parts))
 
     def peer_rank(self, axis: str, peer: int) -> int:
         other = self.mesh.peer(self.rank, axis, peer)
@@ -215,7 +257,13 @@ class DistComm:
         src = x.movedim(dim, 0).contiguous() if dim != 0 else x.contiguous()
         out = torch.empty((src.shape[0] // n, *src.shape[1:]), dtype=src.dtype, device=src.device)
         site = self._issue("reduce_scatter", where)
-        if n > 1:
+        if n > 1 and self._exchanged(axis, op):
+            works, parts = self._exchange(src.detach(), axis)
+            with self._waiting("reduce_scatter", site):
+                for work in works:
+                    work.wait()
+            self._sum_parts(parts, out, op)
+        elif n > 1:
             with self._waiting("reduce_scatter", site):
                 dist.reduce_scatter_tensor(out, src, op=_OPS[op], group=self._groups[axis])
             if op == "avg":

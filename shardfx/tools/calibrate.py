@@ -277,7 +277,6 @@ def profile(figures: dict[str, float], ranks: int, source: str) -> Hardware:
         machine=machine_id(),
         ranks=ranks,
         cores=os.cpu_count() or 1,
-        scatter_by_all_reduce=True,  # torch's gloo runs a reduce-scatter as an all-reduce
         **figures,
     )
 

@@ -125,19 +125,18 @@ def test_ranks_sharing_cores_share_their_compute() -> None:
     assert simulate(program, cpu).compute_seconds == pytest.approx(simulate(program, cpu.at(4)).compute_seconds)
 
 
-def test_gloo_reduce_scatter_costs_an_all_reduce_of_its_input() -> None:
-    """torch's gloo reduces a whole tensor and keeps a chunk; NCCL's ring sends (N-1)/N of it."""
+def test_a_reduce_scatter_sends_its_share_of_the_input_and_an_all_reduce_twice_that() -> None:
+    """A ring reduce-scatter (NCCL's; gloo's as shardfx runs it, one exchange with each peer) sends
+    (N-1)/N of its input per rank."""
     program = compiled(zero_stage=2, bucket_mb=0, overlap=False)
     scatter = next(
         n for n in program.graph.nodes if collectives.is_collective(n) and collectives.kind(n) == "reduce_scatter"
     )
     full = tensor_bytes(scatter.args[0].meta["val"])
-    nccl = dataclasses.replace(PROFILES["h100"], alpha=0.0)
-    gloo = dataclasses.replace(nccl, scatter_by_all_reduce=True)
     n = program.mesh.world_size
-    assert cost_model.collective_seconds(scatter, program, nccl) == pytest.approx(full * (n - 1) / n / nccl.link_bw)
-    assert cost_model.collective_seconds(scatter, program, gloo) == pytest.approx(2 * full * (n - 1) / n / nccl.link_bw)
-    assert PROFILES["cpu"].scatter_by_all_reduce and not PROFILES["h100"].scatter_by_all_reduce
+    for name in ("h100", "cpu"):
+        hw = dataclasses.replace(PROFILES[name], alpha=0.0)
+        assert cost_model.collective_seconds(scatter, program, hw) == pytest.approx(full * (n - 1) / n / hw.link_bw)
 
 
 def test_the_optimizer_updates_the_elements_a_rank_holds() -> None:

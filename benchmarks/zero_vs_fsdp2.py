@@ -109,6 +109,7 @@ _COLLECTIVES: dict[str, tuple[str, int | str, int]] = {
     "shardfx::all_gather": ("all_gather", "out", 1),
     "shardfx::reduce_scatter": ("reduce_scatter", 0, 1),
     "shardfx::all_reduce_start": ("all_reduce", 0, 2),  # async: priced at start, shardfx::wait moves nothing
+    "shardfx::all_reduce_start_": ("all_reduce", 0, 2),  # the same, in its input's storage
     "shardfx::all_gather_start": ("all_gather", "out", 1),
     "shardfx::reduce_scatter_start": ("reduce_scatter", 0, 1),
 }

@@ -22,6 +22,7 @@ import operator
 
 import torch.fx as fx
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from shardfx.graphs import collectives, meta
 from shardfx.graphs.analysis import storage_owner
@@ -93,6 +94,17 @@ def _donated(program: DistProgram, node: fx.Node) -> bool:
         return False
     if storage_owner(x) is not x or x in program.outputs():
         return False
+    maker = x.args[0] if x.target is operator.getitem else x
+    # the op's own schema says whether it returns a view (ops.ALIAS_OPS lists the common ones only),
+    # and the traced values whether it shares an input's storage (unsafe_split's schema says nothing)
+    schema = getattr(maker.target, "_schema", None)
+    if schema is None or any(r.alias_info is not None for r in schema.returns):
+        return False
+    mine = StorageWeakRef(val.untyped_storage())
+    for arg in maker.all_input_nodes:
+        other = arg.meta.get("val")
+        if isinstance(other, Tensor) and StorageWeakRef(other.untyped_storage()) == mine:
+            return False
     # one element of a multi-output op (a layer norm's weight gradient): no other getitem picks it
     return x.target is not operator.getitem or sum(u.args[1] == x.args[1] for u in x.args[0].users) == 1
 

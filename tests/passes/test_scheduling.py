@@ -108,5 +108,7 @@ def test_an_all_reduce_is_not_in_place_where_its_input_is_read_again_or_is_a_vie
     reduce = lambda x: torch.ops.shardfx.all_reduce(x, "dp", "sum")  # noqa: E731
     assert decided(lambda g: reduce(g * 2))
     assert not decided(lambda g: (lambda y: (reduce(y), y + 1))(g * 2))  # read again after it
-    assert not decided(lambda g: reduce((g * 2).t()))  # a view of another allocation
+    assert not decided(lambda g: reduce((g * 2).view(-1)))  # a view of another allocation
+    assert not decided(lambda g: reduce((g * 2).t()))  # not contiguous
+    assert not decided(lambda g: (lambda y: (reduce(y.unsafe_split(2)[0]), y + 1))(g * 2))  # a view by its schema
     assert not decided(lambda g: reduce(g))  # an input of the step

@@ -50,9 +50,12 @@ def die_on_rank(rank_to_die: int) -> None:
         engine.train_step(*batch)
 
 
-def sync_and_overlapped() -> tuple[dict, dict]:
-    """ZeRO-3 without, then with, bucketing and overlap, from the same start."""
-    return train_gpt(3, 3), train_gpt(3, 3, bucket_mb=1.0, overlap=True)
+def sync_and_overlapped() -> list[tuple[dict, dict]]:
+    """ZeRO-3 (gathers and reduce-scatters) and ZeRO-0 (gradient all-reduces in their buckets'
+    storage) without, then with, bucketing and overlap, from the same start."""
+    return [
+        (train_gpt(s, 3, bucket_mb=0.0, overlap=False), train_gpt(s, 3, bucket_mb=1.0, overlap=True)) for s in (3, 0)
+    ]
 
 
 def train_gpt_tp() -> dict:

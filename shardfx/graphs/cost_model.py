@@ -129,8 +129,7 @@ PROFILES: dict[str, Hardware] = {
     # on a quiet machine, both ranks measuring at once; a busy one measured up to 2x slower): a
     # small collective between compute costs 2 ms (mostly the ranks' skew), and (1 - overlap) of an
     # async one's time is taken from compute (the ranks' cores also run gloo: a bucketed backward's
-    # rhythm hid 46-55% of its all-reduces in 3 runs at 2 ranks, 42-57% at 4); gloo's reduce-scatter
-    # is an all-reduce (1.1-1.2x an all-reduce's time at 16 MiB, 2 and 4 ranks). Rates are per rank
+    # rhythm hid 46-55% of its all-reduces in 3 runs at 2 ranks, 42-57% at 4). Rates are per rank
     # with a core each (ranks=2, cores=2); Hardware.at scales them to this machine's cores and the
     # program's rank count.
     "cpu": Hardware(

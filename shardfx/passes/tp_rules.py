@@ -272,16 +272,24 @@ def _unbind(node: fx.Node, placements: dict, tp: int) -> Decision:
     return Decision(tuple(Shard(p.dim - (dim < p.dim), p.blocks) for _ in range(n_out)))
 
 
+def _alike(pls: list[Any]) -> Decision | None:
+    """A join of whole tensors is whole, of partial sums a partial sum (the join is linear)."""
+    if all(p == R for p in pls):
+        return Decision(R)
+    if all(isinstance(p, Partial) for p in pls):
+        return Decision(P)
+    return None
+
+
 def _stack(node: fx.Node, placements: dict, tp: int) -> Decision:
     """stack of tensors sharded alike keeps the shard (one dim more at or before it); the inverse
     of unbind."""
     parts = node.args[0]
     dim = (node.args[1] if len(node.args) > 1 else 0) % node.meta["val"].dim()
     pls = [_pl(a, placements) for a in parts]
-    if all(p == R for p in pls):
-        return Decision(R)
-    if all(isinstance(p, Partial) for p in pls):
-        return Decision(P)
+    alike = _alike(pls)
+    if alike is not None:
+        return alike
     if all(isinstance(p, Shard) and p == pls[0] for p in pls):
         return Decision(Shard(pls[0].dim + (dim <= pls[0].dim), pls[0].blocks))
     return replicate_all(node, placements)
@@ -293,10 +301,9 @@ def _cat(node: fx.Node, placements: dict, tp: int) -> Decision:
     parts = [a for a in node.args[0] if tuple(a.meta["val"].shape) != (0,)]
     dim = (node.args[1] if len(node.args) > 1 else 0) % node.meta["val"].dim()
     pls = [_pl(a, placements) for a in parts]
-    if all(p == R for p in pls):
-        return Decision(R)
-    if all(isinstance(p, Partial) for p in pls):
-        return Decision(P)
+    alike = _alike(pls)
+    if alike is not None:
+        return alike
     if all(isinstance(p, Shard) and p.blocks == 1 and p.dim == pls[0].dim for p in pls):
         if pls[0].dim != dim:
             return Decision(pls[0])

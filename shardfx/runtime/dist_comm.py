@@ -9,6 +9,7 @@ local backend, so both backends do the same arithmetic.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -49,7 +50,7 @@ class DistComm:
         self.where: Callable[[], str] = lambda: "(no graph node)"
         self._groups: dict[str, dist.ProcessGroup | None] = {}
         # output buffer's data_ptr -> (work handles, what finishes it once they complete, where it was started)
-        self._pending: dict[int, tuple[list[dist.Work], Callable[[], None], str]] = {}
+        self._pending: dict[int, tuple[list[dist.Work], Callable[[], object], str]] = {}
         self._exchanges = 0  # exchanges issued (DistComm._peers): each one's tag
         self._sends: list[tuple[dist.Work, Tensor]] = []  # isends in flight (the tensor kept alive)
         self.recv_seconds = 0.0  # time spent waiting in receives (a pipeline's bubble, measured)
@@ -113,7 +114,7 @@ class DistComm:
         if inplace and not x.is_contiguous():
             raise RuntimeError(f"rank {self.rank}: in-place all_reduce at {site} of a non-contiguous tensor")
         x = x.contiguous()
-        finish: Callable[[], None] = (lambda: None) if op != "avg" else (lambda: out.div_(n))  # type: ignore[misc]
+        finish: Callable[[], object] | None = None  # what completes `out` once the works are done
         if kind == "all_reduce":
             out = x.detach() if inplace else x.detach().clone()
             works = [dist.all_reduce(out, op=_OPS[op], group=group, async_op=True)]
@@ -130,6 +131,8 @@ class DistComm:
         else:
             out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
             works = [dist.reduce_scatter_tensor(out, x, op=_OPS[op], group=group, async_op=True)]
+        if finish is None:
+            finish = functools.partial(out.div_, n) if op == "avg" else (lambda: None)
         self._pending[out.data_ptr()] = (works, finish, f"{kind} at {site}")
         self._record(kind, axis, x, out)
         return out

@@ -91,7 +91,7 @@ def test_settings_given_are_kept_and_the_rest_planned() -> None:
 
 def test_bucket_caps_that_group_alike_are_one_candidate() -> None:
     _, _, _, stats = tuned(hardware="h100", tune_communication=False, overlap=False)
-    # tiny_gpt's blocks hold a few KiB: every cap from 1 MiB up buckets each block whole
+    # tiny_gpt holds a few KiB: every cap from 1 MiB up groups its collectives alike
     assert sorted(row["bucket_mb"] for row in stats["table"]) == [0.0, 1.0]
 
 

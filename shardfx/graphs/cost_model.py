@@ -9,7 +9,11 @@ dispatch (Hardware.view_overhead). A collective costs the alpha-beta model of a
 ring: alpha + bytes sent per rank / link bandwidth, where a rank sends
 (N-1)/N of the gathered or scattered tensor and 2(N-1)/N of an all-reduced
 one (on gloo, shardfx runs a reduce-scatter as one exchange with each peer,
-which sends the same (N-1)/N: runtime/dist_comm.py).
+which sends the same (N-1)/N: runtime/dist_comm.py; an exchange takes one
+round where a ring takes N - 1, so its latency is Hardware.exchange_alpha,
+measured apart). The runtime's own work around a collective runs on the
+rank's thread (host_seconds): the copy an all-reduce not in place reduces, the
+sum of the parts a gloo reduce-scatter received.
 Synchronous collectives stop compute until they finish; `*_start` launches on
 the communication stream (after the collectives before it) and `wait` stops
 compute only until its collective is done: the time compute sits
@@ -73,6 +77,9 @@ class Hardware:
     optimizer_tensor: float = 0.0  # seconds of Adam(W)'s update per parameter tensor, beside its elements
     ranks: int = 1  # ranks that ran at once on the machine when it was measured
     cores: int = 0  # the CPU cores those ranks shared; 0: every rank has a device of its own
+    # seconds of fixed latency per all-gather / reduce-scatter where shardfx runs them as one exchange
+    # with each peer (gloo: runtime/dist_comm.py), which takes one round where a ring takes N - 1; 0: alpha
+    exchange_alpha: float = 0.0
 
     def flops(self, dtype: torch.dtype) -> float:
         return self.bf16_flops if dtype in (torch.bfloat16, torch.float16) else self.fp32_flops
@@ -104,6 +111,7 @@ class Hardware:
             optimizer_element=base.optimizer_element / share,
             link_bw=base.link_bw / stretch,
             alpha=base.alpha * stretch * steps,
+            exchange_alpha=base.exchange_alpha * stretch * steps,
             op_overhead=base.op_overhead * stretch,
             view_overhead=base.view_overhead * stretch,
             optimizer_tensor=base.optimizer_tensor * stretch,
@@ -148,6 +156,7 @@ PROFILES: dict[str, Hardware] = {
         optimizer_tensor=37e-6,
         ranks=2,
         cores=2,
+        exchange_alpha=0.8e-3,
     ),  # fmt: skip
 }
 
@@ -242,10 +251,12 @@ def _load_calibrations() -> list[Hardware]:
             return []
         entries = data["profiles"]
         unknown = sorted({key for entry in entries for key in entry} - _FIELDS)
-        if unknown:
+        missing = sorted(_FIELDS - {key for entry in entries for key in entry} if entries else set())
+        if unknown or missing:  # save_calibration writes every field: another version wrote it
+            what = f"fields {unknown}" if unknown else f"no {missing}"
             warnings.warn(
-                f"{CALIBRATION_FILE} was written by another version of shardfx (fields {unknown}); "
-                "its figures are not used: run `shardfx calibrate` again",
+                f"{CALIBRATION_FILE} was written by another version of shardfx ({what}); its figures are "
+                "not used: the next launched job on this CPU measures the machine again (or run `shardfx calibrate`)",
                 stacklevel=3,
             )
             return []
@@ -349,7 +360,26 @@ def collective_seconds(node: fx.Node, program: DistProgram, hw: Hardware) -> flo
         return 0.0
     in_bytes = tensor_bytes(node.args[0].meta["val"])
     volume = collectives.volume_bytes(kind, in_bytes, tensor_bytes(node.meta["val"]))
-    return hw.alpha + volume * (n - 1) / n / hw.link_bw
+    latency = hw.exchange_alpha if kind in EXCHANGED and hw.exchange_alpha else hw.alpha
+    return latency + volume * (n - 1) / n / hw.link_bw
+
+
+EXCHANGED = ("all_gather", "reduce_scatter")  # the kinds Hardware.exchange_alpha prices
+
+
+def host_seconds(node: fx.Node, program: DistProgram, hw: Hardware) -> tuple[float, float]:
+    """What the runtime (runtime/dist_comm.py) does on the rank's own thread around a collective,
+    as (before it starts, once it is done): an all-reduce not in place reduces a copy of its input
+    (it reads and writes the bytes); on a CPU (gloo), a reduce-scatter run as an exchange sums the
+    N parts it received into its output (N + 1 output-sized passes)."""
+    if program.mesh.size(collectives.axis_of(node)) == 1:
+        return 0.0, 0.0
+    kind = collectives.kind(node)
+    if kind == "all_reduce" and node.target is not collectives.ALL_REDUCE_START_:
+        return 2 * tensor_bytes(node.args[0].meta["val"]) / hw.mem_bw, 0.0
+    if kind == "reduce_scatter" and hw.cores > 0:
+        return 0.0, (program.mesh.size(collectives.axis_of(node)) + 1) * tensor_bytes(node.meta["val"]) / hw.mem_bw
+    return 0.0, 0.0
 
 
 @dataclass
@@ -401,7 +431,15 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
                 }
             )
 
+    def on_host(seconds: float, name: str, node: fx.Node) -> None:
+        nonlocal compute_t, busy_compute
+        record(COMPUTE_TRACK, name, compute_t, seconds, "compute", node)
+        compute_t += seconds
+        busy_compute += seconds
+
     for node in program.graph.nodes:
+        if collectives.is_collective(node):
+            on_host(host_seconds(node, program, hw)[0], f"{collectives.kind(node)} (copy)", node)
         if collectives.is_start(node):
             cost = collective_seconds(node, program, hw)
             begin = max(comm_t, compute_t)
@@ -419,6 +457,8 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
                 record(COMPUTE_TRACK, "wait", compute_t, ready - compute_t, "exposed", node)
                 exposed += ready - compute_t
                 compute_t = ready
+            start = node.args[0]
+            on_host(host_seconds(start, program, hw)[1], f"{collectives.kind(start)} (sum)", node)
         elif collectives.is_collective(node):
             cost = collective_seconds(node, program, hw)
             begin = max(comm_t, compute_t)
@@ -430,6 +470,7 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
             exposed += comm_t - compute_t
             compute_t = comm_t
             busy_comm += cost
+            on_host(host_seconds(node, program, hw)[1], f"{collectives.kind(node)} (sum)", node)
         else:
             cost = compute_seconds(node, hw)
             record(COMPUTE_TRACK, op_name(node.target), compute_t, cost, "compute", node)

@@ -5,7 +5,8 @@ cores / N, so they share the cores and the memory bus as a training step
 does): matmul FLOP/s in fp32 and bf16, memory bandwidth (a large copy), GELU's
 elements/s, the fixed cost of one small op and of one view, AdamW's step per
 parameter element and per tensor, and gloo between the N processes as a
-training step meets it (each collective after some compute): latency (alpha),
+training step meets it (each collective after some compute): latency (alpha; exchange_alpha for
+shardfx's all-gather and reduce-scatter, run as one exchange with each peer),
 bandwidth, and how much of a bucketed backward's all-reduces async launches hide (overlap).
 Medians, not best cases: a step meets the machine as it is.
 
@@ -166,12 +167,16 @@ def measure_gloo() -> dict[str, float]:
     issued after compute, so the ranks' skew and their shared cores count.
 
     alpha: the time a small all-reduce adds between short stretches of compute (the ranks' skew and
-    the latency), over a sequence of 20; link_bw: from the extra time of a 16 MiB one
+    the latency), over a sequence of 20; exchange_alpha: the same for shardfx's all-gather and
+    reduce-scatter (one exchange with each peer, one round where gloo's ring all-reduce takes
+    2(N - 1) steps: at 4 ranks on 2 cores, measured 2.2-3.8 ms against the all-reduce's 5.1-6.0);
+    link_bw: from the extra time of a 16 MiB all-reduce
     (large enough that its transfer, not the skew, sets its time); overlap: the share of the
     collectives' time a bucketed backward hides by launching them async (_overlap)."""
     import torch.distributed as dist
 
-    import shardfx.runtime.dist_comm  # noqa: F401 - quiets torch 2.13's rename warnings
+    from shardfx.graphs.program import Mesh
+    from shardfx.runtime.dist_comm import DistComm  # importing it also quiets torch 2.13's rename warnings
 
     world = dist.get_world_size()
     a = torch.randn(256, 256)
@@ -180,7 +185,7 @@ def measure_gloo() -> dict[str, float]:
         for _ in range(k):
             torch.mm(a, a)
 
-    small, big = torch.ones(64), torch.ones(4 * 2**20)
+    small, big = torch.ones(16 * world), torch.ones(4 * 2**20)
 
     def after_compute(tensor: torch.Tensor) -> float:
         """Seconds in one all-reduce issued after compute: what a rank waits in it, skew included."""
@@ -194,21 +199,37 @@ def measure_gloo() -> dict[str, float]:
         dist.barrier()
         return sorted(fn() for _ in range(repeat))[repeat // 2]
 
-    def between_compute(collective: bool, count: int = 20) -> None:
-        """`count` short stretches of compute, each followed by a small all-reduce when `collective`:
-        the rhythm of an unbucketed step, in which the ranks' skew builds and drains."""
+    comm = DistComm(Mesh.of(dp=world))
+    collectives = {
+        "all_reduce": lambda: dist.all_reduce(small),
+        # shardfx's own gloo all-gather and reduce-scatter: one exchange with each peer
+        "all_gather": lambda: comm.all_gather(small[:16], "dp", 0),
+        "reduce_scatter": lambda: comm.reduce_scatter(small, "dp", "sum", 0),
+    }
+
+    def between_compute(kind: str | None, count: int = 20) -> None:
+        """`count` short stretches of compute, each followed by a small collective of `kind` (None:
+        none): the rhythm of an unbucketed step, in which the ranks' skew builds and drains."""
         for _ in range(count):
             compute(2)
-            if collective:
-                dist.all_reduce(small)
+            if kind is not None:
+                collectives[kind]()
 
     base = _median(compute, 15)
     # per collective: a sequence's extra time over the same compute alone (steadier than one call's)
-    alpha = max((_median(lambda: between_compute(True)) - _median(lambda: between_compute(False))) / 20, 1e-6)
+    alone = _median(lambda: between_compute(None))
+    latency = {kind: max((_median(lambda k=kind: between_compute(k)) - alone) / 20, 1e-6) for kind in collectives}
+    alpha = latency["all_reduce"]
+    exchange_alpha = (latency["all_gather"] + latency["reduce_scatter"]) / 2
     sync = max(median_of(lambda: after_compute(big)), alpha + 1e-6)
     sent = 2 * big.numel() * 4 * (world - 1) / world  # a ring all-reduce sends 2(N-1)/N of the tensor
     one = max(median_of(lambda: after_compute(torch.ones(BUCKET_NUMEL))), 1e-6)  # one bucket's all-reduce
-    return {"alpha": alpha, "link_bw": sent / (sync - alpha), "overlap": _overlap(compute, base, one)}
+    return {
+        "alpha": alpha,
+        "exchange_alpha": exchange_alpha,
+        "link_bw": sent / (sync - alpha),
+        "overlap": _overlap(compute, base, one),
+    }
 
 
 def _overlap(compute, base: float, one: float) -> float:  # noqa: ANN001
@@ -348,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
             f"memory {hw.mem_bw / 1e9:.1f} GB/s, GELU {hw.special_rate / 1e6:.0f} M elements/s, "
             f"op overhead {hw.op_overhead * 1e6:.1f} us, view {hw.view_overhead * 1e6:.1f} us, "
             f"AdamW {hw.optimizer_element * 1e9:.1f} ns/element + {hw.optimizer_tensor * 1e6:.0f} us/tensor, "
-            f"gloo alpha {hw.alpha * 1e6:.0f} us, link {hw.link_bw / 1e9:.2f} GB/s, "
+            f"gloo alpha {hw.alpha * 1e6:.0f} us (exchange {hw.exchange_alpha * 1e6:.0f} us), link {hw.link_bw / 1e9:.2f} GB/s, "
             f"{hw.overlap:.0%} of a bucketed backward's all-reduces hidden by async launches"
         )
     if not args.dry_run:

@@ -101,6 +101,12 @@ def test_auto_is_this_machines_profile_and_a_calibration_is_for_its_machine_only
     path.write_text(json.dumps({"machine": mine.machine, "profiles": [entry]}))
     with pytest.warns(UserWarning, match=r"another version of shardfx \(fields \['gather_as_all_reduce'\]\)"):
         assert hardware("cpu") == builtin
+    older = {k: v for k, v in dataclasses.asdict(mine).items() if k != "exchange_alpha"}  # before it was measured
+    path.write_text(json.dumps({"machine": mine.machine, "profiles": [older]}))
+    with pytest.warns(
+        UserWarning, match=r"another version of shardfx \(no \['exchange_alpha'\]\).*measures the machine again"
+    ):
+        assert hardware("cpu") == builtin and cost_model.calibrated_ranks() == set()
 
 
 def test_ranks_sharing_cores_share_their_compute() -> None:
@@ -135,8 +141,26 @@ def test_a_reduce_scatter_sends_its_share_of_the_input_and_an_all_reduce_twice_t
     full = tensor_bytes(scatter.args[0].meta["val"])
     n = program.mesh.world_size
     for name in ("h100", "cpu"):
-        hw = dataclasses.replace(PROFILES[name], alpha=0.0)
+        hw = dataclasses.replace(PROFILES[name], alpha=0.0, exchange_alpha=0.0)
         assert cost_model.collective_seconds(scatter, program, hw) == pytest.approx(full * (n - 1) / n / hw.link_bw)
+
+
+def test_gathers_and_scatters_run_as_exchanges_take_their_own_latency() -> None:
+    """On gloo shardfx runs an all-gather or reduce-scatter as one exchange with each peer (one round;
+    the ring all-reduce takes 2(N-1) steps): a profile's exchange_alpha prices them, alpha the
+    all-reduces; a profile without one (the GPU ones) prices every kind at alpha."""
+    program = compiled(zero_stage=3, bucket_mb=0, overlap=False)
+    by_kind = {collectives.kind(n): n for n in program.graph.nodes if collectives.is_collective(n)}
+    assert set(by_kind) == {"all_gather", "reduce_scatter", "all_reduce"}
+    cpu = PROFILES["cpu"]
+    assert 0 < cpu.exchange_alpha < cpu.alpha
+    fast = dataclasses.replace(cpu, link_bw=float("inf"))
+    for kind, node in by_kind.items():
+        latency = cpu.alpha if kind == "all_reduce" else cpu.exchange_alpha
+        assert cost_model.collective_seconds(node, program, fast) == pytest.approx(latency)
+        gpu = dataclasses.replace(PROFILES["h100"], link_bw=float("inf"))
+        assert cost_model.collective_seconds(node, program, gpu) == pytest.approx(gpu.alpha)
+    assert cpu.at(4, cores=2).exchange_alpha == 2 * cpu.exchange_alpha * 3  # scaled as alpha is
 
 
 def test_the_optimizer_updates_the_elements_a_rank_holds() -> None:
@@ -183,3 +207,27 @@ def test_trace_of_the_simulated_step() -> None:
     assert exposed == pytest.approx(sim.exposed_comm_seconds * 1e6) and exposed > 0
     assert sum(e["dur"] for e in rank0 if e["cat"] == "collective") == pytest.approx(sim.comm_seconds * 1e6)
     assert all(e["tid"] == cost_model.COMM_TRACK for e in rank0 if e["cat"] == "collective")
+
+
+def test_the_runtimes_own_copies_and_sums_take_compute_time() -> None:
+    """DistComm reduces a copy of an all-reduce's input unless it runs in place (all_reduce_start_);
+    on gloo it sums a reduce-scatter's received parts once they arrive: both on the rank's thread."""
+    program = compiled(zero_stage=0, bucket_mb=0, overlap=False)
+    reduce = next(n for n in program.graph.nodes if collectives.is_collective(n))
+    nbytes = tensor_bytes(reduce.args[0].meta["val"])
+    cpu = PROFILES["cpu"]
+    assert cost_model.host_seconds(reduce, program, cpu) == (2 * nbytes / cpu.mem_bw, 0.0)
+    in_place = compiled(zero_stage=0, bucket_mb=0, overlap=True, prefetch=1)
+    start = next(n for n in in_place.graph.nodes if n.target is collectives.ALL_REDUCE_START_)
+    assert cost_model.host_seconds(start, in_place, cpu) == (0.0, 0.0)
+    scattered = compiled(zero_stage=2, bucket_mb=0, overlap=False)
+    scatter = next(
+        n for n in scattered.graph.nodes if collectives.is_collective(n) and collectives.kind(n) == "reduce_scatter"
+    )
+    out = tensor_bytes(scatter.meta["val"])
+    parts = scattered.mesh.world_size
+    assert cost_model.host_seconds(scatter, scattered, cpu) == (0.0, (parts + 1) * out / cpu.mem_bw)  # read, written
+    assert cost_model.host_seconds(scatter, scattered, PROFILES["h100"]) == (0.0, 0.0)  # NCCL reduces in its kernel
+    # the simulation spends them on compute
+    free = simulate(program, dataclasses.replace(cpu, mem_bw=float("inf")))
+    assert simulate(program, cpu).compute_seconds > free.compute_seconds

@@ -77,7 +77,9 @@ def memory_timeline(program: DistProgram) -> MemoryTimeline:
     last_use: dict[fx.Node, int] = {o: index[o] for o in size}
     for n in nodes:
         reads = list(n.all_input_nodes)
-        if collectives.is_wait(n):  # the transfer reads the start's input until it is waited for
+        if collectives.is_wait(n) and collectives.kind(n.args[0]) != "all_gather":
+            # the transfer reads the start's input until it is waited for; a gather's start copies
+            # its input into the output's own rows and sends from there (runtime/dist_comm.py)
             reads += n.args[0].all_input_nodes
         for arg in reads:
             o = owner.get(arg, arg)

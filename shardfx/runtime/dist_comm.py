@@ -119,11 +119,15 @@ class DistComm:
             out = x.detach() if inplace else x.detach().clone()
             works = [dist.all_reduce(out, op=_OPS[op], group=group, async_op=True)]
         elif kind == "all_gather":
+            # this rank's rows are filled now and sent from there: x is free once the start returns
+            # (graphs/analysis.memory_timeline frees a gather's input at its start)
             out = torch.empty((x.shape[0] * n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            own = out.chunk(n)[self.coordinate(axis)]
+            own.copy_(x)
             if self._exchanged(kind, x, axis, op):
-                works = self._gather_exchange(x.detach(), out, axis)
-            else:
-                works = [dist.all_gather_into_tensor(out, x, group=group, async_op=True)]
+                works = self._gather_exchange(own, out, axis)
+            else:  # torch's in-place form: the input is this rank's chunk of the output
+                works = [dist.all_gather_into_tensor(out, own, group=group, async_op=True)]
         elif self._exchanged(kind, x, axis, op):
             out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
             works, parts = self._scatter_exchange(x.detach(), axis)
@@ -192,7 +196,8 @@ class DistComm:
         ops = []
         for peer, rows in zip(ranks, out.chunk(len(ranks))):
             if peer == self.rank:
-                rows.copy_(x)
+                if rows.data_ptr() != x.data_ptr():  # a start sends from these rows themselves
+                    rows.copy_(x)
                 continue
             ops.append(dist.P2POp(dist.isend, x, peer, group, tag))
             ops.append(dist.P2POp(dist.irecv, rows, peer, group, tag))

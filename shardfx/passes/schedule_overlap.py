@@ -1,7 +1,7 @@
 """schedule_overlap: turn collectives into start/wait pairs and place them so transfers hide behind compute.
 
 - parameter all-gathers (prefetch): the start of the k-th gather is issued right
-  after the wait of the (k - depth)-th, so while one block computes, the next
+  after the wait of the (k - depth)-th (after its copy-out, for a bucket), so while one block computes, the next
   `depth` blocks' parameters are on their way; its wait sits right before the
   first use. The first `depth` gathers start at the top of the step.
 - gradient reductions: the start stays where the gradient (bucket) is complete
@@ -48,7 +48,7 @@ def schedule_overlap(program: DistProgram, ctx: PassContext, *, depth: int = 1) 
     # prefetch: move gather starts (and the input chain they need) earlier
     last_input = program.placeholders()[-1]
     for k, (start, _) in enumerate(gathers):
-        _hoist_after(program, start, last_input if k < depth else gathers[k - depth][1])
+        _hoist_after(program, start, last_input if k < depth else _copied_out(gathers[k - depth][1]))
     # reductions: wait right before the reduction `depth` later starts
     for (_, wait), (next_start, _) in zip(reductions, reductions[depth:]):
         if _position(program)(wait) > _position(program)(next_start):
@@ -107,6 +107,21 @@ def _donated(program: DistProgram, node: fx.Node) -> bool:
             return False
     # one element of a multi-output op (a layer norm's weight gradient): no other getitem picks it
     return x.target is not operator.getitem or sum(u.args[1] == x.args[1] for u in x.args[0].users) == 1
+
+
+def _copied_out(wait: fx.Node) -> fx.Node:
+    """The last node of the copy-out right after a gathered bucket's wait (bucket_collectives' slices,
+    views and copies of each member out of the flat buffer), or the wait itself. The next gather
+    starts after it: its buffer is not allocated while this bucket exists twice (flat and copied),
+    and a copy-out is no compute to hide a transfer behind."""
+    chain, node = {wait}, wait.next
+    while node.meta.get(meta.ORIGIN) == BUCKETING and any(arg in chain for arg in node.all_input_nodes):
+        chain.add(node)
+        node = node.next
+    return node.prev
+
+
+BUCKETING = "bucket_collectives"  # bucket_collectives.ORIGIN: the origin of its copy-out nodes
 
 
 def _position(program: DistProgram):  # noqa: ANN202 - a key function

@@ -67,10 +67,16 @@ def test_prefetch_places_starts_and_waits(depth: int) -> None:
         # right before its first use: only the next prefetch (a start and its input chain) may sit between
         assert all(n.meta.get(meta.ORIGIN) != "capture" for n in between), [n.name for n in between]
         assert pos[start] < pos[wait]
+    copied = 0
     for k in range(depth, len(starts)):
         # issued no later than right after the wait of the gather `depth` earlier: before the compute it hides behind
         compute_after = next(n for n in nodes[pos[waits[k - depth]] :] if n.meta.get(meta.ORIGIN) == "capture")
         assert pos[starts[k]] < pos[compute_after]
+        # and after the earlier bucket's copy-out: its flat buffer and its copies do not meet the next buffer
+        copy_out = [u for u in waits[k - depth].users if u.meta.get(meta.ORIGIN) == "bucket_collectives"]
+        assert all(pos[c] < pos[starts[k]] for c in copy_out)
+        copied += len(copy_out)
+    assert copied, "the buckets' copy-outs were checked"
     # at most `depth` gradient reductions in flight: each wait precedes the start `depth` later,
     # and the one right after it is not waited for first (the depth is used)
     reductions = [n for n in nodes if collectives.is_start(n) and n.meta.get(meta.ROLE) == "grad_sync"]

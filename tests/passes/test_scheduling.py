@@ -30,31 +30,35 @@ def count(engine, kind: str) -> int:
     return sum(1 for n in engine.program.graph.nodes if collectives.is_collective(n) and collectives.kind(n) == kind)
 
 
-def test_bucketing_merges_gathers_per_block_and_gradients_across_blocks() -> None:
+def test_bucketing_merges_gathers_and_scatters_per_block_and_all_reduces_across_blocks() -> None:
     _, _, plain = train(shardfx.Config(zero_stage=3, **UNPLANNED), steps=1)
     _, _, bucketed = train(shardfx.Config(zero_stage=3, bucket_mb=64.0, overlap=False), steps=1)
     # tiny GPT: wte, wpe, 2 blocks of 6 parameters, ln_f (1 parameter without bias)
     assert count(plain, "all_gather") == 29 and count(plain, "reduce_scatter") == 15
     # forward: wte, wpe, blocks.0, blocks.1, ln_f; backward: ln_f, blocks.1, blocks.0, wte (head, tied)
     assert count(bucketed, "all_gather") == 9
-    # gradients: one bucket under the cap, as DDP's buckets span layers (each block's bucket would
-    # pay the collective's latency once per block)
-    assert count(bucketed, "reduce_scatter") == 1
+    # gradients: ln_f, blocks.1, blocks.0, wpe, wte (a full gradient dies with its block's reduce-scatter)
+    assert count(bucketed, "reduce_scatter") == 5
     # the same bytes move, in fewer, larger messages
     assert bucketed.stats()["comm"]["volume"] == plain.stats()["comm"]["volume"]
+    # ZeRO-0: all-reduces span blocks, as DDP's buckets do (one bucket under the cap, the loss on it)
+    _, _, plain = train(shardfx.Config(zero_stage=0, **UNPLANNED), steps=1)
+    _, _, bucketed = train(shardfx.Config(zero_stage=0, bucket_mb=64.0, overlap=False), steps=1)
+    assert count(plain, "all_reduce") == 15 and count(bucketed, "all_reduce") == 1
 
 
 def test_bucket_cap_splits_buckets() -> None:
     _, _, small = train(shardfx.Config(zero_stage=3, bucket_mb=0.01, overlap=False), steps=1)
     _, _, large = train(shardfx.Config(zero_stage=3, bucket_mb=64.0, overlap=False), steps=1)
     assert count(large, "all_gather") < count(small, "all_gather") < 29
-    assert count(large, "reduce_scatter") < count(small, "reduce_scatter") < 15
+    _, _, small = train(shardfx.Config(zero_stage=0, bucket_mb=0.05, overlap=False), steps=1)
+    _, _, large = train(shardfx.Config(zero_stage=0, bucket_mb=64.0, overlap=False), steps=1)
+    assert count(large, "all_reduce") < count(small, "all_reduce") < 15
 
 
 @pytest.mark.parametrize("depth", [1, 2])
 def test_prefetch_places_starts_and_waits(depth: int) -> None:
-    # 0.05 MiB: the tiny GPT's gathers per block, its gradients in 3 buckets
-    _, _, engine = train(shardfx.Config(zero_stage=3, bucket_mb=0.05, overlap=True, prefetch=depth), steps=1)
+    _, _, engine = train(shardfx.Config(zero_stage=3, bucket_mb=64.0, overlap=True, prefetch=depth), steps=1)
     nodes = list(engine.program.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     starts = [n for n in nodes if collectives.is_start(n) and n.meta.get(meta.ROLE) == "param_gather"]

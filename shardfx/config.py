@@ -52,7 +52,8 @@ class Config:
     grad_clip: clip gradients to this global norm (None: no clipping).
     batchnorm: "global" computes batch statistics over the global batch (single-device
         semantics); "local" keeps each rank's own statistics (DDP's behaviour).
-    bucket_mb: merge the collectives of one block into flat buckets of at most this many MiB (0: off;
+    bucket_mb: merge collectives into flat buckets of at most this many MiB, gathers and reduce-scatters
+        within a block, all-reduces across blocks as DDP's (0: off;
         None, the default: the cost model plans it, see tune_communication).
     overlap: issue collectives asynchronously: gradient reductions launched while the backward
         still runs, parameter gathers prefetched `prefetch` blocks ahead (None: planned).

@@ -1,4 +1,4 @@
-"""bucket_collectives: merge the collectives of one block into one flat collective, up to a size cap.
+"""bucket_collectives: merge collectives into flat ones, up to a size cap (gathers and scatters per block).
 
 Small collectives pay a fixed latency each (alpha in the alpha-beta model);
 one flat collective pays it once. Members are the parameter all-gathers and

@@ -187,7 +187,7 @@ TUNE_COMMUNICATION = Pass(
 BUCKET_COLLECTIVES = Pass(
     "bucket_collectives",
     bucket_collectives,
-    "one flat collective per block instead of one per parameter: fewer latencies",
+    "flat collectives instead of one per parameter (gathers, scatters per block): fewer latencies",
     needs=(f.GRAD_SYNCS,),
     provides=(f.BUCKET,),
     after=_COLLECTIVES_FINAL,

@@ -28,6 +28,7 @@ from shardfx.graphs import collectives, meta
 from shardfx.graphs.analysis import storage_owner
 from shardfx.graphs.program import DistProgram
 from shardfx.graphs.rewrite import insert_call
+from shardfx.passes.bucket_collectives import ORIGIN as BUCKETING  # the origin of a bucket's copy-out
 from shardfx.passes.manager import PassContext, PassResult
 
 ORIGIN = "schedule_overlap"
@@ -119,9 +120,6 @@ def _copied_out(wait: fx.Node) -> fx.Node:
         chain.add(node)
         node = node.next
     return node.prev
-
-
-BUCKETING = "bucket_collectives"  # bucket_collectives.ORIGIN: the origin of its copy-out nodes
 
 
 def _position(program: DistProgram):  # noqa: ANN202 - a key function

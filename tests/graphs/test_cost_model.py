@@ -102,7 +102,7 @@ def test_auto_is_this_machines_profile_and_a_calibration_is_for_its_machine_only
     with pytest.warns(UserWarning, match=r"another version of shardfx \(fields \['gather_as_all_reduce'\]\)"):
         assert hardware("cpu") == builtin
     older = {k: v for k, v in dataclasses.asdict(mine).items() if k != "exchange_alpha"}  # before it was measured
-    path.write_text(json.dumps({"machine": mine.machine, "profiles": [older]}))
+    path.write_text(json.dumps({"machine": mine.machine, "profiles": [dataclasses.asdict(four), older]}))
     with pytest.warns(
         UserWarning, match=r"another version of shardfx \(no \['exchange_alpha'\]\).*measures the machine again"
     ):
@@ -160,7 +160,8 @@ def test_gathers_and_scatters_run_as_exchanges_take_their_own_latency() -> None:
         assert cost_model.collective_seconds(node, program, fast) == pytest.approx(latency)
         gpu = dataclasses.replace(PROFILES["h100"], link_bw=float("inf"))
         assert cost_model.collective_seconds(node, program, gpu) == pytest.approx(gpu.alpha)
-    assert cpu.at(4, cores=2).exchange_alpha == 2 * cpu.exchange_alpha * 3  # scaled as alpha is
+    # stretched by 2, and it sends to 3 peers where 2 ranks send to one
+    assert cpu.at(4, cores=2).exchange_alpha == 2 * cpu.exchange_alpha * 3
 
 
 def test_the_optimizer_updates_the_elements_a_rank_holds() -> None:
@@ -216,18 +217,29 @@ def test_the_runtimes_own_copies_and_sums_take_compute_time() -> None:
     reduce = next(n for n in program.graph.nodes if collectives.is_collective(n))
     nbytes = tensor_bytes(reduce.args[0].meta["val"])
     cpu = PROFILES["cpu"]
-    assert cost_model.host_seconds(reduce, program, cpu) == (2 * nbytes / cpu.mem_bw, 0.0)
+    assert reduce.args[2] == "avg"  # divided in place once reduced: 2 passes more
+    assert cost_model.host_seconds(reduce, program, cpu) == (2 * nbytes / cpu.mem_bw, 2 * nbytes / cpu.mem_bw)
     in_place = compiled(zero_stage=0, bucket_mb=0, overlap=True, prefetch=1)
     start = next(n for n in in_place.graph.nodes if n.target is collectives.ALL_REDUCE_START_)
-    assert cost_model.host_seconds(start, in_place, cpu) == (0.0, 0.0)
+    start_bytes = tensor_bytes(start.args[0].meta["val"])
+    assert cost_model.host_seconds(start, in_place, cpu) == (0.0, 2 * start_bytes / cpu.mem_bw)
     scattered = compiled(zero_stage=2, bucket_mb=0, overlap=False)
     scatter = next(
         n for n in scattered.graph.nodes if collectives.is_collective(n) and collectives.kind(n) == "reduce_scatter"
     )
     out = tensor_bytes(scatter.meta["val"])
     parts = scattered.mesh.world_size
-    assert cost_model.host_seconds(scatter, scattered, cpu) == (0.0, (parts + 1) * out / cpu.mem_bw)  # read, written
-    assert cost_model.host_seconds(scatter, scattered, PROFILES["h100"]) == (0.0, 0.0)  # NCCL reduces in its kernel
+    # a copy and N - 1 adds (3N - 1 passes), then the average's division (2)
+    assert cost_model.host_seconds(scatter, scattered, cpu) == (0.0, (3 * parts - 1 + 2) * out / cpu.mem_bw)
+    h100 = PROFILES["h100"]  # NCCL sums in its kernel; the average is still divided after
+    assert cost_model.host_seconds(scatter, scattered, h100) == (0.0, 2 * out / h100.mem_bw)
     # the simulation spends them on compute
-    free = simulate(program, dataclasses.replace(cpu, mem_bw=float("inf")))
-    assert simulate(program, cpu).compute_seconds > free.compute_seconds
+    with_copies = simulate(program, cpu).compute_seconds
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cost_model, "host_seconds", lambda *args: (0.0, 0.0))
+        without = simulate(program, cpu).compute_seconds
+    scaled = cpu.at(program.mesh.world_size)
+    copies = sum(
+        sum(cost_model.host_seconds(n, program, scaled)) for n in program.graph.nodes if collectives.is_collective(n)
+    )
+    assert with_copies - without == pytest.approx(copies)

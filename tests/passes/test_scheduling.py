@@ -77,8 +77,11 @@ def test_prefetch_places_starts_and_waits(depth: int) -> None:
         compute_after = next(n for n in nodes[pos[waits[k - depth]] :] if n.meta.get(meta.ORIGIN) == "capture")
         assert pos[starts[k]] < pos[compute_after]
         # and after the earlier bucket's copy-out: its flat buffer and its copies do not meet the next buffer
-        copy_out = [u for u in waits[k - depth].users if u.meta.get(meta.ORIGIN) == "bucket_collectives"]
-        assert all(pos[c] < pos[starts[k]] for c in copy_out)
+        copy_out, frontier = [], [waits[k - depth]]  # the slices, views and copies out of the bucket
+        while frontier:
+            frontier = [u for n in frontier for u in n.users if u.meta.get(meta.ORIGIN) == "bucket_collectives"]
+            copy_out += frontier
+        assert all(pos[c] < pos[starts[k]] for c in copy_out), [c.name for c in copy_out]
         copied += len(copy_out)
     assert copied, "the buckets' copy-outs were checked"
     # at most `depth` gradient reductions in flight: each wait precedes the start `depth` later,

@@ -362,11 +362,18 @@ def collective_seconds(node: fx.Node, program: DistProgram, hw: Hardware) -> flo
         return 0.0
     in_bytes = tensor_bytes(node.args[0].meta["val"])
     volume = collectives.volume_bytes(kind, in_bytes, tensor_bytes(node.meta["val"]))
-    latency = hw.exchange_alpha if kind in EXCHANGED and hw.exchange_alpha else hw.alpha
+    latency = hw.exchange_alpha if hw.exchange_alpha and runs_as_exchange(node, program, hw) else hw.alpha
     return latency + volume * (n - 1) / n / hw.link_bw
 
 
-EXCHANGED = ("all_gather", "reduce_scatter")  # the kinds Hardware.exchange_alpha prices
+def runs_as_exchange(node: fx.Node, program: DistProgram, hw: Hardware) -> bool:
+    """Whether the runtime runs this collective as one exchange with each peer (DistComm._exchanged):
+    an all-gather, or a sum / average reduce-scatter of an even split, on a CPU (gloo)."""
+    kind = collectives.kind(node)
+    if hw.cores == 0 or kind not in ("all_gather", "reduce_scatter"):
+        return False
+    even = node.args[0].meta["val"].shape[0] % program.mesh.size(collectives.axis_of(node)) == 0
+    return kind == "all_gather" or (node.args[2] in ("sum", "avg") and even)
 
 
 def host_seconds(node: fx.Node, program: DistProgram, hw: Hardware) -> tuple[float, float]:
@@ -375,7 +382,7 @@ def host_seconds(node: fx.Node, program: DistProgram, hw: Hardware) -> tuple[flo
     reduces a copy of its input (2 passes); on a CPU (gloo) a reduce-scatter of an even split run as
     an exchange sums the N parts it received into its output (a copy, then N - 1 adds of 3 passes
     each: 3N - 1); an average divides the result in place (2 passes). A collective over one rank
-    costs nothing here, as in collective_seconds (the passes emit none)."""
+    costs nothing here, as in collective_seconds."""
     axis = collectives.axis_of(node)
     n = program.mesh.size(axis)
     if n == 1:
@@ -386,7 +393,7 @@ def host_seconds(node: fx.Node, program: DistProgram, hw: Hardware) -> tuple[flo
     if kind == "all_reduce":
         copy = 0 if node.target is collectives.ALL_REDUCE_START_ else 2 * tensor_bytes(x)
         return copy / hw.mem_bw, passes_after * tensor_bytes(out) / hw.mem_bw
-    if kind == "reduce_scatter" and hw.cores > 0 and op in ("sum", "avg") and x.shape[0] % n == 0:
+    if kind == "reduce_scatter" and runs_as_exchange(node, program, hw):
         passes_after += 3 * n - 1
     return 0.0, passes_after * tensor_bytes(out) / hw.mem_bw
 

@@ -122,11 +122,11 @@ class DistComm:
             # this rank's rows are filled now and sent from there: x is free once the start returns
             # (graphs/analysis.memory_timeline frees a gather's input at its start)
             out = torch.empty((x.shape[0] * n, *x.shape[1:]), dtype=x.dtype, device=x.device)
-            own = out.chunk(n)[self.coordinate(axis)]
-            own.copy_(x)
             if self._exchanged(kind, x, axis, op):
-                works = self._gather_exchange(own, out, axis)
+                works = self._gather_exchange(x.detach(), out, axis)
             else:  # torch's in-place form: the input is this rank's chunk of the output
+                own = out.chunk(n)[self.coordinate(axis)]
+                own.copy_(x)
                 works = [dist.all_gather_into_tensor(out, own, group=group, async_op=True)]
         elif self._exchanged(kind, x, axis, op):
             out = torch.empty((x.shape[0] // n, *x.shape[1:]), dtype=x.dtype, device=x.device)
@@ -190,17 +190,17 @@ class DistComm:
         return dist.batch_isend_irecv(ops), parts
 
     def _gather_exchange(self, x: Tensor, out: Tensor, axis: str) -> list[dist.Work]:
-        """Send x to each peer and receive each peer's into its rows of out (dim 0, group-rank order)."""
+        """Copy x into this rank's rows of out and send them to each peer; receive each peer's into its
+        rows (dim 0, group-rank order). Sent from out, so x is free once this returns."""
         ranks, tag = self._peers(axis)
         group = self._groups[axis]
+        own = out.chunk(len(ranks))[ranks.index(self.rank)]
+        own.copy_(x)
         ops = []
         for peer, rows in zip(ranks, out.chunk(len(ranks))):
-            if peer == self.rank:
-                if rows.data_ptr() != x.data_ptr():  # a start sends from these rows themselves
-                    rows.copy_(x)
-                continue
-            ops.append(dist.P2POp(dist.isend, x, peer, group, tag))
-            ops.append(dist.P2POp(dist.irecv, rows, peer, group, tag))
+            if peer != self.rank:
+                ops.append(dist.P2POp(dist.isend, own, peer, group, tag))
+                ops.append(dist.P2POp(dist.irecv, rows, peer, group, tag))
         return dist.batch_isend_irecv(ops)
 
     @staticmethod

@@ -153,13 +153,19 @@ def capture(
 
 
 def cast_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `model` whose floating-point parameters have `dtype` (ties kept; buffers copied as they
+    are). The tensors are made here, not by deepcopy: deepcopy would first copy every parameter at its
+    own dtype, and it gives a fake tensor a fake mode of its own (a model built on paper,
+    tools/simulate.build_on_paper, would then mix two modes in one trace)."""
     import copy
 
-    traced = copy.deepcopy(model)
-    for p in traced.parameters():
-        if p.is_floating_point():
-            p.data = p.data.to(dtype)
-    return traced
+    memo: dict[int, Any] = {}
+    for p in model.parameters():  # each tensor once: a tied one is one entry
+        data = p.detach().to(dtype) if p.is_floating_point() else p.detach().clone()
+        memo[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = b.clone()
+    return copy.deepcopy(model, memo)
 
 
 def _check_loss(exported: torch.export.ExportedProgram) -> None:

@@ -9,9 +9,10 @@ three over the Nd data-parallel ranks.
     shardfx estimate --params 7.5e9 --world-size 64        # 120 / 31.4 / 16.6 / 1.88 GB
     shardfx estimate --model gpt --preset base --set n_layer=12 --world-size 8
 
-With --simulate HARDWARE and a --model, the model is also compiled (on the meta
-device, for any size) and one rank's step is simulated by the cost model, for
-ZeRO-3 with and without bucketing and overlap:
+With --simulate HARDWARE and a --model, the model is also compiled on paper (fake
+tensors: no memory, any size) and one rank's step is simulated by the cost model,
+for ZeRO-3 unplanned, with its defaults (buckets and prefetch planned for that
+hardware) and with --bucket-mb by hand:
 
     shardfx estimate --model gpt --set vocab_size=32000 --set n_layer=32 --set d_model=4096 \
         --set n_head=32 --set seq_len=2048 --world-size 64 --simulate h100 --bf16
@@ -164,13 +165,17 @@ def run(args: argparse.Namespace) -> int:
 
         mp = "bf16" if args.bf16 else None
         tp = f" x tp{args.tp}" if args.tp > 1 else ""
+        common = {"zero_stage": 3, "mixed_precision": mp, "tp_size": args.tp}
         scenarios = [
-            Scenario(f"ZeRO-3{tp}", shardfx_config(zero_stage=3, mixed_precision=mp, tp_size=args.tp)),
             Scenario(
-                f"ZeRO-3{tp} + bucket {args.bucket_mb:g} MiB + overlap",
-                shardfx_config(
-                    zero_stage=3, mixed_precision=mp, tp_size=args.tp, bucket_mb=args.bucket_mb, overlap=True
-                ),
+                f"ZeRO-3{tp} unplanned (bucket_mb=0, no overlap)", shardfx_config(**common, bucket_mb=0, overlap=False)
+            ),
+            Scenario(
+                f"ZeRO-3{tp} default (planned by the cost model)", shardfx_config(**common, hardware=args.simulate)
+            ),
+            Scenario(
+                f"ZeRO-3{tp} + bucket {args.bucket_mb:g} MiB + overlap, prefetch 1",
+                shardfx_config(**common, bucket_mb=args.bucket_mb, overlap=True, prefetch=1),
             ),
         ]
         kwargs = model_kwargs(args.model, args.preset, args.overrides)

@@ -1,9 +1,11 @@
 """Scale on paper: compile a built-in model for a world size this machine cannot run and simulate it.
 
-The model is built and traced on the meta device (no memory, any size), the
-compile driver runs the pipeline for `world_size` ranks (dp x tp as the Config
-says), and the cost model
-(shardfx.graphs.cost_model) simulates one rank's step on named hardware.
+The model is built and traced on paper: under a FakeTensorMode (shapes and dtypes,
+no memory, any size; not on the meta device, where torch's export takes tensors
+of one shape for one tensor and the joint graph has no backward). The compile
+driver runs the pipeline for `world_size` ranks (dp x tp as the Config says), and
+the cost model (shardfx.graphs.cost_model) simulates one rank's step on named
+hardware.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import shardfx
 from shardfx.driver import build_mesh, compile_step
@@ -28,25 +31,35 @@ class Scenario:
     config: shardfx.Config
 
 
-def compile_on_meta(
+def build_on_paper(model_name: str, kwargs: dict[str, Any], batch: int) -> tuple[Any, Any, tuple[torch.Tensor, ...]]:
+    """(model, loss_fn, example batch of `batch` rows) of a built-in model as fake tensors: shapes and
+    dtypes, no memory. The meta device will not do: torch 2.13's export takes two meta tensors of one
+    shape for one tensor (an untied head became the embedding, the targets the tokens) and the joint
+    graph of meta parameters has no gradients."""
+    with FakeTensorMode():
+        model, loss_fn, _ = build_model(model_name, **kwargs)
+        return model, loss_fn, _example_batch(model, batch)
+
+
+def compile_on_paper(
     model_name: str, kwargs: dict[str, Any], world_size: int, local_batch: int, config: shardfx.Config
 ) -> DistProgram:
     """The step's last program for `world_size` ranks (every mesh axis of `config`), compiled through
-    the compile driver with the model and a batch of `local_batch` rows per dp rank on the meta device."""
+    the compile driver with the model and a batch of `local_batch` rows per dp rank built on paper
+    (build_on_paper): the program compile_distributed would run, without its memory."""
     mesh = build_mesh(config, world_size)
-    with torch.device("meta"):
-        model, loss_fn, _ = build_model(model_name, **kwargs)
-        example = _meta_batch(model, local_batch * mesh.size("dp"))
+    model, loss_fn, example = build_on_paper(model_name, kwargs, local_batch * mesh.size("dp"))
     last = schedule(config).micro_batches[-1]  # the plain step, or an accumulating step's last micro-batch
     return compile_step(model, example, loss_fn, config, mesh, variants=[last]).program
 
 
-def _meta_batch(model: torch.nn.Module, batch: int) -> tuple[torch.Tensor, ...]:
-    """An example batch of the right shapes for the built-in models (data is never read on meta)."""
+def _example_batch(model: torch.nn.Module, batch: int) -> tuple[torch.Tensor, ...]:
+    """An example batch of the right shapes for the built-in models (its data is never read)."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "seq_len"):  # GPT: (tokens, targets), (B, T) each
-        tokens = torch.zeros(batch, config.seq_len, dtype=torch.long)
-        return tokens, tokens
+        return torch.zeros(batch, config.seq_len, dtype=torch.long), torch.zeros(
+            batch, config.seq_len, dtype=torch.long
+        )
     first, last = model.layers[0], model.layers[-1]  # MLP: (x, y)
     return torch.zeros(batch, first.in_features), torch.zeros(batch, last.out_features)
 
@@ -61,34 +74,35 @@ def simulate_scenarios(
 ) -> list[tuple[Scenario, Simulation]]:
     hw = hardware(hardware_name)
     return [
-        (s, simulate(compile_on_meta(model_name, kwargs, world_size, local_batch, s.config), hw)) for s in scenarios
+        (s, simulate(compile_on_paper(model_name, kwargs, world_size, local_batch, s.config), hw)) for s in scenarios
     ]
 
 
 def format_simulations(rows: list[tuple[Scenario, Simulation]], hardware_name: str) -> str:
+    width = max([len("scenario")] + [len(scenario.name) for scenario, _ in rows])
     lines = [
         f"simulated step per rank on {hardware_name} ({hardware(hardware_name).source})",
-        f"{'scenario':<30} {'step ms':>9} {'exposed comm':>13} {'peak GiB':>9}",
+        f"{'scenario':<{width}} {'step ms':>9} {'optimizer ms':>12} {'exposed comm':>13} {'peak MiB':>10}",
     ]
     for scenario, sim in rows:
         lines.append(
-            f"{scenario.name:<30} {sim.step_seconds * 1e3:>9.1f} {sim.exposed_comm_seconds * 1e3:>10.1f} ms "
-            f"{sim.peak_bytes / 2**30:>9.2f}"
+            f"{scenario.name:<{width}} {sim.step_seconds * 1e3:>9.1f} {sim.optimizer_seconds * 1e3:>12.1f} "
+            f"{sim.exposed_comm_seconds * 1e3:>10.1f} ms {sim.peak_bytes / 2**20:>10.1f}"
         )
     lines.append(
-        "peak: the step's live tensors per rank (parameters, gradients, activations, buffers); optimizer state not included"
+        "step: the program (forward, backward, collectives); optimizer: Adam(W)'s update after it. peak: the "
+        "step's live tensors per rank (parameters, gradients, activations, buffers: graphs.analysis.memory_timeline, "
+        "as `shardfx passes` reports it); optimizer state not included"
     )
     return "\n".join(lines)
 
 
 def tp_held_params(model_name: str, kwargs: dict[str, Any], tp: int) -> tuple[int, int]:
     """(rank 0's parameter count, the model's) under the tensor-parallel plan that compile_distributed
-    would run at tp ranks (the same plan `shardfx passes --config tp_size=N` prints), on the meta device."""
+    would run at tp ranks (the same plan `shardfx passes --config tp_size=N` prints), built on paper."""
     config = shardfx.Config(tp_size=tp)
     mesh = build_mesh(config, tp)
-    with torch.device("meta"):
-        model, loss_fn, _ = build_model(model_name, **kwargs)
-        example = _meta_batch(model, 1)
+    model, loss_fn, example = build_on_paper(model_name, kwargs, 1)
     program = compile_step(model, example, loss_fn, config, mesh, stop_after="tensor_parallel").program
     held = total = 0
     for spec, node in zip(program.signature.inputs, program.placeholders()):
@@ -114,16 +128,14 @@ def pp_stage_rows(
 ) -> list[StageRow]:
     """Each stage of the pipeline compile_distributed would cut at pp stages (split_stages): what it
     holds, how long a micro-batch takes, what it keeps, for a batch of `batch` sequences per
-    micro-batch. Built on the CPU: a capture on the meta device has no backward (torch 2.13's
-    joint export returns no gradients for meta parameters), and the backward is half the cut's cost."""
+    micro-batch. Built on paper (build_on_paper)."""
     from shardfx.graphs.phases import split_phases
     from shardfx.graphs.pp_schedule import alive_peak, stage_key, table
 
     config = shardfx.Config(pp_size=pp, pp_microbatches=micro_batches, pp_schedule=kind)
     mesh = build_mesh(config, pp)
     steps = table(kind, pp, micro_batches)
-    model, loss_fn, _ = build_model(model_name, **kwargs)
-    example = _meta_batch(model, batch * micro_batches)
+    model, loss_fn, example = build_on_paper(model_name, kwargs, batch * micro_batches)
     last = schedule(config).micro_batches[-1]
     names = [stage_key(s, last) for s in range(pp)]
     compiled = compile_step(model, example, loss_fn, config, mesh, variants=names, stop_after="split_stages")

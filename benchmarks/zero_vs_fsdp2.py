@@ -417,7 +417,8 @@ def plan_of(engine: Any) -> str:
     if stats is None:
         config = engine.config
         stats = {"bucket_mb": config.bucket_mb, "overlap": config.overlap, "prefetch": config.prefetch}
-    how = f"overlap, prefetch {stats['prefetch']}" if stats["overlap"] else "no overlap"
+    within = " (within depth 1's peak)" if stats.get("within_depth1_peak") else ""
+    how = f"overlap, prefetch {stats['prefetch']}{within}" if stats["overlap"] else "no overlap"
     return f"{stats['bucket_mb']:g} MiB, {how}"
 
 

@@ -67,7 +67,9 @@ class Config:
     tune_communication: what bucket_mb, overlap and prefetch leave unset (None, their default) the
         cost model plans on the `hardware` profile: of the simulated steps whose peak stays under
         comm_memory_cap bytes (None: no cap), those within 2% of the fastest tie and the smallest
-        peak among them wins. True plans all three, overriding them.
+        peak among them wins. A planned depth above 1 may be bounded by depth 1's peak: gathers
+        and reductions go that deep only where the live memory leaves room (schedule_overlap).
+        True plans all three, overriding them.
     recompute: activation recomputation: "none", "full" (every block, keeping block inputs),
         "selective" (the attention core), "budget" (the cheapest recomputation that brings the
         simulated peak to memory_budget).

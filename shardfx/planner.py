@@ -478,7 +478,8 @@ def _comm(compiled: Compiled, config: Config) -> str:
     stats = next((r.stats for r in records if r.name == "tune_communication"), None)
     if stats is None:
         stats = {"bucket_mb": config.bucket_mb or 0.0, "overlap": config.overlap, "prefetch": config.prefetch}
-    how = f"overlap, prefetch {stats['prefetch']}" if stats["overlap"] else "no overlap"
+    within = " (within depth 1's peak)" if stats.get("within_depth1_peak") else ""
+    how = f"overlap, prefetch {stats['prefetch']}{within}" if stats["overlap"] else "no overlap"
     return f"bucket {stats['bucket_mb']:g} MiB, {how}"
 
 

@@ -3,7 +3,13 @@
 - parameter all-gathers (prefetch): the start of the k-th gather is issued right
   after the wait of the (k - depth)-th (after its copy-out, for a bucket), so while one block computes, the next
   `depth` blocks' parameters are on their way; its wait sits right before the
-  first use. The first `depth` gathers start at the top of the step.
+  first use. The first `depth` gathers start at the top of the step, in their order.
+  With `peak_limit` (bytes), a gather is issued deeper than 1 only where the step's
+  live memory leaves room for its buffer under the limit (the tuner passes the peak of
+  the depth-1 schedule: the deep prefetch of the forward's first blocks and the
+  backward's last ones, where activations are few, without the peak of a deeper
+  prefetch at the forward-to-backward turn, where they are most); and a gradient
+  reduction is waited for that late only where its input fits there too.
 - gradient reductions: the start stays where the gradient (bucket) is complete
   (an all-reduce of a buffer nothing else reads runs in that buffer: no copy);
   the k-th one's wait sits right before the (k + depth)-th reduction starts (at
@@ -25,7 +31,7 @@ from torch import Tensor
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from shardfx.graphs import collectives, meta
-from shardfx.graphs.analysis import storage_owner
+from shardfx.graphs.analysis import memory_timeline, storage_owner, tensor_bytes
 from shardfx.graphs.program import DistProgram
 from shardfx.graphs.rewrite import insert_call
 from shardfx.passes.bucket_collectives import ORIGIN as BUCKETING  # the origin of a bucket's copy-out
@@ -34,7 +40,9 @@ from shardfx.passes.manager import PassContext, PassResult
 ORIGIN = "schedule_overlap"
 
 
-def schedule_overlap(program: DistProgram, ctx: PassContext, *, depth: int = 1) -> PassResult:
+def schedule_overlap(
+    program: DistProgram, ctx: PassContext, *, depth: int = 1, peak_limit: int | None = None
+) -> PassResult:
     graph = program.graph
     gathers: list[tuple[fx.Node, fx.Node]] = []
     reductions: list[tuple[fx.Node, fx.Node]] = []
@@ -46,19 +54,93 @@ def schedule_overlap(program: DistProgram, ctx: PassContext, *, depth: int = 1) 
             continue
         start, wait = _split(program, node)
         (gathers if role == meta.PARAM_GATHER else reductions).append((start, wait))
-    # prefetch: move gather starts (and the input chain they need) earlier
-    last_input = program.placeholders()[-1]
-    for k, (start, _) in enumerate(gathers):
-        _hoist_after(program, start, last_input if k < depth else _copied_out(gathers[k - depth][1]))
-    # reductions: wait right before the reduction `depth` later starts
-    for (_, wait), (next_start, _) in zip(reductions, reductions[depth:]):
+    bounded = peak_limit is not None and depth > 1
+    first = 1 if bounded else depth  # a bounded schedule starts from depth 1 and deepens where there is room
+    _prefetch(program, gathers, [first] * len(gathers))
+    _drain(program, reductions, [first] * len(reductions))
+    stats: dict[str, object] = {"prefetched_gathers": len(gathers), "async_reductions": len(reductions)}
+    if bounded:
+        gather_depths, reduce_depths = _deepen(program, gathers, reductions, depth, peak_limit)
+        _prefetch(program, gathers, gather_depths)
+        _drain(program, reductions, reduce_depths)
+        stats |= {"gather_depths": gather_depths, "reduction_depths": reduce_depths}
+    return PassResult(program, stats)
+
+
+def _drain(program: DistProgram, reductions: list[tuple[fx.Node, fx.Node]], depths: list[int]) -> None:
+    """The k-th reduction's wait right before the (k + depths[k])-th reduction starts (the step's end
+    for the last ones): at most that many in flight, so reduction buffers do not pile up."""
+    for k, (_, wait) in enumerate(reductions):
+        if k + depths[k] >= len(reductions):
+            _delay(program, wait, program.output_node())
+            continue
+        next_start = reductions[k + depths[k]][0]
         if _position(program)(wait) > _position(program)(next_start):
             next_start.prepend(wait)  # earlier: its start precedes next_start and its readers come later
         else:
             _delay(program, wait, next_start)
-    for _, wait in reductions[-depth:]:
-        _delay(program, wait, program.output_node())
-    return PassResult(program, {"prefetched_gathers": len(gathers), "async_reductions": len(reductions)})
+
+
+def _anchor(program: DistProgram, gathers: list[tuple[fx.Node, fx.Node]], k: int, depth: int) -> fx.Node:
+    """Where the k-th gather starts at `depth`: after the copy-out of the wait `depth` gathers earlier
+    (the step's inputs for the first ones)."""
+    return program.placeholders()[-1] if k < depth else _copied_out(gathers[k - depth][1])
+
+
+def _prefetch(program: DistProgram, gathers: list[tuple[fx.Node, fx.Node]], depths: list[int]) -> None:
+    """Issue the k-th gather's start `depths[k]` gathers ahead, never before the (k-1)-th's start: the
+    gathers start in their order (every rank issues one order; the first needed is sent first)."""
+    key = _position(program)
+    for k, (start, _) in enumerate(gathers):
+        after = _anchor(program, gathers, k, depths[k])
+        if k > 0 and key(gathers[k - 1][0]) > key(after):
+            after = gathers[k - 1][0]
+        _hoist_after(program, start, after)
+
+
+def _deepen(
+    program: DistProgram,
+    gathers: list[tuple[fx.Node, fx.Node]],
+    reductions: list[tuple[fx.Node, fx.Node]],
+    depth: int,
+    limit: int,
+) -> tuple[list[int], list[int]]:
+    """Per gather and per reduction of the depth-1 schedule, the most in flight up to `depth` at which
+    what it holds the longer fits beside what is live under `limit` bytes (what was deepened before
+    it counted): a gather's buffer from its earlier start, a reduction's input to its later wait."""
+    nodes = list(program.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    live = list(memory_timeline(program).live)
+
+    def fits(begin: int, end: int, extra: int) -> bool:
+        if max(live[begin:end], default=0) + extra > limit:
+            return False
+        for i in range(begin, end):
+            live[i] += extra
+        return True
+
+    gather_depths = [1] * len(gathers)
+    issued, anchored = -1, -1  # where the previous gather now starts, and the node it starts after
+    for k, (start, _) in enumerate(gathers):
+        at, anchor = index[start], index[_anchor(program, gathers, k, 1)]
+        for d in range(depth, 1, -1):
+            after = index[_anchor(program, gathers, k, d)]
+            if after < anchored:  # it would start before the previous gather: that depth is not possible
+                continue
+            after = max(after, issued)  # right after the previous start, if that has the same anchor
+            if after < at and fits(after + 1, at, tensor_bytes(start.meta["val"])):
+                gather_depths[k], at, anchor = d, after, index[_anchor(program, gathers, k, d)]
+                break
+        issued, anchored = at, anchor
+    reduce_depths = [1] * len(reductions)
+    for k, (start, wait) in enumerate(reductions):
+        for d in range(depth, 1, -1):
+            until = index[reductions[k + d][0]] if k + d < len(reductions) else len(nodes) - 1
+            extra = sum(tensor_bytes(a.meta.get("val")) for a in start.all_input_nodes)
+            if until > index[wait] and fits(index[wait], until, extra):
+                reduce_depths[k] = d
+                break
+    return gather_depths, reduce_depths
 
 
 def _split(program: DistProgram, node: fx.Node) -> tuple[fx.Node, fx.Node]:

@@ -15,6 +15,12 @@ grouping is bucketed once and its overlap variants are built from that copy,
 and depths beyond the number of parameter gathers and of gradient reductions
 are the same program.
 
+Beside each depth above 1 runs the same depth bounded by the peak of depth 1
+(schedule_overlap's peak_limit): a gather starts that deep only where the live
+memory leaves room for its buffer under depth 1's peak, so the forward's first
+blocks and the backward's last ones are prefetched deep at depth 1's memory. An
+explicit Config.prefetch is run as given, unbounded.
+
 Needs: a sharding pass. Provides: what bucket_collectives and schedule_overlap provide.
 """
 
@@ -43,6 +49,11 @@ def _groupings(program: DistProgram, sizes: tuple[float, ...]) -> dict[float, tu
             grouping = ()  # nothing merged: the same program as no bucketing
         seen.setdefault(grouping, mb)
     return {mb: grouping for grouping, mb in seen.items()}
+
+
+def _gathers(program: DistProgram) -> bool:
+    """Whether the program gathers parameters (only their prefetch can be bounded by a peak)."""
+    return any(n.meta.get(meta.ROLE) == meta.PARAM_GATHER for n in program.graph.nodes if collectives.is_collective(n))
 
 
 def _in_flight_bound(program: DistProgram) -> int:
@@ -76,20 +87,30 @@ def tune_communication(
         bound = _in_flight_bound(bucketed)
         depths = DEPTHS if prefetch is None else (prefetch,)
         depths = sorted({min(d, bound) for d in depths})
-        schedules: list[int | None] = ([None] if not overlap else []) + ([] if overlap is False else list(depths))
-        for s, depth in enumerate(schedules):
+        schedules: list[tuple[int, bool] | None] = [None] if not overlap else []
+        if overlap is not False:
+            schedules += [(d, False) for d in depths]
+            if prefetch is None and _gathers(bucketed):  # deeper only where the depth-1 peak leaves room
+                schedules += [(d, True) for d in depths if d > 1]
+        depth1_peak: int | None = None
+        for s, schedule in enumerate(schedules):
             trial = bucketed
+            depth, bounded = schedule or (None, False)
             if depth is not None:  # the grouping's last schedule may rewrite its copy, unless that is the best
                 reuse = s == len(schedules) - 1 and all(p is not bucketed for p in programs.values())
                 base = bucketed if reuse else clone_program(bucketed, lazy=True)
-                trial = schedule_overlap(base, ctx, depth=depth).program
+                limit = depth1_peak if bounded else None
+                trial = schedule_overlap(base, ctx, depth=depth, peak_limit=limit).program
             sim = simulate(trial, profile)
+            if depth == 1:
+                depth1_peak = sim.peak_bytes
             fits = memory_cap is None or sim.peak_bytes <= memory_cap
             table.append(
                 {
                     "bucket_mb": mb,
                     "overlap": depth is not None,
                     "prefetch": depth,
+                    "within_depth1_peak": bounded,
                     "step_ms": round(sim.step_seconds * 1e3, 3),
                     "exposed_ms": round(sim.exposed_comm_seconds * 1e3, 3),
                     "peak_mib": round(sim.peak_bytes / 2**20, 2),
@@ -112,7 +133,15 @@ def tune_communication(
     _, _, mb, depth, row = min(tied, key=lambda c: (c[1], c[0], c[2], c[3]))
     chosen = programs[row]
     chosen.recompile()
+    bounded = table[row]["within_depth1_peak"]
     how = f"overlap, prefetch {depth}" if depth else "no overlap"
+    how += " (within depth 1's peak)" if bounded else ""
     ctx.log(f"tune_communication: bucket {mb:g} MiB, {how} ({profile.name} profile)")
-    stats = {"bucket_mb": mb, "overlap": bool(depth), "prefetch": depth or None, "hardware": profile.name}
+    stats = {
+        "bucket_mb": mb,
+        "overlap": bool(depth),
+        "prefetch": depth or None,
+        "within_depth1_peak": bounded,
+        "hardware": profile.name,
+    }
     return PassResult(chosen, {**stats, "table": table})

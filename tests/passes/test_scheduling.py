@@ -64,6 +64,7 @@ def test_prefetch_places_starts_and_waits(depth: int) -> None:
     starts = [n for n in nodes if collectives.is_start(n) and n.meta.get(meta.ROLE) == "param_gather"]
     starts.sort(key=lambda s: pos[next(iter(s.users))])  # in the order their data is needed
     waits = [next(iter(s.users)) for s in starts]
+    assert sorted(starts, key=pos.__getitem__) == starts  # issued in that order, the first `depth` too
     for start, wait in zip(starts, waits):
         assert collectives.is_wait(wait)
         first_use = min(wait.users, key=pos.__getitem__)
@@ -128,3 +129,58 @@ def test_an_all_reduce_is_not_in_place_where_its_input_is_read_again_or_is_a_vie
     assert not decided(lambda g: reduce((g * 2).t()))  # not contiguous
     assert not decided(lambda g: (lambda y: (reduce(y.unsafe_split(2)[0]), y + 1))(g * 2))  # a view by its schema
     assert not decided(lambda g: reduce(g))  # an input of the step
+
+
+def _before_tuning(n_layer: int = 4):
+    from shardfx.driver import build_mesh, compile_step
+    from shardfx.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, n_layer=n_layer, d_model=32, n_head=2, seq_len=16, tie_weights=False))
+    config = shardfx.Config(zero_stage=3)
+    return compile_step(model, gpt_batch(4), gpt_loss, config, build_mesh(config, 2), stop_after="grad_norm").program
+
+
+def test_a_prefetch_bounded_by_a_peak_goes_deep_only_where_the_memory_leaves_room() -> None:
+    from shardfx.graphs.analysis import memory_timeline
+    from shardfx.graphs.program import clone_program
+    from shardfx.passes.manager import PassContext
+    from shardfx.passes.schedule_overlap import schedule_overlap
+
+    program = _before_tuning()
+    ctx = PassContext(shardfx.Config(zero_stage=3), lambda line: None)
+
+    def scheduled(**kwargs):
+        result = schedule_overlap(clone_program(program), ctx, **kwargs)
+        return result.program, result.stats
+
+    shallow, _ = scheduled(depth=1)
+    deep, _ = scheduled(depth=3)
+    limit = memory_timeline(shallow).peak
+    assert memory_timeline(deep).peak > limit  # depth 3 everywhere costs memory at the peak
+    bounded, stats = scheduled(depth=3, peak_limit=limit)
+    assert memory_timeline(bounded).peak <= limit
+    gathers, reductions = stats["gather_depths"], stats["reduction_depths"]
+    assert max(gathers) == 3 and min(gathers) == 1, gathers  # deep where there is room, not everywhere
+    assert max(reductions) > 1, reductions
+    nodes = list(bounded.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    starts = [n for n in nodes if collectives.is_start(n) and n.meta.get(meta.ROLE) == "param_gather"]
+    needed = sorted(starts, key=lambda s: pos[next(iter(s.users))])
+    assert starts == needed  # issued in the order their data is needed
+    for k, start in enumerate(needed):  # the k-th starts after the wait of the one gathers_depths[k] earlier
+        if k >= gathers[k]:
+            assert pos[next(iter(needed[k - gathers[k]].users))] < pos[start]
+        if k >= gathers[k] + 1:  # and not after the one a depth less earlier (it is in flight beside it)
+            assert pos[start] < pos[next(iter(needed[k - gathers[k] + 1].users))]
+
+
+def test_a_bounded_prefetch_trains_bit_exactly() -> None:
+    """The tuner's pick on this profile is a bounded depth (the unbounded one costs memory for no time)."""
+    base_losses, base_state, _ = train(shardfx.Config(zero_stage=3, **UNPLANNED))
+    losses, state, engine = train(shardfx.Config(zero_stage=3, hardware="cpu"))
+    stats = next(r.stats for r in engine.pass_records if r.name == "tune_communication")
+    assert stats["within_depth1_peak"] and stats["prefetch"] > 1, {k: v for k, v in stats.items() if k != "table"}
+    assert torch.equal(losses, base_losses)
+    for key, value in base_state.items():
+        assert torch.equal(state[key], value), key

@@ -87,6 +87,7 @@ from torch.utils._pytree import tree_leaves
 import shardfx
 from shardfx.graphs.cost_model import Hardware, hardware, simulate
 from shardfx.models import GPT, GPTConfig, gpt_loss, num_params
+from shardfx.passes.tune_communication import overlap_plan
 from shardfx.runtime.launch import launch
 from shardfx.tools.calibrate import calibrate_once
 
@@ -417,9 +418,7 @@ def plan_of(engine: Any) -> str:
     if stats is None:
         config = engine.config
         stats = {"bucket_mb": config.bucket_mb, "overlap": config.overlap, "prefetch": config.prefetch}
-    within = " (within depth 1's peak)" if stats.get("within_depth1_peak") else ""
-    how = f"overlap, prefetch {stats['prefetch']}{within}" if stats["overlap"] else "no overlap"
-    return f"{stats['bucket_mb']:g} MiB, {how}"
+    return overlap_plan(stats)
 
 
 def summarize(ranks: dict[int, dict[str, Any]], loss_rtol: float) -> tuple[list[str], dict[str, Any]]:

@@ -59,6 +59,7 @@ from shardfx.graphs.phases import split_phases
 from shardfx.graphs.pp_schedule import alive_by_stage, stage_key
 from shardfx.graphs.signature import PARAM
 from shardfx.passes.pipeline import schedule
+from shardfx.passes.tune_communication import overlap_plan
 
 AUTO = "auto"
 OPTIMIZER_BYTES = 8  # per parameter element a rank updates: Adam's exp_avg and exp_avg_sq in fp32
@@ -478,9 +479,7 @@ def _comm(compiled: Compiled, config: Config) -> str:
     stats = next((r.stats for r in records if r.name == "tune_communication"), None)
     if stats is None:
         stats = {"bucket_mb": config.bucket_mb or 0.0, "overlap": config.overlap, "prefetch": config.prefetch}
-    within = " (within depth 1's peak)" if stats.get("within_depth1_peak") else ""
-    how = f"overlap, prefetch {stats['prefetch']}{within}" if stats["overlap"] else "no overlap"
-    return f"bucket {stats['bucket_mb']:g} MiB, {how}"
+    return f"bucket {overlap_plan(stats)}"
 
 
 def _mib(nbytes: float) -> str:

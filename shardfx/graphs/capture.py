@@ -156,12 +156,14 @@ def cast_params(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A copy of `model` whose floating-point parameters have `dtype` (ties kept; buffers copied as they
     are). The tensors are made here, not by deepcopy: deepcopy would first copy every parameter at its
     own dtype, and it gives a fake tensor a fake mode of its own (a model built on paper,
-    tools/simulate.build_on_paper, would then mix two modes in one trace)."""
+    tools/simulate.build_on_paper, would then mix two modes in one trace). Every cast is a copy, also
+    of a parameter already in `dtype` (the user's model is never shared); a Parameter subclass comes
+    back as nn.Parameter, and tensors held as plain attributes are deepcopied as before."""
     import copy
 
     memo: dict[int, Any] = {}
     for p in model.parameters():  # each tensor once: a tied one is one entry
-        data = p.detach().to(dtype) if p.is_floating_point() else p.detach().clone()
+        data = p.detach().to(dtype, copy=True) if p.is_floating_point() else p.detach().clone()
         memo[id(p)] = nn.Parameter(data, requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = b.clone()

@@ -17,8 +17,11 @@
   the last `depth` ones' before the end.
 - everything else (the loss mean, batch-norm statistics) stays synchronous.
 
-The order of collectives is unchanged and identical on every rank (one SPMD
-graph); only their waits move, so results are bit-identical.
+The order in which collectives start is unchanged and identical on every rank
+(one SPMD graph); gathers' starts move earlier and waits move, never the
+arithmetic, so results are bit-identical. With per-reduction depths a later
+reduction may be waited for before an earlier one (harmless: each wait reads
+only its own buffer).
 Needs: a sharding pass (and bucket_collectives if used). Provides: *_start / wait nodes.
 """
 
@@ -63,13 +66,14 @@ def schedule_overlap(
         gather_depths, reduce_depths = _deepen(program, gathers, reductions, depth, peak_limit)
         _prefetch(program, gathers, gather_depths)
         _drain(program, reductions, reduce_depths)
-        stats |= {"gather_depths": gather_depths, "reduction_depths": reduce_depths}
+        peak = memory_timeline(program).peak
+        stats |= {"gather_depths": gather_depths, "reduction_depths": reduce_depths, "peak": peak}
     return PassResult(program, stats)
 
 
 def _drain(program: DistProgram, reductions: list[tuple[fx.Node, fx.Node]], depths: list[int]) -> None:
     """The k-th reduction's wait right before the (k + depths[k])-th reduction starts (the step's end
-    for the last ones): at most that many in flight, so reduction buffers do not pile up."""
+    for the last ones): at most depths[k] in flight beside it, so reduction buffers do not pile up."""
     for k, (_, wait) in enumerate(reductions):
         if k + depths[k] >= len(reductions):
             _delay(program, wait, program.output_node())
@@ -123,24 +127,39 @@ def _deepen(
     issued, anchored = -1, -1  # where the previous gather now starts, and the node it starts after
     for k, (start, _) in enumerate(gathers):
         at, anchor = index[start], index[_anchor(program, gathers, k, 1)]
-        for d in range(depth, 1, -1):
+        # the first k + 1 depths cover every placement of the k-th gather: any deeper starts it at the top too
+        for d in range(min(depth, k + 1), 1, -1):
             after = index[_anchor(program, gathers, k, d)]
             if after < anchored:  # it would start before the previous gather: that depth is not possible
                 continue
             after = max(after, issued)  # right after the previous start, if that has the same anchor
-            if after < at and fits(after + 1, at, tensor_bytes(start.meta["val"])):
+            held = tensor_bytes(start.meta["val"]) + _moved_bytes(start, after, index)
+            if after < at and fits(after + 1, at, held):
                 gather_depths[k], at, anchor = d, after, index[_anchor(program, gathers, k, d)]
                 break
         issued, anchored = at, anchor
     reduce_depths = [1] * len(reductions)
     for k, (start, wait) in enumerate(reductions):
-        for d in range(depth, 1, -1):
+        held = sum(tensor_bytes(a.meta.get("val")) for a in start.all_input_nodes)
+        # depths past the last reductions all wait at the step's end: len - k of them cover every placement
+        for d in range(min(depth, len(reductions) - k), 1, -1):
             until = index[reductions[k + d][0]] if k + d < len(reductions) else len(nodes) - 1
-            extra = sum(tensor_bytes(a.meta.get("val")) for a in start.all_input_nodes)
-            if until > index[wait] and fits(index[wait], until, extra):
+            if until > index[wait] and fits(index[wait], until, held):
                 reduce_depths[k] = d
                 break
     return gather_depths, reduce_depths
+
+
+def _moved_bytes(start: fx.Node, after: int, index: dict[fx.Node, int]) -> int:
+    """Bytes of the inputs a start hoisted to just after node `after` takes along (_hoist_after): a
+    bucket's flat cat of shards, a bf16 copy; they then live from there to the start."""
+    moved, todo = set(), [a for a in start.all_input_nodes if index[a] > after]
+    while todo:
+        node = todo.pop()
+        if node not in moved:
+            moved.add(node)
+            todo.extend(a for a in node.all_input_nodes if index[a] > after)
+    return sum(tensor_bytes(n.meta.get("val")) for n in moved)
 
 
 def _split(program: DistProgram, node: fx.Node) -> tuple[fx.Node, fx.Node]:

@@ -16,10 +16,11 @@ and depths beyond the number of parameter gathers and of gradient reductions
 are the same program.
 
 Beside each depth above 1 runs the same depth bounded by the peak of depth 1
-(schedule_overlap's peak_limit): a gather starts that deep only where the live
-memory leaves room for its buffer under depth 1's peak, so the forward's first
-blocks and the backward's last ones are prefetched deep at depth 1's memory. An
-explicit Config.prefetch is run as given, unbounded.
+(schedule_overlap's peak_limit): a gather starts that deep, and a gradient
+reduction is waited for that late, only where the live memory leaves room for
+its buffer under depth 1's peak, so the forward's first blocks and the
+backward's last ones are prefetched deep at depth 1's memory. An explicit
+Config.prefetch is run as given, unbounded.
 
 Needs: a sharding pass. Provides: what bucket_collectives and schedule_overlap provide.
 """
@@ -49,11 +50,6 @@ def _groupings(program: DistProgram, sizes: tuple[float, ...]) -> dict[float, tu
             grouping = ()  # nothing merged: the same program as no bucketing
         seen.setdefault(grouping, mb)
     return {mb: grouping for grouping, mb in seen.items()}
-
-
-def _gathers(program: DistProgram) -> bool:
-    """Whether the program gathers parameters (only their prefetch can be bounded by a peak)."""
-    return any(n.meta.get(meta.ROLE) == meta.PARAM_GATHER for n in program.graph.nodes if collectives.is_collective(n))
 
 
 def _in_flight_bound(program: DistProgram) -> int:
@@ -90,7 +86,7 @@ def tune_communication(
         schedules: list[tuple[int, bool] | None] = [None] if not overlap else []
         if overlap is not False:
             schedules += [(d, False) for d in depths]
-            if prefetch is None and _gathers(bucketed):  # deeper only where the depth-1 peak leaves room
+            if prefetch is None:  # deeper only where the depth-1 peak leaves room
                 schedules += [(d, True) for d in depths if d > 1]
         depth1_peak: int | None = None
         for s, schedule in enumerate(schedules):
@@ -133,15 +129,20 @@ def tune_communication(
     _, _, mb, depth, row = min(tied, key=lambda c: (c[1], c[0], c[2], c[3]))
     chosen = programs[row]
     chosen.recompile()
-    bounded = table[row]["within_depth1_peak"]
-    how = f"overlap, prefetch {depth}" if depth else "no overlap"
-    how += " (within depth 1's peak)" if bounded else ""
-    ctx.log(f"tune_communication: bucket {mb:g} MiB, {how} ({profile.name} profile)")
     stats = {
         "bucket_mb": mb,
         "overlap": bool(depth),
         "prefetch": depth or None,
-        "within_depth1_peak": bounded,
+        "within_depth1_peak": table[row]["within_depth1_peak"],
         "hardware": profile.name,
     }
+    ctx.log(f"tune_communication: bucket {overlap_plan(stats)} ({profile.name} profile)")
     return PassResult(chosen, {**stats, "table": table})
+
+
+def overlap_plan(stats: dict[str, Any]) -> str:
+    """How a step communicates, from this pass's stats (or a Config's bucket_mb / overlap / prefetch):
+    "4 MiB, overlap, prefetch 3 (within depth 1's peak)"."""
+    within = " (within depth 1's peak)" if stats.get("within_depth1_peak") else ""
+    how = f"overlap, prefetch {stats['prefetch']}{within}" if stats["overlap"] else "no overlap"
+    return f"{stats['bucket_mb'] or 0.0:g} MiB, {how}"

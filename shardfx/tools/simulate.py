@@ -1,8 +1,8 @@
 """Scale on paper: compile a built-in model for a world size this machine cannot run and simulate it.
 
 The model is built and traced on paper: under a FakeTensorMode (shapes and dtypes,
-no memory, any size; not on the meta device, where torch's export takes tensors
-of one shape for one tensor and the joint graph has no backward). The compile
+no memory, any size; not on the meta device, where torch's export takes meta
+tensors of one shape for one tensor and the joint graph has no backward). The compile
 driver runs the pipeline for `world_size` ranks (dp x tp as the Config says), and
 the cost model (shardfx.graphs.cost_model) simulates one rank's step on named
 hardware.
@@ -34,8 +34,8 @@ class Scenario:
 def build_on_paper(model_name: str, kwargs: dict[str, Any], batch: int) -> tuple[Any, Any, tuple[torch.Tensor, ...]]:
     """(model, loss_fn, example batch of `batch` rows) of a built-in model as fake tensors: shapes and
     dtypes, no memory. The meta device will not do: torch 2.13's export takes two meta tensors of one
-    shape for one tensor (an untied head became the embedding, the targets the tokens) and the joint
-    graph of meta parameters has no gradients."""
+    shape for one tensor (an untied head became the embedding) and the joint graph of meta parameters
+    has no gradients."""
     with FakeTensorMode():
         model, loss_fn, _ = build_model(model_name, **kwargs)
         return model, loss_fn, _example_batch(model, batch)
@@ -57,9 +57,9 @@ def _example_batch(model: torch.nn.Module, batch: int) -> tuple[torch.Tensor, ..
     """An example batch of the right shapes for the built-in models (its data is never read)."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "seq_len"):  # GPT: (tokens, targets), (B, T) each
-        return torch.zeros(batch, config.seq_len, dtype=torch.long), torch.zeros(
-            batch, config.seq_len, dtype=torch.long
-        )
+        tokens = torch.zeros(batch, config.seq_len, dtype=torch.long)  # (B, T)
+        targets = torch.zeros(batch, config.seq_len, dtype=torch.long)  # (B, T), a tensor of its own
+        return tokens, targets
     first, last = model.layers[0], model.layers[-1]  # MLP: (x, y)
     return torch.zeros(batch, first.in_features), torch.zeros(batch, last.out_features)
 

@@ -159,7 +159,7 @@ def test_a_prefetch_bounded_by_a_peak_goes_deep_only_where_the_memory_leaves_roo
     limit = memory_timeline(shallow).peak
     assert memory_timeline(deep).peak > limit  # depth 3 everywhere costs memory at the peak
     bounded, stats = scheduled(depth=3, peak_limit=limit)
-    assert memory_timeline(bounded).peak <= limit
+    assert memory_timeline(bounded).peak <= limit and stats["peak"] <= limit
     gathers, reductions = stats["gather_depths"], stats["reduction_depths"]
     assert max(gathers) == 3 and min(gathers) == 1, gathers  # deep where there is room, not everywhere
     assert max(reductions) > 1, reductions
@@ -168,6 +168,10 @@ def test_a_prefetch_bounded_by_a_peak_goes_deep_only_where_the_memory_leaves_roo
     starts = [n for n in nodes if collectives.is_start(n) and n.meta.get(meta.ROLE) == "param_gather"]
     needed = sorted(starts, key=lambda s: pos[next(iter(s.users))])
     assert starts == needed  # issued in the order their data is needed
+    # moved, not only reported: more gathers in flight beside the one before them than at depth 1,
+    # and a reduction waited for after the next one started (never at depth 1)
+    assert _overlapping_gathers(bounded) > _overlapping_gathers(shallow)
+    assert _late_reduction_waits(bounded) > _late_reduction_waits(shallow) == 0
     for k, start in enumerate(needed):  # the k-th starts after the wait of the one gathers_depths[k] earlier
         if k >= gathers[k]:
             assert pos[next(iter(needed[k - gathers[k]].users))] < pos[start]
@@ -175,8 +179,29 @@ def test_a_prefetch_bounded_by_a_peak_goes_deep_only_where_the_memory_leaves_roo
             assert pos[start] < pos[next(iter(needed[k - gathers[k] + 1].users))]
 
 
-def test_a_bounded_prefetch_trains_bit_exactly() -> None:
-    """The tuner's pick on this profile is a bounded depth (the unbounded one costs memory for no time)."""
+def _overlapping_gathers(program) -> int:
+    """Parameter gathers that start before the wait of the gather needed just before them."""
+    nodes = list(program.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    starts = [n for n in nodes if collectives.is_start(n) and n.meta.get(meta.ROLE) == "param_gather"]
+    needed = sorted(starts, key=lambda s: pos[next(iter(s.users))])
+    return sum(pos[start] < pos[next(iter(before.users))] for before, start in zip(needed, needed[1:]))
+
+
+def _late_reduction_waits(program) -> int:
+    """Gradient reductions waited for after the next one starts."""
+    nodes = list(program.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    starts = [n for n in nodes if collectives.is_start(n) and n.meta.get(meta.ROLE) == "grad_sync"]
+    return sum(pos[next(iter(r.users))] > pos[after] for r, after in zip(starts, starts[1:]))
+
+
+def test_a_bounded_prefetch_trains_bit_exactly(monkeypatch) -> None:
+    """The tuner's pick on the built-in cpu profile is a bounded depth (the unbounded one costs memory
+    for no time)."""
+    from shardfx.graphs import cost_model
+
+    monkeypatch.setattr(cost_model, "_calibrations", lambda: [])  # not a calibration an earlier test wrote
     base_losses, base_state, _ = train(shardfx.Config(zero_stage=3, **UNPLANNED))
     losses, state, engine = train(shardfx.Config(zero_stage=3, hardware="cpu"))
     stats = next(r.stats for r in engine.pass_records if r.name == "tune_communication")

@@ -80,6 +80,9 @@ class Hardware:
     # seconds of fixed latency per all-gather / reduce-scatter where shardfx runs them as one exchange
     # with each peer (gloo: runtime/dist_comm.py), which takes one round where a ring takes N - 1; 0: alpha
     exchange_alpha: float = 0.0
+    # elements/s of GELU's tanh approximation, forward and backward (GPT-2's gelu_new): on a CPU about
+    # a third of the erf GELU's special_rate (measured 0.50-0.53 against 1.31-1.71 G elements/s); 0: special_rate
+    tanh_gelu_rate: float = 0.0
 
     def flops(self, dtype: torch.dtype) -> float:
         return self.bf16_flops if dtype in (torch.bfloat16, torch.float16) else self.fp32_flops
@@ -110,6 +113,7 @@ class Hardware:
             bf16_flops=base.bf16_flops * share,
             mem_bw=base.mem_bw * share,
             special_rate=base.special_rate * share,
+            tanh_gelu_rate=base.tanh_gelu_rate * share,
             optimizer_element=base.optimizer_element / share,
             link_bw=base.link_bw / stretch,
             alpha=base.alpha * stretch * steps,
@@ -139,9 +143,10 @@ PROFILES: dict[str, Hardware] = {
     # on a quiet machine, both ranks measuring at once; a busy one measured up to 2x slower): a
     # small collective between compute costs 2 ms (mostly the ranks' skew), and (1 - overlap) of an
     # async one's time is taken from compute (the ranks' cores also run gloo: a bucketed backward's
-    # rhythm hid 46-55% of its all-reduces in 3 runs at 2 ranks, 42-57% at 4). Rates are per rank
-    # with a core each (ranks=2, cores=2); Hardware.at scales them to this machine's cores and the
-    # program's rank count.
+    # rhythm of 2 MiB buckets hid 46-55% of its all-reduces in 3 runs at 2 ranks, 42-57% at 4; of
+    # 8 MiB buckets 49% at 2 ranks, 36% at 4). GELU's tanh approximation: the erf GELU's rate times
+    # the ratio measured beside it (0.18-0.29). Rates are per rank with a core each (ranks=2,
+    # cores=2); Hardware.at scales them to this machine's cores and the program's rank count.
     "cpu": Hardware(
         "cpu",
         70e9,
@@ -153,6 +158,7 @@ PROFILES: dict[str, Hardware] = {
         "built-in: a 2-core x86 VM, 2 gloo ranks",
         overlap=0.5,
         special_rate=1.0e9,
+        tanh_gelu_rate=0.25e9,
         view_overhead=3.7e-6,
         optimizer_element=8e-9,
         optimizer_tensor=37e-6,
@@ -335,8 +341,20 @@ def compute_seconds(node: fx.Node, hw: Hardware) -> float:
     dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
     seconds = max(node_flops(node) / hw.flops(dtype), node_bytes(node) / hw.mem_bw)
     if hw.special_rate > 0 and node.target in TRANSCENDENTAL and isinstance(val, torch.Tensor):
-        seconds = max(seconds, val.numel() / hw.special_rate)
+        rate = hw.tanh_gelu_rate if hw.tanh_gelu_rate > 0 and _tanh_gelu(node) else hw.special_rate
+        seconds = max(seconds, val.numel() / rate)
     return seconds + hw.op_overhead
+
+
+def _tanh_gelu(node: fx.Node) -> bool:
+    """Whether the node is GELU's tanh approximation or its backward (approximate="tanh")."""
+    if node.target is torch.ops.aten.gelu.default:
+        positional = node.args[1:2]
+    elif node.target is torch.ops.aten.gelu_backward.default:
+        positional = node.args[2:3]
+    else:
+        return False
+    return node.kwargs.get("approximate", positional[0] if positional else "none") == "tanh"
 
 
 ADAM_BYTES = 28  # per element: Adam(W) reads the parameter, its gradient and two moments, writes three

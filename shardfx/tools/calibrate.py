@@ -127,19 +127,23 @@ def _matmul_rate(dtype: torch.dtype) -> float:
 
 def measure_compute() -> dict[str, float]:
     """FLOP/s of a linear layer's matmuls (MATMUL_SHAPES), bytes/s of a 64 MiB copy, elements/s of GELU (the transcendental
-    elementwise ops), and the fixed cost of a small op and of a view, as this rank meets them."""
+    elementwise ops) and of its tanh approximation (forward and backward, the mean), and the fixed cost of a small op and of a view, as this rank meets them."""
     fp32, bf16 = _matmul_rate(torch.float32), _matmul_rate(torch.bfloat16)
     big = torch.empty(16 * 2**20)  # 64 MiB
     out = torch.empty_like(big)
     mem_bw = 2 * big.numel() * 4 / _seconds_per_call(lambda: out.copy_(big))
     wide = torch.randn(2**20)
+    grad = torch.randn_like(wide)
     special = wide.numel() / _seconds_per_call(lambda: torch.ops.aten.gelu(wide))
+    tanh_forward = _seconds_per_call(lambda: torch.ops.aten.gelu(wide, approximate="tanh"))
+    tanh_backward = _seconds_per_call(lambda: torch.ops.aten.gelu_backward(grad, wide, approximate="tanh"))
     x = torch.ones(4)
     return {
         "fp32_flops": fp32,
         "bf16_flops": bf16,
         "mem_bw": mem_bw,
         "special_rate": special,
+        "tanh_gelu_rate": 2 * wide.numel() / (tanh_forward + tanh_backward),
         "op_overhead": _seconds_per_call(lambda: torch.ops.aten.add.Tensor(x, 1.0)),
         "view_overhead": _seconds_per_call(lambda: torch.ops.aten.view(x, [2, 2])),
     }
@@ -273,7 +277,11 @@ def _overlap(compute, base: float, one: float) -> float:  # noqa: ANN001
     return min(max(1.0 - (overlapped - none) / (sync - none), 0.0), 1.0)
 
 
-BUCKETS, BUCKET_NUMEL, REPEAT = 8, 2**19, 21  # _overlap's rhythm: 8 gradient buckets of 2 MiB, 21 timings
+# _overlap's rhythm: 8 gradient buckets of 8 MiB (the size tune_communication mostly picks, 4-16 MiB:
+# the share hidden falls with the bucket where ranks outnumber cores, as a transfer's CPU time cannot
+# hide behind compute on the same cores; measured at 4 ranks on 2 cores 69% at 0.5 MiB, 52% at 2,
+# 49% at 4, 29% at 8; at 2 ranks 42-56% throughout), 15 timings
+BUCKETS, BUCKET_NUMEL, REPEAT = 8, 2**21, 15
 
 
 def measure_all() -> dict[str, float]:
@@ -366,7 +374,8 @@ def run(args: argparse.Namespace) -> int:
         profiles.append(hw)
         print(
             f"  {world} ranks: fp32 {hw.fp32_flops / 1e9:.1f} GFLOP/s, bf16 {hw.bf16_flops / 1e9:.1f} GFLOP/s, "
-            f"memory {hw.mem_bw / 1e9:.1f} GB/s, GELU {hw.special_rate / 1e6:.0f} M elements/s, "
+            f"memory {hw.mem_bw / 1e9:.1f} GB/s, GELU {hw.special_rate / 1e6:.0f} M elements/s "
+            f"(tanh approximation {hw.tanh_gelu_rate / 1e6:.0f}), "
             f"op overhead {hw.op_overhead * 1e6:.1f} us, view {hw.view_overhead * 1e6:.1f} us, "
             f"AdamW {hw.optimizer_element * 1e9:.1f} ns/element + {hw.optimizer_tensor * 1e6:.0f} us/tensor, "
             f"gloo alpha {hw.alpha * 1e6:.0f} us (exchange {hw.exchange_alpha * 1e6:.0f} us), link {hw.link_bw / 1e9:.2f} GB/s, "

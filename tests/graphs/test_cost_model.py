@@ -182,11 +182,23 @@ def test_the_optimizer_updates_the_elements_a_rank_holds() -> None:
 
 def test_views_cost_their_dispatch_and_gelu_its_arithmetic() -> None:
     program = compiled(zero_stage=0)
-    hw = dataclasses.replace(PROFILES["cpu"], view_overhead=3e-6, special_rate=1e6)
+    hw = dataclasses.replace(PROFILES["cpu"], view_overhead=3e-6, special_rate=1e6, tanh_gelu_rate=2e5)
     view = next(n for n in program.graph.nodes if n.target is torch.ops.aten.view.default)
     assert cost_model.compute_seconds(view, hw) == 3e-6
-    gelu = next(n for n in program.graph.nodes if n.target is torch.ops.aten.gelu.default)
-    assert cost_model.compute_seconds(gelu, hw) == pytest.approx(gelu.meta["val"].numel() / 1e6 + hw.op_overhead)
+    # the GPT's GELU is the tanh approximation (GPT-2's), forward and backward, at a rate of its own
+    for op in (torch.ops.aten.gelu.default, torch.ops.aten.gelu_backward.default):
+        node = next(n for n in program.graph.nodes if n.target is op)
+        assert node.kwargs.get("approximate") == "tanh"
+        numel = node.meta["val"].numel()
+        assert cost_model.compute_seconds(node, hw) == pytest.approx(numel / 2e5 + hw.op_overhead)
+        no_rate = dataclasses.replace(hw, tanh_gelu_rate=0.0)  # a profile without it: the erf GELU's rate
+        assert cost_model.compute_seconds(node, no_rate) == pytest.approx(numel / 1e6 + hw.op_overhead)
+    erf = torch.fx.Graph()
+    x = erf.placeholder("x")
+    x.meta["val"] = torch.empty(8, 16)
+    node = erf.call_function(torch.ops.aten.gelu.default, (x,))
+    node.meta["val"] = torch.empty(8, 16)
+    assert cost_model.compute_seconds(node, hw) == pytest.approx(128 / 1e6 + hw.op_overhead)
 
 
 def test_trace_of_the_simulated_step() -> None:

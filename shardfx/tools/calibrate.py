@@ -126,8 +126,9 @@ def _matmul_rate(dtype: torch.dtype) -> float:
 
 
 def measure_compute() -> dict[str, float]:
-    """FLOP/s of a linear layer's matmuls (MATMUL_SHAPES), bytes/s of a 64 MiB copy, elements/s of GELU (the transcendental
-    elementwise ops) and of its tanh approximation (forward and backward, the mean), and the fixed cost of a small op and of a view, as this rank meets them."""
+    """FLOP/s of a linear layer's matmuls (MATMUL_SHAPES), bytes/s of a 64 MiB copy, elements/s of
+    GELU (the transcendental elementwise ops) and of its tanh approximation (forward and backward,
+    the mean), and the fixed cost of a small op and of a view, as this rank meets them."""
     fp32, bf16 = _matmul_rate(torch.float32), _matmul_rate(torch.bfloat16)
     big = torch.empty(16 * 2**20)  # 64 MiB
     out = torch.empty_like(big)

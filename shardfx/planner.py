@@ -478,7 +478,7 @@ def _comm(compiled: Compiled, config: Config) -> str:
     records = compiled.records[compiled.last]
     stats = next((r.stats for r in records if r.name == "tune_communication"), None)
     if stats is None:
-        stats = {"bucket_mb": config.bucket_mb or 0.0, "overlap": config.overlap, "prefetch": config.prefetch}
+        stats = {"bucket_mb": config.bucket_mb, "overlap": config.overlap, "prefetch": config.prefetch}
     return f"bucket {overlap_plan(stats)}"
 
 

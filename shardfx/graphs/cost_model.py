@@ -80,8 +80,10 @@ class Hardware:
     # seconds of fixed latency per all-gather / reduce-scatter where shardfx runs them as one exchange
     # with each peer (gloo: runtime/dist_comm.py), which takes one round where a ring takes N - 1; 0: alpha
     exchange_alpha: float = 0.0
-    # elements/s of GELU's tanh approximation, forward and backward (GPT-2's gelu_new): on a CPU about
-    # a third of the erf GELU's special_rate (measured 0.50-0.53 against 1.31-1.71 G elements/s); 0: special_rate
+    # elements/s of GELU's tanh approximation, forward and backward (aten.gelu(approximate="tanh"): the
+    # GPT's, HF's gelu_pytorch_tanh; HF's gelu_new is a chain of pointwise ops, costed as such): on a CPU a
+    # third to a sixth of the erf GELU's special_rate (0.50-0.53 against 1.31-1.71 G elements/s on one
+    # thread, 0.61 against 3.47 in calibrate); 0: special_rate
     tanh_gelu_rate: float = 0.0
 
     def flops(self, dtype: torch.dtype) -> float:

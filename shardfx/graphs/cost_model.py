@@ -19,7 +19,10 @@ the communication stream (after the collectives before it) and `wait` stops
 compute only until its collective is done: the time compute sits
 in waits and synchronous collectives is the exposed communication. Where ranks
 share cores with their communication (gloo on a CPU), an async collective
-also takes (1 - overlap) of its time from compute (Hardware.overlap). After
+also takes (1 - overlap) of its time from compute (Hardware.overlap), and
+where there are more ranks than cores the ranks drift apart between
+collectives: each starts Hardware.skew x the compute since the previous one
+late, when the last rank issues it. After
 the program, the optimizer updates the parameter elements this rank holds
 (priced as Adam(W): seconds per element and per tensor).
 
@@ -33,7 +36,8 @@ part of the time).
 
 FLOPs come from torch's own formulas (torch.utils.flop_counter) where it has
 them; every attention kernel (graphs/ops.py) is counted as 4*B*H*Lq*Lk*D
-forward and 2.5x that backward; every other op is memory-bound (its FLOPs ignored).
+forward and 2.5x that backward, at a rate of its own (Hardware.attention_flops);
+every other op is memory-bound (its FLOPs ignored).
 """
 
 from __future__ import annotations
@@ -85,9 +89,21 @@ class Hardware:
     # third to a sixth of the erf GELU's special_rate (0.50-0.53 against 1.31-1.71 G elements/s on one
     # thread, 0.61 against 3.47 in calibrate); 0: special_rate
     tanh_gelu_rate: float = 0.0
+    # FLOP/s of a scaled-dot-product attention kernel (forward and backward, fp32; other dtypes scale as
+    # their matmuls do): on a CPU about half the matmuls' rate at a GPT's head sizes; 0: the matmul rate
+    attention_flops: float = 0.0
+    # seconds a collective starts late per second of compute a rank ran since its previous collective:
+    # ranks that time-share cores drift apart between synchronizations, and a collective starts when the
+    # last of them issues it (measured 0.1-0.3 at 4 ranks on 2 cores; about 0 with a core per rank)
+    skew: float = 0.0
 
     def flops(self, dtype: torch.dtype) -> float:
         return self.bf16_flops if dtype in (torch.bfloat16, torch.float16) else self.fp32_flops
+
+    def attention_rate(self, dtype: torch.dtype) -> float:
+        if self.attention_flops <= 0:
+            return self.flops(dtype)
+        return self.attention_flops * self.flops(dtype) / self.fp32_flops
 
     def at(self, ranks: int, cores: int | None = None) -> Hardware:
         """This profile for `ranks` ranks on this machine's `cores` (default os.cpu_count()). A device
@@ -109,6 +125,10 @@ class Hardware:
         # peers it sends to, as many (on shared cores each message waits for its peer to be scheduled:
         # measured 0.8 ms at 2 ranks, 3.2-3.9 ms at 4 on 2 cores)
         steps = max(ranks - 1, 1) / max(base.ranks - 1, 1)
+        # the drift grows with the share of the time a rank waits for a core, 1 - cores / ranks (0 with a
+        # core each); measured with a core per rank, the figure stands as it is
+        idle = lambda r, c: max(0.0, 1.0 - c / r)  # noqa: E731
+        drift = idle(ranks, cores) / idle(base.ranks, base.cores) if idle(base.ranks, base.cores) else 1.0
         return replace(
             base,
             fp32_flops=base.fp32_flops * share,
@@ -116,6 +136,8 @@ class Hardware:
             mem_bw=base.mem_bw * share,
             special_rate=base.special_rate * share,
             tanh_gelu_rate=base.tanh_gelu_rate * share,
+            attention_flops=base.attention_flops * share,
+            skew=base.skew * drift,
             optimizer_element=base.optimizer_element / share,
             link_bw=base.link_bw / stretch,
             alpha=base.alpha * stretch * steps,
@@ -341,7 +363,8 @@ def compute_seconds(node: fx.Node, hw: Hardware) -> float:
         return hw.view_overhead
     val = node.meta.get("val")
     dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
-    seconds = max(node_flops(node) / hw.flops(dtype), node_bytes(node) / hw.mem_bw)
+    rate = hw.attention_rate(dtype) if ops.attention(node.target) is not None else hw.flops(dtype)
+    seconds = max(node_flops(node) / rate, node_bytes(node) / hw.mem_bw)
     if hw.special_rate > 0 and node.target in TRANSCENDENTAL and isinstance(val, torch.Tensor):
         rate = hw.tanh_gelu_rate if hw.tanh_gelu_rate > 0 and _tanh_gelu(node) else hw.special_rate
         seconds = max(seconds, val.numel() / rate)
@@ -451,6 +474,8 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
     busy_compute = busy_comm = exposed = 0.0
     flops = 0
     done: dict[fx.Node, float] = {}
+    # compute since this rank's previous collective: where ranks share cores, the last one lags by skew * drift
+    drift = 0.0
 
     def record(track: int, name: str, begin: float, seconds: float, category: str, node: fx.Node) -> None:
         if events is not None and seconds > 0:
@@ -468,17 +493,19 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
             )
 
     def on_host(seconds: float, name: str, node: fx.Node) -> None:
-        nonlocal compute_t, busy_compute
+        nonlocal compute_t, busy_compute, drift
         record(COMPUTE_TRACK, name, compute_t, seconds, "compute", node)
         compute_t += seconds
         busy_compute += seconds
+        drift += seconds
 
     for node in program.graph.nodes:
         if collectives.is_collective(node):
             on_host(host_seconds(node, program, hw)[0], f"{collectives.kind(node)} (copy)", node)
         if collectives.is_start(node):
             cost = collective_seconds(node, program, hw)
-            begin = max(comm_t, compute_t)
+            begin = max(comm_t, compute_t + hw.skew * drift)
+            drift = 0.0
             comm_t = begin + cost
             done[node] = comm_t
             busy_comm += cost
@@ -497,7 +524,8 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
             on_host(host_seconds(start, program, hw)[1], f"{collectives.kind(start)} (sum)", node)
         elif collectives.is_collective(node):
             cost = collective_seconds(node, program, hw)
-            begin = max(comm_t, compute_t)
+            begin = max(comm_t, compute_t + hw.skew * drift)
+            drift = 0.0
             comm_t = begin + cost
             record(COMM_TRACK, collectives.kind(node), begin, cost, "collective", node)
             record(
@@ -512,6 +540,7 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
             record(COMPUTE_TRACK, op_name(node.target), compute_t, cost, "compute", node)
             compute_t += cost
             busy_compute += cost
+            drift += cost
             flops += node_flops(node)
     return Simulation(
         step_seconds=max(compute_t, comm_t),

@@ -2,12 +2,14 @@
 
 Measures, in each of N worker processes at once (with the threads each gets,
 cores / N, so they share the cores and the memory bus as a training step
-does): matmul FLOP/s in fp32 and bf16, memory bandwidth (a large copy), GELU's
-elements/s, the fixed cost of one small op and of one view, AdamW's step per
-parameter element and per tensor, and gloo between the N processes as a
-training step meets it (each collective after some compute): latency (alpha; exchange_alpha for
-shardfx's all-gather and reduce-scatter, run as one exchange with each peer),
-bandwidth, and how much of a bucketed backward's all-reduces async launches hide (overlap).
+does): matmul and attention FLOP/s in fp32 and bf16, memory bandwidth (an
+elementwise op into new outputs), GELU's elements/s, the fixed cost of one small
+op and of one view, AdamW's step per parameter element and per tensor, and gloo
+between the N processes as a training step meets it (each collective after some
+compute): latency (alpha; exchange_alpha for shardfx's all-gather and
+reduce-scatter, run as one exchange with each peer), bandwidth, how much of a
+bucketed backward's all-reduces async launches hide (overlap), and how far the
+ranks drift apart over a long stretch of compute (skew).
 Medians, not best cases: a step meets the machine as it is.
 
 The result is written to ~/.cache/shardfx/hardware.json (or the file the
@@ -125,14 +127,44 @@ def _matmul_rate(dtype: torch.dtype) -> float:
     return flops / seconds
 
 
+def _elementwise_bandwidth() -> float:
+    """Bytes/s of an elementwise op as a step runs it: a sum of two 2 MiB tensors (an activation's size
+    at a small model's batch) into a new output, ACTIVATIONS of them kept, as a forward keeps what its
+    backward reads, then freed. New outputs cost their first touch of memory the allocator took back
+    from the OS: measured here 16-26 GB/s against 33 into a kept output and 45-57 for a 64 MiB copy."""
+    a, b = torch.randn(2**19), torch.randn(2**19)
+
+    def forward() -> None:
+        kept = [torch.add(a, b) for _ in range(ACTIVATIONS)]
+        del kept
+
+    return 3 * a.numel() * 4 * ACTIVATIONS / _seconds_per_call(forward)
+
+
+ACTIVATIONS = 16
+
+
+def _attention_rate() -> float:
+    """FLOP/s of causal scaled-dot-product attention, forward and backward, at a GPT's head size
+    (2 x 8 heads of 256 tokens x 64), counted as cost_model counts it (the whole score matrix, which
+    a causal kernel only half computes): measured 1.2-1.5x below the matmuls' rate."""
+    q, k, v = (torch.randn(2, 8, 256, 64) for _ in range(3))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+    grad = torch.randn_like(out)
+    forward = _seconds_per_call(lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True))
+    backward = _seconds_per_call(
+        lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, lse, 0.0, True)
+    )
+    return 3.5 * 4 * 2 * 8 * 256 * 256 * 64 / (forward + backward)
+
+
 def measure_compute() -> dict[str, float]:
-    """FLOP/s of a linear layer's matmuls (MATMUL_SHAPES), bytes/s of a 64 MiB copy, elements/s of
-    GELU (the transcendental elementwise ops) and of its tanh approximation (forward and backward,
-    the mean), and the fixed cost of a small op and of a view, as this rank meets them."""
+    """FLOP/s of a linear layer's matmuls (MATMUL_SHAPES) and of attention, bytes/s of an elementwise
+    op into new outputs, elements/s of GELU (the transcendental elementwise ops) and of its tanh
+    approximation (forward and backward, the mean), and the fixed cost of a small op and of a view,
+    as this rank meets them."""
     fp32, bf16 = _matmul_rate(torch.float32), _matmul_rate(torch.bfloat16)
-    big = torch.empty(16 * 2**20)  # 64 MiB
-    out = torch.empty_like(big)
-    mem_bw = 2 * big.numel() * 4 / _seconds_per_call(lambda: out.copy_(big))
+    mem_bw = _elementwise_bandwidth()
     wide = torch.randn(2**20)
     grad = torch.randn_like(wide)
     special = wide.numel() / _seconds_per_call(lambda: torch.ops.aten.gelu(wide))
@@ -145,6 +177,7 @@ def measure_compute() -> dict[str, float]:
         "mem_bw": mem_bw,
         "special_rate": special,
         "tanh_gelu_rate": 2 * wide.numel() / (tanh_forward + tanh_backward),
+        "attention_flops": _attention_rate(),
         "op_overhead": _seconds_per_call(lambda: torch.ops.aten.add.Tensor(x, 1.0)),
         "view_overhead": _seconds_per_call(lambda: torch.ops.aten.view(x, [2, 2])),
     }
@@ -177,7 +210,10 @@ def measure_gloo() -> dict[str, float]:
     2(N - 1) steps: at 4 ranks on 2 cores, measured 2.2-3.8 ms against the all-reduce's 5.1-6.0);
     link_bw: from the extra time of a 16 MiB all-reduce
     (large enough that its transfer, not the skew, sets its time); overlap: the share of the
-    collectives' time a bucketed backward hides by launching them async (_overlap)."""
+    collectives' time a bucketed backward hides by launching them async (_overlap); skew: the wait
+    in a small all-reduce after a long stretch of compute (DRIFT_S, a backward's) over the wait after
+    a short one, per second of the difference (the mean over ranks, in measure_all, is how late the
+    last rank is: at 4 ranks on 2 cores, measured 0.2-0.3)."""
     import torch.distributed as dist
 
     from shardfx.graphs.program import Mesh
@@ -230,11 +266,37 @@ def measure_gloo() -> dict[str, float]:
     sent = 2 * big.numel() * 4 * (world - 1) / world  # a ring all-reduce sends 2(N-1)/N of the tensor
     one = max(median_of(lambda: after_compute(torch.ones(BUCKET_NUMEL))), 1e-6)  # one bucket's all-reduce
     return {
+        "skew": _skew(compute, base / 8),
         "alpha": alpha,
         "exchange_alpha": exchange_alpha,
         "link_bw": sent / (sync - alpha),
         "overlap": _overlap(compute, base, one),
     }
+
+
+def _skew(compute, per_matmul: float) -> float:  # noqa: ANN001
+    """Seconds the ranks drift apart per second of compute between two synchronizations: what this
+    rank waits in a 16-element all-reduce after DRIFT_S of matmuls, less what it waits after two of
+    them, over the difference in compute. The all-reduce before each timing lines the ranks up."""
+    import torch.distributed as dist
+
+    small = torch.ones(16)
+
+    def wait_after(k: int) -> float:
+        compute(k)
+        start = time.perf_counter()
+        dist.all_reduce(small)
+        return time.perf_counter() - start
+
+    long = max(4, round(DRIFT_S / max(per_matmul, 1e-7)))
+    waits = {}
+    for k in (2, long):
+        dist.all_reduce(small)
+        waits[k] = sorted(wait_after(k) for _ in range(REPEAT))[REPEAT // 2]
+    return max(0.0, (waits[long] - waits[2]) / ((long - 2) * per_matmul))
+
+
+DRIFT_S = 0.04  # seconds of compute between two collectives: a backward's, where a few buckets split it
 
 
 def _overlap(compute, base: float, one: float) -> float:  # noqa: ANN001
@@ -375,12 +437,14 @@ def run(args: argparse.Namespace) -> int:
         profiles.append(hw)
         print(
             f"  {world} ranks: fp32 {hw.fp32_flops / 1e9:.1f} GFLOP/s, bf16 {hw.bf16_flops / 1e9:.1f} GFLOP/s, "
+            f"attention {hw.attention_flops / 1e9:.1f} GFLOP/s, "
             f"memory {hw.mem_bw / 1e9:.1f} GB/s, GELU {hw.special_rate / 1e6:.0f} M elements/s "
             f"(tanh approximation {hw.tanh_gelu_rate / 1e6:.0f}), "
             f"op overhead {hw.op_overhead * 1e6:.1f} us, view {hw.view_overhead * 1e6:.1f} us, "
             f"AdamW {hw.optimizer_element * 1e9:.1f} ns/element + {hw.optimizer_tensor * 1e6:.0f} us/tensor, "
             f"gloo alpha {hw.alpha * 1e6:.0f} us (exchange {hw.exchange_alpha * 1e6:.0f} us), link {hw.link_bw / 1e9:.2f} GB/s, "
-            f"{hw.overlap:.0%} of a bucketed backward's all-reduces hidden by async launches"
+            f"{hw.overlap:.0%} of a bucketed backward's all-reduces hidden by async launches, "
+            f"ranks drift {hw.skew:.0%} of the compute between collectives apart"
         )
     if not args.dry_run:
         print(f"saved to {save_calibration(*profiles)}")

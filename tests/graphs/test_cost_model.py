@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import shardfx
-from shardfx.graphs import collectives, cost_model
+from shardfx.graphs import collectives, cost_model, ops
 from shardfx.graphs.analysis import tensor_bytes
 from shardfx.graphs.cost_model import PROFILES, hardware, node_flops, simulate
 from shardfx.models import gpt_loss
@@ -199,6 +199,42 @@ def test_views_cost_their_dispatch_and_gelu_its_arithmetic() -> None:
     node = erf.call_function(torch.ops.aten.gelu.default, (x,))
     node.meta["val"] = torch.empty(8, 16)
     assert cost_model.compute_seconds(node, hw) == pytest.approx(128 / 1e6 + hw.op_overhead)
+
+
+def test_attention_runs_at_a_rate_of_its_own() -> None:
+    program = compiled(zero_stage=0)
+    hw = dataclasses.replace(PROFILES["cpu"], mem_bw=1e18, fp32_flops=4e9, attention_flops=1e9)
+    kernels = [n for n in program.graph.nodes if n.op == "call_function" and ops.attention(n.target)]
+    assert len(kernels) == 2 * 2  # the tiny GPT's 2 layers, forward and backward
+    for node in kernels:
+        assert cost_model.compute_seconds(node, hw) == pytest.approx(node_flops(node) / 1e9 + hw.op_overhead)
+        no_rate = dataclasses.replace(hw, attention_flops=0.0)  # a profile without it: the matmuls' rate
+        assert cost_model.compute_seconds(node, no_rate) == pytest.approx(node_flops(node) / 4e9 + hw.op_overhead)
+    assert hw.attention_rate(torch.bfloat16) == 1e9 * hw.bf16_flops / 4e9  # other dtypes: as their matmuls
+
+
+def test_ranks_that_share_cores_drift_apart_and_a_collective_starts_when_the_last_issues_it() -> None:
+    """Hardware.skew: each collective starts skew x the compute since the previous one late. In a
+    synchronous step all of it is exposed; in an overlapped one a prefetch hides part of it."""
+    hw = dataclasses.replace(PROFILES["cpu"].at(4, cores=2), skew=0.0)
+    plain = compiled(zero_stage=3, bucket_mb=0, overlap=False)
+    events: list[dict] = []
+    before = simulate(plain, hw, events)
+    last = max(e["ts"] for e in events if e["cat"] == "collective")
+    computed = sum(e["dur"] for e in events if e["cat"] == "compute" and e["ts"] < last) / 1e6
+    late = simulate(plain, dataclasses.replace(hw, skew=0.25))
+    assert late.step_seconds - before.step_seconds == pytest.approx(0.25 * computed, rel=1e-6)
+    assert late.compute_seconds == pytest.approx(before.compute_seconds)
+    overlapped = compiled(zero_stage=3, bucket_mb=64.0, overlap=True, prefetch=2)
+    base = simulate(overlapped, hw)
+    hidden = simulate(overlapped, dataclasses.replace(hw, skew=0.25)).step_seconds - base.step_seconds
+    assert 0 <= hidden < 0.25 * base.compute_seconds
+    # the drift grows with the share of the time a rank waits for a core: 1 - cores / ranks
+    four = dataclasses.replace(PROFILES["cpu"], ranks=4, cores=2, skew=0.2)
+    assert four.at(8, cores=2).skew == pytest.approx(0.2 * 0.75 / 0.5)
+    assert four.at(2, cores=2).skew == 0.0 and four.at(16, cores=16).skew == 0.0
+    two = dataclasses.replace(PROFILES["cpu"], skew=0.01)  # measured with a core per rank: it stands
+    assert two.at(4, cores=2).skew == 0.01
 
 
 def test_trace_of_the_simulated_step() -> None:

@@ -19,10 +19,10 @@ the communication stream (after the collectives before it) and `wait` stops
 compute only until its collective is done: the time compute sits
 in waits and synchronous collectives is the exposed communication. Where ranks
 share cores with their communication (gloo on a CPU), an async collective
-also takes (1 - overlap) of its time from compute (Hardware.overlap), and
-where there are more ranks than cores the ranks drift apart between
-collectives: each starts Hardware.skew x the compute since the previous one
-late, when the last rank issues it. After
+also takes (1 - overlap) of its time from compute (Hardware.overlap). Where
+there are more ranks than cores, the OS serves some less than others, and
+the others wait for them in every collective: the simulated rank is the one
+served least, its compute and host work (1 + Hardware.skew) x the mean rank's. After
 the program, the optimizer updates the parameter elements this rank holds
 (priced as Adam(W): seconds per element and per tensor).
 
@@ -92,9 +92,10 @@ class Hardware:
     # FLOP/s of a scaled-dot-product attention kernel (forward and backward, fp32; other dtypes scale as
     # their matmuls do): on a CPU about half the matmuls' rate at a GPT's head sizes; 0: the matmul rate
     attention_flops: float = 0.0
-    # seconds a collective starts late per second of compute a rank ran since its previous collective:
-    # ranks that time-share cores drift apart between synchronizations, and a collective starts when the
-    # last of them issues it (measured 0.1-0.3 at 4 ranks on 2 cores; about 0 with a core per rank)
+    # how much longer than the mean rank's the slowest rank's compute takes, where ranks time-share cores
+    # (the OS serves some less than others; a collective waits for the last): measured as the growth of
+    # the mean rank's wait in a collective per second of compute before it, 0.18-0.23 at 4 ranks on 2
+    # cores, about 0 with a core per rank
     skew: float = 0.0
 
     def flops(self, dtype: torch.dtype) -> float:
@@ -125,10 +126,10 @@ class Hardware:
         # peers it sends to, as many (on shared cores each message waits for its peer to be scheduled:
         # measured 0.8 ms at 2 ranks, 3.2-3.9 ms at 4 on 2 cores)
         steps = max(ranks - 1, 1) / max(base.ranks - 1, 1)
-        # the drift grows with the share of the time a rank waits for a core, 1 - cores / ranks (0 with a
+        # the skew grows with the share of the time a rank waits for a core, 1 - cores / ranks (0 with a
         # core each); measured with a core per rank, the figure stands as it is
         idle = lambda r, c: max(0.0, 1.0 - c / r)  # noqa: E731
-        drift = idle(ranks, cores) / idle(base.ranks, base.cores) if idle(base.ranks, base.cores) else 1.0
+        uneven = idle(ranks, cores) / idle(base.ranks, base.cores) if idle(base.ranks, base.cores) else 1.0
         return replace(
             base,
             fp32_flops=base.fp32_flops * share,
@@ -137,7 +138,7 @@ class Hardware:
             special_rate=base.special_rate * share,
             tanh_gelu_rate=base.tanh_gelu_rate * share,
             attention_flops=base.attention_flops * share,
-            skew=base.skew * drift,
+            skew=base.skew * uneven,
             optimizer_element=base.optimizer_element / share,
             link_bw=base.link_bw / stretch,
             alpha=base.alpha * stretch * steps,
@@ -474,8 +475,7 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
     busy_compute = busy_comm = exposed = 0.0
     flops = 0
     done: dict[fx.Node, float] = {}
-    # compute since this rank's previous collective: where ranks share cores, the last one lags by skew * drift
-    drift = 0.0
+    pace = 1.0 + hw.skew  # the slowest rank's compute over the mean rank's
 
     def record(track: int, name: str, begin: float, seconds: float, category: str, node: fx.Node) -> None:
         if events is not None and seconds > 0:
@@ -493,19 +493,18 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
             )
 
     def on_host(seconds: float, name: str, node: fx.Node) -> None:
-        nonlocal compute_t, busy_compute, drift
+        nonlocal compute_t, busy_compute
+        seconds *= pace
         record(COMPUTE_TRACK, name, compute_t, seconds, "compute", node)
         compute_t += seconds
         busy_compute += seconds
-        drift += seconds
 
     for node in program.graph.nodes:
         if collectives.is_collective(node):
             on_host(host_seconds(node, program, hw)[0], f"{collectives.kind(node)} (copy)", node)
         if collectives.is_start(node):
             cost = collective_seconds(node, program, hw)
-            begin = max(comm_t, compute_t + hw.skew * drift)
-            drift = 0.0
+            begin = max(comm_t, compute_t)
             comm_t = begin + cost
             done[node] = comm_t
             busy_comm += cost
@@ -524,8 +523,7 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
             on_host(host_seconds(start, program, hw)[1], f"{collectives.kind(start)} (sum)", node)
         elif collectives.is_collective(node):
             cost = collective_seconds(node, program, hw)
-            begin = max(comm_t, compute_t + hw.skew * drift)
-            drift = 0.0
+            begin = max(comm_t, compute_t)
             comm_t = begin + cost
             record(COMM_TRACK, collectives.kind(node), begin, cost, "collective", node)
             record(
@@ -536,11 +534,10 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
             busy_comm += cost
             on_host(host_seconds(node, program, hw)[1], f"{collectives.kind(node)} (sum)", node)
         else:
-            cost = compute_seconds(node, hw)
+            cost = compute_seconds(node, hw) * pace
             record(COMPUTE_TRACK, op_name(node.target), compute_t, cost, "compute", node)
             compute_t += cost
             busy_compute += cost
-            drift += cost
             flops += node_flops(node)
     return Simulation(
         step_seconds=max(compute_t, comm_t),
@@ -549,7 +546,7 @@ def simulate(program: DistProgram, hw: Hardware, events: list[dict[str, Any]] | 
         exposed_comm_seconds=exposed,
         peak_bytes=memory_timeline(program).peak,
         flops=flops,
-        optimizer_seconds=optimizer_seconds(program, hw),
+        optimizer_seconds=optimizer_seconds(program, hw) * pace,
     )
 
 

@@ -68,7 +68,7 @@ class Hardware:
     name: str
     fp32_flops: float  # FLOP/s of dense matmul in fp32
     bf16_flops: float  # ... in bf16
-    mem_bw: float  # bytes/s the device reads + writes
+    mem_bw: float  # bytes/s the device reads + writes (calibrated on a CPU: into new outputs, as ops write)
     link_bw: float  # bytes/s one rank sends in a collective (per direction)
     alpha: float  # seconds of fixed latency per collective
     op_overhead: float  # seconds of fixed cost per compute op
@@ -89,8 +89,9 @@ class Hardware:
     # third to a sixth of the erf GELU's special_rate (0.50-0.53 against 1.31-1.71 G elements/s on one
     # thread, 0.61 against 3.47 in calibrate); 0: special_rate
     tanh_gelu_rate: float = 0.0
-    # FLOP/s of a scaled-dot-product attention kernel (forward and backward, fp32; other dtypes scale as
-    # their matmuls do): on a CPU about half the matmuls' rate at a GPT's head sizes; 0: the matmul rate
+    # FLOP/s of a scaled-dot-product attention kernel (forward and backward, measured in fp32; other
+    # dtypes scale as their matmuls do): on this CPU 0.7x the matmuls' rate at a GPT's head sizes
+    # (142-159 against 204-217 GFLOP/s at 2 ranks); 0: the matmul rate
     attention_flops: float = 0.0
     # how much longer than the mean rank's the slowest rank's compute takes, where ranks time-share cores
     # (the OS serves some less than others; a collective waits for the last): measured as the growth of
@@ -102,8 +103,10 @@ class Hardware:
         return self.bf16_flops if dtype in (torch.bfloat16, torch.float16) else self.fp32_flops
 
     def attention_rate(self, dtype: torch.dtype) -> float:
-        if self.attention_flops <= 0:
+        if self.attention_flops <= 0 or self.fp32_flops <= 0:
             return self.flops(dtype)
+        if self.flops(dtype) == self.fp32_flops:
+            return self.attention_flops
         return self.attention_flops * self.flops(dtype) / self.fp32_flops
 
     def at(self, ranks: int, cores: int | None = None) -> Hardware:
@@ -364,7 +367,10 @@ def compute_seconds(node: fx.Node, hw: Hardware) -> float:
         return hw.view_overhead
     val = node.meta.get("val")
     dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
-    rate = hw.attention_rate(dtype) if ops.attention(node.target) is not None else hw.flops(dtype)
+    layout = ops.attention(node.target)
+    if layout is not None:  # its outputs are a tuple: the query's dtype is the kernel's
+        dtype = node.args[layout.query].meta["val"].dtype
+    rate = hw.attention_rate(dtype) if layout is not None else hw.flops(dtype)
     seconds = max(node_flops(node) / rate, node_bytes(node) / hw.mem_bw)
     if hw.special_rate > 0 and node.target in TRANSCENDENTAL and isinstance(val, torch.Tensor):
         rate = hw.tanh_gelu_rate if hw.tanh_gelu_rate > 0 and _tanh_gelu(node) else hw.special_rate

@@ -2,14 +2,14 @@
 
 Measures, in each of N worker processes at once (with the threads each gets,
 cores / N, so they share the cores and the memory bus as a training step
-does): matmul and attention FLOP/s in fp32 and bf16, memory bandwidth (an
+does): matmul FLOP/s in fp32 and bf16 and attention's in fp32, memory bandwidth (an
 elementwise op into new outputs), GELU's elements/s, the fixed cost of one small
 op and of one view, AdamW's step per parameter element and per tensor, and gloo
 between the N processes as a training step meets it (each collective after some
 compute): latency (alpha; exchange_alpha for shardfx's all-gather and
 reduce-scatter, run as one exchange with each peer), bandwidth, how much of a
-bucketed backward's all-reduces async launches hide (overlap), and how far the
-ranks drift apart over a long stretch of compute (skew).
+bucketed backward's all-reduces async launches hide (overlap), and how much
+longer the slowest rank's compute takes than the mean rank's (skew).
 Medians, not best cases: a step meets the machine as it is.
 
 The result is written to ~/.cache/shardfx/hardware.json (or the file the
@@ -131,23 +131,27 @@ def _elementwise_bandwidth() -> float:
     """Bytes/s of an elementwise op as a step runs it: a sum of two 2 MiB tensors (an activation's size
     at a small model's batch) into a new output, ACTIVATIONS of them kept, as a forward keeps what its
     backward reads, then freed. New outputs cost their first touch of memory the allocator took back
-    from the OS: measured here 16-26 GB/s against 33 into a kept output and 45-57 for a 64 MiB copy."""
+    from the OS. Measured here with one process: 11-12 GB/s once the allocator settles (the first
+    calls can reach 30), against 33 into a kept output; a 64 MiB copy reached 45-57 with 2 ranks."""
     a, b = torch.randn(2**19), torch.randn(2**19)
 
     def forward() -> None:
         kept = [torch.add(a, b) for _ in range(ACTIVATIONS)]
         del kept
 
+    for _ in range(WARM_FORWARDS):  # the allocator's steady state, a training loop's after its first steps
+        forward()  # (the first calls can still find the pages mapped: 30+ GB/s, then 11-12 for good)
     return 3 * a.numel() * 4 * ACTIVATIONS / _seconds_per_call(forward)
 
 
-ACTIVATIONS = 16
+ACTIVATIONS, WARM_FORWARDS = 16, 8
 
 
 def _attention_rate() -> float:
     """FLOP/s of causal scaled-dot-product attention, forward and backward, at a GPT's head size
     (2 x 8 heads of 256 tokens x 64), counted as cost_model counts it (the whole score matrix, which
-    a causal kernel only half computes): measured 1.2-1.5x below the matmuls' rate."""
+    a causal kernel only half computes): measured 0.7x the matmuls' rate (142-159 against 204-217
+    GFLOP/s at 2 ranks on 2 cores)."""
     q, k, v = (torch.randn(2, 8, 256, 64) for _ in range(3))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
     grad = torch.randn_like(out)
@@ -275,7 +279,7 @@ def measure_gloo() -> dict[str, float]:
 
 
 def _skew(compute, per_matmul: float) -> float:  # noqa: ANN001
-    """Seconds the ranks drift apart per second of compute between two synchronizations: what this
+    """How much longer the slowest rank's compute takes than the mean rank's, per second: what this
     rank waits in a 16-element all-reduce after DRIFT_S of matmuls, less what it waits after two of
     them, over the difference in compute. The all-reduce before each timing lines the ranks up. The
     growth is steady beyond a few time slices (at 4 ranks on 2 cores: waits of 7.0, 7.9, 15.2 and

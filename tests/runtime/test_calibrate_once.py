@@ -28,6 +28,6 @@ def test_the_first_job_at_a_rank_count_measures_the_machine_and_later_ones_reuse
     profile = results[0]["profile"]  # what the second compile planned on: the saved calibration
     assert profile.source == "calibrated on this machine by a 2-rank job" == results[1]["profile"].source
     assert profile.alpha > 0 and profile.link_bw > 0 and profile.fp32_flops > 0 and profile.mem_bw > 0
-    assert profile.attention_flops > 0 and profile.skew >= 0
+    assert profile.attention_flops > 0 and profile.skew < 1.0  # the slowest rank less than twice the mean's
     first_draws, second_draws = results[0]["draws"]  # measuring drew from no generator of the job's
     assert torch.equal(first_draws, second_draws)
